@@ -1,0 +1,42 @@
+"""The ``samadapt`` command: thin sub-commands over the library.
+
+Each area of the library contributes its sub-commands through a ``register(subparsers)`` function in its own
+``cli`` module, listed in ``_COMMAND_MODULES``; this file only assembles them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from samadapt import __version__
+
+_COMMAND_MODULES = [
+    "samadapt.info",
+    "samadapt.data.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samadapt", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"samadapt {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        # expected user errors: one clear line, no traceback
+        print(f"samadapt {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Small building blocks shared by the SAM components, and the empty adapter slots."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLPBlock(nn.Module):
+    """Two-layer perceptron ``lin2(act(lin1(x)))`` (SAM's transformer MLP)."""
+
+    def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
+        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.act = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, H, W) tensor."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class IdentitySlot(nn.Identity):
+    """An empty slot on a path: passes its first input through unchanged (extra inputs are ignored)."""
+
+    def forward(self, x: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class ZeroSlot(nn.Module):
+    """An empty slot for a parallel branch: contributes nothing to the sum it is added to."""
+
+    def forward(self, x: torch.Tensor, *context: torch.Tensor) -> float:
+        return 0.0
+
+
+def is_empty_slot(module: nn.Module) -> bool:
+    return isinstance(module, (IdentitySlot, ZeroSlot))

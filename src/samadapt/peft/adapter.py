@@ -1,0 +1,55 @@
+"""MSA bottleneck adapters: Linear(D -> D*r) -> activation -> Linear(D*r -> D).
+
+The up-projection starts at zero, so an adapted model starts as exactly the base model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter on (..., D) tokens.
+
+    Args:
+        dim: token width D.
+        ratio: hidden width as a fraction of D (MSA: 0.25).
+        skip: return ``x + scale * f(x)`` (a serial adapter) instead of ``scale * f(x)`` (a parallel branch).
+        scale: factor on the adapter's output (MSA's MLP adapter: 0.5).
+    """
+
+    def __init__(self, dim: int, ratio: float = 0.25, skip: bool = True, scale: float = 1.0) -> None:
+        super().__init__()
+        hidden = max(1, int(dim * ratio))
+        self.down = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.up = nn.Linear(hidden, dim)
+        self.skip = skip
+        self.scale = scale
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def bottleneck(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(self.act(hidden))
+
+    def forward(self, x: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        out = self.bottleneck(self.down(x))
+        return x + out if self.skip else out
+
+
+class PromptConditionedAdapter(Adapter):
+    """MSA's first decoder adapter: the prompt embedding, down-projected on its own, joins the hidden state.
+
+    ``forward(x, prompt)`` with x and prompt both (B, T, D): hidden = down(x) + prompt_down(prompt).
+    """
+
+    def __init__(self, dim: int, ratio: float = 0.25, skip: bool = True, scale: float = 1.0) -> None:
+        super().__init__(dim, ratio, skip, scale)
+        self.prompt_down = nn.Linear(dim, self.down.out_features)
+
+    def forward(self, x: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        if not context:
+            raise ValueError("PromptConditionedAdapter needs the prompt embedding as its second input")
+        out = self.bottleneck(self.down(x) + self.prompt_down(context[0]))
+        return x + out if self.skip else out

@@ -1,0 +1,214 @@
+"""Apply a PEFT method to a SAM model from outside, freeze the rest, save and load only what was trained.
+
+The base model is never edited in place beyond filling its empty slots and wrapping linears, so the base state-dict
+keys stay the same and a plain checkpoint still loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from samadapt.models.common import is_empty_slot
+from samadapt.peft.adapter import Adapter, PromptConditionedAdapter
+from samadapt.peft.config import DEFAULT_TRAIN_MODULES, PeftConfig
+from samadapt.peft.depth import DepthBranch
+from samadapt.peft.lora import LoRALinear, add_lora
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MANIFEST = "adapter_config.json"
+PEFT_MARKERS = ("lora_A_", "lora_B_", "attn_adapter.", "mlp_adapter.", "depth_branch.", "_adapter.")
+
+
+def is_peft_key(key: str) -> bool:
+    """True for state-dict keys that belong to PEFT modules (never in a base checkpoint)."""
+    return any(marker in key for marker in PEFT_MARKERS)
+
+
+def encoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The image encoder's attention blocks (ViT blocks, or TinyViT's transformer blocks)."""
+    return [m for m in model.image_encoder.modules() if hasattr(m, "attn_adapter") and hasattr(m, "attn")]
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    return list(model.mask_decoder.transformer.layers)
+
+
+def apply_peft(model: nn.Module, config: PeftConfig) -> nn.Module:
+    """Insert the method's modules into ``model`` (in place), then freeze all but what the policy trains."""
+    if any(is_peft_key(k) for k in model.state_dict()):
+        raise ValueError("this model already carries PEFT modules; build a fresh base model")
+    if config.uses_adapters:
+        _add_adapters(model, config)
+    if config.uses_lora:
+        _add_lora(model, config)
+    if config.depth:
+        for block in encoder_blocks(model):
+            block.depth_branch = DepthBranch(block.attn, config.adapter.ratio)
+    set_trainable(model, config)
+    return model
+
+
+def _add_adapters(model: nn.Module, config: PeftConfig) -> None:
+    cfg = config.adapter
+    if cfg.encoder:
+        for block in encoder_blocks(model):
+            dim = block.attn.proj.out_features
+            block.attn_adapter = Adapter(dim, cfg.ratio, skip=True)
+            block.mlp_adapter = Adapter(dim, cfg.ratio, skip=False, scale=cfg.mlp_scale)
+    if cfg.decoder:
+        first = decoder_blocks(model)[0]
+        dim = first.norm1.normalized_shape[0]
+        first.token_to_image_adapter = PromptConditionedAdapter(dim, cfg.ratio, skip=True)
+        first.mlp_adapter = Adapter(dim, cfg.ratio, skip=False, scale=cfg.mlp_scale)
+        first.image_to_token_adapter = Adapter(dim, cfg.ratio, skip=True)
+
+
+def _add_lora(model: nn.Module, config: PeftConfig) -> None:
+    cfg = config.lora
+    for block in encoder_blocks(model):
+        slices = block.attn.qkv_slices()
+        parts = {name: slices[name] for name in cfg.encoder_parts}
+        add_lora(block.attn, "qkv", parts, cfg.rank, cfg.alpha, cfg.dropout)
+    if cfg.decoder:
+        attentions = [m for m in model.mask_decoder.modules() if hasattr(m, "q_proj") and hasattr(m, "v_proj")]
+        for attention in attentions:
+            add_lora(attention, "q_proj", None, cfg.rank, cfg.alpha, cfg.dropout)
+            add_lora(attention, "v_proj", None, cfg.rank, cfg.alpha, cfg.dropout)
+
+
+def train_modules(config: PeftConfig) -> list[str]:
+    if config.train_modules is not None:
+        return list(config.train_modules)
+    return DEFAULT_TRAIN_MODULES[config.method]
+
+
+def set_trainable(model: nn.Module, config: PeftConfig) -> None:
+    """Freeze everything, then unfreeze PEFT parameters and the policy's module prefixes."""
+    prefixes = tuple(train_modules(config))
+    known = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
+    for prefix in prefixes:
+        if prefix not in known:
+            raise ValueError(f"train_modules names {prefix!r}, which is not a module of this model")
+    for name, param in model.named_parameters():
+        param.requires_grad = is_peft_key(name) or name.startswith(prefixes)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor (PEFT weights and fully trained modules), by its path in the model."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def parameter_report(model: nn.Module) -> list[dict]:
+    """Trainable and total parameters per top-level module, plus a total row."""
+    rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, param in model.named_parameters():
+        top = name.split(".")[0]
+        rows[top][1] += param.numel()
+        rows[top][0] += param.numel() if param.requires_grad else 0
+    table = [{"module": k, "trainable": v[0], "total": v[1]} for k, v in rows.items()]
+    table.append(
+        {"module": "total", "trainable": sum(v[0] for v in rows.values()), "total": sum(v[1] for v in rows.values())}
+    )
+    for row in table:
+        row["percent"] = 100.0 * row["trainable"] / max(row["total"], 1)
+    return table
+
+
+def format_parameter_report(model: nn.Module) -> str:
+    lines = [f"{'module':16s} {'trainable':>12s} {'total':>12s} {'%':>7s}"]
+    for row in parameter_report(model):
+        lines.append(f"{row['module']:16s} {row['trainable']:12,d} {row['total']:12,d} {row['percent']:7.2f}")
+    return "\n".join(lines)
+
+
+def merge_lora(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.unmerge()
+
+
+def save_adapter(model: nn.Module, directory: str | Path, manifest: dict) -> Path:
+    """Write the trained tensors (safetensors) and the manifest (JSON) into ``directory``, atomically.
+
+    ``manifest`` must hold at least ``base_model``, ``base_sha256`` and ``peft`` (a ``PeftConfig.to_dict()``).
+    """
+    for key in ("base_model", "base_sha256", "peft"):
+        if key not in manifest:
+            raise ValueError(f"adapter manifest needs {key!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
+        raise RuntimeError("un-merge LoRA before saving: merged weights would be saved twice")
+    tensors = trainable_state_dict(model)
+    _atomic_write(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path)))
+    text = json.dumps({**manifest, "tensors": len(tensors)}, indent=2, sort_keys=True)
+    _atomic_write(directory / MANIFEST, lambda path: Path(path).write_text(text))
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not an adapter directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def load_adapter_weights(model: nn.Module, directory: str | Path, base_sha256: str) -> dict:
+    """Load saved tensors into a model already built with the manifest's PEFT config; returns the manifest.
+
+    Raises:
+        ValueError: the manifest's base model checksum differs from ``base_sha256``, or a tensor does not fit.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest["base_sha256"] != base_sha256:
+        raise ValueError(
+            f"{directory / MANIFEST}: adapter was trained on base weights {manifest['base_sha256'][:12]}..., "
+            f"the model given has {base_sha256[:12]}...; load it onto the same base model ({manifest['base_model']})"
+        )
+    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    own = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if key not in own:
+            raise ValueError(f"{directory / ADAPTER_WEIGHTS}: tensor {key} has no place in this model")
+        if own[key].shape != value.shape:
+            raise ValueError(
+                f"{directory / ADAPTER_WEIGHTS}: {key} is {tuple(value.shape)}, model has {tuple(own[key].shape)}"
+            )
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value)
+    return manifest
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def empty_slots(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if is_empty_slot(m))

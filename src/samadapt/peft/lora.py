@@ -1,0 +1,106 @@
+"""LoRA on linear layers, optionally on chosen output rows only (q and v inside a fused qkv projection).
+
+``LoRALinear`` subclasses ``nn.Linear`` and keeps the wrapped layer's own ``weight`` and ``bias`` parameters, so the
+state-dict keys of the base model do not change; the low-rank factors are extra parameters ``lora_A_<part>`` and
+``lora_B_<part>``. B starts at zero (the adapted layer starts as the base layer), A is Kaiming-uniform as in LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rows_index(rows: slice | list[slice], out_features: int) -> torch.Tensor:
+    """Output-row indices of a slice or a list of slices."""
+    parts = rows if isinstance(rows, list) else [rows]
+    return torch.cat([torch.arange(out_features)[part] for part in parts])
+
+
+class LoRALinear(nn.Linear):
+    """y = W x + b + (alpha / r) * B (A dropout(x)), with one (A, B) pair per targeted group of output rows."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        parts: dict[str, slice | list[slice]] | None = None,
+        rank: int = 4,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameter objects: keys and storage are shared
+        parts = parts or {"all": slice(0, base.out_features)}
+        self.rank = rank
+        self.scaling = (alpha if alpha is not None else rank) / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.part_names = list(parts)
+        self.merged = False
+        device, dtype = base.weight.device, base.weight.dtype
+        for name, rows in parts.items():
+            index = rows_index(rows, base.out_features).to(device)
+            self.register_buffer(f"rows_{name}", index, persistent=False)
+            a = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=dtype))
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.register_parameter(f"lora_A_{name}", a)
+            self.register_parameter(
+                f"lora_B_{name}", nn.Parameter(torch.zeros(len(index), rank, device=device, dtype=dtype))
+            )
+
+    def delta_weight(self) -> torch.Tensor:
+        """The (out, in) update the LoRA factors add to ``weight``."""
+        delta = torch.zeros_like(self.weight)
+        for name in self.part_names:
+            a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
+            delta = delta.index_add(0, getattr(self, f"rows_{name}"), b @ a)
+        return delta * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        x = self.lora_dropout(x)
+        for name in self.part_names:
+            a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
+            low_rank = F.linear(F.linear(x, a), b) * self.scaling
+            out = out.index_add(-1, getattr(self, f"rows_{name}"), low_rank.to(out.dtype))
+        return out
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``weight`` (deployment: no extra cost at inference)."""
+        if not self.merged:
+            self.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight -= self.delta_weight()
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling}, parts={self.part_names}"
+
+
+def add_lora(
+    parent: nn.Module,
+    attribute: str,
+    parts: dict[str, slice | list[slice]] | None = None,
+    rank: int = 4,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+) -> LoRALinear:
+    """Replace ``parent.<attribute>`` (an ``nn.Linear``) by a ``LoRALinear`` sharing its weights."""
+    base = getattr(parent, attribute)
+    if isinstance(base, LoRALinear):
+        raise ValueError(f"{attribute} already carries LoRA")
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"{attribute} is a {type(base).__name__}, LoRA needs an nn.Linear")
+    wrapped = LoRALinear(base, parts, rank, alpha, dropout)
+    setattr(parent, attribute, wrapped)
+    return wrapped
