@@ -1,0 +1,257 @@
+"""One configuration object per training run, serialised as YAML next to the run's outputs.
+
+Every CLI flag maps onto a field; ``--set section.key=value`` reaches any field. Values are checked against the field's
+type (so ``--set train.grad_checkpointing=False`` is False, not the string "False"), and an unknown key is an error
+that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from samadapt.peft.config import AdapterConfig, LoRAConfig, PeftConfig
+
+TASKS = ("prompt", "semantic")
+PROMPTS = ("point", "box", "mixed")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    """name: a model of ``samadapt info``; checkpoint: weights file (default: found by name); img_size: input side."""
+
+    name: str = "lite_medsam"
+    checkpoint: str | None = None
+    img_size: int | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where the slices come from and which of them train.
+
+    Attributes:
+        path: dataset directory (MSD / nnU-Net layout or images/ + masks/).
+        axis: slicing axis of the (Z, Y, X) volumes.
+        classes: class ids to learn (None: all foreground classes of dataset.json).
+        exemplars: train on this many labelled slices only (Cheap Lunch selection); None uses every labelled slice.
+        val_cases: number of cases held out for validation (taken from the training list, seeded).
+        synthetic: a synthesised set (``samadapt synth``) trained on alongside the exemplars, or None.
+        synthetic_size: with ``synthesize_on_the_fly``, the number of synthetic slices to make.
+        augment: random flips and 90-degree rotations of training slices.
+    """
+
+    path: str = ""
+    axis: int = 0
+    classes: list[int] | None = None
+    exemplars: int | None = None
+    val_cases: int = 1
+    synthetic: str | None = None
+    synthesize_on_the_fly: bool = False
+    synthetic_size: int = 200
+    augment: bool = True
+
+
+@dataclass
+class PromptConfig:
+    """How prompts are simulated in training (prompt task only).
+
+    Attributes:
+        kind: ``point``, ``box`` or ``mixed`` (half the steps each).
+        points: clicks per object in the first round (random pixels of the object).
+        iterative_rounds: extra decoder-only rounds, each adding a click in the error region (MSA).
+        box_jitter: maximum shift of each box side in pixels of the original slice.
+        objects: ``class`` (one object per class per slice) or ``instance`` (per connected component).
+    """
+
+    kind: str = "point"
+    points: int = 1
+    iterative_rounds: int = 0
+    box_jitter: int = 5
+    objects: str = "class"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    poly_power: float = 0.9
+    final_lr_ratio: float = 0.01
+
+
+@dataclass
+class LossConfig:
+    ce: float = 1.0
+    dice: float = 1.0
+
+
+@dataclass
+class TrainLoopConfig:
+    """steps: optimiser steps; batch_size per process; grad_accum: micro-batches per step; precision: fp32 / bf16 (CPU
+    and CUDA autocast) / fp16 (CUDA, with a gradient scaler); val_every: steps between validations (0: only at the end);
+    val_slices: how many held-out slices validation uses; depth_slices: slices per stack for 3D (msa-3d)."""
+
+    steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    precision: str = "bf16"
+    grad_checkpointing: bool = False
+    val_every: int = 50
+    val_slices: int = 16
+    depth_slices: int = 1
+    seed: int = 0
+    log_every: int = 10
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "cheap-lunch"
+    task: str = "prompt"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASKS)
+        _check_choice("prompt.kind", self.prompt.kind, PROMPTS)
+        _check_choice("prompt.objects", self.prompt.objects, ("class", "instance"))
+        _check_choice("train.precision", self.train.precision, PRECISIONS)
+        _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
+        if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
+            raise ValueError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> typing.Any:
+    """Build dataclass ``cls`` from nested dicts; unknown keys are errors naming the full key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {where or '<root>'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{where}{key}"
+        if key not in names:
+            raise ValueError(f"unknown config key {full!r}; known keys here: {', '.join(sorted(names))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value, f"{full}.")
+        else:
+            kwargs[key] = coerce(value, hint, full)
+    return cls(**kwargs)
+
+
+def coerce(value: typing.Any, hint: typing.Any, key: str) -> typing.Any:
+    """Check (and gently convert) a value against a field's type hint."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} needs a list, got {value!r}")
+        inner = typing.get_args(hint)[0]
+        items = [coerce(v, inner, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {key!r} needs true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        try:
+            converted = hint(yaml.safe_load(value) if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key {key!r} needs a number, got {value!r}") from None
+        if hint is int and isinstance(value, float) and value != int(value):
+            raise ValueError(f"config key {key!r} needs an integer, got {value!r}")
+        return converted
+    if hint is str:
+        return str(value)
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings to a nested dict (values parsed by YAML, checked later by type)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set needs key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"unknown config key {key!r}: {part!r} is not a section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"unknown config key {key!r}")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return data
+
+
+def merge(base: dict, update: dict, where: str = "") -> dict:
+    """Recursively merge a YAML file's dict into the recipe defaults; unknown keys are errors."""
+    for key, value in update.items():
+        if key not in base:
+            raise ValueError(f"unknown config key {where + key!r}")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            merge(base[key], value, f"{where}{key}.")
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a run's ``config.yaml``."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    return from_dict(TrainConfig, data)
+
+
+__all__ = [
+    "AdapterConfig",
+    "DataConfig",
+    "LoRAConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PeftConfig",
+    "PromptConfig",
+    "TrainConfig",
+    "TrainLoopConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "merge",
+]

@@ -1,0 +1,456 @@
+"""One trainer for every recipe: prompted (binary, per object) or semantic (K + 1 classes) segmentation.
+
+Habits of a real training tool: schedules stepped per optimiser step, bf16 / fp16 mixed precision, gradient
+accumulation and checkpointing, validation with best / last checkpoints written atomically, exact resume, a metrics
+CSV (and TensorBoard when installed), a loss-curve PNG, DistributedDataParallel through torchrun with only rank 0
+writing, and a NaN / inf loss that stops the run while keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from samadapt.peft import save_adapter, set_depth
+from samadapt.peft.inject import load_adapter_weights
+from samadapt.train.config import TrainConfig
+from samadapt.train.losses import SegmentationLoss
+from samadapt.train.samples import (
+    PreparedSlice,
+    add_corrective_clicks,
+    draw_prompt_batch,
+    object_masks,
+    semantic_targets,
+)
+from samadapt.train.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, no usable data)."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_val_dice: float
+    last_val_dice: float
+    run_dir: Path
+    history: list[dict]
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if world > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Trains the PEFT parameters of ``model`` (already adapted and frozen by ``apply_peft``).
+
+    Args:
+        config: the run's configuration.
+        model: a ``Sam`` with PEFT applied.
+        train_slices / val_slices: slices on the model-input grid (``prepare_slices``).
+        classes: dataset class ids learned, in output order for the semantic task.
+        run_dir: where config, logs, checkpoints and the loss curve go.
+        manifest: base-model facts for the adapter manifest (base_model, base_sha256, class names, preprocessing).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: nn.Module,
+        train_slices: Sequence[PreparedSlice],
+        val_slices: Sequence[PreparedSlice],
+        classes: Sequence[int],
+        run_dir: str | Path,
+        manifest: dict,
+    ) -> None:
+        if not train_slices:
+            raise TrainingError("no training slices: the dataset or the exemplar selection is empty")
+        wanted = set(classes)
+        if not any(wanted & set(s.classes) for s in train_slices):
+            raise TrainingError(f"no training slice contains any of the requested classes {sorted(wanted)}")
+        self.config = config
+        self.rank, self.world = distributed_context()
+        self.device = torch.device(
+            f"cuda:{self.rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+        )
+        self.model = model.to(self.device)
+        self.train_slices = list(train_slices)
+        self.val_slices = list(val_slices)[: config.train.val_slices]
+        self.classes = list(classes)
+        self.run_dir = Path(run_dir)
+        self.manifest = manifest
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.semantic = config.task == "semantic"
+        self.loss_fn = SegmentationLoss(config.loss.ce, config.loss.dice, multiclass=self.semantic)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TrainingError("the model has no trainable parameters: apply a PEFT method first")
+        self.optimizer = self._build_optimizer()
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            config.train.steps,
+            config.optim.schedule,
+            warmup_steps=config.optim.warmup_steps,
+            power=config.optim.poly_power,
+            final_ratio=config.optim.final_lr_ratio,
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self._precision == "fp16")
+        if config.train.grad_checkpointing and hasattr(self.model.image_encoder, "set_grad_checkpointing"):
+            self.model.image_encoder.set_grad_checkpointing(True)
+        # each rank draws its own samples from its own stream; together they form the global batch
+        self.rng = np.random.default_rng([config.train.seed, self.rank])
+        self.forward: nn.Module = LossForward(self.model, self.loss_fn, config.prompt.iterative_rounds, self.rng)
+        if self.world > 1:
+            self.forward = nn.parallel.DistributedDataParallel(
+                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        torch.manual_seed(config.train.seed)
+        self.step = 0
+        self.best_dice = -math.inf
+        self.history: list[dict] = []
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    @property
+    def _precision(self) -> str:
+        precision = self.config.train.precision
+        if precision == "fp16" and self.device.type != "cuda":
+            raise TrainingError("fp16 training needs a CUDA device; use bf16 on the CPU")
+        return precision
+
+    def _autocast(self):
+        if self._precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self._precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config.optim
+        if cfg.name == "sgd":
+            return torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    # -- one step -------------------------------------------------------------------------------------------
+    def _pick(self, count: int) -> list[int]:
+        """Slice indices for one micro-batch; slices holding a learned class are preferred 3:1 over empty ones."""
+        wanted = set(self.classes)
+        with_target = [i for i, s in enumerate(self.train_slices) if wanted & set(s.classes)]
+        empty = [i for i, s in enumerate(self.train_slices) if not wanted & set(s.classes)]
+        picks = []
+        for _ in range(count):
+            pool = empty if empty and self.rng.random() < 0.25 else with_target
+            picks.append(int(pool[int(self.rng.integers(len(pool)))]))
+        return picks
+
+    def _pick_stacks(self, count: int, depth: int) -> list[int]:
+        """Start indices of ``count`` runs of ``depth`` consecutive slices of one case (3D training)."""
+        starts = [
+            i
+            for i in range(len(self.train_slices) - depth + 1)
+            if len({s.case for s in self.train_slices[i : i + depth]}) == 1
+            and [s.index for s in self.train_slices[i : i + depth]]
+            == list(range(self.train_slices[i].index, self.train_slices[i].index + depth))
+            and set(self.classes) & set(self.train_slices[i + depth // 2].classes)
+        ]
+        if not starts:
+            raise TrainingError(
+                f"no run of {depth} consecutive labelled slices holding the target: lower train.depth_slices"
+            )
+        picks = []
+        for _ in range(count):
+            start = starts[int(self.rng.integers(len(starts)))]
+            picks.extend(range(start, start + depth))
+        return picks
+
+    def _micro_batch_loss(self) -> torch.Tensor:
+        cfg = self.config
+        depth = cfg.train.depth_slices
+        if depth > 1:
+            picks = self._pick_stacks(cfg.train.batch_size, depth)
+            set_depth(self.model, depth)
+        else:
+            picks = self._pick(cfg.train.batch_size)
+        if self.semantic:
+            return self._semantic_loss(picks)
+        return self._prompt_loss(picks)
+
+    def _semantic_loss(self, picks: list[int]) -> torch.Tensor:
+        images = torch.stack([self.train_slices[i].image for i in picks]).to(self.device)
+        targets = semantic_targets([self.train_slices[i].label for i in picks], self.classes).to(self.device)
+        if self.config.data.augment:
+            turns = int(self.rng.integers(4))
+            images, targets = torch.rot90(images, turns, (-2, -1)), torch.rot90(targets, turns, (-2, -1))
+        with self._autocast():
+            return self.forward(images, targets)
+
+    def _prompt_loss(self, picks: list[int]) -> torch.Tensor:
+        cfg = self.config
+        kind = cfg.prompt.kind
+        if kind == "mixed":
+            kind = "point" if self.rng.random() < 0.5 else "box"
+        augment = cfg.data.augment and cfg.train.depth_slices == 1
+        batch = draw_prompt_batch(self.train_slices, picks, self.classes, cfg.prompt, kind, self.rng, augment)
+        points = tuple(t.to(self.device) for t in batch.points) if batch.points is not None else None
+        boxes = batch.boxes.to(self.device) if batch.boxes is not None else None
+        with self._autocast():
+            return self.forward(batch.images.to(self.device), batch.targets.to(self.device), points, boxes)
+
+    def train_step(self) -> dict:
+        """One optimiser step over ``grad_accum`` micro-batches; returns the logged values."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        accum = self.config.train.grad_accum
+        total = 0.0
+        for micro in range(accum):
+            sync = nullcontext() if micro == accum - 1 or self.world == 1 else self.forward.no_sync()
+            with sync:
+                loss = self._micro_batch_loss()
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss became {loss.item()} at step {self.step + 1}; stopped. The last good checkpoint "
+                        f"is kept in {self.checkpoints / 'last'} (lower optim.lr or use train.precision=fp32)"
+                    )
+                self.scaler.scale(loss / accum).backward()
+            total += loss.item() / accum
+        if self.config.train.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        return {"step": self.step, "loss": total, "lr": lr}
+
+    # -- validation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean Dice over the held-out slices: centre click (or tight box) per object, or semantic argmax."""
+        from samadapt.prompts import box_from_mask, centre_click
+
+        if not self.val_slices:
+            return float("nan")
+        self.model.eval()
+        set_depth(self.model, None if self.config.train.depth_slices > 1 else 1)
+        scores = []
+        box = self.config.prompt.kind == "box"
+        for item in self.val_slices:
+            image = item.image[None].to(self.device)
+            with self._autocast():
+                embedding = self.model.encode_image(image)
+                if self.semantic:
+                    logits, _ = self.model.decode(embedding)
+                    pred = _upsample(logits, image.shape[-1]).argmax(1)[0].cpu().numpy()
+                    target = semantic_targets([item.label], self.classes)[0, 0].numpy()
+                    for k in range(1, len(self.classes) + 1):
+                        if (target == k).any():
+                            scores.append(_dice(pred == k, target == k))
+                    continue
+                for mask in object_masks(item.label, self.classes, self.config.prompt.objects):
+                    if box:
+                        prompt = {"boxes": torch.from_numpy(box_from_mask(mask)[None]).float().to(self.device)}
+                    else:
+                        x, y = centre_click(mask)
+                        coords = torch.tensor([[[x, y]]], dtype=torch.float32, device=self.device)
+                        prompt = {"points": (coords, torch.ones(1, 1, dtype=torch.long, device=self.device))}
+                    logits, _ = self.model.decode(embedding, **prompt)
+                    pred = (_upsample(logits, image.shape[-1])[0, 0] > 0).cpu().numpy()
+                    scores.append(_dice(pred, mask))
+        return float(np.mean(scores)) if scores else float("nan")
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def _save(self, name: str, val_dice: float) -> None:
+        """Write checkpoints/<name>/ atomically: a temporary folder, then renames (a crash never half-writes)."""
+        if not self.is_writer:
+            return
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoints / name
+        tmp = self.checkpoints / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        manifest = {**self.manifest, "step": self.step, "val_dice": _finite_or_none(val_dice)}
+        save_adapter(self.model, tmp, manifest)
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "best_dice": self.best_dice,
+            "history": self.history,
+        }
+        torch.save(state, tmp / "trainer_state.pt")
+        old = self.checkpoints / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> bool:
+        """Continue from checkpoints/last if it exists; returns whether it did."""
+        last = self.checkpoints / "last"
+        if not last.exists() and (self.checkpoints / ".last.old").exists():
+            last = self.checkpoints / ".last.old"  # a crash between the two renames of _save
+        if not (last / "trainer_state.pt").exists():
+            return False
+        load_adapter_weights(self.model, last, self.manifest["base_sha256"])
+        state = torch.load(last / "trainer_state.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        self.best_dice = state["best_dice"]
+        self.history = state["history"]
+        log.info("resumed from %s at step %d", last, self.step)
+        return True
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+        """Train to ``train.steps`` (or stop early after ``stop_after`` steps of this call, for tests)."""
+        cfg = self.config.train
+        if resume:
+            self.resume()
+        if self.is_writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.config.save(self.run_dir / "config.yaml")
+        writer = self._tensorboard()
+        last_dice = float("nan")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_writer, desc="train", unit="step")
+        started, steps_this_call = time.perf_counter(), 0
+        while self.step < cfg.steps and (stop_after is None or steps_this_call < stop_after):
+            row = self.train_step()
+            steps_this_call += 1
+            row["seconds_per_step"] = (time.perf_counter() - started) / steps_this_call
+            at_end = self.step == cfg.steps
+            if (cfg.val_every and self.step % cfg.val_every == 0) or at_end:
+                last_dice = row["val_dice"] = self.validate()
+                if not math.isnan(last_dice) and last_dice > self.best_dice:
+                    self.best_dice = last_dice
+                    self._save("best", last_dice)
+                self._save("last", last_dice)
+            self.history.append(row)
+            self._log_row(row, writer)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", s_step=f"{row['seconds_per_step']:.2f}")
+        bar.close()
+        if self.is_writer and not (self.checkpoints / "best").exists() and (self.checkpoints / "last").exists():
+            shutil.copytree(self.checkpoints / "last", self.checkpoints / "best")  # no validation set: best = last
+        if self.is_writer and self.step == cfg.steps:
+            self._plot()
+        return TrainResult(self.step, self.best_dice, last_dice, self.run_dir, self.history)
+
+    def _tensorboard(self):
+        if not self.is_writer:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional: the CSV log is always written
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _log_row(self, row: dict, writer) -> None:
+        if not self.is_writer:
+            return
+        path = self.run_dir / "metrics.csv"
+        fields = ["step", "loss", "lr", "val_dice", "seconds_per_step"]
+        new = not path.exists() or self.step == 1
+        with path.open("w" if new else "a", newline="") as handle:
+            out = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            if new:
+                out.writeheader()
+            out.writerow(row)
+        if writer is not None:
+            for key in ("loss", "lr", "val_dice"):
+                if key in row:
+                    writer.add_scalar(key, row[key], row["step"])
+
+    def _plot(self) -> None:
+        try:
+            from samadapt.eval.report import save_loss_curve
+        except ImportError:
+            return
+        save_loss_curve(self.history, self.run_dir / "loss_curve.png")
+
+
+class LossForward(nn.Module):
+    """The differentiable part of a training step, as one module so that DDP can wrap it.
+
+    Prompted task: encode once, decode, then ``rounds`` decoder-only rounds on the same embedding, each adding a
+    click in the error region of the previous prediction (MSA's iterative training); the loss is the mean over
+    rounds. Semantic task (no prompts): decode all class masks at once.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, rounds: int, rng: np.random.Generator) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.rounds = rounds
+        self.rng = rng
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        size = images.shape[-1]
+        embeddings = self.model.encode_image(images)
+        logits, _ = self.model.decode(embeddings, points, boxes)
+        loss = self.loss_fn(_upsample(logits, size), targets)
+        if points is None and boxes is None:
+            return loss
+        for _ in range(self.rounds):
+            with torch.no_grad():
+                predictions = (_upsample(logits, size) > 0).cpu()
+            cpu_points = None if points is None else tuple(t.cpu() for t in points)
+            points = tuple(
+                t.to(images.device) for t in add_corrective_clicks(cpu_points, targets.cpu(), predictions, self.rng)
+            )
+            logits, _ = self.model.decode(embeddings, points, boxes, mask_inputs=logits.detach())
+            loss = loss + self.loss_fn(_upsample(logits, size), targets)
+        return loss / (1 + self.rounds)
+
+
+def _upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _dice(pred: np.ndarray, target: np.ndarray) -> float:
+    total = pred.sum() + target.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(pred, target).sum() / total)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
