@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from samadapt.models.registry import assemble_sam
-from samadapt.models.vit import ImageEncoderViT
 
 
 def make_tiny_sam(img_size: int = 128, seed: int = 0):
     """A 4-block ViT SAM (2 windowed + 2 global blocks) with the real prompt encoder / decoder layout."""
+    from samadapt.models.registry import assemble_sam
+    from samadapt.models.vit import ImageEncoderViT
+
     torch.manual_seed(seed)
     encoder = ImageEncoderViT(img_size=img_size, embed_dim=64, depth=4, num_heads=4, global_attn_indexes=(1, 3))
     return assemble_sam(encoder, img_size, sam_normalisation=True).eval()

@@ -109,3 +109,16 @@ def test_slots_are_on_the_path():
             assert not torch.allclose(ours(image), before), slot
             setattr(block, slot, original)
         torch.testing.assert_close(ours(image), before, rtol=0, atol=0)
+
+
+def test_training_and_inference_attention_paths_agree():
+    """The fused path used when gradients are needed and the bias-mask path used in inference compute one function."""
+    ours, reference = small_vit_pair(448)
+    image = torch.randn(1, 3, 448, 448)
+    with torch.no_grad():
+        expected = reference(image)
+        inference = ours(image)
+    training = ours(image)  # parameters require grad: the folded-bias path
+    assert training.requires_grad
+    assert relative_error(inference, expected) < 1e-5
+    assert relative_error(training.detach(), expected) < 1e-5

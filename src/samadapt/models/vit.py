@@ -97,7 +97,7 @@ class Block(nn.Module):
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         attn_size = (window_size, window_size) if window_size > 0 else input_size
-        self.attn = Attention(dim, num_heads, input_size=attn_size)
+        self.attn = Attention(dim, num_heads, input_size=attn_size, window_size=window_size)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
         self.depth_branch: nn.Module = ZeroSlot()
@@ -106,29 +106,29 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        if self.window_size > 0:
-            height, width = h.shape[1:3]
-            windows, padded = window_partition(h, self.window_size)
-            a = window_unpartition(self.attn(windows), self.window_size, padded, (height, width))
-        else:
-            a = self.attn(h)
-        a = a + self.depth_branch(h)
+        a = self.attn(h) + self.depth_branch(h)
         x = x + self.attn_adapter(a)
         h = self.norm2(x)
         return x + self.mlp(h) + self.mlp_adapter(h)
 
 
 class Attention(nn.Module):
-    """Multi-head attention on a (B, H, W, D) grid with SAM's decomposed relative positions.
+    """Multi-head attention on a (B, H, W, D) grid with SAM's decomposed relative positions, windowed or global.
 
     ``qkv`` is one Linear whose output rows are [q (D) | k (D) | v (D)], each split into heads of D / num_heads.
-    ``rel_pos_h`` / ``rel_pos_w`` have 2 * size - 1 rows for the grid ``input_size`` this attention runs on.
+    ``rel_pos_h`` / ``rel_pos_w`` have 2 * size - 1 rows for the grid ``input_size`` this attention runs on (the
+    window, or the whole token grid for global attention).
+
+    Windowed attention pads the grid to whole windows like SAM, whose padded tokens are zeros and so carry
+    q, k, v = qkv.bias; we run ``qkv`` and ``proj`` on the real tokens only and fill the padding with that bias,
+    which gives the same numbers for less work.
     """
 
-    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int]) -> None:
+    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], window_size: int = 0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.window_size = window_size
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, self.head_dim))
@@ -141,11 +141,78 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
-        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, H*W, head_dim)
-        bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, (H, W))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        return self.proj(out.transpose(1, 2).reshape(B, H, W, -1))
+        qkv = self.qkv(x)
+        if self.window_size > 0:
+            qkv = _pad_with(qkv, self.window_size, self.qkv.bias)
+            qkv, padded = window_partition(qkv, self.window_size)
+        grid = qkv.shape[1:3]
+        qkv = qkv.reshape(qkv.shape[0], grid[0] * grid[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention_with_rel_pos(*qkv.unbind(0), self.rel_pos_h, self.rel_pos_w, grid)
+        out = out.transpose(1, 2).reshape(out.shape[0], grid[0], grid[1], -1)
+        if self.window_size > 0:
+            out = window_unpartition(out, self.window_size, padded, (H, W))
+        return self.proj(out)
+
+
+# grids up to this many tokens (SAM's 14 x 14 windows) train faster with explicit attention than with fused kernels
+EXPLICIT_ATTENTION_MAX_TOKENS = 400
+
+
+def attention_with_rel_pos(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + rel-pos bias) v for (B, heads, N, d) tensors on an (H, W) grid of N tokens.
+
+    Three exact formulations, chosen by what is cheapest (measured on CPU, docs/benchmarks.md):
+    - no gradient needed: the bias as an additive mask of scaled_dot_product_attention;
+    - gradient needed, small grids (windows): explicit softmax(q k^T + bias) v, whose (N, N) tensors are small;
+    - gradient needed, large grids (global blocks): the bias folded into the dot product. bias[i, j] =
+      <rel_h[i], onehot(row j)> + <rel_w[i], onehot(col j)>, so q' = [q / sqrt(d), rel_h, rel_w] and
+      k' = [k, onehot rows, onehot cols] give q' k'^T = q k^T / sqrt(d) + bias. No (N, N) tensor is stored for the
+      backward pass (fused kernels apply), which is where SAM's explicit attention spends its memory.
+    """
+    if not (torch.is_grad_enabled() and (q.requires_grad or rel_pos_h.requires_grad)):
+        bias = relative_position_bias(q, rel_pos_h, rel_pos_w, size)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    if q.shape[2] <= EXPLICIT_ATTENTION_MAX_TOKENS:
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + relative_position_bias(q, rel_pos_h, rel_pos_w, size)
+        return scores.softmax(dim=-1) @ v
+    H, W = size
+    B, heads, N, d = q.shape
+    bias_h, bias_w = _rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
+    q_aug = torch.cat([q * d**-0.5, bias_h.reshape(B, heads, N, H), bias_w.reshape(B, heads, N, W)], dim=-1)
+    rows = torch.eye(H, dtype=q.dtype, device=q.device).repeat_interleave(W, dim=0)  # token j -> onehot(row j)
+    cols = torch.eye(W, dtype=q.dtype, device=q.device).repeat(H, 1)
+    k_aug = torch.cat([k, rows.expand(B, heads, N, H), cols.expand(B, heads, N, W)], dim=-1)
+    # fused CPU / GPU kernels want one head width for q, k and v: pad to a multiple of 8
+    width = -(-q_aug.shape[-1] // 8) * 8
+    q_aug, k_aug = F.pad(q_aug, (0, width - q_aug.shape[-1])), F.pad(k_aug, (0, width - k_aug.shape[-1]))
+    out = F.scaled_dot_product_attention(q_aug, k_aug, F.pad(v, (0, width - d)), scale=1.0)
+    return out[..., :d]
+
+
+def _rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size) -> tuple:
+    """<q_i, R_h[row(i) - r]> for every key row r, and the same for columns: (B, heads, H, W, H) and (..., W)."""
+    H, W = size
+    B, heads, _, dim = q.shape
+    q_grid = q.reshape(B, heads, H, W, dim)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, _gather_rel_pos(rel_pos_h, H).to(q.dtype))
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, _gather_rel_pos(rel_pos_w, W).to(q.dtype))
+    return bias_h, bias_w
+
+
+def _pad_with(x: torch.Tensor, window: int, value: torch.Tensor | None) -> torch.Tensor:
+    """Pad (B, H, W, C) up to multiples of ``window`` with the vector ``value`` (zeros when None)."""
+    B, H, W, C = x.shape
+    pad_h, pad_w = (window - H % window) % window, (window - W % window) % window
+    if not (pad_h or pad_w):
+        return x
+    fill = (value if value is not None else x.new_zeros(C)).to(x.dtype)
+    if pad_w:
+        x = torch.cat([x, fill.expand(B, H, pad_w, C)], dim=2)
+    if pad_h:
+        x = torch.cat([x, fill.expand(B, pad_h, W + pad_w, C)], dim=1)
+    return x
 
 
 def relative_position_bias(
@@ -156,14 +223,9 @@ def relative_position_bias(
     bias[i, j] = <q_i, R_h[row(i) - row(j)]> + <q_i, R_w[col(i) - col(j)]> for queries and keys on the same grid.
     """
     H, W = size
-    B, heads, _, dim = q.shape
-    r_h = _gather_rel_pos(rel_pos_h, H).to(q.dtype)  # (H, H, dim)
-    r_w = _gather_rel_pos(rel_pos_w, W).to(q.dtype)
-    q_grid = q.reshape(B, heads, H, W, dim)
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, r_h)
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, r_w)
+    bias_h, bias_w = _rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
     bias = bias_h[..., :, None] + bias_w[..., None, :]  # (B, heads, H, W, H, W)
-    return bias.reshape(B, heads, H * W, H * W)
+    return bias.reshape(q.shape[0], q.shape[1], H * W, H * W)
 
 
 def _gather_rel_pos(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
