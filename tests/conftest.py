@@ -4,7 +4,6 @@ import pytest
 import torch
 
 
-
 def make_tiny_sam(img_size: int = 128, seed: int = 0):
     """A 4-block ViT SAM (2 windowed + 2 global blocks) with the real prompt encoder / decoder layout."""
     from samadapt.models.registry import assemble_sam

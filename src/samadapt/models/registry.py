@@ -21,7 +21,6 @@ from samadapt.models.checkpoint import load_checkpoint
 from samadapt.models.mask_decoder import MaskDecoder
 from samadapt.models.prompt_encoder import PromptEncoder
 from samadapt.models.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, Sam
-from samadapt.models.tiny_vit import tiny_vit_5m
 from samadapt.models.transformer import TwoWayTransformer
 from samadapt.models.vit import ImageEncoderViT
 
@@ -69,6 +68,8 @@ def _build_vit(embed_dim: int, depth: int, heads: int, global_idx: tuple[int, ..
 
 
 def _build_tiny_vit(img_size: int) -> Sam:
+    from samadapt.models.tiny_vit import tiny_vit_5m
+
     return assemble_sam(tiny_vit_5m(img_size=img_size), img_size, sam_normalisation=False)
 
 

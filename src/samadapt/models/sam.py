@@ -74,13 +74,16 @@ class Sam(nn.Module):
             low-res mask logits (P, K, 4h, 4w) and predicted IoU (P, K).
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
-        if sparse.shape[0] != image_embeddings.shape[0] and image_embeddings.shape[0] != 1:
+        images, prompts = image_embeddings.shape[0], sparse.shape[0]
+        if prompts == 1 and images > 1:  # no prompt (semantic) or one prompt set for every image
+            sparse, dense = sparse.expand(images, -1, -1), dense.expand(images, -1, -1, -1)
+        elif images == 1 and prompts > 1:  # several prompt sets on one image
+            image_embeddings = image_embeddings.expand(prompts, -1, -1, -1)
+        elif images != prompts:
             raise ValueError(
-                f"{image_embeddings.shape[0]} image embeddings for {sparse.shape[0]} prompt sets: "
-                "give one embedding per prompt set, or one shared embedding"
+                f"{images} image embeddings for {prompts} prompt sets: give one embedding per prompt set, "
+                "or one shared embedding"
             )
-        if image_embeddings.shape[0] == 1 and sparse.shape[0] > 1:
-            image_embeddings = image_embeddings.expand(sparse.shape[0], -1, -1, -1)
         return self.mask_decoder(
             image_embeddings=image_embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
