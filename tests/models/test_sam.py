@@ -6,12 +6,12 @@ import torch
 from segment_anything.modeling import MaskDecoder as RefMaskDecoder
 from segment_anything.modeling import PromptEncoder as RefPromptEncoder
 from segment_anything.modeling import TwoWayTransformer as RefTransformer
-from tests.models.test_vit import relative_error
 
 from samadapt.models.checkpoint import load_state_dict_strict
 from samadapt.models.mask_decoder import make_semantic_decoder
 from samadapt.models.registry import build_model
 from samadapt.transforms import InputGeometry
+from tests.models.test_vit import relative_error
 
 
 def reference_decoder_pair(seed=0, embed=64):

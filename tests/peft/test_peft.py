@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from tests.conftest import make_tiny_sam
 
 from samadapt.models.vit import ImageEncoderViT
 from samadapt.peft import (
@@ -21,6 +20,7 @@ from samadapt.peft import (
     unmerge_lora,
 )
 from samadapt.peft.inject import is_peft_key
+from tests.conftest import make_tiny_sam
 
 METHODS = ["msa", "lora", "msa+lora"]
 

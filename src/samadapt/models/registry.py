@@ -46,7 +46,7 @@ def _vit_encoder(embed_dim: int, depth: int, heads: int, global_idx: tuple[int, 
 
 
 def assemble_sam(encoder: nn.Module, img_size: int, sam_normalisation: bool) -> Sam:
-    grid = img_size // 16
+    grid = encoder.grid  # side of the image embedding: img_size / 16 for ViT, img_size / 4 for LiteMedSAM
     prompt_encoder = PromptEncoder(
         embed_dim=256, image_embedding_size=(grid, grid), input_image_size=(img_size, img_size), mask_in_chans=16
     )

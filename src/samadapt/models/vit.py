@@ -37,7 +37,7 @@ class ImageEncoderViT(nn.Module):
         super().__init__()
         self.img_size = img_size
         self.patch_size = patch_size
-        grid = img_size // patch_size
+        self.grid = grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
         self.blocks = nn.ModuleList(
