@@ -101,6 +101,17 @@ def set_trainable(model: nn.Module, config: PeftConfig) -> None:
         param.requires_grad = is_peft_key(name) or name.startswith(prefixes)
 
 
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, except that batch norms with nothing to train keep their running statistics (eval)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.eval()
+    return model
+
+
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable tensor (PEFT weights and fully trained modules), by its path in the model."""
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}

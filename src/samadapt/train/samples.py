@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from samadapt.predict import image_to_tensor
-from samadapt.prompts import box_from_mask, corrective_click
+from samadapt.prompts import box_from_mask, corrective_click, objects
 from samadapt.train.config import PromptConfig
 from samadapt.transforms import InputGeometry
 
@@ -57,17 +56,7 @@ def augment(image: torch.Tensor, label: np.ndarray, rng: np.random.Generator) ->
 
 def object_masks(label: np.ndarray, classes: Sequence[int], mode: str) -> list[np.ndarray]:
     """Binary masks of the objects in a label map: one per class present, or one per connected component."""
-    masks = []
-    for c in classes:
-        mask = label == c
-        if not mask.any():
-            continue
-        if mode == "instance":
-            components, count = ndimage.label(mask)
-            masks.extend(components == i for i in range(1, count + 1))
-        else:
-            masks.append(mask)
-    return masks
+    return [mask for _, mask in objects(label, list(classes), mode)]
 
 
 def random_points(mask: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -143,9 +132,8 @@ def add_corrective_clicks(
             new_coords.append(np.zeros(2, np.float32))
             new_labels.append(-1)
         else:
-            (x, y), positive = click
-            new_coords.append(np.array([x, y], np.float32))
-            new_labels.append(1 if positive else 0)
+            new_coords.append(np.array([click.x, click.y], np.float32))
+            new_labels.append(1 if click.positive else 0)
     coords = torch.from_numpy(np.stack(new_coords))[:, None]
     labels = torch.tensor(new_labels)[:, None]
     if points is None:

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from samadapt.peft import save_adapter, set_depth
-from samadapt.peft.inject import load_adapter_weights
+from samadapt.peft.inject import load_adapter_weights, train_mode
 from samadapt.train.config import TrainConfig
 from samadapt.train.losses import SegmentationLoss
 from samadapt.train.samples import (
@@ -225,7 +225,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimiser step over ``grad_accum`` micro-batches; returns the logged values."""
-        self.model.train()
+        train_mode(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         accum = self.config.train.grad_accum
         total = 0.0
@@ -278,8 +278,8 @@ class Trainer:
                     if box:
                         prompt = {"boxes": torch.from_numpy(box_from_mask(mask)[None]).float().to(self.device)}
                     else:
-                        x, y = centre_click(mask)
-                        coords = torch.tensor([[[x, y]]], dtype=torch.float32, device=self.device)
+                        click = centre_click(mask)
+                        coords = torch.tensor([[[click.x, click.y]]], dtype=torch.float32, device=self.device)
                         prompt = {"points": (coords, torch.ones(1, 1, dtype=torch.long, device=self.device))}
                     logits, _ = self.model.decode(embedding, **prompt)
                     pred = (_upsample(logits, image.shape[-1])[0, 0] > 0).cpu().numpy()
