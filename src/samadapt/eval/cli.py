@@ -1,0 +1,78 @@
+"""``samadapt evaluate`` and ``samadapt predict``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from samadapt.data.datasets import SliceDataset, load_dataset
+    from samadapt.eval.evaluate import evaluate_volumes, parse_protocol
+    from samadapt.eval.report import save_evaluation
+    from samadapt.runs import load_run
+
+    protocol = parse_protocol(args.prompt)
+    run = load_run(args.run)
+    spec = load_dataset(args.data)
+    slices = SliceDataset(spec, axis=args.axis)
+    classes = {c: n for c, n in spec.classes.items() if not run.classes or c in run.classes}
+    if args.classes:
+        classes = {c: spec.classes[c] for c in args.classes}
+    cases = args.cases or [c.id for c in spec.cases]
+    kwargs = dict(objects_mode=args.objects, seed=args.seed, tolerance_mm=args.tolerance_mm)
+    evaluation = evaluate_volumes(run, slices, cases, classes, protocol, **kwargs)
+    baseline = None
+    if args.baseline:
+        base_protocol = protocol if protocol.kind != "none" else parse_protocol("point:1")
+        baseline = evaluate_volumes(load_run(run.name), slices, cases, classes, base_protocol, **kwargs)
+    metrics = save_evaluation(args.out, evaluation, baseline)
+    print(json.dumps({"mean_dice": metrics["mean_dice"], "prompt": metrics["prompt"], "cases": metrics["cases"]}))
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from samadapt.data.io import read_volume, write_label
+    from samadapt.predict import predict_volume
+    from samadapt.runs import load_run
+
+    run = load_run(args.run)
+    volume = read_volume(args.image)
+    points = np.asarray(json.loads(args.points), dtype=np.float32) if args.points else None
+    boxes = np.asarray(json.loads(args.boxes), dtype=np.float32) if args.boxes else None
+    labels = predict_volume(run, volume, points=points, boxes=boxes, preprocessing=args.preprocessing)
+    path = write_label(volume, labels, args.out)
+    print(f"wrote {path} ({int((labels > 0).sum())} labelled voxels)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    evaluate = subparsers.add_parser("evaluate", help="score a run (or a bare model) on a dataset, with its baseline")
+    evaluate.add_argument("--run", required=True, help="run directory, or a model name (e.g. lite_medsam)")
+    evaluate.add_argument("--data", required=True, help="dataset directory")
+    evaluate.add_argument("--prompt", default="point:1", help="none | point:N | box | box:J (default point:1)")
+    evaluate.add_argument("--objects", choices=["class", "instance"], default="class")
+    evaluate.add_argument("--baseline", action="store_true", help="also evaluate the un-adapted base model")
+    evaluate.add_argument("--cases", nargs="*", help="only these case ids")
+    evaluate.add_argument("--classes", nargs="*", type=int, help="only these class ids")
+    evaluate.add_argument("--axis", type=int, default=None, help="slicing axis (default: the dataset's)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance")
+    evaluate.add_argument("--out", required=True, help="report directory")
+    evaluate.set_defaults(func=evaluate_command)
+    predict = subparsers.add_parser("predict", help="segment a volume or image; writes labels on the input's grid")
+    predict.add_argument("image", help="NIfTI / NRRD / MHA / DICOM folder / PNG")
+    predict.add_argument("--run", required=True, help="run directory, or a model name")
+    predict.add_argument("--points", help="JSON [[x, y, z, label], ...] in voxel coordinates (label 1 fg, 0 bg)")
+    predict.add_argument(
+        "--boxes",
+        help="JSON [[x0, y0, x1, y1, z], ...] per slice, or [[x0, y0, z0, x1, y1, z1]] "
+        "for a volume box propagated from its middle slice",
+    )
+    predict.add_argument("--preprocessing", help="intensity preset (default: the run's)")
+    predict.add_argument("--out", required=True, help="output label file (.nii.gz, .nrrd, .mha, .png)")
+    predict.set_defaults(func=predict_command)

@@ -1,0 +1,210 @@
+"""Evaluation protocols: the same simulated prompts, from the same seed, for an adapted model and its baseline.
+
+Protocols: ``none`` (semantic models: all classes at once), ``point:N`` (the centre click of each object, then N - 1
+corrective clicks in the largest error region of the prediction so far), ``box`` (tight box), ``box:J`` (each side
+jittered by up to J pixels). Objects are one per class per slice (``class``) or one per connected component
+(``instance``); their predictions are merged per class.
+
+Whole volumes are scored in 3D with the voxel spacing; a selection of slices (e.g. held-out slices of a volume) is
+scored slice by slice in 2D, each slice counting as one unit of the mean.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, aggregate, binary_metrics
+from samadapt.predict import Predictor
+from samadapt.prompts import box_from_mask, iterative_clicks, objects
+from samadapt.runs import Run
+
+
+@dataclass(frozen=True)
+class Protocol:
+    kind: str  # none | point | box
+    points: int = 1
+    jitter: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "point":
+            return f"point:{self.points}"
+        if self.kind == "box" and self.jitter:
+            return f"box:{self.jitter}"
+        return self.kind
+
+
+def parse_protocol(text: str) -> Protocol:
+    """``none``, ``point:N``, ``box`` or ``box:J``."""
+    name, _, arg = text.partition(":")
+    try:
+        if name == "none" and not arg:
+            return Protocol("none")
+        if name == "point":
+            count = int(arg or 1)
+            if count >= 1:
+                return Protocol("point", points=count)
+        if name == "box":
+            return Protocol("box", jitter=int(arg or 0))
+    except ValueError:
+        pass
+    raise ValueError(f"unknown prompt protocol {text!r}: use none, point:N, box or box:J")
+
+
+@dataclass
+class SliceResult:
+    case: str
+    slice: int
+    image: np.ndarray
+    gt: np.ndarray  # (H, W) dataset labels
+    pred: dict[int, np.ndarray]  # class id -> (H, W) bool
+    prompts: list = field(default_factory=list)  # (kind, array) for the overlay
+
+
+def _seed(base: int, case: str, index: int, class_id: int) -> np.random.Generator:
+    """A generator that depends only on (seed, case, slice, class): identical prompts for every model evaluated."""
+    return np.random.default_rng([base, zlib.crc32(case.encode()), index, class_id])
+
+
+def predict_slice(
+    predictor: Predictor, run: Run, item: dict, classes: Sequence[int], protocol: Protocol, objects_mode: str, seed: int
+) -> SliceResult:
+    """Predict every class of one slice under ``protocol`` (the image embedding is computed once)."""
+    label = item["label"]
+    predictor.set_image(item["image"])
+    result = SliceResult(
+        item["case"], item["slice"], item["image"], label, {c: np.zeros(label.shape, bool) for c in classes}
+    )
+    if protocol.kind == "none":
+        if run.task != "semantic":
+            raise ValueError("the 'none' protocol needs a semantic model (e.g. trained with the samed recipe)")
+        labels = predictor.predict_semantic()
+        for k, c in enumerate(run.classes, start=1):
+            if c in result.pred:
+                result.pred[c] = labels == k
+        return result
+    if run.task == "semantic":
+        raise ValueError(f"a semantic model takes no prompts; evaluate it with --prompt none, not {protocol}")
+    for class_id, mask in objects(label, list(classes), objects_mode):
+        rng = _seed(seed, item["case"], item["slice"], class_id)
+        if protocol.kind == "box":
+            box = box_from_mask(mask, protocol.jitter, rng)
+            prediction = predictor.predict(boxes=box).masks[0, 0]
+            result.prompts.append(("box", box))
+        else:
+
+            def predict(clicks, predictor=predictor):
+                coords = np.array([[c.x, c.y] for c in clicks], np.float32)
+                labels = np.array([int(c.positive) for c in clicks])
+                return predictor.predict(points=coords, labels=labels).masks[0, 0]
+
+            clicks, prediction = iterative_clicks(mask, predict, protocol.points)
+            result.prompts.extend(("point", c) for c in clicks)
+        result.pred[class_id] |= prediction
+    return result
+
+
+@dataclass
+class Evaluation:
+    """Rows per (unit, class), their aggregate, and the slice results kept for pictures."""
+
+    protocol: str
+    model: str
+    rows: list[dict]
+    summary: dict
+    slices: list[SliceResult]
+
+    def metrics_json(self) -> dict:
+        return {
+            **self.summary,
+            "prompt": self.protocol,
+            "model": self.model,
+            "cases": len({r["case"] for r in self.rows}),
+            "units": len({(r["case"], r["slice"]) for r in self.rows}),
+            "empty_mask_conventions": EMPTY_MASK_CONVENTIONS,
+        }
+
+
+def evaluate_slices(
+    run: Run,
+    items: Sequence[dict],
+    classes: dict[int, str],
+    protocol: Protocol | str,
+    objects_mode: str = "class",
+    seed: int = 0,
+    tolerance_mm: float = 2.0,
+    bfloat16: bool = False,
+    progress: bool = True,
+) -> Evaluation:
+    """Score a model on 2D slices: every slice is a unit (metrics in 2D with its pixel spacing)."""
+    from tqdm.auto import tqdm
+
+    protocol = parse_protocol(protocol) if isinstance(protocol, str) else protocol
+    predictor = Predictor(run.model, device="cpu", bfloat16=bfloat16)
+    rows, kept = [], []
+    with torch.inference_mode():
+        for item in tqdm(items, desc=f"evaluate {run.name} {protocol}", disable=not progress, unit="slice"):
+            result = predict_slice(predictor, run, item, list(classes), protocol, objects_mode, seed)
+            for class_id, name in classes.items():
+                metrics = binary_metrics(
+                    result.pred[class_id], item["label"] == class_id, item["spacing"], tolerance_mm
+                )
+                rows.append({"case": item["case"], "slice": item["slice"], "class": name, **metrics})
+            kept.append(result)
+    return Evaluation(str(protocol), run.name, rows, aggregate(rows, list(classes.values())), kept)
+
+
+def evaluate_volumes(
+    run: Run,
+    slices,
+    case_ids: Sequence[str],
+    classes: dict[int, str],
+    protocol: Protocol | str,
+    objects_mode: str = "class",
+    seed: int = 0,
+    tolerance_mm: float = 2.0,
+    bfloat16: bool = False,
+    progress: bool = True,
+) -> Evaluation:
+    """Score whole volumes in 3D: slices are predicted one by one (prompted: only where an object exists to prompt
+    on), stacked, and compared with the ground truth volume using the voxel spacing."""
+    from tqdm.auto import tqdm
+
+    protocol = parse_protocol(protocol) if isinstance(protocol, str) else protocol
+    predictor = Predictor(run.model, device="cpu", bfloat16=bfloat16)
+    rows, kept = [], []
+    for case_id in case_ids:
+        image, label = slices.read_case(case_id)
+        axis = slices.axis
+        gt = np.moveaxis(label.array, axis, 0)
+        pred = {c: np.zeros(gt.shape, bool) for c in classes}
+        wanted = (
+            range(gt.shape[0]) if protocol.kind == "none" else [i for i in slices.indices(list(classes), [case_id])]
+        )
+        positions = [slices.slices[i][1] for i in wanted] if protocol.kind != "none" else list(wanted)
+        lookup = {(c, z): i for i, (c, z, _) in enumerate(slices.slices)}
+        with torch.inference_mode():
+            for z in tqdm(positions, desc=f"{run.name} {case_id} {protocol}", disable=not progress, unit="slice"):
+                result = predict_slice(
+                    predictor, run, slices[lookup[(case_id, z)]], list(classes), protocol, objects_mode, seed
+                )
+                for c in classes:
+                    pred[c][z] = result.pred[c]
+                kept.append(result)
+        spacing = (image.spacing[axis], *[s for k, s in enumerate(image.spacing) if k != axis])
+        for class_id, name in classes.items():
+            metrics = binary_metrics(pred[class_id], gt == class_id, spacing, tolerance_mm)
+            rows.append({"case": case_id, "slice": -1, "class": name, **metrics})
+    return Evaluation(str(protocol), run.name, rows, aggregate(rows, list(classes.values())), kept)
+
+
+def slice_dice(result: SliceResult, class_id: int) -> float:
+    gt = result.gt == class_id
+    pred = result.pred[class_id]
+    total = gt.sum() + pred.sum()
+    return math.nan if total == 0 else float(2 * (gt & pred).sum() / total)

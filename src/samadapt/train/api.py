@@ -1,0 +1,116 @@
+"""Training from a dataset directory or from ready slices: the library entry points behind ``samadapt train``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from samadapt.peft import apply_peft, format_parameter_report
+from samadapt.runs import base_model_facts, build_base
+from samadapt.train.config import TrainConfig
+from samadapt.train.samples import prepare_slices
+from samadapt.train.trainer import Trainer, TrainingError, TrainResult
+
+log = logging.getLogger(__name__)
+
+
+def fit_slices(
+    config: TrainConfig,
+    train_items: Sequence[dict],
+    val_items: Sequence[dict],
+    classes: dict[int, str],
+    run_dir: str | Path,
+    preprocessing: str = "",
+    resume: bool = False,
+    verbose: bool = True,
+) -> TrainResult:
+    """Adapt the configured model on slices (dicts with ``image`` (H, W) in [0, 1] and ``label`` (H, W)).
+
+    ``classes`` maps the dataset's class ids to names; they are the classes learned (semantic outputs in that order).
+    """
+    if not train_items:
+        raise TrainingError("no training slices")
+    semantic = config.task == "semantic"
+    model = build_base(
+        config.model.name, config.model.checkpoint, config.model.img_size, len(classes) if semantic else None
+    )
+    apply_peft(model, config.peft)
+    if verbose:
+        print(format_parameter_report(model))
+    manifest = {
+        **base_model_facts(config.model.name, config.model.checkpoint),
+        "peft": config.peft.to_dict(),
+        "recipe": config.recipe,
+        "task": config.task,
+        "img_size": model.img_size,
+        "classes": {str(k): v for k, v in classes.items()},
+        "preprocessing": preprocessing,
+        "axis": config.data.axis,
+        "prompt": {"kind": config.prompt.kind, "objects": config.prompt.objects},
+    }
+    train_slices = prepare_slices(train_items, model.img_size)
+    val_slices = prepare_slices(val_items, model.img_size)
+    trainer = Trainer(config, model, train_slices, val_slices, list(classes), run_dir, manifest)
+    return trainer.fit(resume=resume)
+
+
+def train(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:
+    """Train on ``config.data.path``: split cases, select exemplars if asked, add synthetic slices, fit."""
+    from samadapt.data.datasets import SliceDataset, load_dataset, split_cases
+
+    spec = load_dataset(config.data.path)
+    classes = _chosen_classes(spec.classes, config.data.classes, spec.root)
+    slices = SliceDataset(spec, axis=config.data.axis)
+    train_cases, val_cases = split_cases(spec, config.data.val_cases, config.train.seed)
+    labelled = slices.indices(list(classes), train_cases)
+    if not labelled:
+        raise TrainingError(f"{spec.root}: no training slice holds any of the classes {sorted(classes)}")
+    if config.data.exemplars:
+        from samadapt.data.synthesis import select_exemplars
+
+        chosen = select_exemplars(slices, config.data.exemplars, list(classes), seed=config.train.seed)
+        chosen = [i for i in chosen if slices.slices[i][0] in train_cases]
+        log.info("exemplars: %s", [slices.slices[i][:2] for i in chosen])
+    else:
+        chosen = labelled
+    # a few target-free slices teach the prompted model that a click on background means "nothing here"
+    empty = [i for i in slices.indices(None, train_cases) if i not in set(slices.indices(list(classes)))]
+    rng = np.random.default_rng(config.train.seed)
+    extra = list(rng.choice(empty, size=min(len(empty), max(1, len(chosen) // 4)), replace=False)) if empty else []
+    train_items = [slices[i] for i in chosen] + ([slices[int(i)] for i in extra] if config.task == "prompt" else [])
+    train_items += _synthetic_items(config, slices, chosen, classes)
+    val_pool = slices.indices(list(classes), val_cases) if val_cases else []
+    val_pick = np.linspace(0, len(val_pool) - 1, num=min(len(val_pool), config.train.val_slices)).astype(int)
+    val_items = [slices[val_pool[i]] for i in sorted(set(val_pick))] if val_pool else []
+    config.data.path = str(spec.root)
+    return fit_slices(config, train_items, val_items, classes, run_dir, spec.preprocessing, resume)
+
+
+def _chosen_classes(available: dict[int, str], wanted: list[int] | None, root: Path) -> dict[int, str]:
+    if wanted is None:
+        return dict(available)
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        raise TrainingError(f"{root}: classes {missing} are not in dataset.json (has {sorted(available)})")
+    return {c: available[c] for c in wanted}
+
+
+def _synthetic_items(config: TrainConfig, slices, exemplar_indices: list[int], classes: dict[int, str]) -> list[dict]:
+    """Slices of a synthesised set (a directory from ``samadapt synth``, or made now from the exemplars)."""
+    if config.data.synthetic:
+        from samadapt.data.datasets import SliceDataset, load_dataset
+
+        synthetic = SliceDataset(load_dataset(config.data.synthetic))
+        return [synthetic[i] for i in range(len(synthetic))]
+    if not config.data.synthesize_on_the_fly:
+        return []
+    from samadapt.data.synthesis import SynthesisConfig, background_slices, synthesize
+
+    backgrounds = [slices[i]["image"] for i in background_slices(slices, list(classes), seed=config.train.seed)]
+    if not backgrounds:
+        raise TrainingError("synthesis needs target-free background slices, and the dataset has none")
+    exemplars = [slices[i] for i in exemplar_indices]
+    return synthesize(exemplars, backgrounds, config.data.synthetic_size, SynthesisConfig(), seed=config.train.seed)
