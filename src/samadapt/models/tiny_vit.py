@@ -25,6 +25,15 @@ class Conv2dBN(nn.Sequential):
         self.add_module("c", nn.Conv2d(cin, cout, kernel, stride, pad, groups=groups, bias=False))
         self.add_module("bn", nn.BatchNorm2d(cout))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn.training:
+            return self.bn(self.c(x))
+        # eval: fold the batch norm into the convolution (one pass over the activations instead of two)
+        scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
+        weight = self.c.weight * scale[:, None, None, None]
+        bias = self.bn.bias - self.bn.running_mean * scale
+        return F.conv2d(x, weight, bias, self.c.stride, self.c.padding, self.c.dilation, self.c.groups)
+
 
 class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, embed_dim: int) -> None:

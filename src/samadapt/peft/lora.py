@@ -53,22 +53,31 @@ class LoRALinear(nn.Linear):
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) update the LoRA factors add to ``weight``."""
-        delta = torch.zeros_like(self.weight)
-        for name in self.part_names:
-            a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
-            delta = delta.index_add(0, getattr(self, f"rows_{name}"), b @ a)
-        return delta * self.scaling
+        a, b = self._stacked_factors()
+        return (b @ a) * self.scaling
+
+    def _stacked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All parts' A stacked (P*r, in) and their B placed on the output rows (out, P*r)."""
+        a = torch.cat([getattr(self, f"lora_A_{name}") for name in self.part_names])
+        b = self.weight.new_zeros(self.out_features, a.shape[0], dtype=a.dtype)
+        for k, name in enumerate(self.part_names):
+            rows = getattr(self, f"rows_{name}")
+            b = b.index_copy(
+                0,
+                rows,
+                torch.nn.functional.pad(
+                    getattr(self, f"lora_B_{name}"), (k * self.rank, (len(self.part_names) - k - 1) * self.rank)
+                ),
+            )
+        return a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         if self.merged:
             return out
-        x = self.lora_dropout(x)
-        for name in self.part_names:
-            a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
-            low_rank = F.linear(F.linear(x, a), b) * self.scaling
-            out = out.index_add(-1, getattr(self, f"rows_{name}"), low_rank.to(out.dtype))
-        return out
+        # one low-rank product for all parts: two thin matmuls and one add, no scatter over the output
+        a, b = self._stacked_factors()
+        return out + F.linear(F.linear(self.lora_dropout(x), a), b).to(out.dtype) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
