@@ -17,6 +17,7 @@ _COMMAND_MODULES = [
     "samadapt.data.cli",
     "samadapt.train.cli",
     "samadapt.eval.cli",
+    "samadapt.demo",
 ]
 
 

@@ -41,8 +41,8 @@ EMPTY_MASK_CONVENTIONS = (
 METRIC_DEFINITIONS = (
     "Dice = 2|P&G| / (|P| + |G|); IoU = |P&G| / |P|G|. Surfaces: mask voxels with a face-neighbour outside the mask. "
     "HD95 (mm) = max of the two directed 95th percentiles of the surface distances (MONAI's definition), using the "
-    "voxel spacing. NSD = fraction of both surfaces within the tolerance (mm) of the other surface. Per class, the mean "
-    "is over cases (volumes, or slices for 2D evaluation); the overall mean Dice is the mean of the class means."
+    "voxel spacing. NSD = fraction of both surfaces within the tolerance (mm) of the other surface. Per class, the "
+    "mean is over cases (volumes, or slices for 2D evaluation); the overall mean Dice is the mean of the class means."
 )
 
 _SpacingLike = float | Sequence[float]
