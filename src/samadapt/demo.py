@@ -42,7 +42,7 @@ class DemoSize:
     batch_size: int = 2
 
 
-FULL = DemoSize(lesion_exemplars=10, mni_exemplars=6, lesion_steps=100, mni_steps=80, mni_test=10)
+FULL = DemoSize(lesion_exemplars=10, mni_exemplars=6, lesion_steps=80, mni_steps=60, mni_test=10)
 QUICK = DemoSize(lesion_exemplars=10, mni_exemplars=4, lesion_steps=12, mni_steps=10, mni_test=3)
 
 

