@@ -45,14 +45,15 @@ def dataset(tmp_path_factory):
 @pytest.mark.parametrize("recipe", ["cheap-lunch", "msa", "samed", "msa-3d"])
 def test_each_recipe_trains_through_the_cli_and_lowers_the_loss(tmp_path, dataset, recipe):
     out = tmp_path / recipe
-    args = ["train", "--recipe", recipe, "--data", str(dataset), "--out", str(out), "--steps", "6"]
-    args += ["--set", "train.batch_size=2", "--set", "train.val_every=3", "--set", "train.val_slices=2"]
-    args += ["--set", "optim.warmup_steps=0"]
+    args = ["train", "--recipe", recipe, "--data", str(dataset), "--out", str(out), "--steps", "10"]
+    # LiteMedSAM's TinyViT runs at 128 with the same weights (window-relative positions): 4x cheaper for a test
+    args += ["--set", "model.img_size=128", "--set", "train.batch_size=4", "--set", "train.val_every=5"]
+    args += ["--set", "train.val_slices=2", "--set", "optim.warmup_steps=0", "--set", "data.augment=false"]
     if recipe == "msa-3d":
-        args += ["--set", "train.batch_size=1", "--set", "train.depth_slices=2"]
+        args += ["--set", "train.batch_size=2", "--set", "train.depth_slices=2"]
     assert main(args) == 0
     losses = [float(line.split(",")[1]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
-    assert len(losses) == 6 and np.mean(losses[-2:]) < np.mean(losses[:2])
+    assert len(losses) == 10 and np.mean(losses[-3:]) < np.mean(losses[:3])
     manifest = json.loads((out / "checkpoints" / "best" / "adapter_config.json").read_text())
     assert manifest["base_model"] == "lite_medsam" and manifest["recipe"] == recipe
     assert (out / "config.yaml").exists() and (out / "loss_curve.png").exists()

@@ -2,36 +2,82 @@
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
-from samadapt.prompts import box_from_mask, centre_click, corrective_click, iterative_clicks, objects, random_click
+from samadapt.prompts import (
+    Click,
+    box_from_mask,
+    centre_click,
+    clicks_to_arrays,
+    corrective_click,
+    error_region,
+    iterative_clicks,
+    n_clicks,
+    objects,
+    random_click,
+)
 
 
 def blob(shape=(40, 50)):
+    """An L-shaped object: a 20 x 30 block with a 10 x 5 leg, rows 5..34, columns 10..39."""
     mask = np.zeros(shape, bool)
     mask[5:25, 10:40] = True
     mask[25:35, 10:15] = True
     return mask
 
 
-def test_centre_click_is_inside_and_farthest_from_the_boundary():
+def brute_force_depth(mask):
+    """Distance of each object pixel to the nearest background pixel, the outside of the image counting as background."""
+    padded = np.pad(mask, 1)
+    by, bx = np.nonzero(~padded)
+    depth = np.zeros(mask.shape)
+    for y, x in zip(*np.nonzero(mask), strict=True):
+        depth[y, x] = np.sqrt(((by - (y + 1)) ** 2 + (bx - (x + 1)) ** 2).min())
+    return depth
+
+
+@pytest.mark.parametrize("touching_border", [False, True])
+def test_centre_click_is_inside_and_farthest_from_the_boundary(touching_border):
     mask = blob()
+    if touching_border:  # cut by the image border: the border is boundary too
+        mask = mask[:, 20:]
     click = centre_click(mask)
-    assert mask[int(click.y), int(click.x)]
-    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    assert distance[int(click.y), int(click.x)] == distance.max()  # brute force: no pixel is deeper
+    assert isinstance(click, Click) and click.positive
+    x, y = int(click.x), int(click.y)
+    assert mask[y, x]  # (x, y) = (column, row)
+    depth = brute_force_depth(mask)
+    assert depth[y, x] == pytest.approx(depth.max())
+    assert x > 0 and depth[y, x] > 1
+
+
+def test_points_are_x_column_y_row():
+    mask = np.zeros((10, 30), bool)
+    mask[2, 25] = True  # row 2, column 25
+    assert centre_click(mask)[:2] == (25.0, 2.0)
+    assert random_click(mask, np.random.default_rng(0))[:2] == (25.0, 2.0)
+    coords, labels = clicks_to_arrays([Click(25.0, 2.0, True), Click(1.0, 3.0, False)])
+    np.testing.assert_array_equal(coords, [[25, 2], [1, 3]])
+    np.testing.assert_array_equal(labels, [1, 0])
+    np.testing.assert_array_equal(box_from_mask(mask), [25, 2, 25, 2])
 
 
 def test_corrective_clicks_land_in_the_largest_error_region_with_the_right_sign():
     gt = blob()
     missed = gt.copy()
     missed[5:25, 25:40] = False  # the prediction misses a 20 x 15 part
+    missed[30:32, 11:13] = False  # and a smaller hole
     click = corrective_click(gt, missed)
     assert click.positive and gt[int(click.y), int(click.x)] and not missed[int(click.y), int(click.x)]
+    assert 25 <= click.x < 40 and 5 <= click.y < 25
+    region, positive = error_region(gt, missed)
+    assert positive and region.sum() == 20 * 15
     spill = gt.copy()
-    spill[0:4, 0:30] = True  # a false positive region larger than any miss
+    spill[0:4, 0:50] = True  # a false positive larger than any miss
     click = corrective_click(gt, spill)
     assert not click.positive and spill[int(click.y), int(click.x)] and not gt[int(click.y), int(click.x)]
+    assert click.y == pytest.approx(1.0, abs=1)  # the middle row of the spill
+    for seed in range(20):  # with a generator: a random pixel, still inside the error region
+        click = corrective_click(gt, missed, rng=np.random.default_rng(seed))
+        assert click.positive and 25 <= click.x < 40 and 5 <= click.y < 25
     assert corrective_click(gt, gt) is None  # perfect prediction: nothing to correct
 
 
@@ -45,36 +91,70 @@ def test_iterative_clicks_use_the_prediction_so_far():
 
     clicks, prediction = iterative_clicks(gt, predict, 3)
     assert len(clicks) == 2 and seen == [1, 2] and (prediction == gt).all()  # stops once perfect
+    assert clicks[0] == centre_click(gt) and clicks[1].positive
+
+    def overshoot(clicks):
+        pred = gt.copy()
+        pred[0:3, :] = len(clicks) < 3
+        return pred
+
+    clicks, _ = iterative_clicks(gt, overshoot, 5)
+    assert [c.positive for c in clicks] == [True, False, False]
 
 
 def test_box_jitter_stays_within_bounds_and_is_seeded():
     mask = blob()
     tight = box_from_mask(mask)
     np.testing.assert_array_equal(tight, [10, 5, 39, 34])
+    edge = np.zeros((40, 50), bool)
+    edge[0:3, 45:50] = True
     for seed in range(50):
         box = box_from_mask(mask, jitter=6, rng=np.random.default_rng(seed))
         assert np.all(np.abs(box - tight) <= 6)
+        assert 0 <= box[0] <= box[2] <= 49 and 0 <= box[1] <= box[3] <= 39
+        box = box_from_mask(edge, jitter=8, rng=np.random.default_rng(seed))  # clipped to the image
         assert 0 <= box[0] <= box[2] <= 49 and 0 <= box[1] <= box[3] <= 39
     a = box_from_mask(mask, jitter=6, rng=np.random.default_rng(3))
     b = box_from_mask(mask, jitter=6, rng=np.random.default_rng(3))
     np.testing.assert_array_equal(a, b)
 
 
+def test_random_prompts_are_deterministic_with_a_seed():
+    mask = blob()
+    first = [random_click(mask, np.random.default_rng(7)) for _ in range(2)]
+    assert first[0] == first[1] and mask[int(first[0].y), int(first[0].x)]
+    a = n_clicks(mask, 4, np.random.default_rng(1))
+    assert a == n_clicks(mask, 4, np.random.default_rng(1)) and a != n_clicks(mask, 4, np.random.default_rng(2))
+    assert a[0] == centre_click(mask) and len(set(a)) == 4 and all(mask[int(c.y), int(c.x)] for c in a)
+    single = np.zeros((5, 5), bool)
+    single[2, 3] = True
+    assert n_clicks(single, 3, np.random.default_rng(0)) == [Click(3.0, 2.0, True)] * 3
+
+
 def test_empty_masks_are_handled_without_crashing():
     empty = np.zeros((10, 10), bool)
-    assert random_click(empty, np.random.default_rng(0)) is None
+    assert random_click(empty, np.random.default_rng(0)) is None  # the reference crashed: "high <= 0"
     assert centre_click(empty) is None
+    assert n_clicks(empty, 3, np.random.default_rng(0)) == []
+    assert n_clicks(blob(), 0) == []
     assert box_from_mask(empty, jitter=3) is None
-    assert iterative_clicks(empty, lambda c: empty, 3) == ([], None)
+    assert corrective_click(empty, empty) is None
+    calls = []
+    assert iterative_clicks(empty, lambda c: calls.append(c) or empty, 3) == ([], None) and calls == []
     assert list(objects(np.zeros((5, 5), int))) == []
+    with pytest.raises(ValueError, match="2D"):
+        centre_click(np.zeros((2, 3, 4), bool))
 
 
 def test_objects_by_class_and_by_instance():
     label = np.zeros((20, 20), int)
     label[2:5, 2:5] = 1
     label[10:15, 10:15] = 1
+    label[15:17, 15:17] = 1  # touches the previous block by a corner: the same instance
     label[16:19, 1:4] = 2
     assert [c for c, _ in objects(label)] == [1, 2]
-    assert [c for c, _ in objects(label, mode="instance")] == [1, 1, 2]
+    instances = list(objects(label, mode="instance"))
+    assert [c for c, _ in instances] == [1, 1, 2] and instances[1][1].sum() == 25 + 4
+    assert [c for c, _ in objects(label, classes=[2, 3])] == [2]  # absent classes yield nothing
     with pytest.raises(ValueError):
         list(objects(label, mode="voxel"))

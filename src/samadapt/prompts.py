@@ -1,29 +1,47 @@
 """Simulated prompts from ground-truth masks: clicks and boxes, as a user would give them.
 
-Coordinates are (x, y) = (column, row) pixels; boxes are XYXY with inclusive pixel bounds. Everything random takes a
-``numpy.random.Generator`` so that the same seed gives the same prompts (the baseline and the adapted model are
-evaluated on identical prompts). An empty mask has no object to click on: click functions return None and
-``box_from_mask`` returns None; callers decide what an empty slice means (the reference code crashed here).
+Masks are 2D arrays (H, W) = (rows, columns); anything non-zero is the object. Coordinates are (x, y) =
+(column, row) pixels; boxes are XYXY (x_min, y_min, x_max, y_max) with inclusive pixel bounds. Everything random takes
+a ``numpy.random.Generator`` so that the same seed gives the same prompts (the baseline and the adapted model are
+evaluated on identical prompts).
+
+Empty masks: a slice without the target has no object to click on. The click functions return None, ``n_clicks``
+and ``iterative_clicks`` return no clicks, ``box_from_mask`` returns None and ``objects`` yields nothing; callers
+decide what an empty slice means (the reference code crashed here with "ValueError: high <= 0").
+
+Connected components (instances, error regions) use 8-connectivity: pixels touching by a corner are one object,
+as they look on screen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
+_EIGHT = np.ones((3, 3), dtype=bool)
+
 
 class Click(NamedTuple):
+    """A click at pixel (x, y) = (column, row); ``positive`` True adds to the object, False removes."""
+
     x: float
     y: float
     positive: bool
 
 
+def _as_mask(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask).astype(bool, copy=False)
+    if mask.ndim != 2:
+        raise ValueError(f"prompts need a 2D (H, W) mask, got shape {mask.shape}")
+    return mask
+
+
 def random_click(mask: np.ndarray, rng: np.random.Generator) -> Click | None:
-    """A uniformly random pixel of the object; None for an empty mask."""
-    ys, xs = np.nonzero(mask)
+    """A uniformly random pixel of the object (positive); None for an empty mask."""
+    ys, xs = np.nonzero(_as_mask(mask))
     if len(xs) == 0:
         return None
     i = int(rng.integers(len(xs)))
@@ -31,11 +49,12 @@ def random_click(mask: np.ndarray, rng: np.random.Generator) -> Click | None:
 
 
 def centre_click(mask: np.ndarray) -> Click | None:
-    """The object pixel farthest from its boundary (ties: the first in row-major order); None for an empty mask.
+    """The object pixel farthest from its boundary (positive; ties: the first in row-major order); None if empty.
 
-    The image border counts as boundary (the mask is padded), so an object cut by the border is clicked inside.
+    Distances are Euclidean, to the nearest background pixel; the image border counts as boundary (the mask is
+    padded by one background pixel), so an object cut by the border is clicked inside, away from the cut.
     """
-    mask = np.asarray(mask, dtype=bool)
+    mask = _as_mask(mask)
     if not mask.any():
         return None
     distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
@@ -43,15 +62,42 @@ def centre_click(mask: np.ndarray) -> Click | None:
     return Click(float(x), float(y), True)
 
 
-def error_regions(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, bool] | None:
-    """The largest connected error region and whether it is a miss (True) or a false positive (False)."""
-    gt, pred = np.asarray(gt, dtype=bool), np.asarray(pred, dtype=bool)
+def n_clicks(
+    mask: np.ndarray, n: int, rng: np.random.Generator | None = None, centre_first: bool = True
+) -> list[Click]:
+    """``n`` positive clicks on the object: the centre click first (if ``centre_first``), then distinct random
+    pixels (repeats only when the object has fewer than ``n`` pixels). An empty mask or ``n <= 0`` gives [].
+    """
+    mask = _as_mask(mask)
+    if n <= 0 or not mask.any():
+        return []
+    rng = rng if rng is not None else np.random.default_rng()
+    first = centre_click(mask) if centre_first else random_click(mask, rng)
+    clicks = [first]
+    ys, xs = np.nonzero(mask)
+    pool = [i for i in range(len(xs)) if (xs[i], ys[i]) != (first.x, first.y)]
+    if n > 1 and pool:
+        picks = rng.choice(pool, size=n - 1, replace=len(pool) < n - 1)
+        clicks += [Click(float(xs[i]), float(ys[i]), True) for i in picks]
+    while len(clicks) < n:  # a one-pixel object: the same pixel again
+        clicks.append(first)
+    return clicks
+
+
+def error_region(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, bool] | None:
+    """The largest connected error region of ``pred`` against ``gt`` (both (H, W)), and whether it is a miss
+    (``gt & ~pred``: True) or a false positive (``pred & ~gt``: False); on equal size the miss wins.
+    None when ``pred`` equals ``gt``.
+    """
+    gt, pred = _as_mask(gt), _as_mask(pred)
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
     best: tuple[int, np.ndarray, bool] | None = None
     for error, positive in ((gt & ~pred, True), (pred & ~gt, False)):
-        components, count = ndimage.label(error)
+        components, count = ndimage.label(error, structure=_EIGHT)
         if count == 0:
             continue
-        sizes = ndimage.sum_labels(error, components, index=range(1, count + 1))
+        sizes = np.bincount(components.ravel())[1:]
         largest = int(np.argmax(sizes))
         if best is None or sizes[largest] > best[0]:
             best = (int(sizes[largest]), components == largest + 1, positive)
@@ -61,10 +107,10 @@ def error_regions(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, bool] |
 def corrective_click(gt: np.ndarray, pred: np.ndarray, rng: np.random.Generator | None = None) -> Click | None:
     """A click in the largest error region of ``pred``: positive in a miss, negative in a false positive.
 
-    At the region's centre (farthest from its boundary), as a careful user clicks; with ``rng``, at a random pixel
-    of the region instead (training variety). None when the prediction is already perfect.
+    Without ``rng``, at the region's centre (farthest from its boundary), as a careful user clicks; with ``rng``,
+    at a random pixel of the region (variety for training). None when the prediction is already perfect.
     """
-    found = error_regions(gt, pred)
+    found = error_region(gt, pred)
     if found is None:
         return None
     region, positive = found
@@ -72,31 +118,38 @@ def corrective_click(gt: np.ndarray, pred: np.ndarray, rng: np.random.Generator 
     return Click(click.x, click.y, positive)
 
 
-def n_clicks(mask: np.ndarray, n: int, rng: np.random.Generator, centre_first: bool = True) -> list[Click]:
-    """``n`` positive clicks on the object: the centre click first (if asked), then random pixels."""
-    clicks = []
-    first = centre_click(mask) if centre_first else random_click(mask, rng)
-    if first is None:
-        return []
-    clicks.append(first)
-    while len(clicks) < n:
-        clicks.append(random_click(mask, rng))
-    return clicks
-
-
 def iterative_clicks(
-    gt: np.ndarray, predict: Callable[[list[Click]], np.ndarray], n: int
+    gt: np.ndarray,
+    predict: Callable[[list[Click]], np.ndarray],
+    n: int,
+    rng: np.random.Generator | None = None,
+    first: str = "centre",
 ) -> tuple[list[Click], np.ndarray | None]:
-    """The evaluation protocol ``point:n``: the centre click, then n - 1 corrective clicks, each placed in the
-    largest error region of the prediction made with the clicks so far. Returns the clicks and the last prediction.
+    """The interactive protocol ``point:n``: a first click, then up to n - 1 corrective clicks, each placed in the
+    largest error region of the prediction made with all clicks so far (stops early once the prediction is perfect).
+
+    Args:
+        gt: (H, W) target mask.
+        predict: clicks so far -> (H, W) boolean prediction.
+        n: number of clicks at most.
+        rng: with a generator, corrective clicks land on random pixels of the error region (training), and
+            ``first="random"`` can use it; without, every click is at a region's centre (evaluation).
+        first: ``"centre"`` (farthest from the boundary) or ``"random"``.
+
+    Returns:
+        The clicks and the last prediction; ([], None) for an empty ``gt`` or ``n <= 0`` (``predict`` not called).
     """
-    first = centre_click(gt)
-    if first is None:
+    if first not in ("centre", "random"):
+        raise ValueError(f"first click must be 'centre' or 'random', got {first!r}")
+    if n <= 0:
         return [], None
-    clicks = [first]
+    start = centre_click(gt) if first == "centre" else random_click(gt, rng or np.random.default_rng())
+    if start is None:
+        return [], None
+    clicks = [start]
     prediction = predict(clicks)
     while len(clicks) < n:
-        click = corrective_click(gt, prediction)
+        click = corrective_click(gt, prediction, rng)
         if click is None:
             break
         clicks.append(click)
@@ -104,37 +157,51 @@ def iterative_clicks(
     return clicks, prediction
 
 
-def box_from_mask(mask: np.ndarray, jitter: int = 0, rng: np.random.Generator | None = None) -> np.ndarray | None:
-    """The tight XYXY box of the object, each side moved by up to ``jitter`` pixels at random, clipped to the image.
+def clicks_to_arrays(clicks: Sequence[Click]) -> tuple[np.ndarray, np.ndarray]:
+    """Clicks -> (coords (N, 2) float32 in (x, y) order, labels (N,) int64 with 1 positive / 0 negative)."""
+    coords = np.array([[c.x, c.y] for c in clicks], dtype=np.float32).reshape(-1, 2)
+    labels = np.array([1 if c.positive else 0 for c in clicks], dtype=np.int64)
+    return coords, labels
 
-    Returns a float32 array (4,), or None for an empty mask.
+
+def box_from_mask(mask: np.ndarray, jitter: int = 0, rng: np.random.Generator | None = None) -> np.ndarray | None:
+    """The tight XYXY box of the object, each side moved independently by up to ``jitter`` pixels at random,
+    clipped to the image (0 <= x <= W - 1, 0 <= y <= H - 1).
+
+    Returns a float32 array (4,) = (x_min, y_min, x_max, y_max), or None for an empty mask.
     """
-    ys, xs = np.nonzero(mask)
+    ys, xs = np.nonzero(_as_mask(mask))
     if len(xs) == 0:
         return None
     box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
     if jitter > 0:
         rng = rng if rng is not None else np.random.default_rng()
         box += rng.integers(-jitter, jitter + 1, size=4).astype(np.float32)
-        h, w = mask.shape[:2]
+        h, w = np.shape(mask)[:2]
         box[[0, 2]] = np.clip(box[[0, 2]], 0, w - 1)
         box[[1, 3]] = np.clip(box[[1, 3]], 0, h - 1)
-        box[:2], box[2:] = np.minimum(box[:2], box[2:]), np.maximum(box[:2], box[2:])
+        box[:2], box[2:] = np.minimum(box[:2], box[2:]), np.maximum(box[:2], box[2:])  # tiny objects may cross
     return box
 
 
 def objects(
-    label: np.ndarray, classes: list[int] | None = None, mode: str = "class"
+    label: np.ndarray, classes: Sequence[int] | None = None, mode: str = "class"
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(class id, binary mask) per object of a label map: one per class present, or per connected component."""
+    """(class id, binary (H, W) mask) per object of a label map, classes in increasing order.
+
+    ``mode="class"``: one mask per class present; ``"instance"``: one per 8-connected component of each class.
+    ``classes`` restricts to those ids; absent classes (and an all-background label) yield nothing.
+    """
     if mode not in ("class", "instance"):
         raise ValueError(f"objects mode must be 'class' or 'instance', got {mode!r}")
+    label = np.asarray(label)
     present = [int(c) for c in np.unique(label) if c != 0]
-    for c in present if classes is None else [c for c in classes if c in present]:
+    wanted = present if classes is None else sorted(set(int(c) for c in classes) & set(present))
+    for c in wanted:
         mask = label == c
         if mode == "class":
             yield c, mask
             continue
-        components, count = ndimage.label(mask)
+        components, count = ndimage.label(mask, structure=_EIGHT)
         for i in range(1, count + 1):
             yield c, components == i

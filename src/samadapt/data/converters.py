@@ -1,16 +1,22 @@
-"""Converters from common public layouts into the MSD layout samadapt reads. All per-dataset code lives here.
+"""Converters from common public layouts into the layouts samadapt reads. All per-dataset code lives here.
 
-- Synapse / BTCV: ``img/*.nii.gz`` + ``label/*.nii.gz`` (13 organs) -> SAMed's 8 organs, CT window preset
-  ``ct_synapse`` ([-125, 275]).
-- BraTS: one folder per case with ``*_flair.nii.gz`` and ``*_seg.nii.gz`` -> FLAIR image, whole tumour (seg > 0).
-- ISIC-style 2D: ``images/*.jpg`` + masks ``*_segmentation.png`` (or ``masks/`` with the same stems) -> images/ + masks/
-  with 0 / 1 masks.
+- Synapse / BTCV: ``img/*.nii.gz`` + ``label/*.nii.gz`` (13 organs) -> MSD with SAMed's 8 organs and the CT window
+  preset ``ct_synapse`` ([-125, 275]).
+- BraTS: one folder per case with ``*_flair.nii.gz`` and ``*_seg.nii.gz`` (BraTS 2023: ``*-t2f`` / ``*-seg``) ->
+  MSD with the FLAIR image and the whole tumour (seg > 0).
+- ISIC-style 2D: images ``*.jpg`` with masks ``*_segmentation.png`` (in the same folder, in ``masks/``, or in a
+  separate mask folder) -> ``images/`` + ``masks/`` with 0 / 1 masks and a dataset.json.
+
+Each converter writes into a temporary sibling of the output directory and renames it at the end, so a failed
+conversion leaves nothing half-written behind.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +25,7 @@ from PIL import Image
 
 from samadapt.data.io import DataError
 
-# SAMed's Synapse protocol: BTCV label -> class id (others: background)
+# SAMed's Synapse protocol: BTCV label -> class id (the other organs become background)
 SYNAPSE_LABEL_MAP = {1: 1, 2: 2, 3: 3, 4: 4, 6: 5, 7: 6, 8: 7, 11: 8}
 SYNAPSE_CLASSES = {
     1: "spleen",
@@ -33,122 +39,185 @@ SYNAPSE_CLASSES = {
 }
 
 
-def _new_msd(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
+def _convert(out: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Run ``fill(tmp_dir)`` and move the result to ``out`` (which must not exist or be empty)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
-    (out / "imagesTr").mkdir(parents=True)
-    (out / "labelsTr").mkdir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        fill(tmp)
+        tmp.chmod(0o755)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def _write_json(out: Path, meta: dict) -> None:
     (out / "dataset.json").write_text(json.dumps(meta, indent=2))
 
 
+def _integer_labels(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    label = nib.load(str(path))
+    values = np.asanyarray(label.dataobj)
+    if values.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0):
+        raise DataError(f"{path}: label holds non-integer values")
+    return values.astype(np.int64), label
+
+
 def convert_synapse(src: str | Path, out: str | Path) -> Path:
-    """BTCV / Synapse raw data -> MSD layout with the SAMed 8-organ label map."""
-    src, out = Path(src), Path(out)
+    """BTCV / Synapse raw data (``img/imgNNNN.nii.gz``, ``label/labelNNNN.nii.gz``) -> MSD with SAMed's 8 organs."""
+    src = Path(src)
     images = sorted((src / "img").glob("*.nii.gz"))
     if not images:
         raise FileNotFoundError(f"{src / 'img'}: no *.nii.gz images (expected the Synapse / BTCV layout img/ + label/)")
-    _new_msd(out)
-    lookup = np.zeros(256, np.uint8)
+    lookup = np.zeros(max(SYNAPSE_LABEL_MAP) + 1, np.uint8)
     for old, new in SYNAPSE_LABEL_MAP.items():
         lookup[old] = new
-    training = []
-    for image in images:
-        case = image.name[: -len(".nii.gz")]
-        label_path = src / "label" / image.name.replace("img", "label")
-        if not label_path.exists():
-            raise FileNotFoundError(f"{image}: no label {label_path}")
-        label = nib.load(str(label_path))
-        values = np.asanyarray(label.dataobj)
-        if values.min() < 0 or values.max() > 255:
-            raise DataError(f"{label_path}: label values outside 0..255")
-        mapped = nib.Nifti1Image(lookup[values.astype(np.int64)], label.affine, label.header)
-        mapped.set_data_dtype(np.uint8)
-        shutil.copyfile(image, out / "imagesTr" / f"{case}.nii.gz")
-        nib.save(mapped, str(out / "labelsTr" / f"{case}.nii.gz"))
-        training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
-    labels = {"0": "background", **{str(k): v for k, v in SYNAPSE_CLASSES.items()}}
-    _write_json(
-        out,
-        {
-            "name": "Synapse",
-            "modality": {"0": "CT"},
-            "labels": labels,
-            "training": training,
-            "samadapt": {"preprocessing": "ct_synapse", "axis": 0},
-        },
-    )
-    return out
+
+    def fill(tmp: Path) -> None:
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
+        training = []
+        for image in images:
+            case = image.name[: -len(".nii.gz")]
+            candidates = [src / "label" / image.name.replace("img", "label", 1), src / "label" / image.name]
+            label_path = next((p for p in candidates if p.exists()), None)
+            if label_path is None:
+                raise FileNotFoundError(f"{image}: no label {candidates[0]}")
+            values, label = _integer_labels(label_path)
+            if values.min() < 0 or values.max() > 255:
+                raise DataError(f"{label_path}: label values outside 0..255")
+            kept = np.where(values < len(lookup), lookup[np.minimum(values, len(lookup) - 1)], 0).astype(np.uint8)
+            mapped = nib.Nifti1Image(kept, label.affine, label.header)
+            mapped.set_data_dtype(np.uint8)
+            mapped.header.set_slope_inter(1.0, 0.0)
+            shutil.copyfile(image, tmp / "imagesTr" / f"{case}.nii.gz")
+            nib.save(mapped, str(tmp / "labelsTr" / f"{case}.nii.gz"))
+            training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+        _write_json(
+            tmp,
+            {
+                "name": "Synapse",
+                "description": "BTCV abdomen CT, SAMed's 8 organs (BTCV labels 1, 2, 3, 4, 6, 7, 8, 11)",
+                "modality": {"0": "CT"},
+                "labels": {"0": "background", **{str(k): v for k, v in SYNAPSE_CLASSES.items()}},
+                "numTraining": len(training),
+                "training": training,
+                "samadapt": {"preprocessing": "ct_synapse", "axis": 0},
+            },
+        )
+
+    return _convert(out, fill)
+
+
+def _first(folder: Path, patterns: tuple[str, ...]) -> Path | None:
+    return next((p for pattern in patterns for p in sorted(folder.glob(pattern))), None)
+
+
+_FLAIR = ("*_flair.nii.gz", "*_flair.nii", "*-t2f.nii.gz", "*-t2f.nii")
+_SEG = ("*_seg.nii.gz", "*_seg.nii", "*-seg.nii.gz", "*-seg.nii")
 
 
 def convert_brats(src: str | Path, out: str | Path) -> Path:
-    """BraTS case folders -> FLAIR images with whole-tumour labels (seg > 0)."""
-    src, out = Path(src), Path(out)
-    cases = sorted(p for p in src.iterdir() if p.is_dir() and any(p.glob("*_flair.nii*")))
+    """BraTS case folders -> MSD with FLAIR images and whole-tumour labels (seg > 0)."""
+    src = Path(src)
+    cases = sorted(p for p in src.iterdir() if p.is_dir() and _first(p, _FLAIR)) if src.is_dir() else []
     if not cases:
-        raise FileNotFoundError(f"{src}: no BraTS case folders with *_flair.nii.gz")
-    _new_msd(out)
-    training = []
-    for folder in cases:
-        flair = next(folder.glob("*_flair.nii*"))
-        seg = next(folder.glob("*_seg.nii*"), None)
-        if seg is None:
-            raise FileNotFoundError(f"{folder}: no *_seg.nii.gz next to {flair.name}")
-        label = nib.load(str(seg))
-        whole = nib.Nifti1Image((np.asanyarray(label.dataobj) > 0).astype(np.uint8), label.affine, label.header)
-        whole.set_data_dtype(np.uint8)
-        shutil.copyfile(flair, out / "imagesTr" / f"{folder.name}.nii.gz")
-        nib.save(whole, str(out / "labelsTr" / f"{folder.name}.nii.gz"))
-        training.append({"image": f"./imagesTr/{folder.name}.nii.gz", "label": f"./labelsTr/{folder.name}.nii.gz"})
-    _write_json(
-        out,
-        {
-            "name": "BraTS-FLAIR-WT",
-            "modality": {"0": "FLAIR"},
-            "labels": {"0": "background", "1": "whole tumour"},
-            "training": training,
-            "samadapt": {"preprocessing": "mr", "axis": 0},
-        },
-    )
-    return out
+        raise FileNotFoundError(f"{src}: no BraTS case folders with *_flair.nii.gz (or *-t2f.nii.gz)")
+
+    def fill(tmp: Path) -> None:
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
+        training = []
+        for folder in cases:
+            flair, seg = _first(folder, _FLAIR), _first(folder, _SEG)
+            if seg is None:
+                raise FileNotFoundError(f"{folder}: no *_seg.nii.gz next to {flair.name}")
+            values, label = _integer_labels(seg)
+            if values.shape != nib.load(str(flair)).shape:
+                raise DataError(f"{seg}: shape {values.shape} differs from {flair.name}")
+            whole = nib.Nifti1Image((values > 0).astype(np.uint8), label.affine, label.header)
+            whole.set_data_dtype(np.uint8)
+            whole.header.set_slope_inter(1.0, 0.0)
+            suffix = ".nii.gz" if flair.name.endswith(".gz") else ".nii"
+            shutil.copyfile(flair, tmp / "imagesTr" / f"{folder.name}{suffix}")
+            nib.save(whole, str(tmp / "labelsTr" / f"{folder.name}.nii.gz"))
+            training.append({"image": f"./imagesTr/{folder.name}{suffix}", "label": f"./labelsTr/{folder.name}.nii.gz"})
+        _write_json(
+            tmp,
+            {
+                "name": "BraTS-FLAIR-WT",
+                "description": "BraTS FLAIR, whole tumour (all tumour labels merged)",
+                "modality": {"0": "FLAIR"},
+                "labels": {"0": "background", "1": "whole tumour"},
+                "numTraining": len(training),
+                "training": training,
+                "samadapt": {"preprocessing": "mr", "axis": 0},
+            },
+        )
+
+    return _convert(out, fill)
 
 
-def convert_isic(src: str | Path, out: str | Path) -> Path:
-    """ISIC-style 2D pairs -> ``images/`` + ``masks/`` (0 / 1) with a dataset.json."""
-    src, out = Path(src), Path(out)
+def convert_isic(src: str | Path, out: str | Path, masks: str | Path | None = None) -> Path:
+    """ISIC-style 2D pairs -> ``images/`` + ``masks/`` (0 / 1 PNG) with a dataset.json.
+
+    Args:
+        src: a folder of images (with the masks beside them), or one holding ``images/`` and ``masks/``.
+        masks: a separate mask folder (ISIC's ``..._GroundTruth``), if the masks are not found under ``src``.
+    """
+    src = Path(src)
     image_dir = src / "images" if (src / "images").is_dir() else src
-    mask_dir = src / "masks" if (src / "masks").is_dir() else src
+    mask_dir = Path(masks) if masks is not None else src / "masks" if (src / "masks").is_dir() else image_dir
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{image_dir}: no such folder")
     pictures = sorted(
         p
         for p in image_dir.iterdir()
-        if p.suffix.lower() in (".jpg", ".jpeg", ".png") and "_segmentation" not in p.stem
+        if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp") and not p.stem.endswith(("_segmentation", "_mask"))
     )
     if not pictures:
         raise FileNotFoundError(f"{image_dir}: no .jpg / .png images")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
-    (out / "images").mkdir(parents=True)
-    (out / "masks").mkdir()
-    for picture in pictures:
-        mask_path = next(
-            (
-                m
-                for m in (mask_dir / f"{picture.stem}_segmentation.png", mask_dir / f"{picture.stem}.png")
-                if m.exists() and m != picture
-            ),
-            None,
+
+    def fill(tmp: Path) -> None:
+        (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
+        for picture in pictures:
+            names = (f"{picture.stem}_segmentation.png", f"{picture.stem}_mask.png", f"{picture.stem}.png")
+            mask_path = next((mask_dir / n for n in names if (mask_dir / n).exists() and mask_dir / n != picture), None)
+            if mask_path is None:
+                raise FileNotFoundError(f"{picture}: no mask {picture.stem}_segmentation.png in {mask_dir}")
+            with Image.open(mask_path) as mask_image:
+                mask = np.asarray(mask_image.convert("L")) > 127
+            with Image.open(picture) as image:
+                if image.size != (mask.shape[1], mask.shape[0]):
+                    raise DataError(f"{mask_path}: mask size {mask.shape[::-1]} differs from image size {image.size}")
+            shutil.copyfile(picture, tmp / "images" / picture.name)
+            Image.fromarray(mask.astype(np.uint8)).save(tmp / "masks" / f"{picture.stem}.png")
+        _write_json(
+            tmp,
+            {
+                "name": "ISIC",
+                "description": "dermoscopy lesions, masks thresholded at 128",
+                "modality": {"0": "RGB"},
+                "labels": {"0": "background", "1": "lesion"},
+                "numTraining": len(pictures),
+                "samadapt": {"preprocessing": "rgb"},
+            },
         )
-        if mask_path is None:
-            raise FileNotFoundError(f"{picture}: no mask {picture.stem}_segmentation.png in {mask_dir}")
-        mask = np.asarray(Image.open(mask_path).convert("L")) > 127
-        shutil.copyfile(picture, out / "images" / picture.name)
-        Image.fromarray(mask.astype(np.uint8)).save(out / "masks" / f"{picture.stem}.png")
-    _write_json(
-        out, {"name": "ISIC", "labels": {"0": "background", "1": "lesion"}, "samadapt": {"preprocessing": "rgb"}}
-    )
-    return out
+
+    return _convert(out, fill)
 
 
-CONVERTERS = {"synapse": convert_synapse, "btcv": convert_synapse, "brats": convert_brats, "isic": convert_isic}
+CONVERTERS: dict[str, Callable[..., Path]] = {
+    "synapse": convert_synapse,
+    "btcv": convert_synapse,
+    "brats": convert_brats,
+    "isic": convert_isic,
+}

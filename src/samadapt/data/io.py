@@ -3,10 +3,14 @@
 Every reader returns a ``Volume`` whose array is ordered (Z, Y, X) (or (Z, Y, X, C) for colour), whatever the file
 format: NIfTI arrays are transposed from nibabel's (i, j, k), 2D images become Z = 1. ``write_label`` puts a label
 array back on a reference volume's grid and header, so a prediction opens aligned in any viewer.
+
+The grid is kept as one 4x4 ``affine`` in NIfTI's convention (voxel (i, j, k) = (x, y, z) -> RAS millimetres), for
+every format: ITK's origin / direction (LPS) are converted on read and back on write.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +23,8 @@ NIFTI = (".nii", ".nii.gz")
 ITK = (".nrrd", ".nhdr", ".mha", ".mhd")
 PICTURES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NPZ = (".npz",)
+NPZ_IMAGE_KEYS = ("image", "imgs")
+NPZ_LABEL_KEYS = ("label", "gts", "seg")
 # LPS (ITK) <-> RAS (NIfTI) world axes
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -34,7 +40,7 @@ class Volume:
     Attributes:
         array: (Z, Y, X) or (Z, Y, X, C) voxels.
         spacing: voxel size in mm, (z, y, x).
-        affine: 4x4 matrix from (x, y, z) = (i, j, k) voxel indices to RAS world millimetres (NIfTI convention).
+        affine: 4x4 matrix from voxel indices (x, y, z) = (i, j, k) to RAS world millimetres (NIfTI convention).
         path: where it was read from.
         header: the NIfTI header when read from NIfTI (kept to write labels back with the same header).
     """
@@ -53,14 +59,36 @@ class Volume:
     def is_2d(self) -> bool:
         return self.array.shape[0] == 1
 
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        """World position of voxel (0, 0, 0) in ITK's LPS millimetres, (x, y, z) order."""
+        return tuple(float(v) for v in _LPS_TO_RAS @ self.affine[:3, 3])
+
+    @property
+    def direction(self) -> np.ndarray:
+        """ITK direction cosines (3, 3), LPS, columns for the x, y, z voxel axes."""
+        linear = _LPS_TO_RAS @ self.affine[:3, :3]
+        return linear / np.linalg.norm(linear, axis=0)
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where samadapt keeps downloads and indexes: ``cache_dir``, else ``$SAMADAPT_CACHE``, else ~/.cache/samadapt."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("SAMADAPT_CACHE") or Path.home() / ".cache" / "samadapt")
+
 
 def suffix_of(path: str | Path) -> str:
     name = Path(path).name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
-def read_volume(path: str | Path) -> Volume:
+def read_volume(path: str | Path, key: str | None = None) -> Volume:
     """Read NIfTI, NRRD / MHA / MHD, a DICOM series (a directory), PNG / JPEG / BMP / TIFF, or NPZ.
+
+    Args:
+        path: the file, or a directory holding one DICOM series.
+        key: NPZ only: the array to read (default: the first of ``image``, ``imgs``, ``label``, ``gts``, ``seg``).
 
     Raises:
         FileNotFoundError: the path does not exist. DataError: unknown format, or an unreadable / corrupt file.
@@ -79,19 +107,38 @@ def read_volume(path: str | Path) -> Volume:
         if suffix in PICTURES:
             return _read_picture(path)
         if suffix in NPZ:
-            return _read_npz(path)
+            return _read_npz(path, key)
     except DataError:
         raise
     except Exception as error:  # the readers raise many types for truncated or corrupt files
-        raise DataError(
-            f"{path}: cannot read ({type(error).__name__}: {str(error).strip().splitlines()[0]})"
-        ) from error
+        lines = str(error).strip().splitlines() or [""]
+        raise DataError(f"{path}: cannot read, corrupt or truncated? ({type(error).__name__}: {lines[0]})") from error
     raise DataError(f"{path}: unknown image format {suffix!r}; use NIfTI, NRRD, MHA, DICOM, PNG, JPEG or NPZ")
+
+
+def read_label(path: str | Path) -> Volume:
+    """Read a label volume: NPZ files give their label array; a colour mask with equal channels becomes one channel.
+
+    Raises:
+        DataError: a colour mask whose channels differ (not a label map).
+    """
+    path = Path(path)
+    key = None
+    if suffix_of(path) in NPZ:
+        with np.load(path, allow_pickle=False) as npz:
+            key = next((k for k in NPZ_LABEL_KEYS if k in npz), None)
+    volume = read_volume(path, key)
+    if volume.array.ndim == 4:  # masks saved as RGB(A) pictures
+        array = volume.array[..., :3]
+        if not (array == array[..., :1]).all():
+            raise DataError(f"{path}: a colour label image; labels must be one channel of integer class ids")
+        volume.array = array[..., 0]
+    return volume
 
 
 def _read_nifti(path: Path) -> Volume:
     image = nib.load(str(path))
-    data = np.asanyarray(image.dataobj)
+    data = np.asanyarray(image.dataobj)  # reads everything now, so a truncated file fails here
     if data.ndim == 2:
         data = data[:, :, None]
     if data.ndim == 4 and data.shape[3] == 1:
@@ -99,6 +146,7 @@ def _read_nifti(path: Path) -> Volume:
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape} (one channel per file, please)")
     zooms = image.header.get_zooms()[:3]
+    zooms = (*zooms, *(1.0,) * (3 - len(zooms)))
     return Volume(
         array=np.ascontiguousarray(data.transpose(2, 1, 0)),
         spacing=tuple(float(z) for z in zooms[::-1]),
@@ -109,23 +157,23 @@ def _read_nifti(path: Path) -> Volume:
 
 
 def _from_itk(image: sitk.Image, path: Path) -> Volume:
-    array = sitk.GetArrayFromImage(image)
+    array = sitk.GetArrayFromImage(image)  # (Z, Y, X[, C]) or (Y, X[, C])
     if image.GetDimension() == 2:
         array = array[None]
-        spacing = (1.0, *image.GetSpacing()[::-1])
-        origin = (*image.GetOrigin(), 0.0)
         direction = np.eye(3)
         direction[:2, :2] = np.array(image.GetDirection()).reshape(2, 2)
         spacing_xyz = (*image.GetSpacing(), 1.0)
-    else:
-        spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
-        origin = image.GetOrigin()
+        origin = (*image.GetOrigin(), 0.0)
+    elif image.GetDimension() == 3:
         direction = np.array(image.GetDirection()).reshape(3, 3)
         spacing_xyz = image.GetSpacing()
+        origin = image.GetOrigin()
+    else:
+        raise DataError(f"{path}: expected a 2D or 3D image, got {image.GetDimension()} dimensions")
     affine = np.eye(4)
     affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing_xyz)
     affine[:3, 3] = _LPS_TO_RAS @ np.asarray(origin)
-    return Volume(array=array, spacing=spacing, affine=affine, path=path)
+    return Volume(array=array, spacing=tuple(float(s) for s in spacing_xyz[::-1]), affine=affine, path=path)
 
 
 def _read_dicom_series(folder: Path) -> Volume:
@@ -142,42 +190,75 @@ def _read_dicom_series(folder: Path) -> Volume:
 def _read_picture(path: Path) -> Volume:
     with Image.open(path) as picture:
         picture.load()
-        if picture.mode in ("RGB", "RGBA", "P", "CMYK"):
+        if picture.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
             array = np.asarray(picture.convert("RGB"))[None]
+        elif picture.mode.startswith("I;16"):
+            array = np.asarray(picture.convert("I"))[None]
         else:
-            array = np.asarray(picture.convert("I") if picture.mode.startswith("I;16") else picture)[None]
+            array = np.asarray(picture)[None]
     return Volume(array=array, spacing=(1.0, 1.0, 1.0), path=path)
 
 
-def _read_npz(path: Path) -> Volume:
+def _read_npz(path: Path, key: str | None) -> Volume:
+    """NPZ as MedSAM stores it: ``imgs`` (Z, Y, X) or (H, W, 3), ``gts``, ``spacing`` in SimpleITK's (x, y, z) order.
+
+    A ``spacing_zyx`` array, when present, is taken as is (our own order).
+    """
     with np.load(path, allow_pickle=False) as npz:
-        key = next((k for k in ("image", "imgs", "label", "gts", "seg") if k in npz), None)
         if key is None:
-            raise DataError(f"{path}: NPZ without an 'image' / 'imgs' / 'label' / 'gts' array (has {list(npz)})")
+            key = next((k for k in (*NPZ_IMAGE_KEYS, *NPZ_LABEL_KEYS) if k in npz), None)
+        if key is None or key not in npz:
+            wanted = repr(key) if key else "an 'image' / 'imgs' / 'label' / 'gts'"
+            raise DataError(f"{path}: NPZ without {wanted} array (has {list(npz)})")
         array = npz[key]
-        spacing = tuple(float(s) for s in npz["spacing"]) if "spacing" in npz else (1.0, 1.0, 1.0)
-    if array.ndim == 2:
+        labels = next((npz[k] for k in NPZ_LABEL_KEYS if k in npz), None)
+        if "spacing_zyx" in npz:
+            spacing = [float(s) for s in npz["spacing_zyx"]]
+        elif "spacing" in npz:
+            spacing = [float(s) for s in npz["spacing"]][::-1]
+        else:
+            spacing = []
+    # a 2D colour image (H, W, 3): its label is 2D, or (without one) the last axis holds 3 / 4 channels
+    colour_2d = array.ndim == 3 and array.shape[-1] in (3, 4) and (labels is None or labels.ndim == 2)
+    if array.ndim == 2 or colour_2d:
         array = array[None]
-    return Volume(array=array, spacing=spacing, path=path)
+        spacing = [1.0, *spacing[-2:]] if len(spacing) >= 2 else []
+    if array.ndim not in (3, 4):
+        raise DataError(f"{path}: NPZ array {key!r} has shape {array.shape}; expected (Z, Y, X) or (H, W[, 3])")
+    if len(spacing) != 3:
+        spacing = [1.0, 1.0, 1.0]
+    return Volume(array=array, spacing=tuple(spacing), path=path)
 
 
 def check_pair(image: Volume, label: Volume, spacing_tolerance: float = 1e-3) -> None:
-    """An image and its label must share the voxel grid."""
+    """An image and its label must share the voxel grid (spacing equal within a relative ``spacing_tolerance``).
+
+    Raises:
+        DataError: naming the label file, with both shapes or spacings.
+    """
     if image.array.shape[:3] != label.array.shape[:3]:
         raise DataError(
-            f"{label.path}: label shape {label.array.shape[:3]} differs from image {image.path} shape {image.array.shape[:3]}"
+            f"{label.path}: label shape {label.array.shape[:3]} differs from image {image.path} "
+            f"shape {image.array.shape[:3]}"
         )
-    if not np.allclose(image.spacing, label.spacing, rtol=spacing_tolerance, atol=spacing_tolerance):
+    if not np.allclose(image.spacing, label.spacing, rtol=spacing_tolerance, atol=1e-5):
         raise DataError(
-            f"{label.path}: label spacing {label.spacing} differs from image {image.path} spacing {image.spacing}"
+            f"{label.path}: label spacing {tuple(round(s, 5) for s in label.spacing)} differs from image "
+            f"{image.path} spacing {tuple(round(s, 5) for s in image.spacing)}"
         )
 
 
 def check_label_values(label: Volume, allowed: set[int]) -> None:
-    """Labels must be integers among the dataset's classes."""
+    """Labels must be integers among the dataset's classes.
+
+    Raises:
+        DataError: non-integer values, or values that are not classes, naming the file.
+    """
     array = label.array
     if array.dtype.kind == "f" and not np.all(np.equal(np.mod(array, 1), 0)):
         raise DataError(f"{label.path}: label holds non-integer values; labels must be integer class ids")
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{label.path}: label of type {array.dtype}; labels must be integer class ids")
     values = {int(v) for v in np.unique(array)}
     unexpected = sorted(values - allowed)
     if unexpected:
@@ -186,11 +267,21 @@ def check_label_values(label: Volume, allowed: set[int]) -> None:
         )
 
 
+def _label_dtype(labels: np.ndarray, path: Path) -> type:
+    low, high = int(labels.min(initial=0)), int(labels.max(initial=0))
+    if low < 0:
+        raise DataError(f"{path}: negative label values ({low}); class ids are >= 0")
+    return np.uint8 if high < 256 else np.uint16 if high < 65536 else np.int32
+
+
 def write_label(reference: Volume, labels: np.ndarray, path: str | Path) -> Path:
     """Write a (Z, Y, X) integer label array on ``reference``'s grid; the format follows ``path``'s suffix.
 
     NIfTI keeps the reference's affine (and header when it was NIfTI); NRRD / MHA keep origin, spacing and
-    direction; PNG is for 2D (Z = 1) only.
+    direction; PNG is for 2D (Z = 1) only. Labels are stored as the smallest unsigned integer type that fits.
+
+    Raises:
+        DataError: the labels do not fit the reference grid, are negative, or the suffix is not writable.
     """
     path = Path(path)
     labels = np.asarray(labels)
@@ -198,16 +289,18 @@ def write_label(reference: Volume, labels: np.ndarray, path: str | Path) -> Path
         raise DataError(
             f"{path}: labels of shape {labels.shape} do not fit the reference grid {reference.array.shape[:3]}"
         )
-    dtype = np.uint8 if labels.max(initial=0) < 256 and labels.min(initial=0) >= 0 else np.int16
+    dtype = _label_dtype(labels, path)
     labels = labels.astype(dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = suffix_of(path)
+    if suffix not in (*NIFTI, *ITK, ".png"):
+        raise DataError(f"{path}: cannot write labels as {suffix!r}; use .nii.gz, .nrrd, .mha or .png")
+    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix in NIFTI:
         header = reference.header.copy() if reference.header is not None else None
         image = nib.Nifti1Image(labels.transpose(2, 1, 0), reference.affine, header)
         image.set_data_dtype(dtype)
         image.header.set_zooms(tuple(reference.spacing[::-1]))
-        image.header["scl_slope"], image.header["scl_inter"] = 1.0, 0.0
+        image.header.set_slope_inter(1.0, 0.0)  # the image's intensity scaling must not rescale class ids
         nib.save(image, str(path))
     elif suffix in ITK:
         image = sitk.GetImageFromArray(labels)
@@ -215,12 +308,12 @@ def write_label(reference: Volume, labels: np.ndarray, path: str | Path) -> Path
         spacing = np.linalg.norm(linear, axis=0)
         image.SetSpacing(tuple(float(s) for s in spacing))
         image.SetDirection(tuple(float(v) for v in (linear / spacing).ravel()))
-        image.SetOrigin(tuple(float(v) for v in _LPS_TO_RAS @ reference.affine[:3, 3]))
+        image.SetOrigin(reference.origin)
         sitk.WriteImage(image, str(path), useCompression=True)
-    elif suffix in PICTURES:
+    else:
         if labels.shape[0] != 1:
             raise DataError(f"{path}: a picture holds one slice, the labels have {labels.shape[0]}")
-        Image.fromarray(labels[0].astype(np.uint8)).save(path)
-    else:
-        raise DataError(f"{path}: cannot write labels as {suffix!r}; use .nii.gz, .nrrd, .mha or .png")
+        if dtype != np.uint8:
+            raise DataError(f"{path}: PNG labels hold class ids up to 255; use .nii.gz or .nrrd")
+        Image.fromarray(labels[0]).save(path)
     return path

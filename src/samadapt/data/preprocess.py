@@ -3,14 +3,16 @@
 | preset | what | applied to |
 |---|---|---|
 | ``ct_synapse`` | clip HU to [-125, 275] (SAMed's Synapse protocol), scale to [0, 1] | volume |
-| ``ct_abdomen`` | window W400 / L40 | volume |
-| ``ct_lung`` | window W1500 / L-600 | volume |
-| ``mr`` | clip to the 0.5 / 99.5 percentiles of the volume, min-max | volume |
+| ``ct_abdomen`` | window W400 / L40, i.e. [-160, 240] HU | volume |
+| ``ct_lung`` | window W1500 / L-600, i.e. [-1350, 150] HU | volume |
+| ``mr`` | clip to the 0.5 / 99.5 percentiles of the whole volume, min-max | volume |
 | ``percentile_slice`` | the same percentiles per slice (LiteMedSAM's evaluation habit; mixed-modality sets) | slice |
 | ``minmax`` | min-max | volume |
-| ``rgb`` | 8-bit colour / 255 | volume |
+| ``rgb`` | 8-bit colour / 255 (other types: min-max) | volume |
 
-A constant image maps to zeros, never to a division by zero.
+Volume-wise presets are applied once per volume, so that neighbouring slices keep comparable intensities and a slice
+with little tissue is not stretched into noise. NaNs become the lowest finite value. A constant image maps to zeros,
+never to a division by zero.
 """
 
 from __future__ import annotations
@@ -20,38 +22,58 @@ import numpy as np
 CT_WINDOWS = {"ct_synapse": (-125.0, 275.0), "ct_abdomen": (-160.0, 240.0), "ct_lung": (-1350.0, 150.0)}
 PRESETS = (*CT_WINDOWS, "mr", "percentile_slice", "minmax", "rgb")
 SLICE_WISE = ("percentile_slice",)
+_EPS = 1e-8
+
+
+def _finite(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        finite = array[np.isfinite(array)]
+        low = float(finite.min()) if finite.size else 0.0
+        array = np.nan_to_num(array, nan=low, posinf=float(finite.max()) if finite.size else 0.0, neginf=low)
+    return array
 
 
 def window(array: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Clip to [low, high] and scale to [0, 1]."""
+    """Clip to [low, high] and scale to [0, 1] (float32)."""
     if high <= low:
         raise ValueError(f"window needs high > low, got [{low}, {high}]")
-    return ((np.clip(array.astype(np.float32), low, high) - low) / (high - low)).astype(np.float32)
+    return ((np.clip(_finite(array), low, high) - low) / (high - low)).astype(np.float32)
 
 
 def ct_window(array: np.ndarray, level: float, width: float) -> np.ndarray:
-    """A CT window given as level / width in HU."""
+    """A CT window given as level / width in HU: [level - width / 2, level + width / 2] -> [0, 1]."""
     return window(array, level - width / 2, level + width / 2)
 
 
 def minmax(array: np.ndarray) -> np.ndarray:
-    array = array.astype(np.float32)
+    """Scale to [0, 1]; a constant image gives zeros."""
+    array = _finite(array)
+    if array.size == 0:
+        return array
     low, high = float(array.min()), float(array.max())
-    if high - low < 1e-8:
+    if high - low < _EPS:
         return np.zeros_like(array)
     return (array - low) / (high - low)
 
 
 def percentile_clip(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Clip to the given percentiles (of the non-constant image), then min-max."""
+    """Clip to the ``low`` / ``high`` percentiles, then scale to [0, 1] (plain min-max when they coincide)."""
+    array = _finite(array)
+    if array.size == 0:
+        return array
     lo, hi = np.percentile(array, [low, high])
-    if hi - lo < 1e-8:
+    if hi - lo < _EPS:
         return minmax(array)
     return window(array, float(lo), float(hi))
 
 
 def normalize(array: np.ndarray, preset: str) -> np.ndarray:
-    """Apply a preset to a volume (or a slice, for slice-wise presets) -> float32 in [0, 1]."""
+    """Apply a preset to a volume (or to one slice, for the slice-wise presets) -> float32 in [0, 1].
+
+    Raises:
+        ValueError: an unknown preset name.
+    """
     if preset in CT_WINDOWS:
         return window(array, *CT_WINDOWS[preset])
     if preset in ("mr", "percentile_slice"):
@@ -59,15 +81,26 @@ def normalize(array: np.ndarray, preset: str) -> np.ndarray:
     if preset == "minmax":
         return minmax(array)
     if preset == "rgb":
-        return (array.astype(np.float32) / 255.0) if array.dtype == np.uint8 else minmax(array)
+        return (np.asarray(array, np.float32) / 255.0) if array.dtype == np.uint8 else minmax(array)
     raise ValueError(f"unknown preprocessing preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
+_BY_MODALITY = {
+    "ct": "ct_abdomen",
+    "computed tomography": "ct_abdomen",
+    "rgb": "rgb",
+    "dermoscopy": "rgb",
+    "fundus": "rgb",
+    "endoscopy": "rgb",
+    "photo": "rgb",
+    # nnU-Net v2 channel names that name a normalisation scheme
+    "rgb_to_0_1": "rgb",
+    "rescale_to_0_1": "minmax",
+    "nonorm": "minmax",
+}
+
+
 def preset_for_modality(modality: str) -> str:
-    """The default preset of a dataset.json modality name."""
-    name = modality.strip().lower()
-    if name in ("ct", "computed tomography"):
-        return "ct_abdomen"
-    if name in ("rgb", "dermoscopy", "fundus", "endoscopy", "photo"):
-        return "rgb"
-    return "mr"
+    """The default preset of a dataset.json modality / channel name: CT -> ``ct_abdomen``, colour -> ``rgb``,
+    anything else (MRI, T1, FLAIR, ultrasound, ...) -> ``mr``."""
+    return _BY_MODALITY.get(modality.strip().lower(), "mr")

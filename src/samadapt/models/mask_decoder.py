@@ -1,8 +1,24 @@
-"""SAM's mask decoder (two-way transformer + hypernetwork heads), also usable as a semantic decoder (SAMed)."""
+"""SAM's mask decoder (two-way transformer + hypernetwork heads), and its semantic (SAMed) form.
+
+State-dict keys and shapes are those of ``segment_anything.modeling.MaskDecoder``.
+
+Prompted (SAM): ``num_multimask_outputs`` + 1 mask tokens. ``multimask_output=False`` returns token 0's mask,
+``multimask_output=True`` tokens 1.. (three in SAM), exactly as the reference.
+
+Semantic (SAMed): ``num_multimask_outputs = num_classes`` and ``semantic=True``, so there are num_classes + 1 mask
+tokens, one per class with background first, and every call returns ALL of them, (B, num_classes + 1, 4h, 4w) logits
+for an argmax over classes, whatever ``multimask_output`` says. ``make_semantic_decoder`` (in place) and
+``build_semantic_decoder`` (a new decoder) make one from a pre-trained prompted decoder; ``resize_mask_token_state``
+does the same on a state dict (e.g. a checkpoint file's ``mask_decoder.*`` tensors). Each reports exactly which
+tensors were resized, added or removed, and logs it: nothing is dropped silently.
+"""
 
 from __future__ import annotations
 
 import copy
+import logging
+import re
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -10,13 +26,45 @@ from torch import nn
 
 from samadapt.models.common import LayerNorm2d
 
+log = logging.getLogger(__name__)
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (no activation after the last); optional sigmoid."""
+
+    def __init__(
+        self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, sigmoid_output: bool = False
+    ) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        widths_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        widths_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths_in, widths_out, strict=True))
+        self.sigmoid_output = sigmoid_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., input_dim) -> (..., output_dim)."""
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == last else F.relu(layer(x))
+        return torch.sigmoid(x) if self.sigmoid_output else x
+
 
 class MaskDecoder(nn.Module):
     """Predict mask logits and their IoU from image and prompt embeddings.
 
-    Prompted (SAM): ``num_multimask_outputs`` + 1 mask tokens; token 0 gives the single-mask output, tokens 1.. the
-    multimask outputs. Semantic (SAMed, ``semantic = True`` after ``make_semantic_decoder``): K + 1 tokens, one per
-    class with background first, all returned on every call.
+    Args:
+        transformer_dim: token width C (256).
+        transformer: the two-way transformer, ``(image (B, C, h, w), pe (B, C, h, w), tokens (B, T, C)) ->
+            (tokens (B, T, C), image tokens (B, h*w, C))``.
+        num_multimask_outputs: masks of the multimask output (SAM: 3); semantic: the number of classes.
+        activation: activation class of the upscaler.
+        iou_head_depth: layers of the IoU head (3).
+        iou_head_hidden_dim: hidden width of the IoU head (256).
+        semantic: return all ``num_multimask_outputs + 1`` masks on every call (SAMed; channel 0 = background).
+
+    The outputs are low-res logits at 4x the image-embedding size: (B, K, 4h, 4w) (256 x 256 for a 64 x 64
+    embedding), and IoU predictions (B, K).
     """
 
     def __init__(
@@ -27,13 +75,15 @@ class MaskDecoder(nn.Module):
         activation: type[nn.Module] = nn.GELU,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
+        semantic: bool = False,
     ) -> None:
         super().__init__()
         self.transformer_dim = transformer_dim
         self.transformer = transformer
         self.num_multimask_outputs = num_multimask_outputs
-        self.iou_token = nn.Embedding(1, transformer_dim)
         self.num_mask_tokens = num_multimask_outputs + 1
+        self.semantic = semantic
+        self.iou_token = nn.Embedding(1, transformer_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
@@ -46,7 +96,6 @@ class MaskDecoder(nn.Module):
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
         )
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
-        self.semantic = False
 
     def forward(
         self,
@@ -56,16 +105,26 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: image_embeddings (B or 1, C, h, w), image_pe (1, C, h, w), sparse (B, T, C), dense (B, C, h, w).
+        """Decode masks.
 
-        Returns low-res mask logits (B, K, 4h, 4w) and IoU predictions (B, K): K = 1, 3 (multimask), or all the
-        class masks in semantic mode.
+        Args:
+            image_embeddings: (B, C, h, w), or (1, C, h, w) shared by the B prompt sets.
+            image_pe: (1, C, h, w) positional encoding (``PromptEncoder.get_dense_pe()``).
+            sparse_prompt_embeddings: (B, T, C) point / box tokens (T may be 0).
+            dense_prompt_embeddings: (B, C, h, w) mask-prompt or "no mask" embedding.
+            multimask_output: prompted mode: masks of tokens 1.. instead of token 0's. Ignored in semantic mode.
+
+        Returns:
+            mask logits (B, K, 4h, 4w) and IoU predictions (B, K): K = 1, num_multimask_outputs, or (semantic)
+            num_multimask_outputs + 1.
         """
-        masks, iou = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
         if self.semantic:
-            return masks, iou
+            return masks, iou_pred
         keep = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, keep], iou[:, keep]
+        return masks[:, keep], iou_pred[:, keep]
 
     def predict_masks(
         self,
@@ -74,66 +133,155 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All mask tokens' logits (B, num_mask_tokens, 4h, 4w) and IoU predictions (B, num_mask_tokens)."""
+        """Every mask token's logits (B, num_mask_tokens, 4h, 4w) and IoU predictions (B, num_mask_tokens)."""
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
-        if image_embeddings.shape[0] != batch:  # one image, several prompt sets (SAM's convention)
-            image_embeddings = image_embeddings.repeat_interleave(batch, dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
+        if image_embeddings.shape[0] != batch:
+            if image_embeddings.shape[0] != 1:
+                raise ValueError(
+                    f"{image_embeddings.shape[0]} image embeddings for {batch} prompt sets: give one per prompt set "
+                    "or one shared embedding"
+                )
+            image_embeddings = image_embeddings.expand(batch, -1, -1, -1)
         src = image_embeddings + dense_prompt_embeddings
-        pos = image_pe.expand(batch, -1, -1, -1)
+        pos_src = image_pe.expand(src.shape[0], -1, -1, -1)
         b, c, h, w = src.shape
-        tokens_out, src = self.transformer(src, pos, tokens)
+
+        tokens_out, image_tokens = self.transformer(src, pos_src, tokens)
         iou_token_out = tokens_out[:, 0]
         mask_tokens_out = tokens_out[:, 1 : 1 + self.num_mask_tokens]
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
-        masks = (hyper @ upscaled.flatten(2)).unflatten(-1, upscaled.shape[-2:])
+
+        upscaled = self.output_upscaling(image_tokens.transpose(1, 2).reshape(b, c, h, w))  # (B, C/8, 4h, 4w)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )  # (B, num_mask_tokens, C/8)
+        masks = (hyper_in @ upscaled.flatten(2)).reshape(b, -1, *upscaled.shape[-2:])
         return masks, self.iou_prediction_head(iou_token_out)
 
 
-class MLP(nn.Module):
-    """``num_layers`` Linear layers with ReLU between them."""
+# -- semantic (SAMed) decoders from pre-trained prompted ones ---------------------------------------------------------
 
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, sigmoid_output: bool = False):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs, strict=True))
-        self.sigmoid_output = sigmoid_output
+_HYPER = re.compile(r"^output_hypernetworks_mlps\.(\d+)\.(.+)$")
+_IOU_LAYER = re.compile(r"^iou_prediction_head\.layers\.(\d+)\.(weight|bias)$")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return torch.sigmoid(x) if self.sigmoid_output else x
+
+def token_sources(old_tokens: int, new_tokens: int) -> list[int]:
+    """Which pre-trained mask token initialises each new one: token i copies token ``i mod old_tokens``.
+
+    With SAM's 4 tokens and K + 1 outputs: background (0) starts from the single-mask token, classes 1..3 from the
+    three multimask tokens, class 4 from the single-mask token again, and so on: every class starts from a working
+    SAM mask head (SAMed re-initialised these heads at random, dropping the pre-trained ones).
+    """
+    if old_tokens < 1 or new_tokens < 1:
+        raise ValueError(f"token counts must be positive, got {old_tokens} -> {new_tokens}")
+    return [i % old_tokens for i in range(new_tokens)]
+
+
+def resize_mask_token_state(
+    state: Mapping[str, torch.Tensor], num_mask_tokens: int, prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A prompted decoder's state dict, made to fit a decoder with ``num_mask_tokens`` mask tokens.
+
+    Copies every tensor; for the per-token ones (``mask_tokens.weight``, the rows of the IoU head's last layer,
+    the ``output_hypernetworks_mlps.<i>`` heads) new token i takes pre-trained token ``token_sources(...)[i]``.
+
+    Args:
+        state: a state dict holding the decoder's tensors under ``prefix`` (other keys pass through unchanged).
+        num_mask_tokens: the target token count (num_classes + 1 for a semantic decoder).
+        prefix: where the decoder sits, e.g. ``"mask_decoder."`` in a whole-SAM checkpoint.
+
+    Returns:
+        the new state dict, and the exact names (with prefix) of the tensors whose shape changed, that were added
+        or that were removed, in that order; the same is logged at INFO.
+    """
+    token_key = prefix + "mask_tokens.weight"
+    if token_key not in state:
+        raise KeyError(f"{token_key} is not in the state dict: not a mask decoder under prefix {prefix!r}")
+    old = state[token_key].shape[0]
+    sources = token_sources(old, num_mask_tokens)
+    local = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    iou_layers = [int(m.group(1)) for k in local if (m := _IOU_LAYER.match(k))]
+    if not iou_layers:
+        raise KeyError(f"no {prefix}iou_prediction_head.layers.* tensors in the state dict")
+    last_iou = max(iou_layers)
+
+    resized_local: dict[str, torch.Tensor] = {"mask_tokens.weight": local["mask_tokens.weight"][sources].clone()}
+    for kind in ("weight", "bias"):
+        key = f"iou_prediction_head.layers.{last_iou}.{kind}"
+        resized_local[key] = local[key][sources].clone()
+    heads: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in local.items():
+        if m := _HYPER.match(key):
+            heads.setdefault(int(m.group(1)), {})[m.group(2)] = value
+    if sorted(heads) != list(range(old)):
+        raise KeyError(f"expected hypernetwork heads 0..{old - 1} under {prefix!r}, found {sorted(heads)}")
+    for i, source in enumerate(sources):
+        for suffix, value in heads[source].items():
+            resized_local[f"output_hypernetworks_mlps.{i}.{suffix}"] = value.clone()
+
+    per_token = {
+        "mask_tokens.weight",
+        *(f"iou_prediction_head.layers.{last_iou}.{kind}" for kind in ("weight", "bias")),
+    }
+    per_token |= {k for k in local if _HYPER.match(k)}
+    new_state = {k: v for k, v in state.items() if not (k.startswith(prefix) and k[len(prefix) :] in per_token)}
+    new_state.update({prefix + k: v for k, v in resized_local.items()})
+
+    resized = [k for k in new_state if k in state and new_state[k].shape != state[k].shape]
+    added = [k for k in new_state if k not in state]
+    removed = [k for k in state if k not in new_state]
+    if resized or added or removed:
+        log.info(
+            "mask decoder %d -> %d mask tokens (token i copies pre-trained token %s): resized %s; added %s; removed %s",
+            old,
+            num_mask_tokens,
+            sources,
+            resized or "none",
+            added or "none",
+            removed or "none",
+        )
+    return new_state, resized + added + removed
 
 
 def make_semantic_decoder(decoder: MaskDecoder, num_classes: int) -> list[str]:
-    """Turn a (pre-trained) prompted decoder into a SAMed semantic decoder with ``num_classes`` + 1 outputs, in place.
+    """Turn a (pre-trained) prompted decoder into a semantic decoder with ``num_classes`` + 1 outputs, in place.
 
-    The K + 1 mask tokens, hypernetwork MLPs and IoU-head outputs start as copies of the pre-trained ones, taken in
-    turn (token i copies pre-trained token i mod 4), so every class starts from a working SAM mask head rather than
-    from noise. Returns the names of the tensors whose shape changed (reported, never silent).
+    Every weight is kept; the mask tokens, hypernetwork heads and IoU-head outputs become num_classes + 1, new
+    token i a copy of pre-trained token ``i mod num_mask_tokens`` (``token_sources``). With num_classes = 3 the
+    decoder computes exactly the pre-trained four masks (channel 0 = SAM's single-mask output); with more classes the
+    extra tokens also join the transformer's self-attention, so the copies start close to, not equal to, them.
+
+    Call it before PEFT wraps any layer of the decoder heads.
+
+    Returns:
+        exact names (relative to the decoder) of the tensors resized, added, removed (see ``resize_mask_token_state``).
     """
     if num_classes < 1:
         raise ValueError(f"a semantic decoder needs at least one class, got {num_classes}")
-    old = decoder.num_mask_tokens
-    new = num_classes + 1
-    source = [i % old for i in range(new)]
-    with torch.no_grad():
-        tokens = nn.Embedding(new, decoder.transformer_dim).to(decoder.mask_tokens.weight)
-        tokens.weight.copy_(decoder.mask_tokens.weight[source])
-        decoder.mask_tokens = tokens
-        decoder.output_hypernetworks_mlps = nn.ModuleList(
-            copy.deepcopy(decoder.output_hypernetworks_mlps[i]) for i in source
-        )
-        last = decoder.iou_prediction_head.layers[-1]
-        head = nn.Linear(last.in_features, new).to(last.weight)
-        head.weight.copy_(last.weight[source])
-        head.bias.copy_(last.bias[source])
-        decoder.iou_prediction_head.layers[-1] = head
-    decoder.num_mask_tokens = new
+    new_tokens = num_classes + 1
+    new_state, changed = resize_mask_token_state(decoder.state_dict(), new_tokens)
+
+    sources = token_sources(decoder.num_mask_tokens, new_tokens)
+    weight = decoder.mask_tokens.weight
+    decoder.mask_tokens = nn.Embedding(new_tokens, decoder.transformer_dim).to(weight)
+    decoder.output_hypernetworks_mlps = nn.ModuleList(
+        copy.deepcopy(decoder.output_hypernetworks_mlps[s]) for s in sources
+    )
+    last = decoder.iou_prediction_head.layers[-1]
+    decoder.iou_prediction_head.layers[-1] = nn.Linear(last.in_features, new_tokens).to(last.weight)
+    decoder.load_state_dict(new_state, strict=True)  # an unknown structure fails here instead of staying random
+
     decoder.num_multimask_outputs = num_classes
+    decoder.num_mask_tokens = new_tokens
     decoder.semantic = True
-    changed = ["mask_tokens.weight", f"iou_prediction_head.layers.{len(decoder.iou_prediction_head.layers) - 1}"]
-    return changed + [f"output_hypernetworks_mlps.{i}" for i in range(old, new)]
+    return changed
+
+
+def build_semantic_decoder(pretrained: MaskDecoder, num_classes: int) -> tuple[MaskDecoder, list[str]]:
+    """A new semantic decoder with ``num_classes`` + 1 outputs from a pre-trained prompted one (left untouched).
+
+    Returns the decoder and the exact names of the tensors resized, added, removed (see ``make_semantic_decoder``).
+    """
+    decoder = copy.deepcopy(pretrained)
+    return decoder, make_semantic_decoder(decoder, num_classes)

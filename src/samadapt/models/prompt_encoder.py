@@ -1,4 +1,8 @@
-"""SAM's prompt encoder: points, boxes and low-res masks into sparse and dense embeddings."""
+"""SAM's prompt encoder: clicks, boxes and low-res masks into sparse and dense prompt embeddings.
+
+State-dict keys and shapes are those of ``segment_anything.modeling.PromptEncoder`` (official SAM, MedSAM and
+LiteMedSAM checkpoints load with ``strict=True``).
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,70 @@ from torch import nn
 
 from samadapt.models.common import LayerNorm2d
 
+# indices into ``PromptEncoder.point_embeddings`` (the order of SAM's checkpoints)
+NEGATIVE_POINT, POSITIVE_POINT, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = 0, 1, 2, 3
+
+
+class PositionEmbeddingRandom(nn.Module):
+    """Random Fourier features of 2D positions (SAM's positional encoding).
+
+    A position (x, y) in [0, 1]^2 maps to ``[sin(f), cos(f)]`` with ``f = 2 pi (2 (x, y) - 1) @ G`` and G a fixed
+    (2, num_pos_feats) Gaussian matrix (a persistent buffer: checkpoints carry it). Output width: 2 * num_pos_feats.
+
+    The encoding is always computed in float32 (autocast off: bfloat16 coordinates would shift a 1024-pixel click
+    by several pixels) and returned in the buffer's dtype.
+    """
+
+    def __init__(self, num_pos_feats: int = 64, scale: float | None = None) -> None:
+        super().__init__()
+        if scale is None or scale <= 0.0:
+            scale = 1.0
+        self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats)))
+
+    def _encode(self, unit_coords: torch.Tensor) -> torch.Tensor:
+        """(..., 2) (x, y) in [0, 1] -> (..., 2 * num_pos_feats)."""
+        gaussian = self.positional_encoding_gaussian_matrix
+        with torch.autocast(device_type=unit_coords.device.type, enabled=False):
+            centred = 2.0 * unit_coords.float() - 1.0
+            phase = 2.0 * math.pi * (centred @ gaussian.float())
+            features = torch.cat([torch.sin(phase), torch.cos(phase)], dim=-1)
+        return features.to(gaussian.dtype)
+
+    def forward(self, size: tuple[int, int]) -> torch.Tensor:
+        """Encoding of the centres of an (h, w) grid of cells: (2 * num_pos_feats, h, w)."""
+        h, w = size
+        device = self.positional_encoding_gaussian_matrix.device
+        rows = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+        cols = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+        grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)
+        return self._encode(grid).permute(2, 0, 1)
+
+    def forward_with_coords(self, coords_input: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """(B, N, 2) (x, y) pixel coordinates of an (H, W) image -> (B, N, 2 * num_pos_feats)."""
+        height, width = image_size
+        coords = coords_input.float()
+        unit = torch.stack([coords[..., 0] / width, coords[..., 1] / height], dim=-1)
+        return self._encode(unit)
+
 
 class PromptEncoder(nn.Module):
     """Embed prompts for the mask decoder.
 
     Args:
-        embed_dim: width of every prompt embedding (256).
-        image_embedding_size: (h, w) of the image embedding; dense outputs have this size.
-        input_image_size: (H, W) of the padded model input; point / box coordinates are pixels of it.
-        mask_in_chans: hidden channels of the mask down-scaler.
+        embed_dim: width C of every prompt embedding (256 in SAM).
+        image_embedding_size: (h, w) of the image embedding; dense outputs have this size (64, 64 for SAM at 1024
+            and LiteMedSAM at 256).
+        input_image_size: (H, W) of the padded model input; points and boxes are pixel coordinates of it.
+        mask_in_chans: hidden channels of the mask down-scaler (16).
+        activation: activation class of the mask down-scaler.
 
-    Sparse embeddings are (B, N, embed_dim): one token per point (labels 1 foreground, 0 background, -1 padding)
-    and two per box (corners). Dense embeddings are (B, embed_dim, h, w): the embedded mask prompt, or the learned
-    "no mask" embedding.
+    Outputs of ``forward``:
+        sparse (B, T, C): one token per point (a padding token is appended to points given without a box, as in
+        SAM) and two per box (its corners); T = 0 with no point and no box.
+        dense (B, C, h, w): the embedded mask prompt, or the learned "no mask" embedding broadcast over the grid.
+
+    ``image_embedding_size`` and ``input_image_size`` can be set after construction (the model at 256, 512 or 1024
+    input): the mask-prompt size (4h, 4w) follows; no weight depends on them.
     """
 
     def __init__(
@@ -34,13 +89,12 @@ class PromptEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
-        self.input_image_size = tuple(input_image_size)
-        self.image_embedding_size = tuple(image_embedding_size)
+        self.image_embedding_size = image_embedding_size
+        self.input_image_size = input_image_size
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
-        # 0: background point, 1: foreground point, 2: box top-left, 3: box bottom-right
-        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
+        self.num_point_embeddings = 4  # negative point, positive point, box top-left, box bottom-right
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(self.num_point_embeddings))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
-        self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
         self.mask_downscaling = nn.Sequential(
             nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
             LayerNorm2d(mask_in_chans // 4),
@@ -52,26 +106,67 @@ class PromptEncoder(nn.Module):
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
+    # -- geometry (settable) ----------------------------------------------------------------------------------------
+
+    @property
+    def image_embedding_size(self) -> tuple[int, int]:
+        """(h, w) of the image embedding."""
+        return self._image_embedding_size
+
+    @image_embedding_size.setter
+    def image_embedding_size(self, size: tuple[int, int]) -> None:
+        self._image_embedding_size = (int(size[0]), int(size[1]))
+
+    @property
+    def input_image_size(self) -> tuple[int, int]:
+        """(H, W) of the padded model input, in pixels."""
+        return self._input_image_size
+
+    @input_image_size.setter
+    def input_image_size(self, size: tuple[int, int]) -> None:
+        self._input_image_size = (int(size[0]), int(size[1]))
+
+    @property
+    def mask_input_size(self) -> tuple[int, int]:
+        """(4h, 4w): the size of a mask prompt (the decoder's low-res logits)."""
+        return 4 * self._image_embedding_size[0], 4 * self._image_embedding_size[1]
+
+    # -- embeddings -------------------------------------------------------------------------------------------------
+
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of every image-embedding cell: (1, embed_dim, h, w)."""
-        return self.pe_layer(self.image_embedding_size)[None]
+        """Positional encoding of every image-embedding cell: (1, C, h, w)."""
+        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        coords = coords.float() + 0.5  # pixel centres
-        if pad:  # without a box, SAM appends one padding point
+        """(B, N, 2) (x, y) pixels and (B, N) labels -> (B, N (+1 if pad), C)."""
+        coords = coords.float() + 0.5  # the centre of the pixel
+        if pad:
             coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 2)], dim=1)
-            labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
+            labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -1)], dim=1)
         embedding = self.pe_layer.forward_with_coords(coords, self.input_image_size)
-        labels = labels[..., None]
+        labels = labels.unsqueeze(-1)
+        # padding tokens carry only the "not a point" embedding, no position
         embedding = torch.where(labels == -1, self.not_a_point_embed.weight, embedding)
-        embedding = embedding + torch.where(labels == 0, self.point_embeddings[0].weight, 0.0)
-        return embedding + torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
+        embedding = embedding + torch.where(labels == 0, self.point_embeddings[NEGATIVE_POINT].weight, 0.0)
+        return embedding + torch.where(labels == 1, self.point_embeddings[POSITIVE_POINT].weight, 0.0)
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(B, 4) (or (B, 1, 4)) XYXY pixels -> (B, 2, C): the two corner tokens."""
         corners = (boxes.float() + 0.5).reshape(-1, 2, 2)
         embedding = self.pe_layer.forward_with_coords(corners, self.input_image_size)
-        corner_types = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
+        corner_types = torch.cat(
+            [self.point_embeddings[BOX_TOP_LEFT].weight, self.point_embeddings[BOX_BOTTOM_RIGHT].weight]
+        )
         return embedding + corner_types
+
+    def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 4h, 4w) logits -> (B, C, h, w)."""
+        if masks.dim() != 4 or masks.shape[1] != 1 or tuple(masks.shape[-2:]) != self.mask_input_size:
+            raise ValueError(
+                f"a mask prompt must be (B, 1, {self.mask_input_size[0]}, {self.mask_input_size[1]}) low-res logits "
+                f"for a {self.image_embedding_size} image embedding, got {tuple(masks.shape)}"
+            )
+        return self.mask_downscaling(masks)
 
     def forward(
         self,
@@ -79,46 +174,52 @@ class PromptEncoder(nn.Module):
         boxes: torch.Tensor | None,
         masks: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Args: points (coords (B, N, 2) in (x, y) input pixels, labels (B, N)), boxes (B, 4) XYXY, masks
-        (B, 1, 4h, 4w) logits. Returns sparse (B, N', embed_dim) and dense (B, embed_dim, h, w) embeddings."""
-        batch = next((t.shape[0] for t in (points[0] if points else None, boxes, masks) if t is not None), 1)
-        device = self.no_mask_embed.weight.device
-        sparse = [torch.empty(batch, 0, self.embed_dim, device=device)]
+        """Embed any combination of prompts (all None: the prompt-free embeddings, batch 1).
+
+        Args:
+            points: coordinates (B, N, 2) in (x, y) model-input pixels and labels (B, N): 1 positive, 0 negative,
+                -1 padding.
+            boxes: (B, 4) XYXY in model-input pixels.
+            masks: (B, 1, 4h, 4w) mask logits (e.g. the previous low-res prediction).
+
+        Returns:
+            sparse (B, T, C) and dense (B, C, h, w) embeddings.
+        """
+        batch = self._batch_size(points, boxes, masks)
+        weight = self.no_mask_embed.weight
+        sparse = [weight.new_empty(batch, 0, self.embed_dim)]
         if points is not None:
-            sparse.append(self._embed_points(points[0], points[1], pad=boxes is None))
+            coords, labels = points
+            sparse.append(self._embed_points(coords, labels, pad=boxes is None))
         if boxes is not None:
             sparse.append(self._embed_boxes(boxes))
+        sparse_embeddings = torch.cat(sparse, dim=1)
         if masks is not None:
-            dense = self.mask_downscaling(masks)
+            dense_embeddings = self._embed_masks(masks)
         else:
             h, w = self.image_embedding_size
-            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, h, w)
-        return torch.cat(sparse, dim=1), dense
+            dense_embeddings = weight.reshape(1, -1, 1, 1).expand(batch, -1, h, w)
+        return sparse_embeddings, dense_embeddings
 
-
-class PositionEmbeddingRandom(nn.Module):
-    """Fourier features of (x, y) positions with a fixed random Gaussian frequency matrix (a buffer)."""
-
-    def __init__(self, num_pos_feats: int = 64, scale: float | None = None) -> None:
-        super().__init__()
-        scale = scale if scale and scale > 0 else 1.0
-        self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn(2, num_pos_feats))
-
-    def _encode(self, coords: torch.Tensor) -> torch.Tensor:
-        """(..., 2) coordinates in [0, 1] -> (..., 2 * num_pos_feats)."""
-        projected = 2 * math.pi * ((2 * coords - 1) @ self.positional_encoding_gaussian_matrix)
-        return torch.cat([projected.sin(), projected.cos()], dim=-1)
-
-    def forward(self, size: tuple[int, int]) -> torch.Tensor:
-        """Encoding of an (h, w) grid of cell centres: (C, h, w)."""
-        h, w = size
-        device = self.positional_encoding_gaussian_matrix.device
-        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
-        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
-        grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)], dim=-1)
-        return self._encode(grid).permute(2, 0, 1)
-
-    def forward_with_coords(self, coords: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-        """(B, N, 2) (x, y) pixel coordinates of an (H, W) image -> (B, N, C)."""
-        scale = torch.tensor([image_size[1], image_size[0]], dtype=torch.float32, device=coords.device)
-        return self._encode(coords.float() / scale)
+    @staticmethod
+    def _batch_size(
+        points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None, masks: torch.Tensor | None
+    ) -> int:
+        sizes = {}
+        if points is not None:
+            coords, labels = points
+            if coords.dim() != 3 or coords.shape[-1] != 2 or tuple(labels.shape) != tuple(coords.shape[:2]):
+                raise ValueError(
+                    f"points must be coordinates (B, N, 2) and labels (B, N), got {tuple(coords.shape)} and "
+                    f"{tuple(labels.shape)}"
+                )
+            sizes["points"] = coords.shape[0]
+        if boxes is not None:
+            if boxes.shape[-1] != 4:
+                raise ValueError(f"boxes must be (B, 4) XYXY, got {tuple(boxes.shape)}")
+            sizes["boxes"] = boxes.numel() // 4
+        if masks is not None:
+            sizes["masks"] = masks.shape[0]
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"prompt batch sizes differ: {sizes}")
+        return next(iter(sizes.values()), 1)
