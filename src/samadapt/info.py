@@ -8,6 +8,7 @@ import platform
 import torch
 
 from samadapt import __version__
+from samadapt.precision import fast_bfloat16
 
 
 def describe() -> dict:
@@ -27,16 +28,9 @@ def describe() -> dict:
         "torch": torch.__version__,
         "device": "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
-        "cpu_bfloat16": _cpu_bf16(),
+        "cpu_bfloat16": fast_bfloat16("cpu"),
         "models": models,
     }
-
-
-def _cpu_bf16() -> bool:
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def run(args: argparse.Namespace) -> int:

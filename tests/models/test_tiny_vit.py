@@ -141,19 +141,22 @@ def test_mobile_sam_keys_and_shapes():
 
 def test_train_mode_outputs_and_gradients_match_reference():
     """Batch-norm batch statistics, trainable attention biases, autograd through the in-place fast paths."""
-    ours, reference = reference_pair(128, SLIM, seed=7)
+    ours, reference = reference_pair(96, SLIM, seed=7)
     ours.train()
     reference.train()
-    image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
-    target = torch.randn(2, 256, 32, 32, generator=torch.Generator().manual_seed(4))
+    image = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    target = torch.randn(2, 256, 24, 24, generator=torch.Generator().manual_seed(4))
     got = ours(image)
     expected = reference_forward(reference, image)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     (got * target).sum().backward()
     (expected * target).sum().backward()
-    ref_grads = dict(reference.named_parameters())
+    ref_grads = {name: p.grad for name, p in reference.named_parameters()}
+    largest = max(g.norm() for g in ref_grads.values())
     for name, param in ours.named_parameters():
-        torch.testing.assert_close(param.grad, ref_grads[name].grad, rtol=1e-3, atol=1e-4, msg=name)
+        error, scale = (param.grad - ref_grads[name]).norm(), ref_grads[name].norm()
+        # relative to each tensor's own gradient, unless that is ~0 (biases before a batch-statistics norm)
+        assert error <= 1e-3 * max(scale, 1e-4 * largest), name
 
 
 def test_invalid_image_size_is_rejected():
@@ -240,8 +243,8 @@ def test_each_slot_is_on_the_path(slim, slot):
 
 
 def test_slots_receive_the_contract_inputs(slim):
-    """depth_branch: the block's un-windowed input tokens; attn_adapter: the attention output; mlp_adapter:
-    mlp.norm of the tokens after the local conv."""
+    """depth_branch: the block's un-windowed input tokens (B, L, C); attn_adapter: the attention output;
+    mlp_adapter: mlp.norm of the tokens after the local conv."""
     ours, image = slim
     block = blocks(ours)[0]
     seen: dict[str, torch.Tensor] = {}
@@ -251,7 +254,8 @@ def test_slots_receive_the_contract_inputs(slim):
         block.mlp.norm.register_forward_hook(lambda m, args, out: seen.__setitem__("norm_out", out.clone())),
     ]
     saved = (block.attn_adapter, block.depth_branch, block.mlp_adapter)
-    block.attn_adapter, block.depth_branch, block.mlp_adapter = Recorder(True), Recorder(False), Recorder(False)
+    attn_rec, depth_rec, mlp_rec = Recorder(True), Recorder(False), Recorder(False)
+    block.attn_adapter, block.depth_branch, block.mlp_adapter = attn_rec, depth_rec, mlp_rec
     try:
         with torch.no_grad():
             ours(image)
@@ -261,13 +265,113 @@ def test_slots_receive_the_contract_inputs(slim):
         block.attn_adapter, block.depth_branch, block.mlp_adapter = saved
     B, L, C = seen["block_in"].shape
     assert L == block.resolution[0] * block.resolution[1]
-    assert torch.equal(block.depth_branch_seen if False else saved_seen(block, "depth"), seen["block_in"]) if False else True
-    assert torch.equal(seen_by(block, saved, "depth"), seen["block_in"]) if False else True
+    assert torch.equal(depth_rec.seen, seen["block_in"])
+    assert torch.equal(attn_rec.seen, seen["attn_out"].reshape(B, L, C))
+    assert torch.equal(mlp_rec.seen, seen["norm_out"])
 
 
-def seen_by(*_):  # pragma: no cover - placeholder replaced below
-    raise NotImplementedError
+# ---------------------------------------------------------------- qkv layout
 
 
-def saved_seen(*_):  # pragma: no cover
-    raise NotImplementedError
+def test_qkv_slices_partition_the_rows_per_head():
+    attn = tiny_vit_5m().layers[2].blocks[0].attn  # 5 heads, key_dim 32, d 32
+    slices = attn.qkv_slices()
+    assert all(len(parts) == attn.num_heads for parts in slices.values())
+    rows = {name: torch.cat([torch.arange(attn.qkv.out_features)[s] for s in parts]) for name, parts in slices.items()}
+    assert len(rows["q"]) == len(rows["k"]) == attn.num_heads * attn.key_dim
+    assert len(rows["v"]) == attn.num_heads * attn.d == attn.proj.in_features
+    assert sorted(torch.cat(list(rows.values())).tolist()) == list(range(attn.qkv.out_features))
+    # the reference's layout: view (..., heads, -1) and split [key_dim, key_dim, d] per head
+    tokens = torch.randn(3, 7, attn.qkv.in_features)
+    full = attn.qkv(tokens)
+    q, k, v = full.view(3, 7, attn.num_heads, -1).split([attn.key_dim, attn.key_dim, attn.d], dim=3)
+    for name, part in zip("qkv", (q, k, v), strict=True):
+        torch.testing.assert_close(full[..., rows[name]], part.flatten(2), rtol=0, atol=0)
+
+
+def test_qkv_slices_select_q_and_v_functionally():
+    torch.manual_seed(0)
+    attn = TinyViT(img_size=64, **SLIM).layers[2].blocks[0].attn
+    with torch.no_grad():
+        attn.attention_biases.normal_()
+    grid = torch.randn(2, 14, 14, attn.qkv.in_features)
+    slices = attn.qkv_slices()
+    with torch.no_grad():
+        for s in slices["v"]:  # v = 0: every token's attention output is 0, so the block outputs proj.bias
+            attn.qkv.weight[s] = 0
+            attn.qkv.bias[s] = 0
+        out = attn(grid)
+    torch.testing.assert_close(out, attn.proj.bias.expand_as(out), rtol=0, atol=1e-6)
+
+    attn = TinyViT(img_size=64, **SLIM).layers[2].blocks[0].attn
+    with torch.no_grad():
+        attn.attention_biases.normal_()
+        attn.qkv.weight.normal_(0, 0.3)
+        base = attn(grid)
+        k_delta = [torch.randn_like(attn.qkv.weight[s]) for s in slices["k"]]
+        for s, delta in zip(slices["k"], k_delta, strict=True):
+            attn.qkv.weight[s] += delta
+        assert (attn(grid) - base).abs().max() > 1e-2  # k matters while q is non-zero
+        for s in slices["q"]:  # q = 0: the scores are the biases alone, so k no longer matters
+            attn.qkv.weight[s] = 0
+            attn.qkv.bias[s] = 0
+        no_q = attn(grid)
+        for s, delta in zip(slices["k"], k_delta, strict=True):
+            attn.qkv.weight[s] -= 3 * delta
+        torch.testing.assert_close(attn(grid), no_q, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- gradient checkpointing, stochastic depth
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = TinyViT(img_size=128, **SLIM).eval()  # eval: batch norms keep their statistics (recomputed twice)
+    randomize(model, 1)
+    image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    calls = []
+    blocks(model)[0].register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def gradients() -> list[torch.Tensor]:
+        model.zero_grad()
+        image.grad = None
+        model(image).square().mean().backward()
+        return [image.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+
+    assert not model.use_checkpoint
+    plain = gradients()
+    assert len(calls) == 1
+    model.set_grad_checkpointing(True)
+    assert model.use_checkpoint
+    checkpointed = gradients()
+    assert len(calls) == 3  # forward, then the recomputation in backward
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_stochastic_depth_acts_in_training_only():
+    torch.manual_seed(0)
+    model = TinyViT(img_size=64, drop_path_rate=0.5, **SLIM)
+    image = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        model.eval()
+        plain = model(image)
+        model.train()
+        for module in model.modules():  # batch-norm statistics stay put: only stochastic depth differs
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        torch.manual_seed(1)
+        dropped = model(image)
+        model.eval()
+        assert torch.equal(model(image), plain)
+    assert not torch.allclose(dropped, plain)
+
+
+def test_bfloat16_autocast_stays_close():
+    ours, _ = reference_pair(128, SLIM, seed=13)
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = ours(image)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = ours(image)
+    assert ((low.float() - full).norm() / full.norm()).item() < 5e-2

@@ -18,8 +18,14 @@ def test_cheap_lunch_on_one_real_slice_reaches_dice_above_0_9(tmp_path, demo_dat
     # the largest lung lesion slice: a point-prompted LiteMedSAM starts near Dice 0 on it
     candidates = slices.indices([1], ["lung2"])
     item = max((slices[i] for i in candidates), key=lambda it: int((it["label"] == 1).sum()))
-    overrides = ["train.steps=40", "train.batch_size=2", "train.val_every=0", "data.augment=false",
-                 "optim.lr=3e-3", "optim.warmup_steps=2"]
+    overrides = [
+        "train.steps=30",
+        "train.batch_size=2",
+        "train.val_every=0",
+        "data.augment=false",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+    ]
     config = from_dict(TrainConfig, apply_overrides(recipe_defaults("cheap-lunch"), overrides))
     fit_slices(config, [item], [], {1: "lesion"}, tmp_path, "percentile_slice", verbose=False)
     adapted = load_run(tmp_path, checkpoint="last")

@@ -220,7 +220,9 @@ class Attention(nn.Module):
         index = [offsets.setdefault((abs(a[0] - b[0]), abs(a[1] - b[1])), len(offsets)) for a in points for b in points]
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, len(offsets)))
         self.register_buffer(
-            "attention_bias_idxs", torch.tensor(index, dtype=torch.long).view(len(points), len(points)), persistent=False
+            "attention_bias_idxs",
+            torch.tensor(index, dtype=torch.long).view(len(points), len(points)),
+            persistent=False,
         )
 
     def qkv_slices(self) -> dict[str, list[slice]]:

@@ -15,10 +15,10 @@ from pathlib import Path
 import yaml
 
 from samadapt.peft.config import AdapterConfig, LoRAConfig, PeftConfig
+from samadapt.precision import PRECISIONS
 
 TASKS = ("prompt", "semantic")
 PROMPTS = ("point", "box", "mixed")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -95,14 +95,15 @@ class LossConfig:
 
 @dataclass
 class TrainLoopConfig:
-    """steps: optimiser steps; batch_size per process; grad_accum: micro-batches per step; precision: fp32 / bf16 (CPU
-    and CUDA autocast) / fp16 (CUDA, with a gradient scaler); val_every: steps between validations (0: only at the end);
+    """steps: optimiser steps; batch_size per process; grad_accum: micro-batches per step; precision: auto (bf16 where
+    the device computes it natively, else fp32) / fp32 / bf16 (CPU and CUDA autocast) / fp16 (CUDA, with a gradient
+    scaler); val_every: steps between validations (0: only at the end);
     val_slices: how many held-out slices validation uses; depth_slices: slices per stack for 3D (msa-3d)."""
 
     steps: int = 200
     batch_size: int = 4
     grad_accum: int = 1
-    precision: str = "bf16"
+    precision: str = "auto"
     grad_checkpointing: bool = False
     val_every: int = 50
     val_slices: int = 16

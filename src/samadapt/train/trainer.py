@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from samadapt.peft import save_adapter, set_depth
 from samadapt.peft.inject import load_adapter_weights, train_mode
+from samadapt.precision import resolve_precision
 from samadapt.train.config import TrainConfig
 from samadapt.train.losses import SegmentationLoss
 from samadapt.train.samples import (
@@ -119,7 +120,11 @@ class Trainer:
             power=config.optim.poly_power,
             final_ratio=config.optim.final_lr_ratio,
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self._precision == "fp16")
+        # "auto": bf16 only where the device has native kernels (emulated bf16 on an AVX2 CPU is ~100x slower)
+        self.precision = resolve_precision(config.train.precision, self.device)
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise TrainingError("fp16 training needs a CUDA device; use bf16 or fp32 on the CPU")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         if config.train.grad_checkpointing and hasattr(self.model.image_encoder, "set_grad_checkpointing"):
             self.model.image_encoder.set_grad_checkpointing(True)
         # each rank draws its own samples from its own stream; together they form the global batch
@@ -135,17 +140,10 @@ class Trainer:
         self.history: list[dict] = []
 
     # -- set-up ---------------------------------------------------------------------------------------------
-    @property
-    def _precision(self) -> str:
-        precision = self.config.train.precision
-        if precision == "fp16" and self.device.type != "cuda":
-            raise TrainingError("fp16 training needs a CUDA device; use bf16 on the CPU")
-        return precision
-
     def _autocast(self):
-        if self._precision == "fp32":
+        if self.precision == "fp32":
             return nullcontext()
-        dtype = torch.bfloat16 if self._precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
