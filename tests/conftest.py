@@ -1,4 +1,6 @@
-"""Shared fixtures: small SAM models with random weights (fast on CPU)."""
+"""Shared fixtures: small SAM models with random weights (fast on CPU), the real demo data."""
+
+import os
 
 import pytest
 import torch
@@ -17,3 +19,12 @@ def make_tiny_sam(img_size: int = 128, seed: int = 0):
 @pytest.fixture
 def tiny_sam():
     return make_tiny_sam()
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The real demo datasets (DESIGN.md §4), fetched once per session ($SAMADAPT_CACHE reuses a cache)."""
+    from samadapt.data.demo import fetch_demo
+
+    cache = os.environ.get("SAMADAPT_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    return fetch_demo(cache)

@@ -39,11 +39,14 @@ class DemoSize:
     lesion_steps: int
     mni_steps: int
     mni_test: int
+    lesion_lr: float
+    mni_lr: float
     batch_size: int = 2
 
 
-FULL = DemoSize(lesion_exemplars=10, mni_exemplars=6, lesion_steps=80, mni_steps=60, mni_test=10)
-QUICK = DemoSize(lesion_exemplars=10, mni_exemplars=4, lesion_steps=12, mni_steps=10, mni_test=3)
+# sized for 2 CPU cores without native bfloat16 (float32 training, ~4 s a step): full < 10 min, quick ~2 min
+FULL = DemoSize(10, 6, lesion_steps=45, mni_steps=60, mni_test=10, lesion_lr=2e-3, mni_lr=2e-3)
+QUICK = DemoSize(10, 4, lesion_steps=15, mni_steps=8, mni_test=3, lesion_lr=3e-3, mni_lr=5e-3)
 
 
 def held_out(slices: SliceDataset, candidates: list[int], exemplars: list[int], gap: int) -> list[int]:
@@ -128,7 +131,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache: str | No
     base_point = evaluate_slices(baseline, test_items, lesion_classes, "point:1", seed=seed)
     empty = [i for i in lesions.indices(None) if i not in set(labelled)]
     train_items = [lesions[i] for i in exemplars] + [lesions[i] for i in spread(empty, len(exemplars) // 2)]
-    config = recipe_config("cheap-lunch", size.lesion_steps, size.batch_size, seed)
+    config = recipe_config("cheap-lunch", size.lesion_steps, size.batch_size, seed, lr=size.lesion_lr)
     config.data.path = str(paths["lesions"])
     result = fit_slices(config, train_items, [], lesion_classes, out / "lesions_run", "percentile_slice", verbose=False)
     adapted = load_run(out / "lesions_run", checkpoint="last")
@@ -163,7 +166,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache: str | No
     tick = time.perf_counter()
     mni_box = evaluate_slices(baseline, mni_items, tissue, "box", seed=seed)
     mni_point = evaluate_slices(baseline, mni_items, tissue, "point:1", seed=seed)
-    config = recipe_config("samed", size.mni_steps, size.batch_size, seed, lr=2e-3)
+    config = recipe_config("samed", size.mni_steps, size.batch_size, seed, lr=size.mni_lr)
     config.data.path = str(paths["mni152"])
     mni_result = fit_slices(
         config, [mni[i] for i in exemplars_mni], [], tissue, out / "mni152_run", "mr", verbose=False

@@ -41,6 +41,11 @@ class Run:
     manifest: dict = field(default_factory=dict)
     path: Path | None = None
 
+    @property
+    def label(self) -> str:
+        """For progress bars: the run directory with its base model, or the bare model's name."""
+        return f"{self.path.name} ({self.name})" if self.path else self.name
+
 
 @lru_cache(maxsize=8)
 def _sha256_cached(path: str, size: int, mtime: float) -> str:

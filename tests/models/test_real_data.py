@@ -11,14 +11,6 @@ from samadapt.predict import Predictor
 from samadapt.prompts import box_from_mask
 
 
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    import os
-
-    cache = os.environ.get("SAMADAPT_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    return fetch_demo(cache)
-
-
 @pytest.mark.slow
 def test_demo_fetch_gives_the_real_volumes(demo_data):
     lesions = load_dataset(demo_data["lesions"])

@@ -375,3 +375,40 @@ def test_bfloat16_autocast_stays_close():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = ours(image)
     assert ((low.float() - full).norm() / full.norm()).item() < 5e-2
+
+
+def test_frozen_leading_stages_run_without_autograd_and_gradients_are_unchanged():
+    from samadapt.models.common import frozen_prefix
+    from samadapt.models.registry import build_model
+    from samadapt.peft import PeftConfig, apply_peft
+
+    torch.manual_seed(0)
+    model = build_model("lite_medsam", img_size=128)
+    apply_peft(model, PeftConfig(method="lora", train_modules=[]))
+    encoder = model.image_encoder.eval()
+    stages = [encoder.patch_embed, *encoder.layers]
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    assert frozen_prefix(stages, image) == 2  # patch embedding and the conv stage: LoRA sits in attention only
+    assert frozen_prefix(stages, image.clone().requires_grad_()) == 0
+    with torch.no_grad():
+        assert frozen_prefix(stages, image) == 0
+    lora = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
+    assert lora and all("lora" in n for n in lora)
+    with torch.no_grad():
+        for name, param in lora.items():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    target = torch.randn(1, 256, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def lora_grads(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        encoder.zero_grad()
+        (encoder(x) * target).sum().backward()
+        return {n: p.grad.clone() for n, p in lora.items()}
+
+    saved = []
+    encoder.layers[0].register_forward_hook(lambda m, args, out: saved.append(out.requires_grad))
+    fast = lora_grads(image)
+    full = lora_grads(image.clone().requires_grad_())  # an input needing gradients: every stage under autograd
+    assert saved == [False, True]
+    for name in lora:
+        torch.testing.assert_close(fast[name], full[name], rtol=1e-5, atol=1e-6, msg=name)

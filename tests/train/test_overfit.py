@@ -9,11 +9,10 @@ from samadapt.runs import load_run
 from samadapt.train.api import fit_slices
 from samadapt.train.config import TrainConfig, apply_overrides, from_dict
 from samadapt.train.recipes import recipe_defaults
-from tests.models.test_real_data import demo_data  # noqa: F401  (the session fixture)
 
 
 @pytest.mark.slow
-def test_cheap_lunch_on_one_real_slice_reaches_dice_above_0_9(tmp_path, demo_data):  # noqa: F811
+def test_cheap_lunch_on_one_real_slice_reaches_dice_above_0_9(tmp_path, demo_data):
     slices = SliceDataset(load_dataset(demo_data["lesions"]))
     # the largest lung lesion slice: a point-prompted LiteMedSAM starts near Dice 0 on it
     candidates = slices.indices([1], ["lung2"])

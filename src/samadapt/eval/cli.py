@@ -10,26 +10,21 @@ import numpy as np
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from samadapt.data.datasets import SliceDataset, load_dataset
-    from samadapt.eval.evaluate import evaluate_volumes, parse_protocol
-    from samadapt.eval.report import save_evaluation
-    from samadapt.runs import load_run
+    from samadapt.eval.evaluate import evaluate
 
-    protocol = parse_protocol(args.prompt)
-    run = load_run(args.run)
-    spec = load_dataset(args.data)
-    slices = SliceDataset(spec, axis=args.axis)
-    classes = {c: n for c, n in spec.classes.items() if not run.classes or c in run.classes}
-    if args.classes:
-        classes = {c: spec.classes[c] for c in args.classes}
-    cases = args.cases or [c.id for c in spec.cases]
-    kwargs = dict(objects_mode=args.objects, seed=args.seed, tolerance_mm=args.tolerance_mm)
-    evaluation = evaluate_volumes(run, slices, cases, classes, protocol, **kwargs)
-    baseline = None
-    if args.baseline:
-        base_protocol = protocol if protocol.kind != "none" else parse_protocol("point:1")
-        baseline = evaluate_volumes(load_run(run.name), slices, cases, classes, base_protocol, **kwargs)
-    metrics = save_evaluation(args.out, evaluation, baseline)
+    metrics = evaluate(
+        args.run,
+        args.data,
+        args.prompt,
+        baseline=args.baseline,
+        out=args.out,
+        objects_mode=args.objects,
+        cases=args.cases,
+        classes=args.classes,
+        axis=args.axis,
+        seed=args.seed,
+        tolerance_mm=args.tolerance_mm,
+    )
     print(json.dumps({"mean_dice": metrics["mean_dice"], "prompt": metrics["prompt"], "cases": metrics["cases"]}))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

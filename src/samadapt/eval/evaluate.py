@@ -15,6 +15,7 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -148,7 +149,7 @@ def evaluate_slices(
     predictor = Predictor(run.model, device="cpu", bfloat16=bfloat16)
     rows, kept = [], []
     with torch.inference_mode():
-        for item in tqdm(items, desc=f"evaluate {run.name} {protocol}", disable=not progress, unit="slice"):
+        for item in tqdm(items, desc=f"evaluate {run.label} {protocol}", disable=not progress, unit="slice"):
             result = predict_slice(predictor, run, item, list(classes), protocol, objects_mode, seed)
             for class_id, name in classes.items():
                 metrics = binary_metrics(
@@ -189,7 +190,7 @@ def evaluate_volumes(
         positions = [slices.slices[i][1] for i in wanted] if protocol.kind != "none" else list(wanted)
         lookup = {(c, z): i for i, (c, z, _) in enumerate(slices.slices)}
         with torch.inference_mode():
-            for z in tqdm(positions, desc=f"{run.name} {case_id} {protocol}", disable=not progress, unit="slice"):
+            for z in tqdm(positions, desc=f"{run.label} {case_id} {protocol}", disable=not progress, unit="slice"):
                 result = predict_slice(
                     predictor, run, slices[lookup[(case_id, z)]], list(classes), protocol, objects_mode, seed
                 )
@@ -208,3 +209,53 @@ def slice_dice(result: SliceResult, class_id: int) -> float:
     pred = result.pred[class_id]
     total = gt.sum() + pred.sum()
     return math.nan if total == 0 else float(2 * (gt & pred).sum() / total)
+
+
+def evaluate(
+    run: Run | str | Path,
+    data: str | Path,
+    prompt: Protocol | str = "point:1",
+    baseline: bool = False,
+    out: str | Path | None = None,
+    objects_mode: str = "class",
+    cases: Sequence[str] | None = None,
+    classes: Sequence[int] | None = None,
+    axis: int | None = None,
+    seed: int = 0,
+    tolerance_mm: float = 2.0,
+    progress: bool = True,
+) -> dict:
+    """Score a run (or a bare model name) on whole volumes of a dataset, optionally beside its un-adapted base model.
+
+    The baseline gets the same prompts from the same seed; a semantic run's baseline (the base model cannot segment
+    without prompts) gets one centre click per object (``point:1``). With ``out``, writes metrics.json, metrics.csv,
+    overlays and report.md / report.html there. Returns the content of metrics.json (the baseline's under
+    ``"baseline"``).
+    """
+    from samadapt.data.datasets import SliceDataset, load_dataset
+    from samadapt.eval.report import save_evaluation
+    from samadapt.runs import load_run
+
+    run = run if isinstance(run, Run) else load_run(run)
+    protocol = parse_protocol(prompt) if isinstance(prompt, str) else prompt
+    spec = load_dataset(data)
+    slices = SliceDataset(spec, axis=axis)
+    chosen = {c: n for c, n in spec.classes.items() if not run.classes or c in run.classes}
+    if classes:
+        unknown = sorted(set(classes) - set(spec.classes))
+        if unknown:
+            raise ValueError(f"{spec.root}: classes {unknown} are not in dataset.json (it has {sorted(spec.classes)})")
+        chosen = {c: spec.classes[c] for c in classes}
+    case_ids = list(cases) if cases else [c.id for c in spec.cases]
+    kwargs = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, progress=progress)
+    evaluation = evaluate_volumes(run, slices, case_ids, chosen, protocol, **kwargs)
+    reference = None
+    if baseline:
+        base_protocol = protocol if protocol.kind != "none" else parse_protocol("point:1")
+        reference = evaluate_volumes(load_run(run.name), slices, case_ids, chosen, base_protocol, **kwargs)
+    if out is not None:
+        return save_evaluation(out, evaluation, reference)
+    metrics = evaluation.metrics_json()
+    if reference is not None:
+        metrics["baseline"] = reference.metrics_json()
+    return metrics

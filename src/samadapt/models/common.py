@@ -51,3 +51,16 @@ class ZeroSlot(nn.Module):
 
 def is_empty_slot(module: nn.Module) -> bool:
     return isinstance(module, (IdentitySlot, ZeroSlot))
+
+
+def frozen_prefix(stages: list[nn.Module], x: torch.Tensor) -> int:
+    """How many leading ``stages`` need no autograd graph: none of their parameters trains and ``x`` needs no
+    gradient (0 when autograd is off anyway)."""
+    if not torch.is_grad_enabled() or x.requires_grad:
+        return 0
+    count = 0
+    for stage in stages:
+        if any(p.requires_grad for p in stage.parameters()):
+            break
+        count += 1
+    return count

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from samadapt.models.common import IdentitySlot, LayerNorm2d, ZeroSlot
+from samadapt.models.common import IdentitySlot, LayerNorm2d, ZeroSlot, frozen_prefix
 
 
 def drop_path(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
@@ -467,9 +467,16 @@ class TinyViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels-last convolutions are 2-3x faster on CPU (oneDNN), and token grids are channels-last already
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
-        for layer in self.layers:
-            x = layer(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        stages = [self.patch_embed, *self.layers]
+        # leading stages with nothing to train run without autograd: the backward pass would not reach them, and
+        # their activations (the largest, at the finest grid) are then freed at once instead of kept
+        frozen = frozen_prefix(stages, x)
+        with torch.no_grad():
+            for stage in stages[:frozen]:
+                x = stage(x)
+        for stage in stages[frozen:]:
+            x = stage(x)
         B, _, C = x.shape
         x = self.neck(x.view(B, self.grid, self.grid, C).permute(0, 3, 1, 2))
         return x.contiguous()  # plain (B, 256, grid, grid) for callers that .view() it
