@@ -1,6 +1,6 @@
 """Cheap Lunch ablation on the real lesion data: the same exemplars, trained with and without synthesised slices.
 
-    python bench/synthesis_ablation.py [--steps 60] [--exemplars 6] [--synthetic 120] [--out runs/ablation]
+    python bench/synthesis_ablation.py [--steps 45] [--lr 2e-3] [--exemplars 6] [--synthetic 120] [--out runs/ablation]
 
 Held-out slices are the labelled slices more than one slice away from every exemplar (as in the demo); both runs use
 the same seed, steps and prompts (one centre click per lesion), and the numbers are written to OUT/ablation.json.
@@ -26,7 +26,8 @@ from samadapt.train.api import fit_slices
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=45)
+    parser.add_argument("--lr", type=float, default=2e-3, help="as in the demo")
     parser.add_argument("--exemplars", type=int, default=6)
     parser.add_argument("--synthetic", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     synthetic = synthesize(exemplar_items, backgrounds, args.synthetic, SynthesisConfig(), seed=args.seed, classes=[1])
     results = {}
     for name, items in (("exemplars only", base_items), ("exemplars + synthesis", base_items + synthetic)):
-        config = recipe_config("cheap-lunch", args.steps, 2, args.seed)
+        config = recipe_config("cheap-lunch", args.steps, 2, args.seed, lr=args.lr)
         run_dir = args.out / name.replace(" ", "_").replace("+", "plus")
         fit_slices(config, items, [], {1: "lesion"}, run_dir, "percentile_slice", verbose=False)
         evaluation = evaluate_slices(
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "dice_point1": results,
                 "steps": args.steps,
+                "lr": args.lr,
                 "exemplars": [slices.slices[i][:2] for i in exemplars],
                 "synthetic": args.synthetic,
                 "held_out": len(test_items),
