@@ -24,7 +24,7 @@ import numpy as np
 
 from samadapt.data.datasets import SliceDataset, load_dataset
 from samadapt.data.demo import fetch_demo
-from samadapt.eval.evaluate import Evaluation, evaluate_slices, slice_dice
+from samadapt.eval.evaluate import Evaluation, evaluate_slices, evaluate_slices_under, slice_dice
 from samadapt.eval.report import Section, save_overlay, write_json, write_report
 from samadapt.runs import load_run
 from samadapt.train.api import fit_slices
@@ -46,7 +46,7 @@ class DemoSize:
 
 # sized for 2 CPU cores without native bfloat16 (float32 training, ~4 s a step): full < 10 min, quick ~2 min
 FULL = DemoSize(10, 6, lesion_steps=45, mni_steps=60, mni_test=10, lesion_lr=2e-3, mni_lr=2e-3)
-QUICK = DemoSize(10, 4, lesion_steps=15, mni_steps=8, mni_test=3, lesion_lr=3e-3, mni_lr=5e-3)
+QUICK = DemoSize(10, 4, lesion_steps=13, mni_steps=4, mni_test=3, lesion_lr=3e-3, mni_lr=5e-3)
 
 
 def held_out(slices: SliceDataset, candidates: list[int], exemplars: list[int], gap: int) -> list[int]:
@@ -127,16 +127,14 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache: str | No
     test_items = [lesions[i] for i in test]
     lesion_classes = {1: "lesion"}
     tick = time.perf_counter()
-    base_box = evaluate_slices(baseline, test_items, lesion_classes, "box", seed=seed)
-    base_point = evaluate_slices(baseline, test_items, lesion_classes, "point:1", seed=seed)
+    base_box, base_point = evaluate_slices_under(baseline, test_items, lesion_classes, ["box", "point:1"], seed=seed)
     empty = [i for i in lesions.indices(None) if i not in set(labelled)]
     train_items = [lesions[i] for i in exemplars] + [lesions[i] for i in spread(empty, len(exemplars) // 2)]
     config = recipe_config("cheap-lunch", size.lesion_steps, size.batch_size, seed, lr=size.lesion_lr)
     config.data.path = str(paths["lesions"])
     result = fit_slices(config, train_items, [], lesion_classes, out / "lesions_run", "percentile_slice", verbose=False)
     adapted = load_run(out / "lesions_run", checkpoint="last")
-    ad_point = evaluate_slices(adapted, test_items, lesion_classes, "point:1", seed=seed)
-    ad_box = evaluate_slices(adapted, test_items, lesion_classes, "box", seed=seed)
+    ad_point, ad_box = evaluate_slices_under(adapted, test_items, lesion_classes, ["point:1", "box"], seed=seed)
     timings["lesions"] = time.perf_counter() - tick
     task = f"lesions ({len(test_items)} held-out slices, {len(exemplars)} exemplars)"
     rows += [
@@ -164,8 +162,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache: str | No
     test_mni = spread(held_out(mni, inner, exemplars_mni, gap=3), size.mni_test)
     mni_items = [mni[i] for i in test_mni]
     tick = time.perf_counter()
-    mni_box = evaluate_slices(baseline, mni_items, tissue, "box", seed=seed)
-    mni_point = evaluate_slices(baseline, mni_items, tissue, "point:1", seed=seed)
+    mni_box, mni_point = evaluate_slices_under(baseline, mni_items, tissue, ["box", "point:1"], seed=seed)
     config = recipe_config("samed", size.mni_steps, size.batch_size, seed, lr=size.mni_lr)
     config.data.path = str(paths["mni152"])
     mni_result = fit_slices(

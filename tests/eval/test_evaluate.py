@@ -10,7 +10,7 @@ import samadapt
 from samadapt.cli import main
 from samadapt.data import SliceDataset, load_dataset
 from samadapt.data.io import read_volume
-from samadapt.eval.evaluate import evaluate_slices
+from samadapt.eval.evaluate import evaluate_slices, evaluate_slices_under
 from samadapt.peft import PeftConfig, apply_peft
 from samadapt.runs import Run, load_run
 
@@ -42,6 +42,15 @@ def test_baseline_and_adapted_model_get_identical_prompts(lesion_items, protocol
     other_seed = evaluate_slices(baseline, lesion_items, {1: "lesion"}, protocol, seed=4, progress=False)
     if protocol.startswith("box:"):  # jitter is drawn from the seed
         assert any(str(a.prompts) != str(b.prompts) for a, b in zip(first.slices, other_seed.slices, strict=True))
+
+
+def test_several_protocols_in_one_pass_equal_separate_evaluations(lesion_items):
+    run = load_run("lite_medsam")
+    together = evaluate_slices_under(run, lesion_items[:2], {1: "lesion"}, ["box", "point:2"], seed=1, progress=False)
+    for protocol, evaluation in zip(["box", "point:2"], together, strict=True):
+        alone = evaluate_slices(run, lesion_items[:2], {1: "lesion"}, protocol, seed=1, progress=False)
+        assert evaluation.protocol == alone.protocol == protocol
+        assert evaluation.rows == alone.rows and evaluation.summary == alone.summary
 
 
 @pytest.mark.slow

@@ -75,9 +75,8 @@ def _seed(base: int, case: str, index: int, class_id: int) -> np.random.Generato
 def predict_slice(
     predictor: Predictor, run: Run, item: dict, classes: Sequence[int], protocol: Protocol, objects_mode: str, seed: int
 ) -> SliceResult:
-    """Predict every class of one slice under ``protocol`` (the image embedding is computed once)."""
+    """Predict every class of one slice under ``protocol``; ``predictor`` already holds this slice's embedding."""
     label = item["label"]
-    predictor.set_image(item["image"])
     result = SliceResult(
         item["case"], item["slice"], item["image"], label, {c: np.zeros(label.shape, bool) for c in classes}
     )
@@ -143,21 +142,44 @@ def evaluate_slices(
     progress: bool = True,
 ) -> Evaluation:
     """Score a model on 2D slices: every slice is a unit (metrics in 2D with its pixel spacing)."""
+    kwargs = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, bfloat16=bfloat16)
+    return evaluate_slices_under(run, items, classes, [protocol], progress=progress, **kwargs)[0]
+
+
+def evaluate_slices_under(
+    run: Run,
+    items: Sequence[dict],
+    classes: dict[int, str],
+    protocols: Sequence[Protocol | str],
+    objects_mode: str = "class",
+    seed: int = 0,
+    tolerance_mm: float = 2.0,
+    bfloat16: bool = False,
+    progress: bool = True,
+) -> list[Evaluation]:
+    """``evaluate_slices`` for several protocols at once, one ``Evaluation`` each, encoding every slice once."""
     from tqdm.auto import tqdm
 
-    protocol = parse_protocol(protocol) if isinstance(protocol, str) else protocol
+    protocols = [parse_protocol(p) if isinstance(p, str) else p for p in protocols]
     predictor = Predictor(run.model, device="cpu", bfloat16=bfloat16)
-    rows, kept = [], []
+    rows: list[list[dict]] = [[] for _ in protocols]
+    kept: list[list[SliceResult]] = [[] for _ in protocols]
+    names = ", ".join(map(str, protocols))
     with torch.inference_mode():
-        for item in tqdm(items, desc=f"evaluate {run.label} {protocol}", disable=not progress, unit="slice"):
-            result = predict_slice(predictor, run, item, list(classes), protocol, objects_mode, seed)
-            for class_id, name in classes.items():
-                metrics = binary_metrics(
-                    result.pred[class_id], item["label"] == class_id, item["spacing"], tolerance_mm
-                )
-                rows.append({"case": item["case"], "slice": item["slice"], "class": name, **metrics})
-            kept.append(result)
-    return Evaluation(str(protocol), run.name, rows, aggregate(rows, list(classes.values())), kept)
+        for item in tqdm(items, desc=f"evaluate {run.label} {names}", disable=not progress, unit="slice"):
+            predictor.set_image(item["image"])
+            for k, protocol in enumerate(protocols):
+                result = predict_slice(predictor, run, item, list(classes), protocol, objects_mode, seed)
+                for class_id, name in classes.items():
+                    metrics = binary_metrics(
+                        result.pred[class_id], item["label"] == class_id, item["spacing"], tolerance_mm
+                    )
+                    rows[k].append({"case": item["case"], "slice": item["slice"], "class": name, **metrics})
+                kept[k].append(result)
+    return [
+        Evaluation(str(p), run.name, r, aggregate(r, list(classes.values())), s)
+        for p, r, s in zip(protocols, rows, kept, strict=True)
+    ]
 
 
 def evaluate_volumes(
@@ -191,9 +213,9 @@ def evaluate_volumes(
         lookup = {(c, z): i for i, (c, z, _) in enumerate(slices.slices)}
         with torch.inference_mode():
             for z in tqdm(positions, desc=f"{run.label} {case_id} {protocol}", disable=not progress, unit="slice"):
-                result = predict_slice(
-                    predictor, run, slices[lookup[(case_id, z)]], list(classes), protocol, objects_mode, seed
-                )
+                item = slices[lookup[(case_id, z)]]
+                predictor.set_image(item["image"])
+                result = predict_slice(predictor, run, item, list(classes), protocol, objects_mode, seed)
                 for c in classes:
                     pred[c][z] = result.pred[c]
                 kept.append(result)
