@@ -1,7 +1,6 @@
 """Precision choice: ``auto`` takes bf16 only where the device computes it natively."""
 
 import pytest
-import torch
 
 from samadapt.precision import fast_bfloat16, resolve_precision
 from samadapt.train.config import TrainConfig, apply_overrides, from_dict
@@ -25,10 +24,6 @@ def test_unknown_precision_is_refused():
         resolve_precision("float8")
     with pytest.raises(ValueError, match="precision"):
         from_dict(TrainConfig, apply_overrides(recipe_defaults("samed"), ["train.precision=half"]))
-
-
-def test_fast_bfloat16_matches_onednn_on_the_cpu():
-    assert fast_bfloat16("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def test_trainer_resolves_auto_and_refuses_fp16_on_the_cpu(tmp_path):
