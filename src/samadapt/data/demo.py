@@ -220,3 +220,68 @@ def _mni152(root: Path) -> Path:
         }
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
     return folder
+
+
+REGION_NAMES = {
+    1 + right + 2 * anterior + 4 * superior: (
+        f"{'right' if right else 'left'} {'anterior' if anterior else 'posterior'} "
+        f"{'superior' if superior else 'inferior'} grey matter"
+    )
+    for superior in (0, 1)
+    for anterior in (0, 1)
+    for right in (0, 1)
+}
+
+
+def grey_matter_regions(tissue: np.ndarray, affine: np.ndarray, grey: int = 1) -> np.ndarray:
+    """Split the grey matter of a (Z, Y, X) tissue label map into 8 regions: hemisphere x anterior / posterior x
+    superior / inferior (``REGION_NAMES``: 1 + right + 2 * anterior + 4 * superior; 0 elsewhere).
+
+    Each split is at the median world coordinate (RAS millimetres through ``affine``, voxel (x, y, z) = array index
+    [z, y, x]) of the grey-matter voxels, so the eight regions hold about the same number of voxels; on the symmetric
+    MNI152 template the left / right split is the midline. A many-small-classes task for semantic segmentation: an
+    axial slice holds the four regions of its half (superior or inferior).
+    """
+    tissue = np.asarray(tissue)
+    if tissue.ndim != 3:
+        raise ValueError(f"grey_matter_regions needs a (Z, Y, X) label map, got shape {tissue.shape}")
+    zs, ys, xs = np.nonzero(tissue == grey)
+    regions = np.zeros(tissue.shape, np.uint8)
+    if zs.size == 0:
+        return regions
+    voxels = np.stack([xs, ys, zs]).astype(np.float64)
+    world = np.asarray(affine, np.float64)[:3, :3] @ voxels + np.asarray(affine, np.float64)[:3, 3:4]
+    right, anterior, superior = (world[k] > np.median(world[k]) for k in range(3))
+    regions[zs, ys, xs] = 1 + right + 2 * anterior + 4 * superior
+    return regions
+
+
+def fetch_regions(cache_dir: str | Path | None = None) -> Path:
+    """The ``mni152_regions`` dataset (MSD layout, beside the demo datasets): the MNI152 T1 template with its grey
+    matter split into 8 regions (``grey_matter_regions``); built from the ``mni152`` demo dataset on first use."""
+    root = cache_root(cache_dir)
+    source = fetch_demo(cache_dir)["mni152"]
+    folder = root / "mni152_regions"
+    if _finished(folder):
+        return folder
+    with _lock(root / ".fetch.lock"):
+        if _finished(folder):
+            return folder
+        with _building(root, "mni152_regions") as tmp:
+            label = nib.load(str(source / "labelsTr" / "mni152.nii.gz"))
+            tissue = np.transpose(np.asanyarray(label.dataobj), (2, 1, 0))  # NIfTI (x, y, z) -> (Z, Y, X)
+            regions = np.transpose(grey_matter_regions(tissue, label.affine), (2, 1, 0))
+            shutil.copyfile(source / "imagesTr" / "mni152.nii.gz", tmp / "imagesTr" / "mni152.nii.gz")
+            region_image = nib.Nifti1Image(regions, label.affine, label.header)
+            region_image.set_data_dtype(np.uint8)
+            region_image.header.set_slope_inter(1.0, 0.0)
+            nib.save(region_image, str(tmp / "labelsTr" / "mni152.nii.gz"))
+            meta = json.loads((source / "dataset.json").read_text())
+            meta.update(
+                name="mni152_regions",
+                description="MNI ICBM152 2009a T1 template; grey matter (probability > 0.5) split into 8 regions by "
+                "hemisphere, anterior / posterior and superior / inferior at the grey matter's median coordinates",
+                labels={"0": "background", **{str(k): v for k, v in sorted(REGION_NAMES.items())}},
+            )
+            (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return folder
