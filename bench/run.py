@@ -234,7 +234,7 @@ def predict_volume_case(quick: bool) -> list[Row]:
             image = (volume[z] - volume[z].min()) / (volume[z].max() - volume[z].min())
             predict_array(reference, image, box=scaled_box)
 
-    predictor = Predictor(build_model("lite_medsam"), device="cpu", bfloat16=BF16)
+    predictor = Predictor(build_model("lite_medsam"), device="cpu", precision="bf16" if BF16 else "fp32")
 
     def run_ours():
         for z in range(slices):

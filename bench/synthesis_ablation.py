@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     exemplars = sorted(rng.choice(labelled, size=args.exemplars, replace=False).tolist())
     test_items = [slices[i] for i in held_out(slices, labelled, exemplars, gap=1)]
     exemplar_items = [slices[i] for i in exemplars]
-    empty = [i for i in slices.indices(None) if i not in set(labelled)]
+    with_lesion = set(labelled)
+    empty = [i for i in slices.indices(None) if i not in with_lesion]
     base_items = exemplar_items + [slices[i] for i in spread(empty, max(1, len(exemplars) // 2))]
     # backgrounds from the exemplars' own cases, so a lesion is not pasted into another modality
     cases = sorted({it["case"] for it in exemplar_items})

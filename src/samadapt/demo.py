@@ -67,9 +67,12 @@ def spread(indices: list[int], count: int) -> list[int]:
     return [indices[int(round(k))] for k in np.linspace(0, len(indices) - 1, count)]
 
 
-def recipe_config(recipe: str, steps: int, batch_size: int, seed: int, lr: float | None = None) -> TrainConfig:
+def recipe_config(
+    recipe: str, steps: int, batch_size: int, seed: int, lr: float | None = None, device: str | None = None
+) -> TrainConfig:
     data = recipe_defaults(recipe)
     overrides = [f"train.steps={steps}", f"train.batch_size={batch_size}", "train.val_every=0", f"train.seed={seed}"]
+    overrides += [f"train.device={device or 'auto'}"]
     overrides += [f"optim.warmup_steps={max(1, steps // 10)}", "train.log_every=5"]
     if lr is not None:
         overrides.append(f"optim.lr={lr}")
@@ -105,15 +108,23 @@ def _overlays(out: Path, name: str, evaluation: Evaluation, class_id: int, count
     return images
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache: str | None = None, seed: int = 0) -> dict:
-    """Run the whole demo; returns the summary written to ``out/summary.json``."""
+def run_demo(
+    out: str | Path = "runs/demo",
+    quick: bool = False,
+    cache: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict:
+    """Run the whole demo on ``device`` (default: CUDA when available); returns the summary written to
+    ``out/summary.json``. Baseline and adapted models are evaluated in the same precision (the recipes' ``auto``)."""
     started = time.perf_counter()
     size = QUICK if quick else FULL
     out = Path(out)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     paths = fetch_demo(cache)
-    baseline = load_run("lite_medsam")
+    baseline = load_run("lite_medsam", device=device)
+    same = dict(seed=seed, device=device, precision=TrainConfig().train.precision)
     rows: list[list[str]] = []
     sections: list[Section] = []
     timings: dict[str, float] = {}
@@ -127,14 +138,15 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache: str | No
     test_items = [lesions[i] for i in test]
     lesion_classes = {1: "lesion"}
     tick = time.perf_counter()
-    base_box, base_point = evaluate_slices_under(baseline, test_items, lesion_classes, ["box", "point:1"], seed=seed)
-    empty = [i for i in lesions.indices(None) if i not in set(labelled)]
+    base_box, base_point = evaluate_slices_under(baseline, test_items, lesion_classes, ["box", "point:1"], **same)
+    with_lesion = set(labelled)
+    empty = [i for i in lesions.indices(None) if i not in with_lesion]
     train_items = [lesions[i] for i in exemplars] + [lesions[i] for i in spread(empty, len(exemplars) // 2)]
-    config = recipe_config("cheap-lunch", size.lesion_steps, size.batch_size, seed, lr=size.lesion_lr)
+    config = recipe_config("cheap-lunch", size.lesion_steps, size.batch_size, seed, lr=size.lesion_lr, device=device)
     config.data.path = str(paths["lesions"])
     result = fit_slices(config, train_items, [], lesion_classes, out / "lesions_run", "percentile_slice", verbose=False)
-    adapted = load_run(out / "lesions_run", checkpoint="last")
-    ad_point, ad_box = evaluate_slices_under(adapted, test_items, lesion_classes, ["point:1", "box"], seed=seed)
+    adapted = load_run(out / "lesions_run", checkpoint="last", device=device)
+    ad_point, ad_box = evaluate_slices_under(adapted, test_items, lesion_classes, ["point:1", "box"], **same)
     timings["lesions"] = time.perf_counter() - tick
     task = f"lesions ({len(test_items)} held-out slices, {len(exemplars)} exemplars)"
     rows += [
@@ -162,14 +174,14 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache: str | No
     test_mni = spread(held_out(mni, inner, exemplars_mni, gap=3), size.mni_test)
     mni_items = [mni[i] for i in test_mni]
     tick = time.perf_counter()
-    mni_box, mni_point = evaluate_slices_under(baseline, mni_items, tissue, ["box", "point:1"], seed=seed)
-    config = recipe_config("samed", size.mni_steps, size.batch_size, seed, lr=size.mni_lr)
+    mni_box, mni_point = evaluate_slices_under(baseline, mni_items, tissue, ["box", "point:1"], **same)
+    config = recipe_config("samed", size.mni_steps, size.batch_size, seed, lr=size.mni_lr, device=device)
     config.data.path = str(paths["mni152"])
     mni_result = fit_slices(
         config, [mni[i] for i in exemplars_mni], [], tissue, out / "mni152_run", "mr", verbose=False
     )
-    mni_adapted = load_run(out / "mni152_run", checkpoint="last")
-    mni_semantic = evaluate_slices(mni_adapted, mni_items, tissue, "none", seed=seed)
+    mni_adapted = load_run(out / "mni152_run", checkpoint="last", device=device)
+    mni_semantic = evaluate_slices(mni_adapted, mni_items, tissue, "none", **same)
     timings["mni152"] = time.perf_counter() - tick
     task = f"MNI152 tissues ({len(mni_items)} held-out slices, {len(exemplars_mni)} exemplars)"
     rows += [
@@ -229,7 +241,7 @@ def print_table(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, quick=args.quick, cache=args.cache, seed=args.seed)
+    summary = run_demo(args.out, quick=args.quick, cache=args.cache, seed=args.seed, device=args.device)
     print_table(summary)
     return 0
 
@@ -240,4 +252,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke version (about 2 minutes)")
     parser.add_argument("--cache", help="demo data cache (default $SAMADAPT_CACHE or ~/.cache/samadapt)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
     parser.set_defaults(func=run)

@@ -1,38 +1,27 @@
 """Interactive prediction: encode an image once, then decode masks for any number of prompts.
 
 The predictor owns the image geometry: prompts are given in (x, y) pixels of the original image and masks come back
-at the original size. Intensities: uint8 images are divided by 255, anything else is min-max scaled to [0, 1]; the
+at the original size. Intensities: a slice that went through a preprocessing preset is passed with
+``preprocessed=True`` and fed to the model as is (``transforms.model_input``, the same path as training); a raw image
+from a user is first brought to [0, 1] by ``transforms.to_unit_range`` (uint8 / 255, anything else min-max). The
 model then applies its checkpoint's own normalisation (``Sam.normalize``).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from samadapt.data.preprocess import preprocess_volume, volume_slice
+from samadapt.device import autocast, resolve_device
 from samadapt.models.sam import Sam
-from samadapt.transforms import InputGeometry
+from samadapt.transforms import InputGeometry, model_input, to_unit_range
 
-
-def to_unit_range(image: np.ndarray) -> np.ndarray:
-    """An (H, W) or (H, W, 3) image as float32 in [0, 1]: uint8 / 255, otherwise min-max (constant -> 0)."""
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    image = image.astype(np.float32)
-    low, high = float(image.min()), float(image.max())
-    return (image - low) / max(high - low, 1e-8)
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H, W) or (H, W, 3) array in [0, 1] -> (1, 3, H, W) float tensor (grey repeated over three channels)."""
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {image.shape}")
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+__all__ = ["Prediction", "Predictor", "predict_volume", "to_unit_range"]
 
 
 @dataclass
@@ -53,26 +42,52 @@ class Predictor:
         >>> out = predictor.predict(boxes=np.array([[x0, y0, x1, y1]]))
     """
 
-    def __init__(self, model: Sam, device: str | torch.device | None = None, bfloat16: bool = False) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    def __init__(
+        self, model: Sam, device: str | torch.device | None = None, precision: str = "fp32", cache_size: int = 0
+    ) -> None:
+        """``device``: None / "auto" picks CUDA when available (``device.resolve_device``); ``precision``: fp32,
+        bf16, fp16 or auto (``precision.resolve_precision``), applied as autocast; ``cache_size``: how many
+        embeddings ``set_image(..., cache_key=...)`` keeps (least recently used dropped first)."""
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.bfloat16 = bfloat16
+        self.precision = precision
         self.geometry: InputGeometry | None = None
         self.embedding: torch.Tensor | None = None
+        self.cache_size = cache_size
+        self._cache: OrderedDict[Hashable, tuple[torch.Tensor, InputGeometry]] = OrderedDict()
 
     def _autocast(self):
-        if not self.bfloat16:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return autocast(self.device, self.precision)
 
     @torch.inference_mode()
-    def set_image(self, image: np.ndarray) -> None:
-        """Encode an (H, W) or (H, W, 3) image and keep its embedding for the following ``predict`` calls."""
+    def set_image(self, image: np.ndarray, preprocessed: bool = False, cache_key: Hashable | None = None) -> None:
+        """Encode an (H, W) or (H, W, 3) image and keep its embedding for the following ``predict`` calls.
+
+        ``preprocessed``: the image already went through a preset and lies in [0, 1]; it is not rescaled again.
+        ``cache_key``: names this image (e.g. its slice index); an image set again under the same key is not
+        encoded again (the caller guarantees that the key identifies the image).
+        """
+        if cache_key is not None and cache_key in self._cache:
+            self._cache.move_to_end(cache_key)
+            self.embedding, self.geometry = self._cache[cache_key]
+            return
         image = np.asarray(image)
-        self.geometry = InputGeometry(original=tuple(image.shape[:2]), size=self.model.img_size)
-        tensor = image_to_tensor(to_unit_range(image)).to(self.device)
+        tensor, self.geometry = model_input(image if preprocessed else to_unit_range(image), self.model.img_size)
         with self._autocast():
-            self.embedding = self.model.encode_image(self.geometry.image_to_input(tensor)).float()
+            self.embedding = self.model.encode_image(tensor.to(self.device)).float()
+        if cache_key is not None and self.cache_size > 0:
+            self._cache[cache_key] = (self.embedding, self.geometry)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    @torch.inference_mode()
+    def semantic_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Prompt-free class maps of several preprocessed slices of one size, in one encoder call: (B, H, W) int."""
+        tensors, geometries = zip(*(model_input(image, self.model.img_size) for image in images), strict=True)
+        with self._autocast():
+            logits, _ = self.model.decode(self.model.encode_image(torch.cat(tensors).to(self.device)))
+        logits = geometries[0].masks_to_original(logits.float(), from_size=logits.shape[-1])
+        return logits.argmax(1).cpu().numpy()
 
     @torch.inference_mode()
     def predict(
@@ -131,74 +146,114 @@ class Predictor:
         return logits.argmax(1)[0].cpu().numpy()
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Slices per encoder call: a CPU gains nothing from batching (it is compute-bound at batch 1), a GPU does."""
+    return 8 if device.type == "cuda" else 1
+
+
 def predict_volume(
     run,
     volume,
     points: np.ndarray | None = None,
     boxes: np.ndarray | None = None,
     preprocessing: str | None = None,
-    bfloat16: bool = False,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+    axis: int | None = None,
+    batch_size: int | None = None,
 ) -> np.ndarray:
-    """Segment a whole ``Volume`` slice by slice along axis 0; returns (Z, Y, X) integer labels.
+    """Segment a whole ``Volume`` slice by slice along the run's slicing axis; returns labels on the volume's grid.
 
-    Semantic runs need no prompt. Prompted runs take voxel-coordinate prompts: ``points`` rows (x, y, z, label),
-    ``boxes`` rows (x0, y0, x1, y1, z) for one slice each, or one row (x0, y0, z0, x1, y1, z1): a volume box whose
-    middle slice is segmented first, each next slice then prompted with the box of its neighbour's mask, outward,
-    until the box's z range ends or the mask vanishes (LiteMedSAM's way).
+    Slices are taken exactly as training took them (``data.preprocess.volume_slice`` with the run's preset and axis,
+    then ``transforms.model_input``). Semantic runs need no prompt and are encoded ``batch_size`` slices at a time.
+    Prompted runs take prompts in voxel coordinates (x, y, z) = array index [z, y, x], each row one object whose
+    class id is the optional last column (default: the run's first class):
+
+    - ``points`` rows (x, y, z, label[, class]): the clicks of one class on one slice form one prompt set;
+    - ``boxes`` rows (x0, y0, z0, x1, y1, z1[, class]): a volume box whose middle slice is segmented first, each
+      next slice then prompted with the box of its neighbour's mask, forward and backward, until the box's range
+      ends or the mask vanishes (LiteMedSAM's way); or rows (x0, y0, x1, y1, z) of single-slice boxes (axis 0).
+
+    Objects are written in the order given (a later object wins where two overlap). Embeddings are cached per
+    slice, so objects that share slices do not encode them twice.
     """
-    from samadapt.data.preprocess import SLICE_WISE, normalize
-
     preset = preprocessing or run.manifest.get("preprocessing") or "mr"
-    array = volume.array if preset in SLICE_WISE else normalize(volume.array, preset)
-
-    def slice_image(z: int) -> np.ndarray:
-        return normalize(array[z], preset) if preset in SLICE_WISE else array[z]
-
-    predictor = Predictor(run.model, device="cpu", bfloat16=bfloat16)
+    axis = int(run.manifest.get("axis", 0) if axis is None else axis)
+    array = preprocess_volume(volume.array, preset)
+    predictor = Predictor(run.model, device=device, precision=precision or run.precision, cache_size=16)
     labels = np.zeros(volume.array.shape[:3], np.int16)
+    planes = np.moveaxis(labels, axis, 0)  # a view: writing a plane writes the volume
+
+    def encode(index: int) -> None:
+        predictor.set_image(volume_slice(array, index, axis, preset), preprocessed=True, cache_key=index)
+
     class_ids = list(run.classes) or [1]
     if run.task == "semantic":
         lookup = np.array([0, *class_ids])
-        for z in range(labels.shape[0]):
-            predictor.set_image(slice_image(z))
-            labels[z] = lookup[predictor.predict_semantic()]
+        step = batch_size or default_batch_size(predictor.device)
+        for start in range(0, planes.shape[0], step):
+            stop = min(start + step, planes.shape[0])
+            images = [volume_slice(array, i, axis, preset) for i in range(start, stop)]
+            planes[start:stop] = lookup[predictor.semantic_batch(images)]
         return labels
-    value = class_ids[0]
     if points is None and boxes is None:
         raise ValueError("this model is prompted: give --points or --boxes (voxel coordinates)")
     if points is not None:
-        points = np.atleast_2d(points)
-        for z in np.unique(points[:, 2]).astype(int):
-            rows = points[points[:, 2] == z]
-            predictor.set_image(slice_image(z))
-            mask = predictor.predict(points=rows[:, :2], labels=rows[:, 3].astype(int)).masks[0, 0]
-            labels[z][mask] = value
+        points = np.atleast_2d(np.asarray(points, np.float32))
+        if points.shape[1] not in (4, 5):
+            raise ValueError("points need 4 columns (x, y, z, label) or 5 (x, y, z, label, class)")
+        objects = points[:, 4].astype(int) if points.shape[1] == 5 else np.full(len(points), class_ids[0])
+        planar = np.array([_to_plane(x, y, z, axis) for x, y, z in points[:, :3]])
+        for value in dict.fromkeys(objects.tolist()):
+            for index in np.unique(planar[objects == value, 0]).astype(int):
+                rows = (objects == value) & (planar[:, 0] == index)
+                encode(index)
+                mask = predictor.predict(points=planar[rows, 1:], labels=points[rows, 3].astype(int)).masks[0, 0]
+                planes[index][mask] = value
     if boxes is not None:
-        boxes = np.atleast_2d(boxes)
-        if boxes.shape[1] == 6:
-            _propagate_box(predictor, slice_image, labels, boxes[0], value)
+        boxes = np.atleast_2d(np.asarray(boxes, np.float32))
+        if boxes.shape[1] in (6, 7):
+            for row in boxes:
+                value = int(row[6]) if len(row) == 7 else class_ids[0]
+                _propagate_box(predictor, encode, planes, _box_to_plane(row[:6], axis), value)
         elif boxes.shape[1] == 5:
+            if axis != 0:
+                raise ValueError("single-slice boxes (x0, y0, x1, y1, z) need slicing axis 0; give volume boxes")
             for x0, y0, x1, y1, z in boxes:
-                predictor.set_image(slice_image(int(z)))
-                labels[int(z)][predictor.predict(boxes=np.array([x0, y0, x1, y1])).masks[0, 0]] = value
+                encode(int(z))
+                planes[int(z)][predictor.predict(boxes=np.array([x0, y0, x1, y1])).masks[0, 0]] = class_ids[0]
         else:
-            raise ValueError("boxes need 5 columns (x0, y0, x1, y1, z) or 6 (x0, y0, z0, x1, y1, z1)")
+            raise ValueError("boxes need 5 columns (x0, y0, x1, y1, z), or 6 / 7 (x0, y0, z0, x1, y1, z1[, class])")
     return labels
 
 
-def _propagate_box(predictor: Predictor, slice_image, labels: np.ndarray, box: np.ndarray, value: int) -> None:
-    x0, y0, z0, x1, y1, z1 = box
-    z0, z1 = int(max(z0, 0)), int(min(z1, labels.shape[0] - 1))
-    middle = (z0 + z1) // 2
+def _to_plane(x: float, y: float, z: float, axis: int) -> tuple[float, float, float]:
+    """Voxel (x, y, z) -> (slice index along ``axis``, x, y in that slice's image)."""
+    index = (z, y, x)  # array order
+    row, col = (index[k] for k in range(3) if k != axis)
+    return index[axis], col, row
+
+
+def _box_to_plane(box: np.ndarray, axis: int) -> tuple[int, int, np.ndarray]:
+    """A voxel box (x0, y0, z0, x1, y1, z1) -> (first slice, last slice, (x0, y0, x1, y1) in the slice image)."""
+    first, x0, y0 = _to_plane(*box[:3], axis)
+    last, x1, y1 = _to_plane(*box[3:], axis)
+    return int(min(first, last)), int(max(first, last)), np.array([x0, y0, x1, y1], np.float32)
+
+
+def _propagate_box(predictor: Predictor, encode, planes: np.ndarray, box, value: int) -> None:
+    first, last, plane_box = box
+    first, last = max(first, 0), min(last, planes.shape[0] - 1)
+    middle = (first + last) // 2
     for direction in (1, -1):
-        current = np.array([x0, y0, x1, y1], np.float32)
-        z = middle if direction == 1 else middle - 1
-        while z0 <= z <= z1:
-            predictor.set_image(slice_image(z))
+        current = plane_box
+        index = middle if direction == 1 else middle - 1
+        while first <= index <= last:
+            encode(index)
             mask = predictor.predict(boxes=current).masks[0, 0]
             if not mask.any():
                 break
-            labels[z][mask] = value
+            planes[index][mask] = value
             ys, xs = np.nonzero(mask)
             current = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
-            z += direction
+            index += direction

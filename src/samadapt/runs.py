@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from samadapt.device import resolve_device
 from samadapt.models.checkpoint import file_sha256
 from samadapt.models.registry import MODELS, build_model, default_weights_path
 from samadapt.models.sam import Sam
@@ -40,6 +41,11 @@ class Run:
     classes: dict[int, str] = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
     path: Path | None = None
+
+    @property
+    def precision(self) -> str:
+        """The precision the run was trained in (``auto`` resolves per device); a bare model computes in fp32."""
+        return self.manifest.get("precision", "fp32")
 
     @property
     def label(self) -> str:
@@ -75,7 +81,8 @@ def build_base(name: str, checkpoint: str | Path | None, img_size: int | None, n
 
 
 def load_run(path_or_model: str | Path, checkpoint: str = "best", device: str | torch.device | None = None) -> Run:
-    """Rebuild the model of a run directory (``checkpoint``: best or last), or a bare model by name.
+    """Rebuild the model of a run directory (``checkpoint``: best or last), or a bare model by name, on ``device``
+    (None / "auto": CUDA when available).
 
     Raises:
         FileNotFoundError: not a run directory and not a model name. ValueError: the adapter does not match its base.
@@ -83,7 +90,7 @@ def load_run(path_or_model: str | Path, checkpoint: str = "best", device: str | 
     text = str(path_or_model)
     if text in MODELS and not Path(text).exists():
         model = build_model(text)
-        return Run(model=model.to(device or "cpu").eval(), name=text, task="prompt")
+        return Run(model=model.to(resolve_device(device)).eval(), name=text, task="prompt")
     run_dir = Path(path_or_model)
     adapter_dir = run_dir / "checkpoints" / checkpoint
     if not adapter_dir.is_dir():
@@ -105,4 +112,4 @@ def load_run(path_or_model: str | Path, checkpoint: str = "best", device: str | 
     facts = base_model_facts(manifest["base_model"], checkpoint_path)
     apply_peft(model, PeftConfig(**manifest["peft"]))
     load_adapter_weights(model, adapter_dir, facts["base_sha256"])
-    return Run(model.to(device or "cpu").eval(), manifest["base_model"], task, classes, manifest, run_dir)
+    return Run(model.to(resolve_device(device)).eval(), manifest["base_model"], task, classes, manifest, run_dir)

@@ -1,7 +1,13 @@
-"""Geometry between an image and the model input: resize the longest side, pad to a square, and back.
+"""The model input: intensities, and the geometry between an image and the model's square input grid.
 
-Every operation comes as a pair that applies to images and to prompts (points in (x, y) order, boxes XYXY), so a
-click drawn on the original image lands on the same anatomy in the model input.
+``model_input`` is the ONE function that turns a preprocessed slice into the tensor the image encoder sees; training
+(``train.samples``), validation, evaluation, prediction and the interactive ``Predictor`` all call it, so a model is
+always scored on exactly the inputs it was trained on. Slices that went through a preprocessing preset
+(``data.preprocess``) are already in [0, 1] and are never rescaled again; ``to_unit_range`` is the documented rule for
+raw images a user hands to ``Predictor``.
+
+Every geometric operation comes as a pair that applies to images and to prompts (points in (x, y) order, boxes
+XYXY), so a click drawn on the original image lands on the same anatomy in the model input.
 """
 
 from __future__ import annotations
@@ -64,6 +70,48 @@ class InputGeometry:
             masks = resize(masks, (self.size, self.size), "bilinear")
             crop_h, crop_w = h, w
         return resize(masks[..., :crop_h, :crop_w], self.original, "bilinear")
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """A raw (H, W) or (H, W, 3) image as float32 in [0, 1]: uint8 / 255, anything else min-max (constant -> 0)."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    image = np.asarray(image, dtype=np.float32)
+    low, high = float(image.min()), float(image.max())
+    return (image - low) / max(high - low, 1e-8)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W) or (H, W, 3) array -> (1, 3, H, W) float32 tensor (grey repeated over three channels)."""
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {image.shape}")
+    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+
+
+# preprocessed slices may overshoot [0, 1] by rounding only; anything further is an image that skipped its preset
+_UNIT_TOLERANCE = 1e-3
+
+
+def model_input(image: np.ndarray, size: int) -> tuple[torch.Tensor, InputGeometry]:
+    """A preprocessed (H, W) or (H, W, 3) slice in [0, 1] -> the model's input (1, 3, size, size) and its geometry.
+
+    Resize the longest side to ``size`` (antialiased), zero-pad bottom / right, clamp the resampling overshoot to
+    [0, 1]. The model's own pixel normalisation (``Sam.normalize``) happens inside the model.
+
+    Raises:
+        ValueError: the image is not in [0, 1] (it was not preprocessed: apply a preset, or give it to
+            ``Predictor.set_image`` as a raw image).
+    """
+    image = np.asarray(image)
+    if image.size and (float(image.min()) < -_UNIT_TOLERANCE or float(image.max()) > 1 + _UNIT_TOLERANCE):
+        raise ValueError(
+            f"a preprocessed slice must lie in [0, 1], this one spans [{float(image.min()):.4g}, "
+            f"{float(image.max()):.4g}]: apply a preprocessing preset first (samadapt.data.preprocess)"
+        )
+    geometry = InputGeometry(original=tuple(image.shape[:2]), size=size)
+    return geometry.image_to_input(image_to_tensor(image)).clamp_(0, 1), geometry
 
 
 def resize(

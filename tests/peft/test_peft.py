@@ -227,3 +227,20 @@ def test_depth_branch_without_other_peft_equals_2d_path_with_adapters_zero():
     stack = torch.rand(3, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(stack), base.encode_image(stack), rtol=0, atol=0)
+
+
+def test_an_adapter_file_missing_a_trained_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from samadapt.peft.inject import ADAPTER_WEIGHTS
+
+    config = PeftConfig(method="lora")
+    model = apply_peft(make_tiny_sam(), config)
+    save_adapter(model, tmp_path, {"base_model": "tiny", "base_sha256": "a" * 64, "peft": config.to_dict()})
+    tensors = load_file(str(tmp_path / ADAPTER_WEIGHTS))
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, str(tmp_path / ADAPTER_WEIGHTS))
+    fresh = apply_peft(make_tiny_sam(), PeftConfig(**config.to_dict()))
+    with pytest.raises(ValueError, match=rf"1 trained tensors .*missing \({dropped}\)"):
+        load_adapter_weights(fresh, tmp_path, base_sha256="a" * 64)

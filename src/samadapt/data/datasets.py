@@ -31,7 +31,7 @@ from samadapt.data.io import (
     read_volume,
     suffix_of,
 )
-from samadapt.data.preprocess import PRESETS, SLICE_WISE, normalize, preset_for_modality
+from samadapt.data.preprocess import PRESETS, preprocess_volume, preset_for_modality, volume_slice
 
 INDEX_VERSION = 2
 
@@ -269,11 +269,8 @@ class SliceDataset:
     def __getitem__(self, i: int) -> dict:
         case_id, z, _ = self.slices[i]
         image, label, spacing = self._volume(case_id)
-        image_slice = np.take(image, z, axis=self.axis)
-        if self.spec.preprocessing in SLICE_WISE:
-            image_slice = normalize(image_slice, self.spec.preprocessing)
         return {
-            "image": np.ascontiguousarray(image_slice, dtype=np.float32),
+            "image": volume_slice(image, z, self.axis, self.spec.preprocessing),
             "label": np.take(label, z, axis=self.axis).astype(np.int64),
             "case": case_id,
             "slice": z,
@@ -298,10 +295,11 @@ class SliceDataset:
             if unknown:
                 raise DataError(f"{self.spec.root}: classes {unknown} are not in the dataset ({self.spec.classes})")
         wanted = set(classes) if classes is not None else None
+        case_set = set(cases) if cases is not None else None  # a set: O(1) per slice, not O(cases)
         found = [
             i
             for i, ((case_id, _, _), areas) in enumerate(zip(self.slices, self.areas, strict=True))
-            if (cases is None or case_id in cases)
+            if (case_set is None or case_id in case_set)
             and (wanted is None or any(areas.get(c, 0) >= min_pixels for c in wanted))
         ]
         if require and not found:
@@ -331,10 +329,7 @@ class SliceDataset:
             self._volumes.move_to_end(case_id)
             return self._volumes[case_id]
         image, label = self.read_case(case_id)
-        array = image.array
-        if self.spec.preprocessing not in SLICE_WISE:
-            array = normalize(array, self.spec.preprocessing)
-        entry = (array, label.array, image.spacing)
+        entry = (preprocess_volume(image.array, self.spec.preprocessing), label.array, image.spacing)
         self._volumes[case_id] = entry
         while len(self._volumes) > self._cache_size:
             self._volumes.popitem(last=False)

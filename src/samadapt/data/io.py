@@ -294,14 +294,30 @@ def write_label(reference: Volume, labels: np.ndarray, path: str | Path) -> Path
     suffix = suffix_of(path)
     if suffix not in (*NIFTI, *ITK, ".png"):
         raise DataError(f"{path}: cannot write labels as {suffix!r}; use .nii.gz, .nrrd, .mha or .png")
+    if suffix == ".png":
+        if labels.shape[0] != 1:
+            raise DataError(f"{path}: a picture holds one slice, the labels have {labels.shape[0]}")
+        if dtype != np.uint8:
+            raise DataError(f"{path}: PNG labels hold class ids up to 255; use .nii.gz or .nrrd")
     path.parent.mkdir(parents=True, exist_ok=True)
+    # written under a temporary name in the same folder, then renamed: a killed job never leaves half a file
+    target = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    try:
+        _write_label_file(reference, labels, dtype, suffix, target)
+        os.replace(target, path)
+    finally:
+        target.unlink(missing_ok=True)
+    return path
+
+
+def _write_label_file(reference: Volume, labels: np.ndarray, dtype, suffix: str, target: Path) -> None:
     if suffix in NIFTI:
         header = reference.header.copy() if reference.header is not None else None
         image = nib.Nifti1Image(labels.transpose(2, 1, 0), reference.affine, header)
         image.set_data_dtype(dtype)
         image.header.set_zooms(tuple(reference.spacing[::-1]))
         image.header.set_slope_inter(1.0, 0.0)  # the image's intensity scaling must not rescale class ids
-        nib.save(image, str(path))
+        nib.save(image, str(target))
     elif suffix in ITK:
         image = sitk.GetImageFromArray(labels)
         linear = _LPS_TO_RAS @ reference.affine[:3, :3]
@@ -309,11 +325,6 @@ def write_label(reference: Volume, labels: np.ndarray, path: str | Path) -> Path
         image.SetSpacing(tuple(float(s) for s in spacing))
         image.SetDirection(tuple(float(v) for v in (linear / spacing).ravel()))
         image.SetOrigin(reference.origin)
-        sitk.WriteImage(image, str(path), useCompression=True)
+        sitk.WriteImage(image, str(target), useCompression=True)
     else:
-        if labels.shape[0] != 1:
-            raise DataError(f"{path}: a picture holds one slice, the labels have {labels.shape[0]}")
-        if dtype != np.uint8:
-            raise DataError(f"{path}: PNG labels hold class ids up to 255; use .nii.gz or .nrrd")
-        Image.fromarray(labels[0]).save(path)
-    return path
+        Image.fromarray(labels[0]).save(target)

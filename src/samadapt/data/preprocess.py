@@ -85,6 +85,20 @@ def normalize(array: np.ndarray, preset: str) -> np.ndarray:
     raise ValueError(f"unknown preprocessing preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
+def preprocess_volume(array: np.ndarray, preset: str) -> np.ndarray:
+    """The volume-wise part of a preset (slice-wise presets leave the volume as it is, for ``volume_slice``)."""
+    return np.asarray(array) if preset in SLICE_WISE else normalize(array, preset)
+
+
+def volume_slice(volume: np.ndarray, index: int, axis: int, preset: str) -> np.ndarray:
+    """Slice ``index`` along ``axis`` of a ``preprocess_volume`` result, with the slice-wise part of the preset:
+    float32 (H, W) or (H, W, 3) in [0, 1]. Training, evaluation and prediction all take their slices from here."""
+    plane = np.take(volume, index, axis=axis)
+    if preset in SLICE_WISE:
+        plane = normalize(plane, preset)
+    return np.ascontiguousarray(plane, dtype=np.float32)
+
+
 _BY_MODALITY = {
     "ct": "ct_abdomen",
     "computed tomography": "ct_abdomen",

@@ -29,8 +29,16 @@ MIN_SPACING = 2  # exemplars of one volume are kept more than this many slices a
 # ----------------------------------------------------------------------------------------------------------- selection
 
 
-def select_exemplars(slices, count: int, classes: Sequence[int], strategy: str = "auto", seed: int = 0) -> list[int]:
-    """Pick ``count`` exemplar slices (indices into the ``SliceDataset``) that hold at least one of ``classes``.
+def select_exemplars(
+    slices,
+    count: int,
+    classes: Sequence[int],
+    strategy: str = "auto",
+    seed: int = 0,
+    cases: Sequence[str] | None = None,
+) -> list[int]:
+    """Pick ``count`` exemplar slices (indices into the ``SliceDataset``) that hold at least one of ``classes``,
+    from the volumes ``cases`` only when given (e.g. the training cases, so that no validation volume is used).
 
     Strategies (Cheap Lunch 3.2):
         ``random``: uniformly random slices holding a target class (single-target data such as BraTS).
@@ -53,7 +61,8 @@ def select_exemplars(slices, count: int, classes: Sequence[int], strategy: str =
     classes = [int(c) for c in classes]
     if not classes:
         raise ValueError("select_exemplars needs at least one target class")
-    candidates = slices.indices(classes)  # raises DataError for classes the dataset does not define
+    # raises DataError for classes the dataset does not define
+    candidates = slices.indices(classes, list(cases) if cases is not None else None)
     if len(candidates) < count:
         raise DataError(
             f"{slices.spec.root}: asked for {count} exemplars, but only {len(candidates)} slices along axis "
@@ -120,10 +129,11 @@ def background_slices(
     batches sorted by position so that volumes are not loaded over and over. The result is sorted.
     """
     wanted = set(slices.spec.classes) if classes is None else {int(c) for c in classes}
+    case_set = set(cases) if cases is not None else None
     pool = [
         i
         for i, (case_id, _, present) in enumerate(slices.slices)
-        if (cases is None or case_id in cases) and not wanted & set(present)
+        if (case_set is None or case_id in case_set) and not wanted & set(present)
     ]
     if limit is not None:
         pool = [pool[int(k)] for k in np.random.default_rng(seed).permutation(len(pool))]

@@ -24,6 +24,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         axis=args.axis,
         seed=args.seed,
         tolerance_mm=args.tolerance_mm,
+        device=args.device,
     )
     print(json.dumps({"mean_dice": metrics["mean_dice"], "prompt": metrics["prompt"], "cases": metrics["cases"]}))
     print(f"report: {Path(args.out) / 'report.html'}")
@@ -35,11 +36,13 @@ def predict_command(args: argparse.Namespace) -> int:
     from samadapt.predict import predict_volume
     from samadapt.runs import load_run
 
-    run = load_run(args.run)
+    run = load_run(args.run, device=args.device)
     volume = read_volume(args.image)
     points = np.asarray(json.loads(args.points), dtype=np.float32) if args.points else None
     boxes = np.asarray(json.loads(args.boxes), dtype=np.float32) if args.boxes else None
-    labels = predict_volume(run, volume, points=points, boxes=boxes, preprocessing=args.preprocessing)
+    labels = predict_volume(
+        run, volume, points=points, boxes=boxes, preprocessing=args.preprocessing, device=args.device
+    )
     path = write_label(volume, labels, args.out)
     print(f"wrote {path} ({int((labels > 0).sum())} labelled voxels)")
     return 0
@@ -58,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance")
     evaluate.add_argument("--out", required=True, help="report directory")
+    evaluate.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
     evaluate.set_defaults(func=evaluate_command)
     predict = subparsers.add_parser("predict", help="segment a volume or image; writes labels on the input's grid")
     predict.add_argument("image", help="NIfTI / NRRD / MHA / DICOM folder / PNG")
@@ -70,4 +74,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     predict.add_argument("--preprocessing", help="intensity preset (default: the run's)")
     predict.add_argument("--out", required=True, help="output label file (.nii.gz, .nrrd, .mha, .png)")
+    predict.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
     predict.set_defaults(func=predict_command)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, aggregate, binary_metrics
+from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, aggregate, binary_metrics, dice
 from samadapt.predict import Predictor
 from samadapt.prompts import box_from_mask, iterative_clicks, objects
 from samadapt.runs import Run
@@ -138,11 +138,16 @@ def evaluate_slices(
     objects_mode: str = "class",
     seed: int = 0,
     tolerance_mm: float = 2.0,
-    bfloat16: bool = False,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
     progress: bool = True,
 ) -> Evaluation:
-    """Score a model on 2D slices: every slice is a unit (metrics in 2D with its pixel spacing)."""
-    kwargs = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, bfloat16=bfloat16)
+    """Score a model on 2D slices: every slice is a unit (metrics in 2D with its pixel spacing).
+
+    ``items`` are preprocessed slices (``SliceDataset`` items: ``image`` in [0, 1], ``label``, ``case``, ``slice``,
+    ``spacing``), fed to the model exactly as training feeds them. ``precision`` defaults to the run's.
+    """
+    kwargs = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, device=device, precision=precision)
     return evaluate_slices_under(run, items, classes, [protocol], progress=progress, **kwargs)[0]
 
 
@@ -154,30 +159,33 @@ def evaluate_slices_under(
     objects_mode: str = "class",
     seed: int = 0,
     tolerance_mm: float = 2.0,
-    bfloat16: bool = False,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
     progress: bool = True,
 ) -> list[Evaluation]:
     """``evaluate_slices`` for several protocols at once, one ``Evaluation`` each, encoding every slice once."""
     from tqdm.auto import tqdm
 
     protocols = [parse_protocol(p) if isinstance(p, str) else p for p in protocols]
-    predictor = Predictor(run.model, device="cpu", bfloat16=bfloat16)
+    predictor = Predictor(run.model, device=device, precision=precision or run.precision)
     rows: list[list[dict]] = [[] for _ in protocols]
-    kept: list[list[SliceResult]] = [[] for _ in protocols]
+    kept = [PicturePool(seed) for _ in protocols]
     names = ", ".join(map(str, protocols))
     with torch.inference_mode():
         for item in tqdm(items, desc=f"evaluate {run.label} {names}", disable=not progress, unit="slice"):
-            predictor.set_image(item["image"])
+            predictor.set_image(item["image"], preprocessed=True)
             for k, protocol in enumerate(protocols):
                 result = predict_slice(predictor, run, item, list(classes), protocol, objects_mode, seed)
+                dices = {}
                 for class_id, name in classes.items():
                     metrics = binary_metrics(
                         result.pred[class_id], item["label"] == class_id, item["spacing"], tolerance_mm
                     )
                     rows[k].append({"case": item["case"], "slice": item["slice"], "class": name, **metrics})
-                kept[k].append(result)
+                    dices[class_id] = metrics["dice"]
+                kept[k].add(result, dices)
     return [
-        Evaluation(str(p), run.name, r, aggregate(r, list(classes.values())), s)
+        Evaluation(str(p), run.label, r, aggregate(r, list(classes.values())), s.results())
         for p, r, s in zip(protocols, rows, kept, strict=True)
     ]
 
@@ -191,7 +199,8 @@ def evaluate_volumes(
     objects_mode: str = "class",
     seed: int = 0,
     tolerance_mm: float = 2.0,
-    bfloat16: bool = False,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
     progress: bool = True,
 ) -> Evaluation:
     """Score whole volumes in 3D: slices are predicted one by one (prompted: only where an object exists to prompt
@@ -199,8 +208,8 @@ def evaluate_volumes(
     from tqdm.auto import tqdm
 
     protocol = parse_protocol(protocol) if isinstance(protocol, str) else protocol
-    predictor = Predictor(run.model, device="cpu", bfloat16=bfloat16)
-    rows, kept = [], []
+    predictor = Predictor(run.model, device=device, precision=precision or run.precision)
+    rows, kept = [], PicturePool(seed)
     for case_id in case_ids:
         image, label = slices.read_case(case_id)
         axis = slices.axis
@@ -214,23 +223,60 @@ def evaluate_volumes(
         with torch.inference_mode():
             for z in tqdm(positions, desc=f"{run.label} {case_id} {protocol}", disable=not progress, unit="slice"):
                 item = slices[lookup[(case_id, z)]]
-                predictor.set_image(item["image"])
+                predictor.set_image(item["image"], preprocessed=True)
                 result = predict_slice(predictor, run, item, list(classes), protocol, objects_mode, seed)
                 for c in classes:
                     pred[c][z] = result.pred[c]
-                kept.append(result)
+                kept.add(result, {c: slice_dice(result, c) for c in classes})
         spacing = (image.spacing[axis], *[s for k, s in enumerate(image.spacing) if k != axis])
         for class_id, name in classes.items():
             metrics = binary_metrics(pred[class_id], gt == class_id, spacing, tolerance_mm)
             rows.append({"case": case_id, "slice": -1, "class": name, **metrics})
-    return Evaluation(str(protocol), run.name, rows, aggregate(rows, list(classes.values())), kept)
+    return Evaluation(str(protocol), run.label, rows, aggregate(rows, list(classes.values())), kept.results())
 
 
 def slice_dice(result: SliceResult, class_id: int) -> float:
-    gt = result.gt == class_id
-    pred = result.pred[class_id]
-    total = gt.sum() + pred.sum()
-    return math.nan if total == 0 else float(2 * (gt & pred).sum() / total)
+    """Dice of one class on one slice result (NaN when both masks are empty: ``metrics.dice``'s convention)."""
+    return dice(result.pred[class_id], result.gt == class_id)
+
+
+class PicturePool:
+    """What a report's pictures need of an evaluation, in memory that does not grow with the number of slices.
+
+    Per class, the worst and the best slice by Dice are kept exactly; a seeded reservoir sample of ``size`` slice
+    results stands in for the rest (the report's "median" picture is the median of the sample).
+    """
+
+    def __init__(self, seed: int = 0, size: int = 32) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.size = size
+        self.seen = 0
+        self.sample: list[SliceResult] = []
+        self.extremes: dict[tuple[int, str], tuple[float, SliceResult]] = {}
+
+    def add(self, result: SliceResult, dices: dict[int, float]) -> None:
+        self.seen += 1
+        if len(self.sample) < self.size:
+            self.sample.append(result)
+        else:
+            slot = int(self.rng.integers(self.seen))
+            if slot < self.size:
+                self.sample[slot] = result
+        for class_id, score in dices.items():
+            if math.isnan(score) or not (result.gt == class_id).any():
+                continue
+            worst, best = self.extremes.get((class_id, "worst")), self.extremes.get((class_id, "best"))
+            if worst is None or score < worst[0]:
+                self.extremes[(class_id, "worst")] = (score, result)
+            if best is None or score > best[0]:
+                self.extremes[(class_id, "best")] = (score, result)
+
+    def results(self) -> list[SliceResult]:
+        """The kept slice results, each once (sample first, then the extremes not in it)."""
+        kept = {id(r): r for r in self.sample}
+        for _, result in self.extremes.values():
+            kept.setdefault(id(result), result)
+        return list(kept.values())
 
 
 def evaluate(
@@ -245,9 +291,15 @@ def evaluate(
     axis: int | None = None,
     seed: int = 0,
     tolerance_mm: float = 2.0,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Score a run (or a bare model name) on whole volumes of a dataset, optionally beside its un-adapted base model.
+
+    Slices are cut along ``axis`` (default: the run's training axis, else the dataset's) and preprocessed with the
+    dataset's preset, exactly as training did. ``device`` (default: CUDA when available) and ``precision`` (default:
+    the run's) apply to both models.
 
     The baseline gets the same prompts from the same seed; a semantic run's baseline (the base model cannot segment
     without prompts) gets one centre click per object (``point:1``). With ``out``, writes metrics.json, metrics.csv,
@@ -258,8 +310,10 @@ def evaluate(
     from samadapt.eval.report import save_evaluation
     from samadapt.runs import load_run
 
-    run = run if isinstance(run, Run) else load_run(run)
+    run = run if isinstance(run, Run) else load_run(run, device=device)
     protocol = parse_protocol(prompt) if isinstance(prompt, str) else prompt
+    axis = run.manifest.get("axis") if axis is None else axis
+    precision = precision or run.precision
     spec = load_dataset(data)
     slices = SliceDataset(spec, axis=axis)
     chosen = {c: n for c, n in spec.classes.items() if not run.classes or c in run.classes}
@@ -270,11 +324,13 @@ def evaluate(
         chosen = {c: spec.classes[c] for c in classes}
     case_ids = list(cases) if cases else [c.id for c in spec.cases]
     kwargs = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, progress=progress)
+    kwargs.update(device=device, precision=precision)
     evaluation = evaluate_volumes(run, slices, case_ids, chosen, protocol, **kwargs)
     reference = None
     if baseline:
         base_protocol = protocol if protocol.kind != "none" else parse_protocol("point:1")
-        reference = evaluate_volumes(load_run(run.name), slices, case_ids, chosen, base_protocol, **kwargs)
+        base = load_run(run.name, device=device)
+        reference = evaluate_volumes(base, slices, case_ids, chosen, base_protocol, **kwargs)
     if out is not None:
         return save_evaluation(out, evaluation, reference)
     metrics = evaluation.metrics_json()

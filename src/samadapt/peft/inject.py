@@ -185,7 +185,8 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, base_sha256: s
     """Load saved tensors into a model already built with the manifest's PEFT config; returns the manifest.
 
     Raises:
-        ValueError: the manifest's base model checksum differs from ``base_sha256``, or a tensor does not fit.
+        ValueError: the manifest's base model checksum differs from ``base_sha256``, a tensor does not fit, or a
+            trainable tensor of the model is missing from the file.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -203,6 +204,13 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, base_sha256: s
             raise ValueError(
                 f"{directory / ADAPTER_WEIGHTS}: {key} is {tuple(value.shape)}, model has {tuple(own[key].shape)}"
             )
+    missing = sorted(key for key, param in own.items() if param.requires_grad and key not in tensors)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(
+            f"{directory / ADAPTER_WEIGHTS}: {len(missing)} trained tensors of this PEFT configuration are missing "
+            f"({', '.join(missing[:3])}{more}): the file is incomplete or belongs to another configuration"
+        )
     with torch.no_grad():
         for key, value in tensors.items():
             own[key].copy_(value)

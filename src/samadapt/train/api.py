@@ -27,7 +27,8 @@ def fit_slices(
     resume: bool = False,
     verbose: bool = True,
 ) -> TrainResult:
-    """Adapt the configured model on slices (dicts with ``image`` (H, W) in [0, 1] and ``label`` (H, W)).
+    """Adapt the configured model on preprocessed slices (``SliceDataset`` items: ``image`` (H, W[, 3]) in [0, 1],
+    ``label`` (H, W); validation items also ``case``, ``slice`` and ``spacing``).
 
     ``classes`` maps the dataset's class ids to names; they are the classes learned (semantic outputs in that order).
     """
@@ -50,10 +51,10 @@ def fit_slices(
         "preprocessing": preprocessing,
         "axis": config.data.axis,
         "prompt": {"kind": config.prompt.kind, "objects": config.prompt.objects},
+        "precision": config.train.precision,
     }
     train_slices = prepare_slices(train_items, model.img_size)
-    val_slices = prepare_slices(val_items, model.img_size)
-    trainer = Trainer(config, model, train_slices, val_slices, list(classes), run_dir, manifest)
+    trainer = Trainer(config, model, train_slices, val_items, list(classes), run_dir, manifest)
     return trainer.fit(resume=resume)
 
 
@@ -71,17 +72,20 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Tra
     if config.data.exemplars:
         from samadapt.data.synthesis import select_exemplars
 
-        chosen = select_exemplars(slices, config.data.exemplars, list(classes), seed=config.train.seed)
-        chosen = [i for i in chosen if slices.slices[i][0] in train_cases]
+        # chosen among the training cases only: --exemplars N trains on exactly N labelled slices
+        chosen = select_exemplars(
+            slices, config.data.exemplars, list(classes), seed=config.train.seed, cases=train_cases
+        )
         log.info("exemplars: %s", [slices.slices[i][:2] for i in chosen])
     else:
         chosen = labelled
     # a few target-free slices teach the prompted model that a click on background means "nothing here"
-    empty = [i for i in slices.indices(None, train_cases) if i not in set(slices.indices(list(classes)))]
+    with_target = set(labelled)
+    empty = [i for i in slices.indices(None, train_cases) if i not in with_target]
     rng = np.random.default_rng(config.train.seed)
     extra = list(rng.choice(empty, size=min(len(empty), max(1, len(chosen) // 4)), replace=False)) if empty else []
     train_items = [slices[i] for i in chosen] + ([slices[int(i)] for i in extra] if config.task == "prompt" else [])
-    train_items += _synthetic_items(config, slices, chosen, classes)
+    train_items += _synthetic_items(config, slices, chosen, classes, train_cases)
     val_pool = slices.indices(list(classes), val_cases) if val_cases else []
     val_pick = np.linspace(0, len(val_pool) - 1, num=min(len(val_pool), config.train.val_slices)).astype(int)
     val_items = [slices[val_pool[i]] for i in sorted(set(val_pick))] if val_pool else []
@@ -98,8 +102,11 @@ def _chosen_classes(available: dict[int, str], wanted: list[int] | None, root: P
     return {c: available[c] for c in wanted}
 
 
-def _synthetic_items(config: TrainConfig, slices, exemplar_indices: list[int], classes: dict[int, str]) -> list[dict]:
-    """Slices of a synthesised set (a directory from ``samadapt synth``, or made now from the exemplars)."""
+def _synthetic_items(
+    config: TrainConfig, slices, exemplar_indices: list[int], classes: dict[int, str], train_cases: list[str]
+) -> list[dict]:
+    """Slices of a synthesised set (a directory from ``samadapt synth``, or made now from the exemplars, on
+    backgrounds from the training cases only: a validation case never leaks into training)."""
     if config.data.synthetic:
         from samadapt.data.datasets import SliceDataset, load_dataset
 
@@ -109,7 +116,8 @@ def _synthetic_items(config: TrainConfig, slices, exemplar_indices: list[int], c
         return []
     from samadapt.data.synthesis import SynthesisConfig, background_slices, synthesize
 
-    backgrounds = [slices[i]["image"] for i in background_slices(slices, list(classes), seed=config.train.seed)]
+    picked = background_slices(slices, list(classes), cases=train_cases, seed=config.train.seed)
+    backgrounds = [slices[i]["image"] for i in picked]
     if not backgrounds:
         raise TrainingError("synthesis needs target-free background slices, and the dataset has none")
     exemplars = [slices[i] for i in exemplar_indices]

@@ -29,6 +29,7 @@ def build_config(args: argparse.Namespace):
         "data.exemplars": args.exemplars,
         "train.steps": args.steps,
         "prompt.objects": args.objects,
+        "train.device": args.device,
     }
     overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
     apply_overrides(data, overrides + list(args.set or []))
@@ -56,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--exemplars", type=int, help="train on this many labelled slices only (Cheap Lunch selection)")
     parser.add_argument("--steps", type=int, help="optimiser steps")
     parser.add_argument("--objects", choices=["class", "instance"], help="one prompt per class, or per component")
+    parser.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--config", help="YAML file with config values (e.g. configs/samed-paper.yaml)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config value, e.g. optim.lr=1e-3")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last")

@@ -89,8 +89,12 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
+    """ce / dice: weights of the mask loss terms; iou: weight of the IoU head's MSE against the true IoU of the
+    predicted mask (prompted task, as SAM trains it), so that ``Prediction.scores`` keep their meaning."""
+
     ce: float = 1.0
     dice: float = 1.0
+    iou: float = 1.0
 
 
 @dataclass
@@ -98,7 +102,8 @@ class TrainLoopConfig:
     """steps: optimiser steps; batch_size per process; grad_accum: micro-batches per step; precision: auto (bf16 where
     the device computes it natively, else fp32) / fp32 / bf16 (CPU and CUDA autocast) / fp16 (CUDA, with a gradient
     scaler); val_every: steps between validations (0: only at the end);
-    val_slices: how many held-out slices validation uses; depth_slices: slices per stack for 3D (msa-3d)."""
+    val_slices: how many held-out slices validation uses; depth_slices: slices per stack for 3D (msa-3d);
+    device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."""
 
     steps: int = 200
     batch_size: int = 4
@@ -111,6 +116,7 @@ class TrainLoopConfig:
     seed: int = 0
     log_every: int = 10
     max_grad_norm: float | None = 1.0
+    device: str = "auto"
 
 
 @dataclass

@@ -7,7 +7,7 @@ LiteMedSAM at 256, a few minutes on 2 CPU cores). The papers' full-data schedule
 - msa-3d: the same plus the depth branch, trained on stacks of adjacent slices.
 - samed: LoRA on q/v, prompt encoder and decoder trained; semantic (K + 1 masks, no prompt); 0.2 CE + 0.8 Dice;
   AdamW with linear warm-up then poly decay.
-- cheap-lunch: LoRA in encoder and decoder only; one random point per object; 1.0 CE + 0.8 Dice; AdamW 1e-3 with
+- cheap-lunch: LoRA in encoder and decoder (and the small IoU head, for meaningful scores); one random point per object; 1.0 CE + 0.8 Dice; AdamW 1e-3 with
   warm-up then exponential decay.
 Learning rates are the laptop defaults for a few hundred steps; the papers' values are in configs/.
 """
@@ -40,7 +40,12 @@ RECIPES: dict[str, dict] = {
     },
     "cheap-lunch": {
         "task": "prompt",
-        "peft": {"method": "lora", "lora": {"rank": 4, "decoder": True}, "train_modules": []},
+        # the IoU head trains too (MSE on the true IoU), so that predicted scores stay meaningful
+        "peft": {
+            "method": "lora",
+            "lora": {"rank": 4, "decoder": True},
+            "train_modules": ["mask_decoder.iou_prediction_head"],
+        },
         "prompt": {"kind": "point", "points": 1, "iterative_rounds": 0},
         "loss": {"ce": 1.0, "dice": 0.8},
         "optim": {"lr": 1e-3, "schedule": "exponential", "warmup_steps": 10, "final_lr_ratio": 0.05},

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from samadapt.predict import image_to_tensor
 from samadapt.prompts import box_from_mask, corrective_click, objects
 from samadapt.train.config import PromptConfig
-from samadapt.transforms import InputGeometry
+from samadapt.transforms import model_input
 
 
 @dataclass
@@ -30,12 +29,12 @@ class PreparedSlice:
 
 
 def prepare_slices(items: Sequence[dict], img_size: int) -> list[PreparedSlice]:
-    """Resize-longest-side + pad every item's ``image`` (H, W[, 3]) and ``label`` (H, W) to ``img_size``."""
+    """Every item's preprocessed ``image`` (H, W[, 3]) through ``model_input``, its ``label`` (H, W) onto the same
+    grid (nearest neighbour)."""
     prepared = []
     for item in items:
-        image = np.asarray(item["image"], dtype=np.float32)
-        geometry = InputGeometry(original=tuple(image.shape[:2]), size=img_size)
-        tensor = geometry.image_to_input(image_to_tensor(image))[0].clamp_(0, 1)
+        tensor, geometry = model_input(item["image"], img_size)
+        tensor = tensor[0]
         label = torch.from_numpy(np.asarray(item["label"], dtype=np.int64))[None, None].float()
         label = geometry.image_to_input(label, mode="nearest")[0, 0].round().long().numpy()
         classes = tuple(int(c) for c in np.unique(label) if c != 0)

@@ -26,18 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from samadapt.device import autocast, resolve_device
 from samadapt.peft import save_adapter, set_depth
 from samadapt.peft.inject import load_adapter_weights, train_mode
 from samadapt.precision import resolve_precision
 from samadapt.train.config import TrainConfig
 from samadapt.train.losses import SegmentationLoss
-from samadapt.train.samples import (
-    PreparedSlice,
-    add_corrective_clicks,
-    draw_prompt_batch,
-    object_masks,
-    semantic_targets,
-)
+from samadapt.train.samples import PreparedSlice, add_corrective_clicks, draw_prompt_batch, semantic_targets
 from samadapt.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -73,7 +68,9 @@ class Trainer:
     Args:
         config: the run's configuration.
         model: a ``Sam`` with PEFT applied.
-        train_slices / val_slices: slices on the model-input grid (``prepare_slices``).
+        train_slices: slices on the model-input grid (``prepare_slices``).
+        val_items: held-out preprocessed slices (``SliceDataset`` items), scored by ``evaluate_slices``: the same
+            inputs, prompts and metric as ``samadapt evaluate``.
         classes: dataset class ids learned, in output order for the semantic task.
         run_dir: where config, logs, checkpoints and the loss curve go.
         manifest: base-model facts for the adapter manifest (base_model, base_sha256, class names, preprocessing).
@@ -84,7 +81,7 @@ class Trainer:
         config: TrainConfig,
         model: nn.Module,
         train_slices: Sequence[PreparedSlice],
-        val_slices: Sequence[PreparedSlice],
+        val_items: Sequence[dict],
         classes: Sequence[int],
         run_dir: str | Path,
         manifest: dict,
@@ -96,18 +93,17 @@ class Trainer:
             raise TrainingError(f"no training slice contains any of the requested classes {sorted(wanted)}")
         self.config = config
         self.rank, self.world = distributed_context()
-        self.device = torch.device(
-            f"cuda:{self.rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-        )
+        self.device = resolve_device(config.train.device)
         self.model = model.to(self.device)
         self.train_slices = list(train_slices)
-        self.val_slices = list(val_slices)[: config.train.val_slices]
+        self.val_items = list(val_items)[: config.train.val_slices]
         self.classes = list(classes)
         self.run_dir = Path(run_dir)
         self.manifest = manifest
         self.checkpoints = self.run_dir / "checkpoints"
         self.semantic = config.task == "semantic"
         self.loss_fn = SegmentationLoss(config.loss.ce, config.loss.dice, multiclass=self.semantic)
+        iou_weight = 0.0 if self.semantic else config.loss.iou
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("the model has no trainable parameters: apply a PEFT method first")
@@ -129,7 +125,9 @@ class Trainer:
             self.model.image_encoder.set_grad_checkpointing(True)
         # each rank draws its own samples from its own stream; together they form the global batch
         self.rng = np.random.default_rng([config.train.seed, self.rank])
-        self.forward: nn.Module = LossForward(self.model, self.loss_fn, config.prompt.iterative_rounds, self.rng)
+        self.forward: nn.Module = LossForward(
+            self.model, self.loss_fn, config.prompt.iterative_rounds, self.rng, iou_weight
+        )
         if self.world > 1:
             self.forward = nn.parallel.DistributedDataParallel(
                 self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -141,10 +139,7 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def _autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, self.precision)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config.optim
@@ -249,40 +244,32 @@ class Trainer:
         return {"step": self.step, "loss": total, "lr": lr}
 
     # -- validation -----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self) -> float:
-        """Mean Dice over the held-out slices: centre click (or tight box) per object, or semantic argmax."""
-        from samadapt.prompts import box_from_mask, centre_click
+        """Mean Dice on the held-out slices, computed by ``evaluate_slices`` (the number ``samadapt evaluate`` gives):
+        centre click (or tight box) per object, or the semantic argmax; NaN without held-out slices."""
+        from samadapt.eval.evaluate import evaluate_slices
+        from samadapt.runs import Run
 
-        if not self.val_slices:
+        if not self.val_items:
             return float("nan")
-        self.model.eval()
         set_depth(self.model, None if self.config.train.depth_slices > 1 else 1)
-        scores = []
-        box = self.config.prompt.kind == "box"
-        for item in self.val_slices:
-            image = item.image[None].to(self.device)
-            with self._autocast():
-                embedding = self.model.encode_image(image)
-                if self.semantic:
-                    logits, _ = self.model.decode(embedding)
-                    pred = _upsample(logits, image.shape[-1]).argmax(1)[0].cpu().numpy()
-                    target = semantic_targets([item.label], self.classes)[0, 0].numpy()
-                    for k in range(1, len(self.classes) + 1):
-                        if (target == k).any():
-                            scores.append(_dice(pred == k, target == k))
-                    continue
-                for mask in object_masks(item.label, self.classes, self.config.prompt.objects):
-                    if box:
-                        prompt = {"boxes": torch.from_numpy(box_from_mask(mask)[None]).float().to(self.device)}
-                    else:
-                        click = centre_click(mask)
-                        coords = torch.tensor([[[click.x, click.y]]], dtype=torch.float32, device=self.device)
-                        prompt = {"points": (coords, torch.ones(1, 1, dtype=torch.long, device=self.device))}
-                    logits, _ = self.model.decode(embedding, **prompt)
-                    pred = (_upsample(logits, image.shape[-1])[0, 0] > 0).cpu().numpy()
-                    scores.append(_dice(pred, mask))
-        return float(np.mean(scores)) if scores else float("nan")
+        names = self.manifest.get("classes", {})
+        classes = {c: names.get(str(c), str(c)) for c in self.classes}
+        task = "semantic" if self.semantic else "prompt"
+        run = Run(self.model, self.manifest.get("base_model", "model"), task, classes, self.manifest)
+        protocol = "none" if self.semantic else ("box" if self.config.prompt.kind == "box" else "point:1")
+        evaluation = evaluate_slices(
+            run,
+            self.val_items,
+            classes,
+            protocol,
+            objects_mode=self.config.prompt.objects,
+            seed=self.config.train.seed,
+            device=self.device,
+            precision=self.precision,
+            progress=False,
+        )
+        return float(evaluation.summary["mean_dice"])
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _save(self, name: str, val_dice: float) -> None:
@@ -409,12 +396,23 @@ class LossForward(nn.Module):
     rounds. Semantic task (no prompts): decode all class masks at once.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, rounds: int, rng: np.random.Generator) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: nn.Module, rounds: int, rng: np.random.Generator, iou_weight: float = 0.0
+    ) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.rounds = rounds
         self.rng = rng
+        self.iou_weight = iou_weight
+
+    def _loss(self, logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mask loss, plus (prompted task) the IoU head's MSE against the true IoU of the thresholded mask."""
+        upsampled = _upsample(logits, targets.shape[-1])
+        loss = self.loss_fn(upsampled, targets)
+        if self.iou_weight:
+            loss = loss + self.iou_weight * F.mse_loss(iou_pred.float(), mask_iou(upsampled.detach() > 0, targets > 0))
+        return loss
 
     def forward(
         self,
@@ -425,10 +423,10 @@ class LossForward(nn.Module):
     ) -> torch.Tensor:
         size = images.shape[-1]
         embeddings = self.model.encode_image(images)
-        logits, _ = self.model.decode(embeddings, points, boxes)
-        loss = self.loss_fn(_upsample(logits, size), targets)
+        logits, iou_pred = self.model.decode(embeddings, points, boxes)
         if points is None and boxes is None:
-            return loss
+            return self.loss_fn(_upsample(logits, size), targets)
+        loss = self._loss(logits, iou_pred, targets)
         for _ in range(self.rounds):
             with torch.no_grad():
                 predictions = (_upsample(logits, size) > 0).cpu()
@@ -436,8 +434,8 @@ class LossForward(nn.Module):
             points = tuple(
                 t.to(images.device) for t in add_corrective_clicks(cpu_points, targets.cpu(), predictions, self.rng)
             )
-            logits, _ = self.model.decode(embeddings, points, boxes, mask_inputs=logits.detach())
-            loss = loss + self.loss_fn(_upsample(logits, size), targets)
+            logits, iou_pred = self.model.decode(embeddings, points, boxes, mask_inputs=logits.detach())
+            loss = loss + self._loss(logits, iou_pred, targets)
         return loss / (1 + self.rounds)
 
 
@@ -445,9 +443,12 @@ def _upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)
 
 
-def _dice(pred: np.ndarray, target: np.ndarray) -> float:
-    total = pred.sum() + target.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(pred, target).sum() / total)
+def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of boolean (B, K, H, W) masks per (sample, mask): (B, K) float; 1.0 when both are empty (a correct
+    "nothing here" answer), the target the IoU head learns."""
+    inter = (pred & target).flatten(2).sum(-1).float()
+    union = (pred | target).flatten(2).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 def _finite_or_none(value: float) -> float | None:
