@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from samadapt.device import autocast, resolve_device
 from samadapt.models.sam import Sam
 from samadapt.transforms import InputGeometry, model_input, to_unit_range
 
-__all__ = ["Prediction", "Predictor", "predict_volume", "to_unit_range"]
+__all__ = ["Prediction", "Predictor", "predict_folder", "predict_volume", "to_unit_range"]
 
 
 @dataclass
@@ -257,3 +258,48 @@ def _propagate_box(predictor: Predictor, encode, planes: np.ndarray, box, value:
             ys, xs = np.nonzero(mask)
             current = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
             index += direction
+
+
+def predict_folder(
+    run,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    device: str | torch.device | None = None,
+    preprocessing: str | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Segment every image of a folder with a semantic run (nnU-Net style: ``imagesTs/`` -> ``predictions/``).
+
+    Input files are NIfTI / NRRD / MHA / PNG (``CASE_0000.nii.gz`` or ``CASE.nii.gz``); each prediction is written
+    atomically as ``output_dir/CASE<same ending>`` on the input's grid. Cases whose prediction already exists are
+    skipped, so a killed run continues where it stopped. Returns the paths written now.
+
+    Raises:
+        ValueError: the run is prompted (a folder has no prompts), or the folder holds no image.
+    """
+    from tqdm.auto import tqdm
+
+    from samadapt.data.io import ITK, NIFTI, read_volume, suffix_of, write_label
+
+    if run.task != "semantic":
+        raise ValueError(
+            "folder prediction needs a semantic run (e.g. trained with the samed recipe); a prompted model needs "
+            "prompts per case: use samadapt predict IMAGE --points / --boxes"
+        )
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"{input_dir}: not a folder")
+    images = sorted(p for p in input_dir.iterdir() if p.is_file() and suffix_of(p) in (*NIFTI, *ITK, ".png"))
+    if not images:
+        raise ValueError(f"{input_dir}: no NIfTI / NRRD / MHA / PNG image in this folder")
+    written = []
+    for path in tqdm(images, desc=f"predict {run.label}", disable=not progress, unit="case"):
+        suffix = suffix_of(path)
+        case = path.name[: -len(suffix)].removesuffix("_0000")
+        target = output_dir / f"{case}{suffix}"
+        if target.exists():
+            continue
+        volume = read_volume(path)
+        labels = predict_volume(run, volume, preprocessing=preprocessing, device=device)
+        written.append(write_label(volume, labels, target))
+    return written

@@ -33,10 +33,16 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def predict_command(args: argparse.Namespace) -> int:
     from samadapt.data.io import read_volume, write_label
-    from samadapt.predict import predict_volume
+    from samadapt.predict import predict_folder, predict_volume
     from samadapt.runs import load_run
 
+    if (args.image is None) == (args.input is None):
+        raise ValueError("give one input: an IMAGE file, or a folder with -i/--input")
     run = load_run(args.run, device=args.device)
+    if args.input is not None:
+        written = predict_folder(run, args.input, args.out, device=args.device, preprocessing=args.preprocessing)
+        print(f"wrote {len(written)} predictions into {args.out} (existing ones kept)")
+        return 0
     volume = read_volume(args.image)
     points = np.asarray(json.loads(args.points), dtype=np.float32) if args.points else None
     boxes = np.asarray(json.loads(args.boxes), dtype=np.float32) if args.boxes else None
@@ -64,15 +70,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
     evaluate.set_defaults(func=evaluate_command)
     predict = subparsers.add_parser("predict", help="segment a volume or image; writes labels on the input's grid")
-    predict.add_argument("image", help="NIfTI / NRRD / MHA / DICOM folder / PNG")
+    predict.add_argument("image", nargs="?", help="NIfTI / NRRD / MHA / DICOM folder / PNG")
+    predict.add_argument(
+        "-i", "--input", help="a folder of images (semantic runs): every case predicted, finished ones skipped"
+    )
     predict.add_argument("--run", required=True, help="run directory, or a model name")
     predict.add_argument("--points", help="JSON [[x, y, z, label], ...] in voxel coordinates (label 1 fg, 0 bg)")
     predict.add_argument(
         "--boxes",
-        help="JSON [[x0, y0, x1, y1, z], ...] per slice, or [[x0, y0, z0, x1, y1, z1]] "
-        "for a volume box propagated from its middle slice",
+        help="JSON [[x0, y0, x1, y1, z], ...] per slice, or [[x0, y0, z0, x1, y1, z1(, class)], ...] "
+        "volume boxes, one object each, propagated from their middle slice",
     )
     predict.add_argument("--preprocessing", help="intensity preset (default: the run's)")
-    predict.add_argument("--out", required=True, help="output label file (.nii.gz, .nrrd, .mha, .png)")
+    predict.add_argument(
+        "-o", "--out", required=True, help="output label file (.nii.gz, .nrrd, .mha, .png), or folder with -i"
+    )
     predict.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
     predict.set_defaults(func=predict_command)
