@@ -9,6 +9,7 @@ writing, and a NaN / inf loss that stops the run while keeping the last good che
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -153,15 +154,9 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------------------
     def _pick(self, count: int) -> list[int]:
-        """Slice indices for one micro-batch; slices holding a learned class are preferred 3:1 over empty ones."""
-        wanted = set(self.classes)
-        with_target = [i for i, s in enumerate(self.train_slices) if wanted & set(s.classes)]
-        empty = [i for i, s in enumerate(self.train_slices) if not wanted & set(s.classes)]
-        picks = []
-        for _ in range(count):
-            pool = empty if empty and self.rng.random() < 0.25 else with_target
-            picks.append(int(pool[int(self.rng.integers(len(pool)))]))
-        return picks
+        """Slice indices for one micro-batch, class-balanced (``balanced_picks``): a quarter of the draws (when there
+        are any) take a slice without target, the others a learned class uniformly and then a slice holding it."""
+        return balanced_picks([s.classes for s in self.train_slices], self.classes, count, self.rng)
 
     def _pick_stacks(self, count: int, depth: int) -> list[int]:
         """Start indices of ``count`` runs of ``depth`` consecutive slices of one case (3D training)."""
@@ -353,6 +348,7 @@ class Trainer:
             shutil.copytree(self.checkpoints / "last", self.checkpoints / "best")  # no validation set: best = last
         if self.is_writer and self.step == cfg.steps:
             self._plot()
+        self.warnings = collapse_warnings(self)  # loud on the all-background plateau (warnings.json)
         return TrainResult(self.step, self.best_dice, last_dice, self.run_dir, self.history)
 
     def _tensorboard(self):
@@ -453,3 +449,95 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _finite_or_none(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+def balanced_picks(
+    slice_classes: Sequence[Sequence[int]],
+    classes: Sequence[int],
+    count: int,
+    rng: np.random.Generator,
+    empty_share: float = 0.25,
+) -> list[int]:
+    """``count`` slice indices drawn class-balanced: with probability ``empty_share`` (when such slices exist) a
+    slice holding none of ``classes``; otherwise a class uniformly among the learned classes that some slice holds,
+    then uniformly a slice holding it. A class present in one slice out of a hundred is drawn as often as one present
+    in all of them (uniform slice draws would almost never show it, and a few labelled slices with many small classes
+    then settle on the classes they see most, or on background alone).
+
+    Args:
+        slice_classes: the classes present in each training slice.
+        classes: the learned class ids.
+    """
+    wanted = set(classes)
+    holding: dict[int, list[int]] = {}
+    empty = []
+    for i, present in enumerate(slice_classes):
+        mine = wanted & set(present)
+        if not mine:
+            empty.append(i)
+        for c in mine:
+            holding.setdefault(c, []).append(i)
+    if not holding:
+        raise TrainingError(f"no training slice contains any of the requested classes {sorted(wanted)}")
+    order = sorted(holding)
+    picks = []
+    for _ in range(count):
+        if empty and rng.random() < empty_share:
+            picks.append(int(empty[int(rng.integers(len(empty)))]))
+            continue
+        pool = holding[order[int(rng.integers(len(order)))]]
+        picks.append(int(pool[int(rng.integers(len(pool)))]))
+    return picks
+
+
+def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
+    """Loud checks at the end of a run for the all-background plateau; returns the warnings (also logged at WARNING
+    and, on the writing rank, written to ``run_dir/warnings.json`` with the checks' numbers).
+
+    - every validation Dice of the run is 0 (validation ran at least once);
+    - on up to ``probe_slices`` training slices holding a learned class, the model predicts nothing: semantic, the
+      argmax is background everywhere; prompted, a centre click on each object gives an empty mask. The model fails
+      on the very slices it was trained on: the run ended on the plateau, whatever the loss says.
+    """
+    from samadapt.prompts import centre_click
+
+    found: list[str] = []
+    facts: dict = {}
+    dices = [row["val_dice"] for row in trainer.history if "val_dice" in row and math.isfinite(row["val_dice"])]
+    if dices and max(dices) == 0.0:
+        found.append(f"validation Dice stayed at 0 in all {len(dices)} validations")
+    wanted = set(trainer.classes)
+    holding = [i for i, s in enumerate(trainer.train_slices) if wanted & set(s.classes)][:probe_slices]
+    source = getattr(trainer, "data", trainer.train_slices)  # prepared slices (``train_slices`` may be infos)
+    probes = [source[i] for i in holding]
+    if probes and trainer.config.train.depth_slices == 1:
+        trainer.model.eval()
+        predicted = 0
+        with torch.no_grad(), trainer._autocast():
+            for item in probes:
+                embedding = trainer.model.encode_image(item.image[None].to(trainer.device))
+                if trainer.semantic:
+                    logits, _ = trainer.model.decode(embedding)
+                    predicted += int((logits.argmax(1) > 0).sum())
+                    continue
+                for class_id in sorted(wanted & set(item.classes)):
+                    click = centre_click(item.label == class_id)
+                    coords = torch.tensor([[[click.x, click.y]]], dtype=torch.float32, device=trainer.device)
+                    labels = torch.ones(1, 1, dtype=torch.long, device=trainer.device)
+                    logits, _ = trainer.model.decode(embedding, (coords, labels))
+                    predicted += int((logits > 0).sum())
+        train_mode(trainer.model)
+        facts["foreground_pixels_on_training_slices"] = predicted
+        if predicted == 0:
+            found.append(
+                f"the model predicts only background on {len(probes)} of its own training slices (all-background "
+                "plateau): try a lower optim.lr, more steps, or more exemplars"
+            )
+    losses = [row["loss"] for row in trainer.history]
+    if found and len(losses) >= 4:
+        facts["first_loss"], facts["last_loss"] = float(np.mean(losses[:2])), float(np.mean(losses[-2:]))
+    for message in found:
+        log.warning("%s: %s", trainer.run_dir, message)
+    if trainer.is_writer and trainer.run_dir.exists():
+        (trainer.run_dir / "warnings.json").write_text(json.dumps({"warnings": found, **facts}, indent=2))
+    return found
