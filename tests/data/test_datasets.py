@@ -1,6 +1,7 @@
 """Dataset layouts, the slice view and its cached index, splits, and the errors bad datasets get."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -161,7 +162,7 @@ def test_read_only_dataset_keeps_its_index_in_the_cache_dir(msd, monkeypatch, tm
 
 
 def test_volumes_are_read_once_while_cached(msd, monkeypatch):
-    slices = SliceDataset(load_dataset(msd()), cache_size=1)
+    slices = SliceDataset(load_dataset(msd()), cache_size=1, mmap_cache=False)
     calls = []
     real = datasets_module.read_volume
     monkeypatch.setattr(datasets_module, "read_volume", lambda path: calls.append(path.name) or real(path))
@@ -191,3 +192,37 @@ def test_index_command_summarises_the_dataset(msd, capsys, data_cli):
     out = capsys.readouterr().out
     assert "2 cases, 24 slices along axis 0" in out and "tumour" in out
     assert "case0" in out and "2 of   12 slices labelled" in out
+
+
+def test_preprocessed_volumes_are_cached_on_disk_and_memory_mapped(msd, monkeypatch):
+    root = msd()
+    first = SliceDataset(load_dataset(root))
+    items = [first[i] for i in range(len(first))]
+    calls = []
+    real = datasets_module.read_volume
+    monkeypatch.setattr(datasets_module, "read_volume", lambda path: calls.append(path.name) or real(path))
+    second = SliceDataset(load_dataset(root))
+    again = [second[i] for i in range(len(second))]
+    assert calls == []  # every volume came from the cache
+    assert isinstance(second._volumes["case1"][0], np.memmap)
+    for a, b in zip(items, again, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+        assert a["spacing"] == b["spacing"]
+    # a changed image file is read again, never served stale from the cache
+    image_path = root / "imagesTr" / "case0.nii.gz"
+    os.utime(image_path, ns=(image_path.stat().st_atime_ns, image_path.stat().st_mtime_ns + 10**9))
+    third = SliceDataset(load_dataset(root))
+    third[0]
+    assert calls == ["case0.nii.gz"]
+    assert not list((root / ".samadapt" / "preprocessed").glob(".*.tmp"))
+
+
+def test_a_dataset_sent_to_a_worker_process_leaves_its_open_volumes_behind(msd):
+    import pickle
+
+    slices = SliceDataset(load_dataset(msd()))
+    slices[0]
+    copy = pickle.loads(pickle.dumps(slices))
+    assert len(slices._volumes) == 1 and len(copy._volumes) == 0
+    np.testing.assert_array_equal(copy[0]["image"], slices[0]["image"])

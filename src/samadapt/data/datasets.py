@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -34,6 +35,7 @@ from samadapt.data.io import (
 from samadapt.data.preprocess import PRESETS, preprocess_volume, preset_for_modality, volume_slice
 
 INDEX_VERSION = 2
+CACHE_VERSION = 1  # of the preprocessed-volume cache: bump when preprocessing changes its output
 
 
 @dataclass(frozen=True)
@@ -236,13 +238,23 @@ class SliceDataset:
     The index is cached as JSON in ``<root>/.samadapt/`` (or, for a read-only dataset, under
     ``$SAMADAPT_CACHE/index/``) and rebuilt per case only when its label file's path, size or modification time
     changes, so a second run reads no volume. Building it validates every case (shapes, spacing, label values).
-    Volumes are read lazily and preprocessed once per volume; a small LRU cache keeps the last ``cache_size``.
+    Volumes are read lazily and preprocessed once: with ``mmap_cache`` (the default) the preprocessed image and the
+    label of each case are written once as ``.npy`` files next to the index (as nnU-Net's preprocessing does) and
+    read back memory-mapped, so memory does not grow with the number of cases and DataLoader workers share the
+    operating system's page cache; a small LRU keeps the last ``cache_size`` volumes open.
 
     Items are dicts: ``image`` float32 (H, W) or (H, W, 3) in [0, 1], ``label`` int64 (H, W), ``case``, ``slice``,
     ``spacing`` (row, column) in mm. ``slices[i]`` is (case id, slice position, classes present).
     """
 
-    def __init__(self, spec: DatasetSpec, cases: list[str] | None = None, axis: int | None = None, cache_size: int = 4):
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        cases: list[str] | None = None,
+        axis: int | None = None,
+        cache_size: int = 4,
+        mmap_cache: bool = True,
+    ):
         self.spec = spec
         self.axis = spec.axis if axis is None else int(axis)
         if self.axis not in (0, 1, 2):
@@ -255,6 +267,8 @@ class SliceDataset:
             raise DataError(f"{spec.root}: no cases selected")
         self._volumes: OrderedDict[str, tuple[np.ndarray, np.ndarray, tuple]] = OrderedDict()
         self._cache_size = max(1, cache_size)
+        self._mmap_cache = mmap_cache
+        self._case_by_id = {c.id: c for c in self.cases}
         index = self._load_index()
         self.slices: list[tuple[str, int, tuple[int, ...]]] = []
         self.areas: list[dict[int, int]] = []  # pixels of each class per slice
@@ -266,6 +280,10 @@ class SliceDataset:
     def __len__(self) -> int:
         return len(self.slices)
 
+    def __getstate__(self) -> dict:
+        # sent to DataLoader workers: open volumes stay behind (each worker maps its own)
+        return {**self.__dict__, "_volumes": OrderedDict()}
+
     def __getitem__(self, i: int) -> dict:
         case_id, z, _ = self.slices[i]
         image, label, spacing = self._volume(case_id)
@@ -276,6 +294,10 @@ class SliceDataset:
             "slice": z,
             "spacing": tuple(s for k, s in enumerate(spacing) if k != self.axis),
         }
+
+    def subset(self, indices: Sequence[int]) -> SliceSubset:
+        """A lazy view of some slices: items are read when asked for, their classes come from the index."""
+        return SliceSubset(self, list(indices))
 
     def indices(
         self,
@@ -328,12 +350,40 @@ class SliceDataset:
         if case_id in self._volumes:
             self._volumes.move_to_end(case_id)
             return self._volumes[case_id]
-        image, label = self.read_case(case_id)
-        entry = (preprocess_volume(image.array, self.spec.preprocessing), label.array, image.spacing)
+        entry = self._preprocessed_case(case_id) if self._mmap_cache else None
+        if entry is None:
+            image, label = self.read_case(case_id)
+            entry = (preprocess_volume(image.array, self.spec.preprocessing), label.array, image.spacing)
         self._volumes[case_id] = entry
         while len(self._volumes) > self._cache_size:
             self._volumes.popitem(last=False)
         return entry
+
+    def _preprocessed_case(self, case_id: str) -> tuple[np.ndarray, np.ndarray, tuple] | None:
+        """The case's preprocessed image and its label, memory-mapped from the cache (written on first use);
+        None where no cache can be written (a read-only dataset and cache folder)."""
+        case = self._case_by_id[case_id]
+        if case.label is None:
+            return None
+        key = [CACHE_VERSION, _stamp(case.image, self.spec.root), _stamp(case.label, self.spec.root)]
+        key += [self.spec.preprocessing, self.spec.binarize]
+        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+        folder = self._index_path().parent / "preprocessed"
+        paths = [folder / f"{case_id}-{digest}.{part}.npy" for part in ("image", "label", "spacing")]
+        if not all(p.exists() for p in paths):
+            image, label = self.read_case(case_id)
+            arrays = (preprocess_volume(image.array, self.spec.preprocessing), label.array, np.array(image.spacing))
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                for path, array in zip(paths, arrays, strict=True):
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                    with tmp.open("wb") as handle:
+                        np.save(handle, np.asarray(array))
+                    os.replace(tmp, path)  # readers never see half a file
+            except OSError:
+                return arrays[0], arrays[1], tuple(float(s) for s in arrays[2])
+        image, label, spacing = (np.load(p, mmap_mode="r") for p in paths)
+        return image, label, tuple(float(s) for s in spacing)
 
     def _index_path(self) -> Path:
         name = f"index-axis{self.axis}.json"
@@ -367,6 +417,33 @@ class SliceDataset:
         if changed:
             _write_atomic(path, cached)
         return {case.id: entries[case.id]["slices"] for case in self.cases}
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """What sampling needs to know of a slice without reading it: its case, position and classes."""
+
+    case: str
+    index: int
+    classes: tuple[int, ...]
+
+
+class SliceSubset(Sequence):
+    """Some slices of a ``SliceDataset``, read on demand (``items[k]`` is ``slices[indices[k]]``)."""
+
+    def __init__(self, slices: SliceDataset, indices: list[int]) -> None:
+        self.slices = slices
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        return self.slices[self.indices[k]]
+
+    def info(self, k: int) -> SliceInfo:
+        case_id, z, classes = self.slices.slices[self.indices[k]]
+        return SliceInfo(case_id, z, tuple(classes))
 
 
 def _class_counts(plane: np.ndarray) -> list[list[int]]:

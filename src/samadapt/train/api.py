@@ -11,7 +11,7 @@ import numpy as np
 from samadapt.peft import apply_peft, format_parameter_report
 from samadapt.runs import base_model_facts, build_base
 from samadapt.train.config import TrainConfig
-from samadapt.train.samples import prepare_slices
+from samadapt.train.samples import ItemChain, TrainingSlices
 from samadapt.train.trainer import Trainer, TrainingError, TrainResult
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,9 @@ def fit_slices(
 ) -> TrainResult:
     """Adapt the configured model on preprocessed slices (``SliceDataset`` items: ``image`` (H, W[, 3]) in [0, 1],
     ``label`` (H, W); validation items also ``case``, ``slice`` and ``spacing``).
+
+    ``train_items`` may be lazy (``SliceDataset.subset`` views, chained with ``ItemChain``): slices are then read
+    per batch by DataLoader workers, and memory does not grow with the size of the training set.
 
     ``classes`` maps the dataset's class ids to names; they are the classes learned (semantic outputs in that order).
     """
@@ -53,7 +56,7 @@ def fit_slices(
         "prompt": {"kind": config.prompt.kind, "objects": config.prompt.objects},
         "precision": config.train.precision,
     }
-    train_slices = prepare_slices(train_items, model.img_size)
+    train_slices = TrainingSlices(train_items, model.img_size)
     trainer = Trainer(config, model, train_slices, val_items, list(classes), run_dir, manifest)
     return trainer.fit(resume=resume)
 
@@ -84,8 +87,9 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Tra
     empty = [i for i in slices.indices(None, train_cases) if i not in with_target]
     rng = np.random.default_rng(config.train.seed)
     extra = list(rng.choice(empty, size=min(len(empty), max(1, len(chosen) // 4)), replace=False)) if empty else []
-    train_items = [slices[i] for i in chosen] + ([slices[int(i)] for i in extra] if config.task == "prompt" else [])
-    train_items += _synthetic_items(config, slices, chosen, classes, train_cases)
+    empties = slices.subset([int(i) for i in extra] if config.task == "prompt" else [])
+    synthetic = _synthetic_items(config, slices, chosen, classes, train_cases)
+    train_items = ItemChain(slices.subset(chosen), empties, synthetic)
     val_pool = slices.indices(list(classes), val_cases) if val_cases else []
     val_pick = np.linspace(0, len(val_pool) - 1, num=min(len(val_pool), config.train.val_slices)).astype(int)
     val_items = [slices[val_pool[i]] for i in sorted(set(val_pick))] if val_pool else []
@@ -104,14 +108,14 @@ def _chosen_classes(available: dict[int, str], wanted: list[int] | None, root: P
 
 def _synthetic_items(
     config: TrainConfig, slices, exemplar_indices: list[int], classes: dict[int, str], train_cases: list[str]
-) -> list[dict]:
+) -> Sequence[dict]:
     """Slices of a synthesised set (a directory from ``samadapt synth``, or made now from the exemplars, on
     backgrounds from the training cases only: a validation case never leaks into training)."""
     if config.data.synthetic:
         from samadapt.data.datasets import SliceDataset, load_dataset
 
         synthetic = SliceDataset(load_dataset(config.data.synthetic))
-        return [synthetic[i] for i in range(len(synthetic))]
+        return synthetic.subset(range(len(synthetic)))
     if not config.data.synthesize_on_the_fly:
         return []
     from samadapt.data.synthesis import SynthesisConfig, background_slices, synthesize

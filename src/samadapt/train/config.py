@@ -43,6 +43,7 @@ class DataConfig:
         synthetic: a synthesised set (``samadapt synth``) trained on alongside the exemplars, or None.
         synthetic_size: with ``synthesize_on_the_fly``, the number of synthetic slices to make.
         augment: random flips and 90-degree rotations of training slices.
+        workers: DataLoader worker processes reading training slices from disk (0: read in the training process).
     """
 
     path: str = ""
@@ -54,6 +55,7 @@ class DataConfig:
     synthesize_on_the_fly: bool = False
     synthetic_size: int = 200
     augment: bool = True
+    workers: int = 2
 
 
 @dataclass

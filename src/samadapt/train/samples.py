@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
+from samadapt.data.datasets import SliceInfo
 from samadapt.prompts import box_from_mask, corrective_click, objects
 from samadapt.train.config import PromptConfig
 from samadapt.transforms import model_input
@@ -28,18 +30,74 @@ class PreparedSlice:
     classes: tuple[int, ...]
 
 
+def prepare_slice(item: dict, img_size: int) -> PreparedSlice:
+    """An item's preprocessed ``image`` (H, W[, 3]) through ``model_input``, its ``label`` (H, W) onto the same grid
+    (nearest neighbour)."""
+    tensor, geometry = model_input(item["image"], img_size)
+    label = torch.from_numpy(np.asarray(item["label"], dtype=np.int64))[None, None].float()
+    label = geometry.image_to_input(label, mode="nearest")[0, 0].round().long().numpy()
+    classes = tuple(int(c) for c in np.unique(label) if c != 0)
+    return PreparedSlice(tensor[0], label, str(item.get("case", "")), int(item.get("slice", 0)), classes)
+
+
 def prepare_slices(items: Sequence[dict], img_size: int) -> list[PreparedSlice]:
-    """Every item's preprocessed ``image`` (H, W[, 3]) through ``model_input``, its ``label`` (H, W) onto the same
-    grid (nearest neighbour)."""
-    prepared = []
-    for item in items:
-        tensor, geometry = model_input(item["image"], img_size)
-        tensor = tensor[0]
-        label = torch.from_numpy(np.asarray(item["label"], dtype=np.int64))[None, None].float()
-        label = geometry.image_to_input(label, mode="nearest")[0, 0].round().long().numpy()
-        classes = tuple(int(c) for c in np.unique(label) if c != 0)
-        prepared.append(PreparedSlice(tensor, label, str(item.get("case", "")), int(item.get("slice", 0)), classes))
-    return prepared
+    """``prepare_slice`` for every item, kept in memory (small sets and tests; training streams ``TrainingSlices``)."""
+    return [prepare_slice(item, img_size) for item in items]
+
+
+class ItemChain(Sequence):
+    """Several item sequences (lists of dicts, or lazy ``SliceSubset`` views of a dataset) read as one."""
+
+    def __init__(self, *parts: Sequence[dict]) -> None:
+        self.parts = [p for p in parts if len(p)]
+        self.starts = np.cumsum([0, *(len(p) for p in self.parts)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _locate(self, i: int) -> tuple[Sequence[dict], int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part], i - int(self.starts[part])
+
+    def __getitem__(self, i: int) -> dict:
+        part, k = self._locate(i)
+        return part[k]
+
+    def info(self, i: int) -> SliceInfo:
+        part, k = self._locate(i)
+        return item_info(part, k)
+
+
+def item_info(items: Sequence[dict], k: int) -> SliceInfo:
+    """The ``SliceInfo`` of ``items[k]``: from the dataset's index when the sequence knows it, else from the item."""
+    if hasattr(items, "info"):
+        return items.info(k)
+    item = items[k]
+    classes = tuple(int(c) for c in np.unique(np.asarray(item["label"])) if c != 0)
+    return SliceInfo(str(item.get("case", "")), int(item.get("slice", 0)), classes)
+
+
+class TrainingSlices(Dataset):
+    """Training slices, put on the model-input grid when drawn: memory holds only what a batch needs.
+
+    ``items`` is any sequence of slice dicts (a list, or lazy views of a ``SliceDataset`` whose volumes are
+    memory-mapped); ``infos`` (case, position, classes of every slice) is all that sampling reads. A DataLoader's
+    worker processes call ``__getitem__``.
+    """
+
+    def __init__(self, items: Sequence[dict], img_size: int) -> None:
+        self.items = items
+        self.img_size = img_size
+        self.infos = [item_info(items, k) for k in range(len(items))]
+        self.lazy = hasattr(items, "info")  # read from disk on demand (worth worker processes)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __getitem__(self, i: int) -> PreparedSlice:
+        return prepare_slice(self.items[i], self.img_size)
 
 
 def augment(image: torch.Tensor, label: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:

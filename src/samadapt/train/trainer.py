@@ -9,13 +9,14 @@ writing, and a NaN / inf loss that stops the run while keeping the last good che
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from samadapt.device import autocast, resolve_device
@@ -69,7 +71,8 @@ class Trainer:
     Args:
         config: the run's configuration.
         model: a ``Sam`` with PEFT applied.
-        train_slices: slices on the model-input grid (``prepare_slices``).
+        train_slices: a ``TrainingSlices`` (slices read and put on the model-input grid per batch, by DataLoader
+            workers when they come from disk), or a list of ``PreparedSlice`` (``prepare_slices``).
         val_items: held-out preprocessed slices (``SliceDataset`` items), scored by ``evaluate_slices``: the same
             inputs, prompts and metric as ``samadapt evaluate``.
         classes: dataset class ids learned, in output order for the semantic task.
@@ -87,16 +90,19 @@ class Trainer:
         run_dir: str | Path,
         manifest: dict,
     ) -> None:
-        if not train_slices:
+        if not len(train_slices):
             raise TrainingError("no training slices: the dataset or the exemplar selection is empty")
+        # what sampling reads (case, position, classes); images are loaded per batch from ``self.data``
+        self.data = train_slices
+        self.train_slices = getattr(train_slices, "infos", train_slices)
         wanted = set(classes)
-        if not any(wanted & set(s.classes) for s in train_slices):
+        if not any(wanted & set(s.classes) for s in self.train_slices):
             raise TrainingError(f"no training slice contains any of the requested classes {sorted(wanted)}")
         self.config = config
         self.rank, self.world = distributed_context()
         self.device = resolve_device(config.train.device)
         self.model = model.to(self.device)
-        self.train_slices = list(train_slices)
+        self._batches: Iterator[list[PreparedSlice]] | None = None
         self.val_items = list(val_items)[: config.train.val_slices]
         self.classes = list(classes)
         self.run_dir = Path(run_dir)
@@ -135,6 +141,7 @@ class Trainer:
             )
         torch.manual_seed(config.train.seed)
         self.step = 0
+        self.loader_wait = 0.0  # seconds spent waiting for batches (the loader should never be the bottleneck)
         self.best_dice = -math.inf
         self.history: list[dict] = []
 
@@ -153,12 +160,44 @@ class Trainer:
         return self.rank == 0
 
     # -- one step -------------------------------------------------------------------------------------------
-    def _pick(self, count: int) -> list[int]:
+    def _pick(self, count: int, rng: np.random.Generator) -> list[int]:
         """Slice indices for one micro-batch, class-balanced (``balanced_picks``): a quarter of the draws (when there
         are any) take a slice without target, the others a learned class uniformly and then a slice holding it."""
-        return balanced_picks([s.classes for s in self.train_slices], self.classes, count, self.rng)
+        return balanced_picks([s.classes for s in self.train_slices], self.classes, count, rng)
 
-    def _pick_stacks(self, count: int, depth: int) -> list[int]:
+    def picks_for(self, step: int, micro: int) -> list[int]:
+        """The slices of micro-batch ``micro`` of step ``step``: a function of (seed, rank, step, micro) alone, so
+        that loader workers can read ahead and a resumed run draws exactly what an uninterrupted one would."""
+        rng = np.random.default_rng([self.config.train.seed, self.rank, step, micro, 1])
+        depth = self.config.train.depth_slices
+        if depth > 1:
+            return self._pick_stacks(self.config.train.batch_size, depth, rng)
+        return self._pick(self.config.train.batch_size, rng)
+
+    def _loader(self) -> Iterator[list[PreparedSlice]]:
+        """Batches from the current step on; worker processes read them ahead when slices come from disk."""
+        accum = self.config.train.grad_accum
+        order = (self.picks_for(step, micro) for step in itertools.count(self.step) for micro in range(accum))
+        workers = self.config.data.workers if getattr(self.data, "lazy", False) else 0
+        loader = DataLoader(
+            self.data,
+            batch_sampler=order,
+            num_workers=workers,
+            collate_fn=list,
+            prefetch_factor=2 if workers else None,
+            pin_memory=self.device.type == "cuda",
+        )
+        return iter(loader)
+
+    def _next_batch(self) -> list[PreparedSlice]:
+        if self._batches is None:
+            self._batches = self._loader()
+        started = time.perf_counter()
+        batch = next(self._batches)
+        self.loader_wait += time.perf_counter() - started
+        return batch
+
+    def _pick_stacks(self, count: int, depth: int, rng: np.random.Generator) -> list[int]:
         """Start indices of ``count`` runs of ``depth`` consecutive slices of one case (3D training)."""
         starts = [
             i
@@ -174,38 +213,34 @@ class Trainer:
             )
         picks = []
         for _ in range(count):
-            start = starts[int(self.rng.integers(len(starts)))]
+            start = starts[int(rng.integers(len(starts)))]
             picks.extend(range(start, start + depth))
         return picks
 
     def _micro_batch_loss(self) -> torch.Tensor:
-        cfg = self.config
-        depth = cfg.train.depth_slices
-        if depth > 1:
-            picks = self._pick_stacks(cfg.train.batch_size, depth)
-            set_depth(self.model, depth)
-        else:
-            picks = self._pick(cfg.train.batch_size)
+        batch = self._next_batch()
+        if self.config.train.depth_slices > 1:
+            set_depth(self.model, self.config.train.depth_slices)
         if self.semantic:
-            return self._semantic_loss(picks)
-        return self._prompt_loss(picks)
+            return self._semantic_loss(batch)
+        return self._prompt_loss(batch)
 
-    def _semantic_loss(self, picks: list[int]) -> torch.Tensor:
-        images = torch.stack([self.train_slices[i].image for i in picks]).to(self.device)
-        targets = semantic_targets([self.train_slices[i].label for i in picks], self.classes).to(self.device)
+    def _semantic_loss(self, batch: list[PreparedSlice]) -> torch.Tensor:
+        images = torch.stack([s.image for s in batch]).to(self.device)
+        targets = semantic_targets([s.label for s in batch], self.classes).to(self.device)
         if self.config.data.augment:
             turns = int(self.rng.integers(4))
             images, targets = torch.rot90(images, turns, (-2, -1)), torch.rot90(targets, turns, (-2, -1))
         with self._autocast():
             return self.forward(images, targets)
 
-    def _prompt_loss(self, picks: list[int]) -> torch.Tensor:
+    def _prompt_loss(self, picks: list[PreparedSlice]) -> torch.Tensor:
         cfg = self.config
         kind = cfg.prompt.kind
         if kind == "mixed":
             kind = "point" if self.rng.random() < 0.5 else "box"
         augment = cfg.data.augment and cfg.train.depth_slices == 1
-        batch = draw_prompt_batch(self.train_slices, picks, self.classes, cfg.prompt, kind, self.rng, augment)
+        batch = draw_prompt_batch(picks, range(len(picks)), self.classes, cfg.prompt, kind, self.rng, augment)
         points = tuple(t.to(self.device) for t in batch.points) if batch.points is not None else None
         boxes = batch.boxes.to(self.device) if batch.boxes is not None else None
         with self._autocast():
@@ -310,6 +345,7 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
+        self._batches = None  # the loader starts again at the resumed step
         self.best_dice = state["best_dice"]
         self.history = state["history"]
         log.info("resumed from %s at step %d", last, self.step)
@@ -329,7 +365,9 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_writer, desc="train", unit="step")
         started, steps_this_call = time.perf_counter(), 0
         while self.step < cfg.steps and (stop_after is None or steps_this_call < stop_after):
+            waited = self.loader_wait
             row = self.train_step()
+            row["loader_seconds"] = self.loader_wait - waited
             steps_this_call += 1
             row["seconds_per_step"] = (time.perf_counter() - started) / steps_this_call
             at_end = self.step == cfg.steps
@@ -344,6 +382,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", s_step=f"{row['seconds_per_step']:.2f}")
         bar.close()
+        self._batches = None  # stops the loader's worker processes
         if self.is_writer and not (self.checkpoints / "best").exists() and (self.checkpoints / "last").exists():
             shutil.copytree(self.checkpoints / "last", self.checkpoints / "best")  # no validation set: best = last
         if self.is_writer and self.step == cfg.steps:
@@ -364,7 +403,7 @@ class Trainer:
         if not self.is_writer:
             return
         path = self.run_dir / "metrics.csv"
-        fields = ["step", "loss", "lr", "val_dice", "seconds_per_step"]
+        fields = ["step", "loss", "lr", "val_dice", "seconds_per_step", "loader_seconds"]
         new = not path.exists() or self.step == 1
         with path.open("w" if new else "a", newline="") as handle:
             out = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
