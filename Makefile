@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-quick test test-fast lint bench clean
+.PHONY: install demo demo-quick test test-fast lint bench bench-accuracy clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py --out docs/benchmarks.md
+
+# the accuracy protocol (docs/accuracy.md); the full grid is hours on 2 CPU cores: ACCURACY_ARGS=--quick for ~15 min
+ACCURACY_ARGS ?=
+bench-accuracy: $(STAMP)
+	$(PY) bench/accuracy.py $(ACCURACY_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,365 @@
+"""The accuracy protocol: what each recipe reaches from k labelled slices, on held-out real slices, beside baselines.
+
+    python bench/accuracy.py [--quick] [--tasks lesions,mni152,regions] [--recipes cheap-lunch,samed,msa]
+                             [--k 1,3,6,12] [--seeds 0,1,2] [--steps 60] [--section NAME] [--out docs/accuracy.md]
+
+Tasks, built only from the data the project already has (``samadapt.data.demo``):
+
+- ``lesions``: the five pyradiomics lesion volumes (brain / breast MRI, chest CT), one class; exemplars are random
+  labelled slices (``select_exemplars``, strategy ``random``).
+- ``mni152``: the MNI152 template, grey / white matter; exemplars one random slice in each of k equal strata of the
+  brain's inner 80 % of slices (a user labelling a few slices spread through a volume).
+- ``regions``: the MNI152 grey matter split into 8 regions (``fetch_regions``), many small classes; exemplars as for
+  ``mni152``.
+
+For every (task, k, seed): the exemplars, then the held-out slices (labelled slices at least ``--gap`` slices from
+every exemplar of the same case, at most ``--max-test`` of them, evenly spread), then
+
+- every recipe trained on the exemplars (prompted recipes also on a few target-free slices, as ``samadapt train``
+  does) and evaluated on the held-out slices: ``none`` for the semantic recipe (samed), ``point:1``, ``point:3`` and
+  ``box`` for the prompted ones (cheap-lunch, msa);
+- the un-adapted model with the same prompts (same seed: identical clicks and boxes);
+- "copy the nearest exemplar": each held-out slice predicted as the label of the nearest exemplar slice of the same
+  case (empty when its case has no exemplar), all classes at once: what a few labelled slices give with no learning.
+
+Dice and HD95 (mm) come from ``samadapt.eval`` (2D, pixel spacing, per slice, mean over slices then classes). Each
+cell is mean +- standard deviation over seeds (of the per-seed means). The table, the grid, the exact command and the
+wall time are written between ``<!-- accuracy:SECTION -->`` markers of ``--out`` (other sections are kept), and the
+raw numbers to ``--runs``/results-SECTION.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from samadapt.data.datasets import SliceDataset, load_dataset
+from samadapt.data.demo import fetch_demo, fetch_regions
+from samadapt.data.synthesis import select_exemplars
+from samadapt.demo import held_out, recipe_config, spread
+from samadapt.eval.evaluate import evaluate_slices_under
+from samadapt.eval.metrics import aggregate, binary_metrics
+from samadapt.runs import load_run
+from samadapt.train.api import fit_slices
+from samadapt.train.config import TrainConfig
+
+PROMPTS = ("point:1", "point:3", "box")
+SEMANTIC_RECIPES = ("samed",)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    dataset: Callable[[], Path]
+    classes: tuple[int, ...] | None  # None: every class of the dataset
+    selection: str  # "random" (select_exemplars) or "strata"
+
+
+TASKS = {
+    "lesions": Task("lesions", lambda: fetch_demo()["lesions"], None, "random"),
+    "mni152": Task("mni152", lambda: fetch_demo()["mni152"], None, "strata"),
+    "regions": Task("regions", fetch_regions, None, "strata"),
+}
+
+
+# ------------------------------------------------------------------------------------------------------- selection
+def candidates(slices: SliceDataset, classes: list[int], selection: str) -> list[int]:
+    """Slices that may be exemplars or held-out slices: every labelled slice; for the one-volume tasks the inner
+    80 % (the tips of the brain hold a few pixels of tissue)."""
+    labelled = slices.indices(classes)
+    if selection == "strata":
+        cut = len(labelled) // 10
+        labelled = labelled[cut : len(labelled) - cut]
+    return labelled
+
+
+def choose_exemplars(slices: SliceDataset, pool: list[int], classes: list[int], task: Task, k: int, seed: int):
+    """k exemplar slice indices, seeded: random labelled slices, or one random slice in each of k equal strata."""
+    if task.selection == "random":
+        return select_exemplars(slices, k, classes, strategy="random", seed=seed)
+    rng = np.random.default_rng([seed, k])
+    edges = np.linspace(0, len(pool), k + 1).astype(int)
+    return [pool[int(rng.integers(lo, max(lo + 1, hi)))] for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def copy_nearest(slices: SliceDataset, exemplars: list[int], test_items: list[dict], classes: dict[int, str]) -> dict:
+    """Scores of predicting each held-out slice as the label of the nearest exemplar slice of its case (empty when
+    the case has no exemplar); the ``aggregate`` summary (mean_dice, mean_hd95_mm, per_class)."""
+    by_case: dict[str, list[tuple[int, int]]] = {}
+    for i in exemplars:
+        case, z, _ = slices.slices[i]
+        by_case.setdefault(case, []).append((z, i))
+    labels: dict[int, np.ndarray] = {}
+    rows = []
+    for item in test_items:
+        mine = by_case.get(item["case"], [])
+        if mine:
+            _, nearest = min(mine, key=lambda entry: (abs(entry[0] - item["slice"]), entry[0]))
+            if nearest not in labels:
+                labels[nearest] = slices[nearest]["label"]
+            prediction = labels[nearest]
+        else:
+            prediction = np.zeros_like(item["label"])
+        for class_id, name in classes.items():
+            metrics = binary_metrics(prediction == class_id, item["label"] == class_id, item["spacing"])
+            rows.append({"case": item["case"], "slice": item["slice"], "class": name, **metrics})
+    return aggregate(rows, list(classes.values()))
+
+
+# ------------------------------------------------------------------------------------------------------------- grid
+@dataclass
+class Grid:
+    tasks: list[str]
+    recipes: list[str]
+    ks: list[int]
+    seeds: list[int]
+    steps: int
+    batch_size: int
+    max_test: int
+    gap: int
+    lr: dict[str, float]
+    overrides: list[str]
+
+
+def _summary(summary: dict) -> dict:
+    per_class = {name: values["dice"] for name, values in summary["per_class"].items()}
+    return {"dice": summary["mean_dice"], "hd95": summary["mean_hd95_mm"], "per_class_dice": per_class}
+
+
+def run_cell(task: Task, k: int, seed: int, grid: Grid, runs: Path, log: Callable[[str], None]) -> dict:
+    """Everything for one (task, k, seed): exemplars, held-out slices, baselines, each recipe trained and scored."""
+    spec = load_dataset(task.dataset())
+    classes = {c: spec.classes[c] for c in (task.classes or sorted(spec.classes))}
+    slices = SliceDataset(spec)
+    pool = candidates(slices, list(classes), task.selection)
+    exemplars = choose_exemplars(slices, pool, list(classes), task, k, seed)
+    test = spread(held_out(slices, pool, exemplars, gap=grid.gap - 1), grid.max_test)
+    cell = {
+        "task": task.name,
+        "k": k,
+        "seed": seed,
+        "exemplars": [list(slices.slices[i][:2]) for i in exemplars],
+        "held_out": len(test),
+        "results": {},
+    }
+    if not test:
+        log(f"{task.name} k={k} seed={seed}: no held-out slice is {grid.gap} slices from every exemplar; skipped")
+        return cell
+    test_items = [slices[i] for i in test]
+    precision = TrainConfig().train.precision
+    same = dict(seed=seed, precision=precision, progress=False)
+    cell["results"]["copy nearest exemplar"] = {"none": _summary(copy_nearest(slices, exemplars, test_items, classes))}
+    tick = time.perf_counter()
+    base = load_run("lite_medsam")
+    evaluations = evaluate_slices_under(base, test_items, classes, list(PROMPTS), **same)
+    cell["results"]["un-adapted"] = {p: _summary(e.summary) for p, e in zip(PROMPTS, evaluations, strict=True)}
+    cell["seconds_baseline"] = time.perf_counter() - tick
+    exemplar_items = [slices[i] for i in exemplars]
+    with_target = set(slices.indices(list(classes)))
+    empty = [i for i in slices.indices(None) if i not in with_target]
+    for recipe in grid.recipes:
+        semantic = recipe in SEMANTIC_RECIPES
+        items = exemplar_items if semantic else exemplar_items + [slices[i] for i in spread(empty, max(1, k // 4))]
+        config = recipe_config(recipe, grid.steps, grid.batch_size, seed, lr=grid.lr.get(recipe))
+        if grid.overrides:
+            from samadapt.train.config import apply_overrides, from_dict
+
+            config = from_dict(TrainConfig, apply_overrides(config.to_dict(), list(grid.overrides)))
+        config.data.path = str(spec.root)
+        run_dir = runs / f"{task.name}_k{k}_s{seed}_{recipe}"
+        tick = time.perf_counter()
+        result = fit_slices(config, items, [], classes, run_dir, spec.preprocessing, verbose=False)
+        adapted = load_run(run_dir, checkpoint="last")
+        protocols = ["none"] if semantic else list(PROMPTS)
+        evaluations = evaluate_slices_under(adapted, test_items, classes, protocols, **same)
+        entry = {p: _summary(e.summary) for p, e in zip(protocols, evaluations, strict=True)}
+        losses = [row["loss"] for row in result.history]
+        entry["train"] = {
+            "steps": result.steps,
+            "first_loss": losses[0],
+            "last_loss": float(np.mean(losses[-5:])),
+            "seconds": time.perf_counter() - tick,
+            "warnings": _run_warnings(run_dir, evaluations, classes),
+        }
+        cell["results"][recipe] = entry
+        best = max((v["dice"] for p, v in entry.items() if p != "train"), default=math.nan)
+        log(
+            f"{task.name} k={k} seed={seed} {recipe}: best Dice {best:.3f}, loss {losses[0]:.3f} -> "
+            f"{entry['train']['last_loss']:.3f}, {entry['train']['seconds']:.0f} s"
+        )
+    return cell
+
+
+def _run_warnings(run_dir: Path, evaluations, classes: dict[int, str]) -> list[str]:
+    """The training run's own warnings (warnings.json, written at the end of ``Trainer.fit``), plus what the held-out
+    evaluation shows: classes never predicted."""
+    found = []
+    path = run_dir / "warnings.json"
+    if path.exists():
+        found += json.loads(path.read_text()).get("warnings", [])
+    for evaluation in evaluations:
+        zero = [n for n, v in evaluation.summary["per_class"].items() if v["dice"] == 0.0]
+        if len(zero) == len(classes):
+            found.append(f"{evaluation.protocol}: Dice 0 for every class on the held-out slices")
+        elif zero:
+            found.append(f"{evaluation.protocol}: Dice 0 for {len(zero)} of {len(classes)} classes")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+def _stat(values: list[float], digits: int) -> str:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "n/a"
+    if len(finite) == 1:
+        return f"{finite[0]:.{digits}f}"
+    return f"{np.mean(finite):.{digits}f} ± {np.std(finite, ddof=1):.{digits}f}"
+
+
+def table(cells: list[dict], grid: Grid) -> list[str]:
+    """Markdown rows: one per (task, k, recipe, prompt), with the two baselines for the same prompt beside."""
+    lines = [
+        "| task | k | recipe | prompt | adapted Dice | adapted HD95 (mm) | un-adapted Dice | un-adapted HD95 | "
+        "copy nearest Dice | copy nearest HD95 | min class Dice | held-out | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task in grid.tasks:
+        for k in grid.ks:
+            mine = [c for c in cells if c["task"] == task and c["k"] == k and c["results"]]
+            if not mine:
+                continue
+            held = "/".join(str(c["held_out"]) for c in mine)
+            copy = [c["results"]["copy nearest exemplar"]["none"] for c in mine]
+            for recipe in grid.recipes:
+                protocols = ["none"] if recipe in SEMANTIC_RECIPES else list(PROMPTS)
+                for prompt in protocols:
+                    adapted = [c["results"][recipe][prompt] for c in mine if recipe in c["results"]]
+                    base = [] if prompt == "none" else [c["results"]["un-adapted"][prompt] for c in mine]
+                    notes = sorted(
+                        {
+                            w
+                            for c in mine
+                            for w in c["results"][recipe]["train"]["warnings"]
+                            if w.startswith(f"{prompt}:") or not any(w.startswith(f"{p}:") for p in (*PROMPTS, "none"))
+                        }
+                    )
+                    min_class = [min(a["per_class_dice"].values()) for a in adapted]
+                    lines.append(
+                        f"| {task} | {k} | {recipe} | {prompt} | {_stat([a['dice'] for a in adapted], 3)} | "
+                        f"{_stat([a['hd95'] for a in adapted], 1)} | {_stat([b['dice'] for b in base], 3)} | "
+                        f"{_stat([b['hd95'] for b in base], 1)} | {_stat([c['dice'] for c in copy], 3)} | "
+                        f"{_stat([c['hd95'] for c in copy], 1)} | {_stat(min_class, 3)} | {held} | "
+                        f"{'; '.join(notes)} |"
+                    )
+    return lines
+
+
+def write_section(path: Path, section: str, text: str) -> None:
+    """Replace (or append) the block between the section's markers, keeping the rest of the file."""
+    begin, end = f"<!-- accuracy:{section} -->", f"<!-- /accuracy:{section} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    old = path.read_text() if path.exists() else "# Accuracy from few labels\n"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+QUICK = dict(tasks="lesions,regions", recipes="cheap-lunch,samed", k="3", seeds="0", steps=40, max_test=12)
+FULL = dict(tasks="lesions,mni152,regions", recipes="cheap-lunch,samed,msa", k="1,3,6,12", seeds="0,1,2", steps=200)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"a reduced grid (~10-20 min on 2 CPU cores): {QUICK}")
+    parser.add_argument("--tasks", help=f"comma-separated, of {', '.join(TASKS)}")
+    parser.add_argument("--recipes", help="comma-separated recipe names")
+    parser.add_argument("--k", help="exemplar counts, comma-separated")
+    parser.add_argument("--seeds", help="seeds, comma-separated")
+    parser.add_argument("--steps", type=int, help="training steps per run")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--max-test", type=int, default=24, help="held-out slices per (task, k, seed), spread")
+    parser.add_argument("--gap", type=int, default=3, help="held-out slices are at least this far from exemplars")
+    parser.add_argument("--lr", action="append", default=[], metavar="RECIPE=LR", help="a recipe's learning rate")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, all runs")
+    parser.add_argument("--section", default="latest", help="name of this table in --out (others are kept)")
+    parser.add_argument("--title", default="", help="heading of the section")
+    parser.add_argument("--out", type=Path, default=Path("docs/accuracy.md"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/accuracy"))
+    args = parser.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    grid = Grid(
+        tasks=(args.tasks or preset["tasks"]).split(","),
+        recipes=(args.recipes or preset["recipes"]).split(","),
+        ks=_ints(args.k or preset["k"]),
+        seeds=_ints(args.seeds or preset["seeds"]),
+        steps=args.steps or preset["steps"],
+        batch_size=args.batch_size,
+        max_test=args.max_test if not args.quick or args.max_test != 24 else preset["max_test"],
+        gap=args.gap,
+        lr={r: float(v) for r, v in (item.split("=", 1) for item in args.lr)},
+        overrides=args.set,
+    )
+    unknown = [t for t in grid.tasks if t not in TASKS]
+    if unknown:
+        parser.error(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    started = time.perf_counter()
+    runs = args.runs / args.section
+
+    def log(message: str) -> None:
+        print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {message}", flush=True)
+
+    cells = []
+    for name in grid.tasks:
+        for k in grid.ks:
+            for seed in grid.seeds:
+                cells.append(run_cell(TASKS[name], k, seed, grid, runs, log))
+    wall = time.perf_counter() - started
+    command = "python bench/accuracy.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    lr = ", ".join(f"{r} {v:g}" for r, v in grid.lr.items()) or "recipe defaults"
+    header = [
+        f"## {args.title or args.section}",
+        "",
+        f"Command: `{command}`. Wall time {wall / 60:.1f} min on this machine ({torch.get_num_threads()} threads).",
+        f"Grid: tasks {', '.join(grid.tasks)}; recipes {', '.join(grid.recipes)}; k = {grid.ks}; seeds {grid.seeds}; "
+        f"{grid.steps} steps of batch {grid.batch_size}; learning rates: {lr}; overrides: {grid.overrides or 'none'}; "
+        f"held-out slices at least {grid.gap} slices from every exemplar, at most {grid.max_test} per cell.",
+        "Cells: mean ± standard deviation over seeds (a single number: one seed). 'held-out' lists the held-out "
+        "slice count per seed. 'min class Dice' is the lowest per-class Dice of the adapted model.",
+        "",
+    ]
+    write_section(args.out, args.section, "\n".join(header + table(cells, grid)))
+    runs.mkdir(parents=True, exist_ok=True)
+    (args.runs / f"results-{args.section}.json").write_text(
+        json.dumps({"grid": grid.__dict__, "wall_seconds": wall, "command": command, "cells": cells}, indent=1)
+    )
+    print("\n".join(table(cells, grid)))
+    log(f"done; table in {args.out} (section {args.section})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
