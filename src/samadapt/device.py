@@ -2,7 +2,8 @@
 
 Every entry point (train, evaluate, predict, demo, ``Predictor``) takes ``device=None`` and passes it through
 ``resolve_device``; ``None`` / ``"auto"`` means the CUDA GPU when one is available (the local rank's GPU under
-torchrun), else the CPU. ``autocast`` pairs a resolved device with a resolved precision (``samadapt.precision``).
+torchrun), else the CPU. ``autocast`` pairs a resolved device with a resolved precision (``samadapt.precision``);
+``distributed_context`` is where a torchrun process learns its rank.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from samadapt.precision import resolve_precision
 
@@ -30,6 +32,16 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this machine has no usable CUDA GPU; use cpu or auto")
     return resolved
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if world > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def autocast(device: torch.device, precision: str):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from samadapt.device import distributed_context
 from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, aggregate, binary_metrics, dice
 from samadapt.predict import Predictor
 from samadapt.prompts import box_from_mask, iterative_clicks, objects
@@ -279,6 +280,21 @@ class PicturePool:
         return list(kept.values())
 
 
+def _gathered(evaluation: Evaluation, case_ids: Sequence[str], classes: dict[int, str], world: int) -> Evaluation:
+    """Every rank's rows and pictures in one ``Evaluation``, rows in the single-process order (case, class)."""
+    if world == 1:
+        return evaluation
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, (evaluation.rows, evaluation.slices))
+    position = {case: k for k, case in enumerate(case_ids)}
+    rows = sorted((row for part_rows, _ in parts for row in part_rows), key=lambda row: position[row["case"]])
+    kept = [result for _, part_slices in parts for result in part_slices]
+    summary = aggregate(rows, list(classes.values()))
+    return Evaluation(evaluation.protocol, evaluation.model, rows, summary, kept)
+
+
 def evaluate(
     run: Run | str | Path,
     data: str | Path,
@@ -301,7 +317,8 @@ def evaluate(
     dataset's preset, exactly as training did. ``device`` (default: CUDA when available) and ``precision`` (default:
     the run's) apply to both models.
 
-    The baseline gets the same prompts from the same seed; a semantic run's baseline (the base model cannot segment
+    Under torchrun (``torchrun --nproc_per_node N -m -- samadapt.cli evaluate ...``) the volumes are shared out among
+    the ranks and gathered into one report, written by rank 0. The baseline gets the same prompts from the same seed; a semantic run's baseline (the base model cannot segment
     without prompts) gets one centre click per object (``point:1``). With ``out``, writes metrics.json, metrics.csv,
     overlays and report.md / report.html there. Returns the content of metrics.json (the baseline's under
     ``"baseline"``).
@@ -323,15 +340,18 @@ def evaluate(
             raise ValueError(f"{spec.root}: classes {unknown} are not in dataset.json (it has {sorted(spec.classes)})")
         chosen = {c: spec.classes[c] for c in classes}
     case_ids = list(cases) if cases else [c.id for c in spec.cases]
-    kwargs = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, progress=progress)
+    rank, world = distributed_context()  # under torchrun each rank scores every world-th volume
+    shard = case_ids[rank::world]
+    kwargs = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, progress=progress and rank == 0)
     kwargs.update(device=device, precision=precision)
-    evaluation = evaluate_volumes(run, slices, case_ids, chosen, protocol, **kwargs)
+    evaluation = _gathered(evaluate_volumes(run, slices, shard, chosen, protocol, **kwargs), case_ids, chosen, world)
     reference = None
     if baseline:
         base_protocol = protocol if protocol.kind != "none" else parse_protocol("point:1")
         base = load_run(run.name, device=device)
-        reference = evaluate_volumes(base, slices, case_ids, chosen, base_protocol, **kwargs)
-    if out is not None:
+        reference = evaluate_volumes(base, slices, shard, chosen, base_protocol, **kwargs)
+        reference = _gathered(reference, case_ids, chosen, world)
+    if out is not None and rank == 0:
         return save_evaluation(out, evaluation, reference)
     metrics = evaluation.metrics_json()
     if reference is not None:

@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -23,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from samadapt.device import autocast, resolve_device
+from samadapt.device import autocast, distributed_context, resolve_device
 from samadapt.peft import save_adapter, set_depth
 from samadapt.peft.inject import load_adapter_weights, train_mode
 from samadapt.precision import resolve_precision
@@ -52,17 +50,6 @@ class TrainResult:
     last_val_dice: float
     run_dir: Path
     history: list[dict]
-
-
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if world > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class Trainer:
