@@ -91,21 +91,26 @@ def predict_slice(
         return result
     if run.task == "semantic":
         raise ValueError(f"a semantic model takes no prompts; evaluate it with --prompt none, not {protocol}")
-    for class_id, mask in objects(label, list(classes), objects_mode):
-        rng = _seed(seed, item["case"], item["slice"], class_id)
-        if protocol.kind == "box":
-            box = box_from_mask(mask, protocol.jitter, rng)
-            prediction = predictor.predict(boxes=box).masks[0, 0]
+    found = list(objects(label, list(classes), objects_mode))
+    if protocol.kind == "box" and found:
+        # every object of the slice in one decoder call
+        boxes = np.stack(
+            [box_from_mask(m, protocol.jitter, _seed(seed, item["case"], item["slice"], c)) for c, m in found]
+        )
+        masks = predictor.predict(boxes=boxes).masks[:, 0]
+        for (class_id, _), box, prediction in zip(found, boxes, masks, strict=True):
             result.prompts.append(("box", box))
-        else:
+            result.pred[class_id] |= prediction
+        return result
 
-            def predict(clicks, predictor=predictor):
-                coords = np.array([[c.x, c.y] for c in clicks], np.float32)
-                labels = np.array([int(c.positive) for c in clicks])
-                return predictor.predict(points=coords, labels=labels).masks[0, 0]
+    def predict(clicks) -> np.ndarray:
+        coords = np.array([[c.x, c.y] for c in clicks], np.float32)
+        labels = np.array([int(c.positive) for c in clicks])
+        return predictor.predict(points=coords, labels=labels).masks[0, 0]
 
-            clicks, prediction = iterative_clicks(mask, predict, protocol.points)
-            result.prompts.extend(("point", c) for c in clicks)
+    for class_id, mask in found:  # clicks: one object at a time (each next click depends on its own prediction)
+        clicks, prediction = iterative_clicks(mask, predict, protocol.points)
+        result.prompts.extend(("point", c) for c in clicks)
         result.pred[class_id] |= prediction
     return result
 
