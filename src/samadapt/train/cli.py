@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import yaml
@@ -38,9 +39,14 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from samadapt.train.api import train
+    from samadapt.train.trainer import TrainingInterruptedError
 
     config = build_config(args)
-    result = train(config, args.out, resume=args.resume)
+    try:
+        result = train(config, args.out, resume=args.resume)
+    except TrainingInterruptedError as stopped:
+        print(f"samadapt train: {stopped}", file=sys.stderr)
+        return 130  # as a shell reports a job ended by a signal
     print(f"trained {result.steps} steps; best validation Dice {result.best_val_dice:.4f}; run directory {args.out}")
     return 0
 

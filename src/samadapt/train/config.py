@@ -105,7 +105,9 @@ class TrainLoopConfig:
     the device computes it natively, else fp32) / fp32 / bf16 (CPU and CUDA autocast) / fp16 (CUDA, with a gradient
     scaler); val_every: steps between validations (0: only at the end);
     val_slices: how many held-out slices validation uses; depth_slices: slices per stack for 3D (msa-3d);
-    device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."""
+    device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N; checkpoint_every / checkpoint_minutes: a
+    checkpoint (checkpoints/last, the one before kept as checkpoints/previous) every so many steps (0: only at
+    validations and the end) and at least every so many minutes."""
 
     steps: int = 200
     batch_size: int = 4
@@ -119,6 +121,8 @@ class TrainLoopConfig:
     log_every: int = 10
     max_grad_norm: float | None = 1.0
     device: str = "auto"
+    checkpoint_every: int = 50
+    checkpoint_minutes: float = 10.0
 
 
 @dataclass

@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -31,7 +33,9 @@ from samadapt.device import autocast, distributed_context, resolve_device
 from samadapt.peft import save_adapter, set_depth
 from samadapt.peft.inject import load_adapter_weights, train_mode
 from samadapt.precision import resolve_precision
+from samadapt.train.checkpoints import STATE, CheckpointStore
 from samadapt.train.config import TrainConfig
+from samadapt.train.lock import RunLock
 from samadapt.train.losses import SegmentationLoss
 from samadapt.train.samples import PreparedSlice, add_corrective_clicks, draw_prompt_batch, semantic_targets
 from samadapt.train.schedule import build_scheduler
@@ -40,7 +44,37 @@ log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, no usable data)."""
+    """Training cannot go on (non-finite loss, no usable data, a checkpoint that cannot be written)."""
+
+
+class TrainingInterruptedError(TrainingError):
+    """SIGINT / SIGTERM ended the run after a checkpoint was written."""
+
+
+class _StopSignals:
+    """Within the block, SIGINT and SIGTERM only set ``signal`` (the loop checkpoints, then stops); the previous
+    handlers come back afterwards. Outside the main thread (where handlers cannot be set) it does nothing."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else ""
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass
@@ -290,15 +324,11 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _save(self, name: str, val_dice: float) -> None:
-        """Write checkpoints/<name>/ atomically: a temporary folder, then renames (a crash never half-writes)."""
+        """Write checkpoints/<name>/ (``CheckpointStore``: temporary folder, checksums, renames; ``last`` keeps its
+        predecessor as ``previous``). A failed write stops the run with the earlier checkpoints intact."""
         if not self.is_writer:
             return
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        final = self.checkpoints / name
-        tmp = self.checkpoints / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         manifest = {**self.manifest, "step": self.step, "val_dice": _finite_or_none(val_dice)}
-        save_adapter(self.model, tmp, manifest)
         state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -306,41 +336,75 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "best_dice": self.best_dice,
             "history": self.history,
         }
-        torch.save(state, tmp / "trainer_state.pt")
-        old = self.checkpoints / f".{name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+
+        def write(folder: Path) -> None:
+            save_adapter(self.model, folder, manifest)
+            torch.save(state, folder / STATE)
+
+        try:
+            CheckpointStore(self.checkpoints).save(name, self.step, write)
+        except OSError as error:
+            raise TrainingError(
+                f"could not write the {name} checkpoint at step {self.step} into {self.checkpoints}: "
+                f"{error.strerror or error}; the run stopped here, earlier checkpoints are intact (resume with "
+                "--resume once there is room / permission)"
+            ) from error
+        self._saved_at = time.monotonic()
 
     def resume(self) -> bool:
-        """Continue from checkpoints/last if it exists; returns whether it did."""
-        last = self.checkpoints / "last"
-        if not last.exists() and (self.checkpoints / ".last.old").exists():
-            last = self.checkpoints / ".last.old"  # a crash between the two renames of _save
-        if not (last / "trainer_state.pt").exists():
+        """Continue from the newest intact checkpoint (``last``, else ``previous``, checked against their checksums);
+        returns whether there was one. Prints where it resumed from."""
+        found = CheckpointStore(self.checkpoints).newest_intact()
+        if found is None:
+            if (self.checkpoints / "last").exists():
+                raise TrainingError(f"{self.checkpoints}: no intact checkpoint to resume from (all are damaged)")
             return False
-        load_adapter_weights(self.model, last, self.manifest["base_sha256"])
-        state = torch.load(last / "trainer_state.pt", map_location="cpu", weights_only=False)
+        folder, step = found
+        if folder.name != "last":
+            log.warning("resuming from %s: the newest checkpoint was incomplete or damaged", folder)
+        load_adapter_weights(self.model, folder, self.manifest["base_sha256"])
+        state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
         self._batches = None  # the loader starts again at the resumed step
         self.best_dice = state["best_dice"]
         self.history = state["history"]
-        log.info("resumed from %s at step %d", last, self.step)
+        if self.is_writer:
+            print(f"resumed from {folder} at step {self.step}", flush=True)
+            self._rewrite_log()
         return True
 
     # -- the loop -------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
-        """Train to ``train.steps`` (or stop early after ``stop_after`` steps of this call, for tests)."""
+        """Train to ``train.steps`` (or stop early after ``stop_after`` steps of this call, for tests).
+
+        The run directory is locked for the whole call (``RunLock``: a second job on it is refused). Checkpoints
+        are written every ``train.checkpoint_every`` steps, at least every ``train.checkpoint_minutes``, at each
+        validation and at the end. SIGINT / SIGTERM end the run gracefully: a checkpoint first, then
+        ``TrainingInterruptedError``.
+        """
+        lock = RunLock(self.run_dir) if self.is_writer else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            with _StopSignals() as stop:
+                return self._fit(resume, stop_after, stop)
+        finally:
+            self._batches = None  # stops the loader's worker processes
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, resume: bool, stop_after: int | None, stop: _StopSignals) -> TrainResult:
         cfg = self.config.train
         if resume:
             self.resume()
@@ -351,6 +415,7 @@ class Trainer:
         last_dice = float("nan")
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_writer, desc="train", unit="step")
         started, steps_this_call = time.perf_counter(), 0
+        self._saved_at = time.monotonic()
         while self.step < cfg.steps and (stop_after is None or steps_this_call < stop_after):
             waited = self.loader_wait
             row = self.train_step()
@@ -358,18 +423,27 @@ class Trainer:
             steps_this_call += 1
             row["seconds_per_step"] = (time.perf_counter() - started) / steps_this_call
             at_end = self.step == cfg.steps
-            if (cfg.val_every and self.step % cfg.val_every == 0) or at_end:
+            self.history.append(row)  # before any checkpoint, so that a resumed history has this row
+            validate = (cfg.val_every and self.step % cfg.val_every == 0) or at_end
+            if validate:
                 last_dice = row["val_dice"] = self.validate()
                 if not math.isnan(last_dice) and last_dice > self.best_dice:
                     self.best_dice = last_dice
                     self._save("best", last_dice)
+            periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+            overdue = time.monotonic() - self._saved_at >= 60 * cfg.checkpoint_minutes
+            if validate or periodic or overdue or stop.signal:
                 self._save("last", last_dice)
-            self.history.append(row)
             self._log_row(row, writer)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", s_step=f"{row['seconds_per_step']:.2f}")
+            if stop.signal:
+                bar.close()
+                raise TrainingInterruptedError(
+                    f"stopped by {stop.name} at step {self.step}; checkpoint saved in {self.checkpoints / 'last'} "
+                    "(continue with --resume)"
+                )
         bar.close()
-        self._batches = None  # stops the loader's worker processes
         if self.is_writer and not (self.checkpoints / "best").exists() and (self.checkpoints / "last").exists():
             shutil.copytree(self.checkpoints / "last", self.checkpoints / "best")  # no validation set: best = last
         if self.is_writer and self.step == cfg.steps:
@@ -386,14 +460,15 @@ class Trainer:
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
+    _LOG_FIELDS = ("step", "loss", "lr", "val_dice", "seconds_per_step", "loader_seconds")
+
     def _log_row(self, row: dict, writer) -> None:
         if not self.is_writer:
             return
         path = self.run_dir / "metrics.csv"
-        fields = ["step", "loss", "lr", "val_dice", "seconds_per_step", "loader_seconds"]
         new = not path.exists() or self.step == 1
         with path.open("w" if new else "a", newline="") as handle:
-            out = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            out = csv.DictWriter(handle, fieldnames=self._LOG_FIELDS, extrasaction="ignore")
             if new:
                 out.writeheader()
             out.writerow(row)
@@ -401,6 +476,14 @@ class Trainer:
             for key in ("loss", "lr", "val_dice"):
                 if key in row:
                     writer.add_scalar(key, row[key], row["step"])
+
+    def _rewrite_log(self) -> None:
+        """metrics.csv as of the resumed step: rows logged after that checkpoint (by a killed job) are dropped."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / "metrics.csv").open("w", newline="") as handle:
+            out = csv.DictWriter(handle, fieldnames=self._LOG_FIELDS, extrasaction="ignore")
+            out.writeheader()
+            out.writerows(self.history)
 
     def _plot(self) -> None:
         try:

@@ -1,0 +1,134 @@
+"""Fault injection: real training processes killed at chosen moments, then resumed, end exactly where an
+uninterrupted run ends; a full disk or a forbidden folder stops a run with its earlier checkpoints intact; damaged
+checkpoints are skipped; one job per run directory."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from samadapt.train.checkpoints import CheckpointStore, sealed_step
+from samadapt.train.lock import RunDirectoryBusyError, RunLock
+from samadapt.train.trainer import TrainingError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def job(run_dir, *args, check=True, wait=True):
+    command = [sys.executable, "-m", "tests.train.fault_job", str(run_dir), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("clean")
+    job(run_dir)
+    return torch.load(run_dir / "final.pt")
+
+
+def assert_same_run(run_dir, reference):
+    result = torch.load(run_dir / "final.pt")
+    assert result["losses"] == reference["losses"]
+    assert result["params"].keys() == reference["params"].keys()
+    for name, value in reference["params"].items():
+        assert torch.equal(result["params"][name], value), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill_in_step:4", "kill_in_save:3", "kill_between_renames:5"])
+def test_a_killed_job_resumes_to_exactly_the_uninterrupted_run(tmp_path, uninterrupted, fault):
+    killed = job(tmp_path, "--fault", fault, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "final.pt").exists()
+    resumed = job(tmp_path, "--resume")
+    assert "resumed from" in resumed.stdout
+    assert_same_run(tmp_path, uninterrupted)
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == [str(k) for k in range(1, 7)]  # no step logged twice
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, uninterrupted):
+    stopped = job(tmp_path, "--fault", "sigterm_in_step:3", check=False)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "stopped by SIGTERM at step 3" in stopped.stderr
+    assert sealed_step(tmp_path / "checkpoints" / "last") == 3
+    job(tmp_path, "--resume")
+    assert_same_run(tmp_path, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_second_job_on_the_same_directory_is_refused_while_the_first_runs(tmp_path):
+    first = job(tmp_path, "--fault", "hold:8", wait=False)
+    deadline = time.time() + 60
+    while not (tmp_path / ".lock").exists() or not (tmp_path / ".lock").read_text():
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.2)
+    second = job(tmp_path, check=False)
+    assert second.returncode != 0
+    assert f"in use by process {first.pid}" in second.stderr
+    first.wait(timeout=300)
+    assert first.returncode == 0
+    job(tmp_path, "--resume")  # the lock went with the first job: a new one takes the directory
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".lock").write_text(f'{{"pid": {dead.stdout.strip()}, "host": "here"}}')
+    with RunLock(tmp_path), pytest.raises(RunDirectoryBusyError, match=f"process {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+
+
+def small_trainer(run_dir, **overrides):
+    from tests.train.test_trainer import make_trainer
+
+    return make_trainer(run_dir, **{"train.val_every": 0, "train.checkpoint_every": 1, **overrides})
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_a_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, code):
+    trainer = small_trainer(tmp_path)
+    save = torch.save
+
+    def failing(obj, path, *args, **kwargs):
+        if trainer.step == 2:
+            raise OSError(code, os.strerror(code), str(path))
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(TrainingError, match=f"step 2.*{os.strerror(code)}"):
+        trainer.fit()
+    assert trainer.step == 2  # it stopped instead of training on without a checkpoint
+    assert sealed_step(tmp_path / "checkpoints" / "last") == 1
+    assert not (tmp_path / "checkpoints" / ".last.tmp").exists()
+    assert (tmp_path / "config.yaml").exists()
+    monkeypatch.setattr(torch, "save", save)
+    again = small_trainer(tmp_path)
+    assert again.resume() and again.step == 1
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    trainer = small_trainer(tmp_path, **{"train.steps": 3})
+    trainer.fit()
+    last = tmp_path / "checkpoints" / "last" / "adapter_model.safetensors"
+    data = bytearray(last.read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit in the newest adapter
+    last.write_bytes(bytes(data))
+    assert CheckpointStore(tmp_path / "checkpoints").newest_intact()[1] == 2
+    again = small_trainer(tmp_path, **{"train.steps": 3})
+    with caplog.at_level("WARNING"):
+        assert again.resume()
+    assert again.step == 2
+    assert "damaged" in caplog.text
