@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "samadapt.synth_cli",
     "samadapt.eval.cli",
     "samadapt.demo",
+    "samadapt.export.cli",
 ]
 
 

@@ -1,0 +1,425 @@
+"""Run an ONNX export with onnxruntime and numpy only (no torch): ``OnnxPredictor``, same interface as ``Predictor``.
+
+Minimal deployment: ``pip install numpy onnxruntime`` plus this file's package (``samadapt.export.runtime`` imports
+nothing else of samadapt, and no torch). The preprocessing is ``samadapt.transforms.model_input`` written in numpy
+(antialiased bilinear resize of the longest side, zero padding, clamp), and masks come back at the original size
+through the same un-padding and bilinear resizes as ``InputGeometry.masks_to_original``; the tests check both
+against the torch functions.
+
+Example:
+    >>> predictor = OnnxPredictor("exports/lite_medsam")      # written by `samadapt export`
+    >>> predictor.set_image(slice_2d)                         # raw (H, W): uint8 / 255, else min-max
+    >>> masks = predictor.predict(boxes=np.array([[x0, y0, x1, y1]])).masks
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "ExportedRun",
+    "InputGeometry",
+    "OnnxPredictor",
+    "Prediction",
+    "is_export_dir",
+    "load_export",
+    "model_input",
+    "read_export_manifest",
+    "resize",
+    "to_unit_range",
+]
+
+FORMAT = "samadapt-onnx"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ENCODER = "image_encoder.onnx"
+DECODER = "decoder.onnx"
+
+# preprocessed slices may overshoot [0, 1] by rounding only (as transforms._UNIT_TOLERANCE)
+_UNIT_TOLERANCE = 1e-3
+
+
+# -- resampling, as torch.nn.functional.interpolate(mode="bilinear", align_corners=False) -------------------------
+
+
+def _linear_weights(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
+    """(out, in) interpolation matrix of torch's 1-D bilinear resize (align_corners=False), with or without
+    the antialiasing filter (which only matters when shrinking). Positions are computed in float32 as torch's CPU
+    kernels do (a float64 scale moves the taps by ~1e-6)."""
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    weights = np.zeros((out_size, in_size), np.float32)
+    if antialias:  # torch's _upsample_bilinear2d_aa: a triangle filter widened by the scale when shrinking
+        support = scale if scale >= 1.0 else f32(1.0)
+        invscale = f32(1.0) / scale if scale >= 1.0 else f32(1.0)
+        for i in range(out_size):
+            center = scale * f32(i + 0.5)
+            lo = max(int(center - support + f32(0.5)), 0)
+            hi = min(int(center + support + f32(0.5)), in_size)
+            taps = np.arange(lo, hi, dtype=np.float32)
+            w = np.clip(f32(1.0) - np.abs((taps - center + f32(0.5)) * invscale), f32(0.0), None)
+            total = w.sum(dtype=np.float32)
+            weights[i, lo:hi] = w / total if total != 0 else w
+        return weights
+    for i in range(out_size):
+        source = max(scale * f32(i + 0.5) - f32(0.5), f32(0.0))
+        i0 = min(int(source), in_size - 1)
+        i1 = i0 + 1 if i0 < in_size - 1 else i0
+        frac = source - f32(i0)
+        weights[i, i0] += f32(1.0) - frac
+        weights[i, i1] += frac
+    return weights
+
+
+def resize(array: np.ndarray, size: tuple[int, int], antialias: bool = False) -> np.ndarray:
+    """Bilinear resize of (..., H, W) float32 to (..., *size); a no-op when the size already matches."""
+    if tuple(array.shape[-2:]) == tuple(size):
+        return array
+    rows = _linear_weights(array.shape[-2], size[0], antialias).astype(np.float32)
+    cols = _linear_weights(array.shape[-1], size[1], antialias).astype(np.float32)
+    return np.matmul(np.matmul(rows, array.astype(np.float32, copy=False)), cols.T)
+
+
+# -- the model input and its geometry (samadapt.transforms in numpy) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """How an (H, W) image maps onto a square model input of side ``size`` (see ``transforms.InputGeometry``)."""
+
+    original: tuple[int, int]
+    size: int
+
+    @property
+    def resized(self) -> tuple[int, int]:
+        h, w = self.original
+        scale = self.size / max(h, w)
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+
+    def image_to_input(self, image: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) -> resized (antialiased) and zero-padded (B, C, size, size) float32."""
+        h, w = self.resized
+        image = resize(image, (h, w), antialias=True)
+        return np.pad(image, [(0, 0)] * (image.ndim - 2) + [(0, self.size - h), (0, self.size - w)])
+
+    def coords_to_input(self, coords: np.ndarray) -> np.ndarray:
+        """Scale (..., 2) (x, y) pixel coordinates of the original image to the model input."""
+        h, w = self.original
+        new_h, new_w = self.resized
+        scale = np.array([new_w / w, new_h / h], dtype=np.float32)
+        return np.asarray(coords, dtype=np.float32) * scale
+
+    def boxes_to_input(self, boxes: np.ndarray) -> np.ndarray:
+        """Scale (..., 4) XYXY boxes of the original image to the model input."""
+        boxes = np.asarray(boxes, dtype=np.float32)
+        corners = boxes.reshape(*boxes.shape[:-1], 2, 2)
+        return self.coords_to_input(corners).reshape(boxes.shape)
+
+    def masks_to_original(self, masks: np.ndarray, from_size: int | None = None) -> np.ndarray:
+        """Undo the padding and resize (B, K, s, s) logits back to (B, K, H, W) (upsampled to ``size`` first)."""
+        from_size = from_size or masks.shape[-1]
+        h, w = self.resized
+        crop_h = int(round(h * from_size / self.size))
+        crop_w = int(round(w * from_size / self.size))
+        if from_size != self.size:
+            masks = resize(masks, (self.size, self.size))
+            crop_h, crop_w = h, w
+        return resize(masks[..., :crop_h, :crop_w], self.original)
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """A raw (H, W) or (H, W, 3) image as float32 in [0, 1]: uint8 / 255, anything else min-max (constant -> 0)."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    image = np.asarray(image, dtype=np.float32)
+    low, high = float(image.min()), float(image.max())
+    return (image - low) / max(high - low, 1e-8)
+
+
+def model_input(image: np.ndarray, size: int) -> tuple[np.ndarray, InputGeometry]:
+    """A preprocessed (H, W) or (H, W, 3) slice in [0, 1] -> (1, 3, size, size) float32 and its geometry.
+
+    The same function as ``samadapt.transforms.model_input``, in numpy.
+
+    Raises:
+        ValueError: the image is not in [0, 1], or not (H, W) / (H, W, 3).
+    """
+    image = np.asarray(image)
+    if image.size and (float(image.min()) < -_UNIT_TOLERANCE or float(image.max()) > 1 + _UNIT_TOLERANCE):
+        raise ValueError(
+            f"a preprocessed slice must lie in [0, 1], this one spans [{float(image.min()):.4g}, "
+            f"{float(image.max()):.4g}]: apply a preprocessing preset first (samadapt.data.preprocess)"
+        )
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {image.shape}")
+    geometry = InputGeometry(original=tuple(image.shape[:2]), size=size)
+    tensor = np.ascontiguousarray(image, dtype=np.float32).transpose(2, 0, 1)[None]
+    return np.clip(geometry.image_to_input(tensor), 0.0, 1.0).astype(np.float32, copy=False), geometry
+
+
+# -- the export directory ----------------------------------------------------------------------------------------
+
+
+def is_export_dir(path: str | Path) -> bool:
+    """True when ``path`` is a folder written by ``samadapt export --format onnx``."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def read_export_manifest(path: str | Path) -> dict:
+    """The manifest of an export directory, checked for its format and version.
+
+    Raises:
+        FileNotFoundError: no manifest. ValueError: not a samadapt ONNX export, or a newer format version.
+    """
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: not an export directory (samadapt export --format onnx)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{manifest_path} is not valid JSON: {error}") from error
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{manifest_path}: not a samadapt ONNX export (format {manifest.get('format')!r})")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(
+            f"{manifest_path}: export format {manifest['format_version']} is newer than this runtime's "
+            f"{FORMAT_VERSION}; update samadapt"
+        )
+    return manifest
+
+
+@dataclass
+class ExportedRun:
+    """An export directory seen as a run: what ``predict_volume`` / ``evaluate`` read from a ``Run``, no model.
+
+    ``manifest`` is the run's own manifest (preprocessing preset, slicing axis, ...); ``export`` the export's.
+    """
+
+    path: Path
+    export: dict
+    name: str
+    task: str
+    classes: dict[int, str] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+    model: None = None
+    precision: str = "fp32"
+
+    @property
+    def label(self) -> str:
+        return f"{self.path.name} (onnx, {self.name})"
+
+
+def load_export(path: str | Path) -> ExportedRun:
+    """An export directory as an ``ExportedRun`` (checked manifest; the graphs are opened by ``OnnxPredictor``)."""
+    manifest = read_export_manifest(path)
+    run_manifest = dict(manifest.get("run_manifest") or {})
+    preset, axis = manifest["preprocessing"].get("preset"), manifest["preprocessing"].get("axis")
+    run_manifest.setdefault("preprocessing", preset)
+    run_manifest.setdefault("axis", axis)
+    if run_manifest.get("axis") is None:
+        run_manifest.pop("axis")
+    return ExportedRun(
+        path=Path(path),
+        export=manifest,
+        name=manifest.get("base_model") or "model",
+        task=manifest["task"],
+        classes={int(k): v for k, v in manifest.get("classes", {}).items()},
+        manifest=run_manifest,
+    )
+
+
+# -- the predictor -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """Masks at the original size (P, K, H, W) bool, IoU scores (P, K), low-res logits (P, K, s/4, s/4) float32."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Device:
+    type: str = "cpu"
+
+
+class OnnxPredictor:
+    """``samadapt.predict.Predictor`` on onnxruntime: cache an image embedding, then decode masks for prompts.
+
+    Args:
+        export_dir: a folder written by ``samadapt export --format onnx``.
+        cache_size: how many embeddings ``set_image(..., cache_key=...)`` keeps (least recently used dropped first).
+        threads: onnxruntime intra-op threads (default: onnxruntime's, one per physical core).
+        providers: onnxruntime execution providers (default: CPU).
+        check_files: verify the graphs' SHA-256 against the manifest before loading.
+    """
+
+    def __init__(
+        self,
+        export_dir: str | Path,
+        cache_size: int = 0,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        check_files: bool = False,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.export_dir = Path(export_dir)
+        self.manifest = read_export_manifest(self.export_dir)
+        self.task = self.manifest["task"]
+        self.img_size = int(self.manifest["img_size"])
+        self.mask_input_size = tuple(self.manifest["mask_input_size"])
+        self.device = _Device("cpu")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        providers = list(providers or ["CPUExecutionProvider"])
+        files = self.manifest["files"]
+        if check_files:
+            _check_sha256(self.export_dir, files)
+        self.encoder = ort.InferenceSession(
+            str(self.export_dir / files["image_encoder"]["path"]), options, providers=providers
+        )
+        self.decoder = ort.InferenceSession(
+            str(self.export_dir / files["decoder"]["path"]), options, providers=providers
+        )
+        self.geometry: InputGeometry | None = None
+        self.embedding: np.ndarray | None = None
+        self.cache_size = cache_size
+        self._cache: OrderedDict[Hashable, tuple[np.ndarray, InputGeometry]] = OrderedDict()
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) model inputs in [0, 1] -> image embeddings (B, 256, S/16, S/16)."""
+        return self.encoder.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})[0]
+
+    def set_image(self, image: np.ndarray, preprocessed: bool = False, cache_key: Hashable | None = None) -> None:
+        """Encode an (H, W) or (H, W, 3) image (``Predictor.set_image``: ``preprocessed`` images are in [0, 1] and
+        used as is; ``cache_key`` names the image so that setting it again costs nothing)."""
+        if cache_key is not None and cache_key in self._cache:
+            self._cache.move_to_end(cache_key)
+            self.embedding, self.geometry = self._cache[cache_key]
+            return
+        image = np.asarray(image)
+        tensor, self.geometry = model_input(image if preprocessed else to_unit_range(image), self.img_size)
+        self.embedding = self.encode(tensor)
+        if cache_key is not None and self.cache_size > 0:
+            self._cache[cache_key] = (self.embedding, self.geometry)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def _semantic_logits(self, embeddings: np.ndarray) -> np.ndarray:
+        if self.task != "semantic":
+            raise ValueError("this export is prompted: give points or boxes to predict()")
+        return self.decoder.run(None, {"image_embeddings": embeddings})[0]
+
+    def semantic_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Prompt-free class maps of several preprocessed slices of one size, in one encoder call: (B, H, W) int."""
+        tensors, geometries = zip(*(model_input(image, self.img_size) for image in images), strict=True)
+        logits = self._semantic_logits(self.encode(np.concatenate(tensors)))
+        return geometries[0].masks_to_original(logits, from_size=logits.shape[-1]).argmax(1)
+
+    def predict_semantic(self) -> np.ndarray:
+        """Prompt-free class map of the current image (semantic exports): (H, W) int, 0 = background."""
+        if self.embedding is None or self.geometry is None:
+            raise RuntimeError("call set_image() before predict_semantic()")
+        logits = self._semantic_logits(self.embedding)
+        return self.geometry.masks_to_original(logits, from_size=logits.shape[-1]).argmax(1)[0]
+
+    def predict(
+        self,
+        points: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = False,
+    ) -> Prediction:
+        """Masks for one prompt set, or for P boxes at once (arguments as ``Predictor.predict``).
+
+        Args:
+            points: (N, 2) or (P, N, 2) clicks in (x, y) pixels of the original image.
+            labels: (N,) or (P, N): 1 foreground, 0 background.
+            boxes: (4,) or (P, 4) XYXY in pixels of the original image.
+            mask_input: (1, s/4, s/4) or (P, 1, s/4, s/4) low-res logits of a previous prediction.
+            multimask_output: three candidate masks per prompt set instead of one.
+        """
+        if self.embedding is None or self.geometry is None:
+            raise RuntimeError("call set_image() before predict()")
+        if self.task == "semantic":
+            raise ValueError("this export is semantic (prompt-free K + 1 head): use predict_semantic()")
+        geometry = self.geometry
+        coords, kinds = [], []
+        if points is not None:
+            if labels is None:
+                raise ValueError("points need labels (1 foreground, 0 background)")
+            point_coords = geometry.coords_to_input(np.asarray(points))
+            point_labels = np.asarray(labels, dtype=np.float32)
+            if point_coords.ndim == 2:
+                point_coords, point_labels = point_coords[None], point_labels[None]
+            if point_coords.ndim != 3 or point_coords.shape[-1] != 2 or point_labels.shape != point_coords.shape[:2]:
+                raise ValueError(
+                    f"points must be (P, N, 2) with labels (P, N), got {point_coords.shape} and {point_labels.shape}"
+                )
+            coords.append(point_coords)
+            kinds.append(point_labels)
+        if boxes is not None:
+            corners = geometry.boxes_to_input(np.asarray(boxes)).reshape(-1, 2, 2)
+            coords.append(corners)
+            kinds.append(np.broadcast_to(np.array([2.0, 3.0], np.float32), corners.shape[:2]))
+        elif points is not None:  # points without a box end with one padding point, as PromptEncoder does
+            coords.append(np.zeros((coords[0].shape[0], 1, 2), np.float32))
+            kinds.append(np.full((coords[0].shape[0], 1), -1.0, np.float32))
+        sizes = {len(c) for c in coords}
+        if mask_input is not None:
+            mask_input = np.asarray(mask_input, dtype=np.float32)
+            if mask_input.ndim == 3:
+                mask_input = mask_input[None]
+            if mask_input.ndim != 4 or mask_input.shape[1] != 1 or mask_input.shape[-2:] != self.mask_input_size:
+                raise ValueError(
+                    f"a mask prompt must be (P, 1, {self.mask_input_size[0]}, {self.mask_input_size[1]}) low-res "
+                    f"logits, got {mask_input.shape}"
+                )
+            sizes.add(len(mask_input))
+        if len(sizes) > 1:
+            raise ValueError(f"prompt batch sizes differ: {sorted(sizes)}")
+        if not coords:
+            raise ValueError("the ONNX decoder needs points or boxes (a mask alone is not a prompt it takes)")
+        feeds = {
+            "image_embeddings": self.embedding,
+            "point_coords": np.ascontiguousarray(np.concatenate(coords, axis=1), dtype=np.float32),
+            "point_labels": np.ascontiguousarray(np.concatenate(kinds, axis=1), dtype=np.float32),
+            "mask_input": mask_input if mask_input is not None else np.zeros((1, 1, *self.mask_input_size), np.float32),
+            "has_mask_input": np.array([1.0 if mask_input is not None else 0.0], np.float32),
+        }
+        logits, scores = self.decoder.run(None, feeds)
+        keep = slice(1, None) if multimask_output else slice(0, 1)
+        logits, scores = logits[:, keep], scores[:, keep]
+        masks = geometry.masks_to_original(logits, from_size=logits.shape[-1]) > 0
+        return Prediction(masks=masks, scores=scores, low_res_logits=logits)
+
+
+def _check_sha256(folder: Path, files: dict) -> None:
+    import hashlib
+
+    for role, entry in files.items():
+        digest = hashlib.sha256()
+        with open(folder / entry["path"], "rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != entry["sha256"]:
+            raise ValueError(f"{folder / entry['path']}: checksum differs from the manifest's ({role}); re-export")
