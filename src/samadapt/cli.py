@@ -20,6 +20,7 @@ _COMMAND_MODULES = [
     "samadapt.eval.cli",
     "samadapt.demo",
     "samadapt.export.cli",
+    "samadapt.serve.cli",
 ]
 
 

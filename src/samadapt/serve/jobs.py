@@ -1,0 +1,115 @@
+"""Background jobs of the app, each in its own thread with a progress the page polls: propagation of an object
+through the volume, and "adapt" (train a recipe on the finished slices, then switch the page to the new run)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Job:
+    """``state``: running, done or failed; ``done`` of ``total`` steps; ``message`` says what it does now."""
+
+    id: str
+    kind: str
+    total: int = 0
+    done: int = 0
+    state: str = "running"
+    message: str = ""
+    result: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "total": self.total,
+            "done": self.done,
+            "state": self.state,
+            "message": self.message,
+            "result": self.result,
+            "seconds": (self.finished or time.time()) - self.started,
+        }
+
+
+class Jobs:
+    """Runs callables ``work(job)`` in daemon threads; a failure becomes ``state == "failed"`` with its message."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+
+    def start(self, kind: str, work: Callable[[Job], dict | None]) -> Job:
+        job = Job(uuid.uuid4().hex[:12], kind)
+        self.jobs[job.id] = job
+
+        def target() -> None:
+            try:
+                job.result = work(job) or {}
+                job.state = "done"
+            except Exception as error:  # reported to the page, never lost in a thread
+                job.state, job.message = "failed", f"{type(error).__name__}: {error}"
+                job.result = {"traceback": traceback.format_exc(limit=5)}
+            finally:
+                job.finished = time.time()
+
+        threading.Thread(target=target, name=f"samadapt-{kind}-{job.id}", daemon=True).start()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise KeyError(f"no job {job_id!r}") from None
+
+
+def _box_of(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
+
+
+def propagate(workspace, session, axis: int, index: int, value: int, job: Job) -> dict:
+    """Carry object ``value`` from slice ``index`` through the volume, forward then backward: each next slice is
+    prompted with the box of its neighbour's mask (LiteMedSAM's way, as ``predict.predict_volume``) until the mask
+    vanishes or the volume ends. Slices where the user prompted this object are kept as drawn (and carry on from
+    their mask). Other objects' pixels are never overwritten. One undo step."""
+    with session.lock:
+        start_mask = session.plane(axis, index) == value
+        if not start_mask.any():
+            raise ValueError(f"object {value} is empty on slice {index}: segment it there first")
+        session.remember("propagate", axis, None)
+        count = session.labels.shape[axis]
+    job.total = count - 1
+    written = []
+    for direction in (1, -1):
+        current = start_mask
+        i = index + direction
+        while 0 <= i < count:
+            job.message = f"slice {i}"
+            with session.lock:
+                plane = session.plane(axis, i)
+                if (value, axis, i) in session.prompts:
+                    mask = plane == value
+                else:
+                    with workspace.model_lock:
+                        workspace.encode(session, axis, i)
+                        mask = workspace.predictor.predict(boxes=_box_of(current)).masks[0, 0]
+                    plane[plane == value] = 0
+                    plane[mask & (plane == 0)] = value
+                    session.dirty = True
+            job.done += 1
+            if not mask.any():
+                break
+            written.append(i)
+            current = mask
+            i += direction
+    job.done = job.total
+    job.message = f"{len(written)} slices"
+    return {"slices": sorted(written), "axis": axis, "object": value}

@@ -1,0 +1,536 @@
+"""State of the app: a ``Workspace`` (the model, the allowed folders, the open cases) and one ``Session`` per case.
+
+Conventions: a case is a (Z, Y, X) volume; a slice is taken along ``axis`` (0, 1 or 2) at ``index`` with
+``data.preprocess.volume_slice`` (exactly the slice training used) and shown as its (rows, cols) plane; prompts are
+(x, y) = (col, row) pixels of that plane. Labels live on the case's grid, one integer class id per voxel, as the
+saved file holds them.
+
+Safety: a path is opened only when it resolves (symlinks followed) inside one of the readable folders (``--root``
+and the demo cache) and written only inside a writable one (``--root`` and the labels folder); anything else is a
+``PermissionError``. Every edit marks its session dirty; a background thread writes dirty sessions to the autosave
+folder (atomic renames), so a closed tab or a killed server loses at most the last half second.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from samadapt.data.datasets import load_dataset
+from samadapt.data.io import ITK, NIFTI, NPZ, PICTURES, DataError, Volume, read_volume, suffix_of, write_label
+from samadapt.data.preprocess import PRESETS, preprocess_volume, volume_slice
+from samadapt.predict import Predictor
+
+PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4")
+READABLE = (*NIFTI, *ITK, *PICTURES, *NPZ, ".dcm")
+MAX_LISTED = 500
+AUTOSAVE_PERIOD_S = 0.5
+
+
+def inside(path: Path, folders: list[Path]) -> bool:
+    """Whether the resolved ``path`` lies in (or is) one of the resolved ``folders``."""
+    return any(path == folder or folder in path.parents for folder in folders)
+
+
+@dataclass
+class Edit:
+    """One undoable step: the labels it replaced (one plane, or the whole volume when ``index`` is None) and the
+    prompts before it."""
+
+    what: str
+    axis: int
+    index: int | None
+    labels: np.ndarray
+    prompts: dict
+
+
+@dataclass
+class Session:
+    """One open case.
+
+    Attributes:
+        volume: the case as read (``array`` (Z, Y, X) or (Z, Y, X, C)).
+        array: ``volume.array`` after the volume-wise part of ``preset``.
+        labels: (Z, Y, X) int32 class ids.
+        objects: class id -> {"name", "color"}.
+        prompts: (object, axis, index) -> {"points": [[x, y, label], ...], "box": [x0, y0, x1, y1] | None}.
+        finished: (axis, index) of the slices the user has edited (the training slices of "adapt").
+    """
+
+    id: str
+    path: Path
+    volume: Volume
+    preset: str
+    axis: int
+    array: np.ndarray
+    labels: np.ndarray
+    objects: dict[int, dict]
+    dataset: Path | None = None
+    prompts: dict = field(default_factory=dict)
+    finished: set = field(default_factory=set)
+    undo: list[Edit] = field(default_factory=list)
+    redo: list[Edit] = field(default_factory=list)
+    dirty: bool = False
+    restored: float | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def plane(self, axis: int, index: int) -> np.ndarray:
+        """The labels of one slice: a view, so writing it writes the volume."""
+        if axis not in (0, 1, 2) or not 0 <= index < self.labels.shape[axis]:
+            raise ValueError(f"slice {index} along axis {axis} is outside the volume {self.labels.shape}")
+        return np.moveaxis(self.labels, axis, 0)[index]
+
+    def image(self, axis: int, index: int) -> np.ndarray:
+        """The model's input slice: float32 (H, W) or (H, W, 3) in [0, 1]."""
+        self.plane(axis, index)  # bounds check
+        return volume_slice(self.array, index, axis, self.preset)
+
+    def raw(self, axis: int, index: int) -> np.ndarray:
+        """The slice as stored in the file (for display with any window): (H, W) or (H, W, C)."""
+        self.plane(axis, index)
+        return np.ascontiguousarray(np.take(self.volume.array, index, axis=axis))
+
+    def remember(self, what: str, axis: int, index: int | None) -> None:
+        labels = self.labels.copy() if index is None else self.plane(axis, index).copy()
+        self.undo.append(Edit(what, axis, index, labels, copy.deepcopy(self.prompts)))
+        del self.undo[:-50]
+        self.redo.clear()
+        self.dirty = True
+
+    def _swap(self, source: list[Edit], target: list[Edit]) -> Edit | None:
+        if not source:
+            return None
+        edit = source.pop()
+        current = self.labels if edit.index is None else self.plane(edit.axis, edit.index)
+        target.append(Edit(edit.what, edit.axis, edit.index, current.copy(), copy.deepcopy(self.prompts)))
+        current[...] = edit.labels
+        self.prompts = edit.prompts
+        self.dirty = True
+        return edit
+
+    def undo_last(self) -> Edit | None:
+        return self._swap(self.undo, self.redo)
+
+    def redo_last(self) -> Edit | None:
+        return self._swap(self.redo, self.undo)
+
+    def add_object(self, name: str | None = None, value: int | None = None) -> int:
+        value = value or max(self.objects, default=0) + 1
+        self.objects[value] = {"name": name or f"object {value}", "color": PALETTE[(value - 1) % len(PALETTE)]}
+        self.dirty = True
+        return value
+
+    def summary(self) -> dict:
+        return {
+            "session": self.id,
+            "path": str(self.path),
+            "name": self.path.name,
+            "shape": list(self.labels.shape),
+            "channels": int(self.volume.array.shape[3]) if self.volume.array.ndim == 4 else 1,
+            "spacing": list(self.volume.spacing),
+            "preset": self.preset,
+            "axis": self.axis,
+            "objects": {str(k): v for k, v in self.objects.items()},
+            "window": _windows(self.volume.array, self.preset),
+            "restored": self.restored,
+            "finished": sorted([list(k) for k in self.finished]),
+        }
+
+
+def _windows(array: np.ndarray, preset: str) -> dict:
+    """Display windows (low, high in stored intensities): the model's preset, percentiles, full range, CT windows."""
+    sample = np.asarray(array[:: max(1, array.shape[0] // 16)], np.float32)
+    finite = sample[np.isfinite(sample)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    p1, p99 = (float(v) for v in np.percentile(finite, [0.5, 99.5])) if finite.size else (low, high)
+    windows = {"percentile 0.5-99.5": [p1, p99], "full range": [low, high]}
+    windows["CT abdomen W400 L40"] = [-160.0, 240.0]
+    windows["CT lung W1500 L-600"] = [-1350.0, 150.0]
+    windows["CT bone W1800 L400"] = [-500.0, 1300.0]
+    from samadapt.data.preprocess import CT_WINDOWS
+
+    default = list(CT_WINDOWS[preset]) if preset in CT_WINDOWS else [p1, p99] if preset != "rgb" else [0.0, 255.0]
+    return {"default": default, "presets": windows}
+
+
+class Workspace:
+    """The model, the folders the app may read and write, the open sessions and their autosave.
+
+    Args:
+        run: a ``runs.Run`` (the model the page segments with).
+        roots: folders whose files may be opened and written.
+        demo: name -> demo dataset folder, offered as cases and readable (never written).
+        state_dir: autosave and adapt runs live here.
+        labels_dir: default folder for saved label files (writable); default ``roots[0]/labels`` or
+            ``state_dir/labels``.
+        device: torch device for the predictor.
+    """
+
+    def __init__(
+        self,
+        run,
+        roots: list[Path] | None = None,
+        demo: dict[str, Path] | None = None,
+        state_dir: Path | None = None,
+        labels_dir: Path | None = None,
+        device=None,
+    ) -> None:
+        from samadapt.data.io import cache_root
+
+        self.roots = [Path(r).resolve() for r in roots or []]
+        for root in self.roots:
+            if not root.is_dir():
+                raise FileNotFoundError(f"{root}: --root must be an existing folder")
+        self.demo = {k: Path(v).resolve() for k, v in (demo or {}).items()}
+        self.state_dir = Path(state_dir or cache_root() / "serve").resolve()
+        default_labels = self.roots[0] / "labels" if self.roots else self.state_dir / "labels"
+        self.labels_dir = Path(labels_dir).resolve() if labels_dir else default_labels
+        self.autosave_dir = self.state_dir / "autosave"
+        self.device = device
+        self.model_lock = threading.RLock()  # the predictor holds one embedding at a time
+        self.sessions: dict[str, Session] = {}
+        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="samadapt-encode")
+        self._pending: set = set()
+        self._waiting = 0  # foreground requests waiting for the model: background encodes step aside
+        self.runs: dict[str, object] = {}
+        self.use_run(run)
+        self._stop = threading.Event()
+        self._autosaver = threading.Thread(target=self._autosave_loop, name="samadapt-autosave", daemon=True)
+        self._autosaver.start()
+
+    # ---- model
+    def use_run(self, run) -> None:
+        """Switch the page to ``run`` (embeddings of the previous model are dropped)."""
+        with self.model_lock:
+            self.run = run
+            self.runs.setdefault(str(run.path or run.name), run)
+            self.model_key = f"{run.label}@{id(run.model)}"
+            self.predictor = Predictor(run.model, device=self.device, precision=run.precision, cache_size=64)
+
+    def model_info(self) -> dict:
+        run = self.run
+        return {
+            "model": run.label,
+            "task": run.task,
+            "classes": {str(k): v for k, v in run.classes.items()},
+            "runs": list(self.runs),
+            "current": str(run.path or run.name),
+        }
+
+    def cache_key(self, session: Session, axis: int, index: int) -> tuple:
+        return (str(session.path), axis, index, session.preset, self.model_key)
+
+    def encode(self, session: Session, axis: int, index: int) -> bool:
+        """Put the slice's embedding into the predictor (from the cache when it is there); True when it was
+        encoded now. Call with ``model_lock`` held."""
+        key = self.cache_key(session, axis, index)
+        fresh = key not in self.predictor._cache
+        self.predictor.set_image(session.image(axis, index), preprocessed=True, cache_key=key)
+        return fresh
+
+    @contextmanager
+    def foreground(self):
+        """Hold the model for a request of the page; queued background encodes do not start meanwhile."""
+        self._waiting += 1
+        try:
+            self.model_lock.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self.model_lock.release()
+
+    def prefetch(self, session: Session, axis: int, indices: list[int]) -> None:
+        """Encode these slices in the background (the neighbours of the one on screen), one at a time."""
+        for index in indices:
+            if not 0 <= index < session.labels.shape[axis]:
+                continue
+            key = self.cache_key(session, axis, index)
+            if key in self.predictor._cache or key in self._pending:
+                continue
+            self._pending.add(key)
+
+            def job(index=index, key=key):
+                try:
+                    if self._waiting:
+                        return  # the page is waiting for the model; this slice is encoded when asked for
+                    with self.model_lock:
+                        if key not in self.predictor._cache and session.id in self.sessions:
+                            self.encode(session, axis, index)
+                finally:
+                    self._pending.discard(key)
+
+            self._prefetch.submit(job)
+
+    # ---- paths
+    @property
+    def readable(self) -> list[Path]:
+        return [*self.roots, *self.demo.values(), self.labels_dir]
+
+    @property
+    def writable(self) -> list[Path]:
+        return [*self.roots, self.labels_dir]
+
+    def check(self, path: str | Path, write: bool = False) -> Path:
+        """The resolved path when the app may open (``write``: write) it.
+
+        Raises:
+            PermissionError: outside the allowed folders (after resolving ``..`` and symlinks).
+        """
+        raw = Path(str(path)).expanduser()
+        if write and not raw.is_absolute():
+            raw = self.labels_dir / raw
+        resolved = raw.resolve()
+        folders = self.writable if write else self.readable
+        if not inside(resolved, folders):
+            verb = "write" if write else "open"
+            raise PermissionError(f"{path}: outside the folders this app may {verb} ({', '.join(map(str, folders))})")
+        return resolved
+
+    def cases(self) -> list[dict]:
+        """What the page offers: the demo cases, the cases of datasets under ``--root``, and image files there."""
+        found: list[dict] = []
+        for name, folder in self.demo.items():
+            found += self._dataset_cases(folder, f"demo: {name}")
+        for root in self.roots:
+            found += self._folder_cases(root)
+        return found[:MAX_LISTED]
+
+    def _dataset_cases(self, folder: Path, group: str) -> list[dict]:
+        try:
+            spec = load_dataset(folder)
+        except (FileNotFoundError, DataError):
+            return []
+        images = [(c.id, c.image) for c in spec.cases] + [(p.name, p) for p in spec.test_images]
+        return [{"name": f"{group} / {cid}", "path": str(path)} for cid, path in images]
+
+    def _folder_cases(self, root: Path) -> list[dict]:
+        found: list[dict] = []
+        for folder, dirs, files in os.walk(root):
+            here = Path(folder)
+            depth = len(here.relative_to(root).parts)
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and depth < 4)
+            if (here / "dataset.json").exists():
+                cases = self._dataset_cases(here, str(here.relative_to(root.parent)))
+                if cases:
+                    found += cases
+                    dirs[:] = []
+                    continue
+            if any(f.lower().endswith(".dcm") for f in files):
+                found.append({"name": str(here.relative_to(root.parent)) + "/ (DICOM)", "path": str(here)})
+                continue
+            for name in sorted(files):
+                if suffix_of(name) in READABLE and not name.startswith("."):
+                    found.append({"name": str((here / name).relative_to(root.parent)), "path": str(here / name)})
+            if len(found) > MAX_LISTED:
+                break
+        return found
+
+    # ---- sessions
+    def open(self, path: str | Path, preset: str | None = None) -> Session:
+        """Open a case (a file, or a DICOM folder) under the readable folders; restores its autosave if any.
+
+        Raises:
+            PermissionError: outside the allowed folders. FileNotFoundError / DataError: missing or unreadable.
+        """
+        resolved = self.check(path)
+        volume = read_volume(resolved)
+        dataset, classes, axis = self._dataset_of(resolved)
+        if preset is None:
+            preset = (dataset.preprocessing if dataset else None) or self.run.manifest.get("preprocessing")
+            preset = preset or ("rgb" if volume.array.ndim == 4 else "mr")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        classes = classes or self.run.classes or {1: "object 1"}
+        session = Session(
+            id=uuid.uuid4().hex[:12],
+            path=resolved,
+            volume=volume,
+            preset=preset,
+            axis=axis if dataset else int(self.run.manifest.get("axis", 0)),
+            array=preprocess_volume(volume.array, preset),
+            labels=np.zeros(volume.array.shape[:3], np.int32),
+            objects={},
+            dataset=dataset.root if dataset else None,
+        )
+        for value, name in sorted(classes.items()):
+            session.add_object(name, value)
+        self._restore(session)
+        session.dirty = False
+        self.sessions[session.id] = session
+        return session
+
+    def _dataset_of(self, path: Path):
+        for parent in path.parents:
+            if (parent / "dataset.json").exists() and inside(parent, self.readable):
+                try:
+                    spec = load_dataset(parent)
+                except (FileNotFoundError, DataError):
+                    return None, None, 0
+                return spec, dict(spec.classes), spec.axis
+            if parent in self.readable:
+                break
+        return None, None, 0
+
+    def session(self, session_id: str) -> Session:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise KeyError(f"no open session {session_id!r}; open the case again") from None
+
+    # ---- editing
+    def prompt(
+        self,
+        session: Session,
+        axis: int,
+        index: int,
+        value: int,
+        point: list[float] | None = None,
+        box: list[float] | None = None,
+    ) -> dict:
+        """Add a click (x, y, label 1 / 0) or set the box (x0, y0, x1, y1) of object ``value`` on one slice, and
+        replace that object's mask on the slice by the model's answer to all its prompts there."""
+        if value not in session.objects:
+            raise ValueError(f"no object {value}; add it first")
+        with session.lock:
+            key = (value, axis, index)
+            prompts = copy.deepcopy(session.prompts.get(key, {"points": [], "box": None}))
+            if point is not None:
+                prompts["points"].append([float(point[0]), float(point[1]), int(point[2])])
+            if box is not None:
+                x0, y0, x1, y1 = (float(v) for v in box)
+                prompts["box"] = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
+            start = time.perf_counter()
+            with self.foreground():
+                wait_ms = (time.perf_counter() - start) * 1000
+                encoded = self.encode(session, axis, index)
+                encode_ms = (time.perf_counter() - start) * 1000 - wait_ms
+                points = np.array([p[:2] for p in prompts["points"]], np.float32) if prompts["points"] else None
+                labels = np.array([p[2] for p in prompts["points"]], np.int64) if prompts["points"] else None
+                boxes = np.array(prompts["box"], np.float32) if prompts["box"] else None
+                mask = self.predictor.predict(points=points, labels=labels, boxes=boxes).masks[0, 0]
+            server_ms = (time.perf_counter() - start) * 1000
+            session.remember("box" if box is not None else "click", axis, index)
+            session.prompts[key] = prompts
+            plane = session.plane(axis, index)
+            plane[plane == value] = 0
+            plane[mask] = value
+            session.finished.add((axis, index))
+        return {
+            "encoded": encoded,
+            "wait_ms": wait_ms,
+            "encode_ms": encode_ms,
+            "server_ms": server_ms,
+            "pixels": int(mask.sum()),
+        }
+
+    def semantic(self, session: Session, axis: int, index: int) -> dict:
+        """The prompt-free class map of a semantic run, written over the slice."""
+        if self.run.task != "semantic":
+            raise ValueError(f"{self.run.label} is a prompted model; the prompt-free output needs a semantic run")
+        with session.lock:
+            with self.foreground():
+                self.encode(session, axis, index)
+                classes = self.predictor.predict_semantic()
+            lookup = np.array([0, *(list(self.run.classes) or [1])])
+            for value, name in self.run.classes.items():
+                if value not in session.objects:
+                    session.add_object(name, value)
+            session.remember("auto", axis, index)
+            session.plane(axis, index)[...] = lookup[classes]
+            session.finished.add((axis, index))
+        return {"pixels": int((classes > 0).sum())}
+
+    def erase(self, session: Session, axis: int, index: int, value: int) -> None:
+        """Remove object ``value`` (and its prompts) from one slice."""
+        with session.lock:
+            session.remember("erase", axis, index)
+            plane = session.plane(axis, index)
+            plane[plane == value] = 0
+            session.prompts.pop((value, axis, index), None)
+
+    def save(self, session: Session, path: str | Path | None, overwrite: bool = False) -> Path:
+        """Write the labels on the case's grid and header (format from the suffix; default NIfTI, PNG for PNG).
+
+        Raises:
+            PermissionError: outside the writable folders. FileExistsError: the file exists and not ``overwrite``.
+        """
+        if not path:
+            stem = session.path.name[: -len(suffix_of(session.path))] if suffix_of(session.path) else session.path.name
+            path = f"{stem}.png" if suffix_of(session.path) == ".png" else f"{stem}.nii.gz"
+        target = self.check(path, write=True)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; confirm to overwrite it")
+        with session.lock:
+            labels = session.labels.copy()
+        return write_label(session.volume, labels, target)
+
+    # ---- autosave
+    def autosave_path(self, path: Path) -> Path:
+        return self.autosave_dir / (hashlib.sha1(str(path).encode()).hexdigest()[:16] + ".npz")
+
+    def flush(self, session: Session) -> Path:
+        """Write the session's labels, objects and prompts to its autosave file (atomically)."""
+        with session.lock:
+            labels = session.labels.copy()
+            meta = {
+                "path": str(session.path),
+                "objects": {str(k): v for k, v in session.objects.items()},
+                "prompts": [[*k, v] for k, v in session.prompts.items()],
+                "finished": [list(k) for k in session.finished],
+                "saved": time.time(),
+            }
+            session.dirty = False
+        target = self.autosave_path(session.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".partial-{os.getpid()}-{threading.get_ident()}-{target.name}")
+        with open(partial, "wb") as handle:
+            np.savez_compressed(handle, labels=labels, meta=np.array(json.dumps(meta)))
+        os.replace(partial, target)
+        return target
+
+    def _restore(self, session: Session) -> None:
+        target = self.autosave_path(session.path)
+        if not target.exists():
+            return
+        try:
+            with np.load(target, allow_pickle=False) as saved:
+                labels, meta = saved["labels"], json.loads(str(saved["meta"]))
+        except (OSError, ValueError, KeyError):
+            return  # an unreadable autosave is ignored, never fatal
+        if labels.shape != session.labels.shape or meta.get("path") != str(session.path):
+            return
+        session.labels[...] = labels
+        session.objects = {int(k): v for k, v in meta["objects"].items()}
+        session.prompts = {(int(v), int(a), int(i)): p for v, a, i, p in meta["prompts"]}
+        session.finished = {tuple(k) for k in meta.get("finished", [])}
+        session.restored = float(meta.get("saved", 0.0))
+
+    def _autosave_loop(self) -> None:
+        while not self._stop.wait(AUTOSAVE_PERIOD_S):
+            for session in list(self.sessions.values()):
+                if session.dirty:
+                    try:
+                        self.flush(session)
+                    except OSError:
+                        session.dirty = True
+
+    def close(self) -> None:
+        """Write what is unsaved and stop the background threads."""
+        self._stop.set()
+        for session in list(self.sessions.values()):
+            if session.dirty:
+                self.flush(session)
+        self._prefetch.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,35 @@
+"""Fixtures of the app tests: a small NIfTI case under a temporary --root, workspaces on a tiny or the real model."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from samadapt.runs import Run
+from samadapt.serve import Workspace
+from tests.conftest import make_tiny_sam
+
+AFFINE = np.array([[-0.8, 0, 0, 10.0], [0, 0.9, 0, -20.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]])
+
+
+@pytest.fixture
+def root(tmp_path):
+    """--root with one (Z, Y, X) = (6, 48, 64) NIfTI case: a bright disc on slices 1-4, and a dataset-free folder."""
+    folder = tmp_path / "root"
+    (folder / "scans").mkdir(parents=True)
+    zz, yy, xx = np.mgrid[:6, :48, :64]
+    volume = 100.0 + 20 * np.sin(xx / 5.0)
+    volume[(1 <= zz) & (zz <= 4) & ((yy - 24) ** 2 + (xx - 30) ** 2 < 100)] = 900.0
+    nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0).astype(np.float32), AFFINE), folder / "scans" / "disc.nii.gz")
+    return folder
+
+
+@pytest.fixture
+def tiny_run():
+    return Run(model=make_tiny_sam(img_size=128), name="tiny")
+
+
+@pytest.fixture
+def workspace(root, tmp_path, tiny_run):
+    ws = Workspace(tiny_run, roots=[root], state_dir=tmp_path / "state", device="cpu")
+    yield ws
+    ws.close()
