@@ -162,6 +162,7 @@ def predict_volume(
     precision: str | None = None,
     axis: int | None = None,
     batch_size: int | None = None,
+    backend: str = "torch",
 ) -> np.ndarray:
     """Segment a whole ``Volume`` slice by slice along the run's slicing axis; returns labels on the volume's grid.
 
@@ -176,12 +177,18 @@ def predict_volume(
       ends or the mask vanishes (LiteMedSAM's way); or rows (x0, y0, x1, y1, z) of single-slice boxes (axis 0).
 
     Objects are written in the order given (a later object wins where two overlap). Embeddings are cached per
-    slice, so objects that share slices do not encode them twice.
+    slice, so objects that share slices do not encode them twice. ``backend``: ``torch`` or ``onnxruntime``
+    (``samadapt.export.backend``: ``run`` may then be an export directory's ``ExportedRun``).
     """
     preset = preprocessing or run.manifest.get("preprocessing") or "mr"
     axis = int(run.manifest.get("axis", 0) if axis is None else axis)
     array = preprocess_volume(volume.array, preset)
-    predictor = Predictor(run.model, device=device, precision=precision or run.precision, cache_size=16)
+    if backend == "torch":
+        predictor = Predictor(run.model, device=device, precision=precision or run.precision, cache_size=16)
+    else:
+        from samadapt.export.backend import make_predictor
+
+        predictor = make_predictor(run, backend, cache_size=16)
     labels = np.zeros(volume.array.shape[:3], np.int16)
     planes = np.moveaxis(labels, axis, 0)  # a view: writing a plane writes the volume
 
@@ -267,6 +274,7 @@ def predict_folder(
     device: str | torch.device | None = None,
     preprocessing: str | None = None,
     progress: bool = True,
+    backend: str = "torch",
 ) -> list[Path]:
     """Segment every image of a folder with a semantic run (nnU-Net style: ``imagesTs/`` -> ``predictions/``).
 
@@ -300,6 +308,6 @@ def predict_folder(
         if target.exists():
             continue
         volume = read_volume(path)
-        labels = predict_volume(run, volume, preprocessing=preprocessing, device=device)
+        labels = predict_volume(run, volume, preprocessing=preprocessing, device=device, backend=backend)
         written.append(write_label(volume, labels, target))
     return written

@@ -25,6 +25,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         tolerance_mm=args.tolerance_mm,
         device=args.device,
+        backend=args.backend,
     )
     print(json.dumps({"mean_dice": metrics["mean_dice"], "prompt": metrics["prompt"], "cases": metrics["cases"]}))
     print(f"report: {Path(args.out) / 'report.html'}")
@@ -33,25 +34,39 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def predict_command(args: argparse.Namespace) -> int:
     from samadapt.data.io import read_volume, write_label
+    from samadapt.export.backend import load_for_backend
     from samadapt.predict import predict_folder, predict_volume
-    from samadapt.runs import load_run
 
     if (args.image is None) == (args.input is None):
         raise ValueError("give one input: an IMAGE file, or a folder with -i/--input")
-    run = load_run(args.run, device=args.device)
+    run = load_for_backend(args.run, args.backend, device=args.device)  # load_run, or an ONNX export's run
     if args.input is not None:
-        written = predict_folder(run, args.input, args.out, device=args.device, preprocessing=args.preprocessing)
+        written = predict_folder(
+            run, args.input, args.out, device=args.device, preprocessing=args.preprocessing, backend=args.backend
+        )
         print(f"wrote {len(written)} predictions into {args.out} (existing ones kept)")
         return 0
     volume = read_volume(args.image)
     points = np.asarray(json.loads(args.points), dtype=np.float32) if args.points else None
     boxes = np.asarray(json.loads(args.boxes), dtype=np.float32) if args.boxes else None
     labels = predict_volume(
-        run, volume, points=points, boxes=boxes, preprocessing=args.preprocessing, device=args.device
+        run,
+        volume,
+        points=points,
+        boxes=boxes,
+        preprocessing=args.preprocessing,
+        device=args.device,
+        backend=args.backend,
     )
     path = write_label(volume, labels, args.out)
     print(f"wrote {path} ({int((labels > 0).sum())} labelled voxels)")
     return 0
+
+
+_BACKEND_HELP = (
+    "torch (default) or onnxruntime (fp32, CPU): --run is then an export directory (samadapt export), or a run / "
+    "model exported on the fly into a temporary folder"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance")
     evaluate.add_argument("--out", required=True, help="report directory")
     evaluate.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
+    evaluate.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help=_BACKEND_HELP)
     evaluate.set_defaults(func=evaluate_command)
     predict = subparsers.add_parser("predict", help="segment a volume or image; writes labels on the input's grid")
     predict.add_argument("image", nargs="?", help="NIfTI / NRRD / MHA / DICOM folder / PNG")
@@ -86,4 +102,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-o", "--out", required=True, help="output label file (.nii.gz, .nrrd, .mha, .png), or folder with -i"
     )
     predict.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
+    predict.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help=_BACKEND_HELP)
     predict.set_defaults(func=predict_command)

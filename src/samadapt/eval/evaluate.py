@@ -208,13 +208,20 @@ def evaluate_volumes(
     device: str | torch.device | None = None,
     precision: str | None = None,
     progress: bool = True,
+    backend: str = "torch",
 ) -> Evaluation:
     """Score whole volumes in 3D: slices are predicted one by one (prompted: only where an object exists to prompt
-    on), stacked, and compared with the ground truth volume using the voxel spacing."""
+    on), stacked, and compared with the ground truth volume using the voxel spacing. ``backend``: ``torch`` or
+    ``onnxruntime`` (``samadapt.export.backend``)."""
     from tqdm.auto import tqdm
 
     protocol = parse_protocol(protocol) if isinstance(protocol, str) else protocol
-    predictor = Predictor(run.model, device=device, precision=precision or run.precision)
+    if backend == "torch":
+        predictor = Predictor(run.model, device=device, precision=precision or run.precision)
+    else:
+        from samadapt.export.backend import make_predictor
+
+        predictor = make_predictor(run, backend)
     rows, kept = [], PicturePool(seed)
     for case_id in case_ids:
         image, label = slices.read_case(case_id)
@@ -315,6 +322,7 @@ def evaluate(
     device: str | torch.device | None = None,
     precision: str | None = None,
     progress: bool = True,
+    backend: str = "torch",
 ) -> dict:
     """Score a run (or a bare model name) on whole volumes of a dataset, optionally beside its un-adapted base model.
 
@@ -326,13 +334,19 @@ def evaluate(
     the ranks and gathered into one report, written by rank 0. The baseline gets the same prompts from the same seed; a semantic run's baseline (the base model cannot segment
     without prompts) gets one centre click per object (``point:1``). With ``out``, writes metrics.json, metrics.csv,
     overlays and report.md / report.html there. Returns the content of metrics.json (the baseline's under
-    ``"baseline"``).
+    ``"baseline"``). ``backend``: ``torch`` or ``onnxruntime`` (for both models; with onnxruntime ``run`` may be an
+    export directory, and a run directory or model name is exported on the fly: ``samadapt.export.backend``).
     """
     from samadapt.data.datasets import SliceDataset, load_dataset
     from samadapt.eval.report import save_evaluation
     from samadapt.runs import load_run
 
-    run = run if isinstance(run, Run) else load_run(run, device=device)
+    if backend == "torch":
+        run = run if isinstance(run, Run) else load_run(run, device=device)
+    elif isinstance(run, (str, Path)):
+        from samadapt.export.backend import load_for_backend
+
+        run = load_for_backend(run, backend, device=device)
     protocol = parse_protocol(prompt) if isinstance(prompt, str) else prompt
     axis = run.manifest.get("axis") if axis is None else axis
     precision = precision or run.precision
@@ -348,7 +362,7 @@ def evaluate(
     rank, world = distributed_context()  # under torchrun each rank scores every world-th volume
     shard = case_ids[rank::world]
     kwargs = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, progress=progress and rank == 0)
-    kwargs.update(device=device, precision=precision)
+    kwargs.update(device=device, precision=precision, backend=backend)
     evaluation = _gathered(evaluate_volumes(run, slices, shard, chosen, protocol, **kwargs), case_ids, chosen, world)
     reference = None
     if baseline:
