@@ -70,15 +70,19 @@ class Jobs:
             raise KeyError(f"no job {job_id!r}") from None
 
 
+MIN_SCORE = 0.5
+
+
 def _box_of(mask: np.ndarray) -> np.ndarray:
     ys, xs = np.nonzero(mask)
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
 
 
-def propagate(workspace, session, axis: int, index: int, value: int, job: Job) -> dict:
+def propagate(workspace, session, axis: int, index: int, value: int, job: Job, min_score: float = MIN_SCORE) -> dict:
     """Carry object ``value`` from slice ``index`` through the volume, forward then backward: each next slice is
     prompted with the box of its neighbour's mask (LiteMedSAM's way, as ``predict.predict_volume``) until the mask
-    vanishes or the volume ends. Slices where the user prompted this object are kept as drawn (and carry on from
+    vanishes, the model's own IoU estimate falls below ``min_score`` (the object has ended: on the demo lesions
+    LiteMedSAM scores 0.8-0.9 inside a lesion and < 0.5 beyond it), or the volume ends. Slices where the user prompted this object are kept as drawn (and carry on from
     their mask). Other objects' pixels are never overwritten. One undo step."""
     with session.lock:
         start_mask = session.plane(axis, index) == value
@@ -100,7 +104,10 @@ def propagate(workspace, session, axis: int, index: int, value: int, job: Job) -
                 else:
                     with workspace.model_lock:
                         workspace.encode(session, axis, i)
-                        mask = workspace.predictor.predict(boxes=_box_of(current)).masks[0, 0]
+                        answer = workspace.predictor.predict(boxes=_box_of(current))
+                    mask = answer.masks[0, 0]
+                    if float(answer.scores[0, 0]) < min_score:
+                        mask = np.zeros_like(mask)  # the model doubts its mask: the object has ended
                     plane[plane == value] = 0
                     plane[mask & (plane == 0)] = value
                     session.dirty = True

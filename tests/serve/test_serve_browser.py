@@ -1,0 +1,244 @@
+"""The page in real Chromium (Playwright, Debian's /usr/bin/chromium) against a real server with LiteMedSAM on the
+demo lesions: the mask drawn on the page is the Predictor's mask for the same click; box, undo, propagate, save.
+
+Screenshots land in docs/ (app-*.png). Without Chromium the tests skip, except where ``SAMADAPT_REQUIRE_BROWSER``
+is set (CI installs chromium in .ci/run and sets it): there a missing browser is a failure.
+"""
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from samadapt.data.io import read_label, read_volume
+from samadapt.data.preprocess import preprocess_volume, volume_slice
+from samadapt.predict import Predictor
+
+CHROMIUM = Path("/usr/bin/chromium")
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PALETTE = {1: (0xE6, 0x19, 0x4B), 2: (0x3C, 0xB4, 0x4B)}
+
+pytestmark = pytest.mark.slow
+
+
+def _browser_or_skip():
+    required = bool(os.environ.get("SAMADAPT_REQUIRE_BROWSER"))
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if required:
+            raise
+        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+    if not CHROMIUM.exists():
+        if required:
+            pytest.fail(f"{CHROMIUM} missing although SAMADAPT_REQUIRE_BROWSER is set (.ci/run installs it)")
+        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def server(demo_data, tmp_path_factory):
+    """A real uvicorn server in a thread: LiteMedSAM, the demo datasets, a temporary --root."""
+    import uvicorn
+
+    from samadapt.runs import load_run
+    from samadapt.serve import Workspace, create_app
+
+    root = tmp_path_factory.mktemp("root")
+    workspace = Workspace(
+        load_run("lite_medsam", device="cpu"),
+        roots=[root],
+        demo=demo_data,
+        state_dir=tmp_path_factory.mktemp("state"),
+        device="cpu",
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(create_app(workspace), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", "workspace": workspace, "root": root, "demo": demo_data}
+    uv.should_exit = True
+    thread.join(10)
+    workspace.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    sync_playwright = _browser_or_skip()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page.set_default_timeout(120_000)
+        yield page
+        browser.close()
+
+
+def idle(page) -> None:
+    page.wait_for_function("window.samadapt && window.samadapt.pending === 0")
+
+
+def overlay(page) -> np.ndarray:
+    """The label overlay as drawn: (H, W, 4) RGBA of the overlay canvas (opaque colours, shown at 45 %)."""
+    data = page.evaluate(
+        """() => { const c = document.querySelector('[data-testid=overlay]');
+        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }"""
+    )
+    size = page.evaluate("() => [window.samadapt.h, window.samadapt.w]")
+    return np.array(data, np.uint8).reshape(*size, 4)
+
+
+def drawn(page, value: int) -> np.ndarray:
+    rgba = overlay(page)
+    return (rgba[..., 3] > 0) & (rgba[..., :3] == PALETTE[value]).all(-1)
+
+
+def at(page, x: int, y: int) -> dict:
+    """Where pixel (x, y) of the slice is on the viewer element (its centre)."""
+    box = page.get_by_test_id("viewer").bounding_box()
+    h, w = page.evaluate("() => [window.samadapt.h, window.samadapt.w]")
+    return {"x": (x + 0.5) * box["width"] / w, "y": (y + 0.5) * box["height"] / h}
+
+
+def drag(page, start: tuple, end: tuple) -> None:
+    """Drag the mouse over the viewer from slice pixel ``start`` (x, y) to ``end``."""
+    origin = page.get_by_test_id("viewer").bounding_box()
+    a, b = at(page, *start), at(page, *end)
+    page.mouse.move(origin["x"] + a["x"], origin["y"] + a["y"])
+    page.mouse.down()
+    page.mouse.move(origin["x"] + (a["x"] + b["x"]) / 2, origin["y"] + (a["y"] + b["y"]) / 2, steps=3)
+    page.mouse.move(origin["x"] + b["x"], origin["y"] + b["y"], steps=3)
+    page.mouse.up()
+
+
+def status(page) -> str:
+    return page.get_by_test_id("status").inner_text()
+
+
+def wait_status(page, prefix: str) -> str:
+    page.wait_for_function("p => document.querySelector('[data-testid=status]').textContent.startsWith(p)", arg=prefix)
+    idle(page)
+    return status(page)
+
+
+def test_click_box_undo_propagate_save(server, page):
+    demo = server["demo"]
+    image_path = demo["lesions"] / "imagesTr" / "brain1.nrrd"
+    lesion = read_label(demo["lesions"] / "labelsTr" / "brain1.nrrd").array > 0
+    index = int(np.argmax(lesion.sum((1, 2))))
+    inside = ndimage.distance_transform_edt(lesion[index])
+    y, x = (int(v) for v in np.unravel_index(inside.argmax(), inside.shape))
+    ys, xs = np.nonzero(lesion[index])
+
+    page.goto(server["url"])
+    wait_status(page, "ready")
+    page.get_by_test_id("case").select_option(str(image_path))
+    page.get_by_test_id("open").click()
+    wait_status(page, "opened")
+    page.get_by_test_id("slice").fill(str(index))
+    page.wait_for_function(f"window.samadapt.index === {index} && window.samadapt.raw !== null")
+    idle(page)
+
+    # the library's answer to the same click, on the same slice as training takes it
+    volume = read_volume(image_path)
+    preset = server["workspace"].session(page.evaluate("window.samadapt.sess.session")).preset
+    plane = volume_slice(preprocess_volume(volume.array, preset), index, 0, preset)
+    predictor = Predictor(server["workspace"].run.model, device="cpu")
+    predictor.set_image(plane, preprocessed=True)
+    click_mask = predictor.predict(points=np.array([[x, y]]), labels=np.array([1])).masks[0, 0]
+
+    page.get_by_test_id("viewer").click(position=at(page, x, y))
+    text = wait_status(page, "mask:")
+    np.testing.assert_array_equal(drawn(page, 1), click_mask)  # LiteMedSAM learnt boxes: a lone click gives little
+    assert f"mask: {int(click_mask.sum())} px" in text
+
+    # a dragged box for the same object: the click and the box together
+    page.get_by_test_id("mode-box").click()
+    x0, y0, x1, y1 = int(xs.min()) - 4, int(ys.min()) - 4, int(xs.max()) + 4, int(ys.max()) + 4
+    drag(page, (x0, y0), (x1, y1))
+    wait_status(page, "mask:")
+    both = predictor.predict(points=np.array([[x, y]]), labels=np.array([1]), boxes=np.array([x0, y0, x1, y1]))
+    both_mask = both.masks[0, 0]
+    np.testing.assert_array_equal(drawn(page, 1), both_mask)
+    assert 2 * (both_mask & lesion[index]).sum() / (both_mask.sum() + lesion[index].sum()) > 0.6
+    page.screenshot(path=str(DOCS / "app-box.png"))
+
+    # a second object elsewhere, then undo it
+    page.get_by_test_id("add-object").click()
+    wait_status(page, "object 2 added")
+    other = (x0 - 70, y0 + 20, x0 - 30, y0 + 60)
+    drag(page, other[:2], other[2:])
+    wait_status(page, "mask:")
+    other_mask = predictor.predict(boxes=np.array(other)).masks[0, 0]
+    np.testing.assert_array_equal(drawn(page, 2), other_mask)
+    np.testing.assert_array_equal(drawn(page, 1), both_mask & ~other_mask)
+    page.get_by_test_id("undo").click()
+    wait_status(page, "undo")
+    assert not drawn(page, 2).any()
+    np.testing.assert_array_equal(drawn(page, 1), both_mask)
+
+    # propagate object 1 through the volume, with progress
+    page.get_by_test_id("object-1").click()
+    page.get_by_test_id("propagate").click()
+    text = wait_status(page, "propagated")
+    session = server["workspace"].session(page.evaluate("window.samadapt.sess.session"))
+    filled = [i for i in range(session.labels.shape[0]) if (session.labels[i] == 1).any()]
+    assert len(filled) > 1 and index in filled, text
+    assert page.get_by_test_id("progress").get_attribute("value") == page.get_by_test_id("progress").get_attribute(
+        "max"
+    )
+    page.get_by_test_id("slice").fill(str(filled[-1]))
+    page.wait_for_function(f"window.samadapt.index === {filled[-1]}")
+    idle(page)
+    page.screenshot(path=str(DOCS / "app-propagated.png"))
+
+    # save, read back with nibabel: the input's grid and affine, the label values
+    page.get_by_test_id("save-path").fill("brain1_browser.nii.gz")
+    page.get_by_test_id("save").click()
+    saved = wait_status(page, "saved ").removeprefix("saved ")
+    assert Path(saved) == server["root"] / "labels" / "brain1_browser.nii.gz"
+    image = nib.load(saved)
+    assert image.shape == volume.array.shape[::-1]
+    np.testing.assert_allclose(image.affine, volume.affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(image.dataobj).transpose(2, 1, 0), session.labels)
+    assert set(np.unique(np.asarray(image.dataobj))) == {0, 1}
+    stamp = Path(saved).stat().st_mtime_ns
+    page.once("dialog", lambda dialog: dialog.dismiss())  # "exists; overwrite?" -> no
+    page.get_by_test_id("save").click()
+    assert "exists" in wait_status(page, "error:")
+    assert Path(saved).stat().st_mtime_ns == stamp
+
+
+def test_request_outside_root_refused(server, page):
+    page.goto(server["url"])
+    wait_status(page, "ready")
+    code = page.evaluate(
+        "async () => (await fetch('/api/open', {method: 'POST', headers: {'Content-Type': 'application/json'},"
+        " body: JSON.stringify({path: '/etc/passwd'})})).status"
+    )
+    assert code == 403
+    page.get_by_test_id("case-path").fill(str(server["root"]) + "/../../etc/passwd")
+    page.get_by_test_id("open").click()
+    assert "outside the folders this app may open" in wait_status(page, "error:")
+    for testid in ("viewer", "mode-point", "mode-box", "undo", "propagate", "save", "adapt", "status"):
+        assert page.get_by_test_id(testid).count() == 1, testid
