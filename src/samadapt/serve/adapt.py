@@ -1,0 +1,122 @@
+"""Annotate -> adapt: the slices the user finished become a training set (MSD layout), a recipe trains on it through
+``samadapt.train.api.train`` in a background job, and the page switches to the new run (the previous model stays in
+the model list, one click away).
+
+The training set holds one case per finished slice, a (1, H, W) NIfTI of the slice's stored intensities with the
+slice's labels, and the case's preset in dataset.json. Slice-wise presets, CT windows and colour are exact; a
+volume-wise MR preset (``mr``, ``minmax``) becomes ``percentile_slice`` there, since a lone slice has no volume.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from samadapt.data.io import Volume, write_label
+from samadapt.data.preprocess import CT_WINDOWS, SLICE_WISE
+
+RECIPES = ("cheap-lunch", "msa")
+
+
+def training_set(session, folder: Path) -> Path:
+    """Write the finished slices of ``session`` as an MSD dataset in ``folder``; returns it.
+
+    Raises:
+        ValueError: no finished slice holds a label.
+    """
+    picked = [(a, i) for a, i in sorted(session.finished) if session.plane(a, i).any()]
+    if not picked:
+        raise ValueError("no finished slice holds a label: segment some slices first")
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    spacing = session.volume.spacing
+    training = []
+    for axis, index in picked:
+        raw = session.raw(axis, index).astype(np.float32)
+        rows, cols = (spacing[k] for k in range(3) if k != axis)
+        affine = np.diag([cols, rows, 1.0, 1.0])
+        image = Volume(raw[None], (1.0, rows, cols), affine)
+        name = f"slice_a{axis}_{index:04d}.nii.gz"
+        _write_image(image, folder / "imagesTr" / name)
+        write_label(image, session.plane(axis, index)[None].astype(np.int32), folder / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    preset = session.preset
+    if preset not in SLICE_WISE and preset not in CT_WINDOWS and preset != "rgb":
+        preset = "percentile_slice"
+    present = {int(v) for a, i in picked for v in np.unique(session.plane(a, i)) if v}
+    meta = {
+        "name": f"samadapt-serve {session.path.name}",
+        "modality": {"0": "CT" if preset in CT_WINDOWS else "MRI"},
+        "labels": {"0": "background", **{str(v): session.objects[v]["name"] for v in sorted(present)}},
+        "numTraining": len(training),
+        "training": training,
+        "test": [],
+        "samadapt": {"preprocessing": preset, "axis": 0, "source": str(session.path)},
+    }
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def _write_image(volume: Volume, path: Path) -> None:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(volume.array.transpose(2, 1, 0), volume.affine), str(path))
+
+
+def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
+    """Build the training set, train ``recipe`` for ``steps`` steps from the page's base model, load the run and
+    make it the page's model."""
+    from samadapt.runs import load_run
+    from samadapt.train.api import train
+    from samadapt.train.config import TrainConfig, from_dict
+    from samadapt.train.recipes import recipe_defaults
+
+    if recipe not in RECIPES:
+        raise ValueError(f"adapt runs one of {', '.join(RECIPES)}, not {recipe!r}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = workspace.state_dir / "adapt" / f"{session.path.name.split('.')[0]}-{stamp}"
+    with session.lock:
+        job.message = "building the training set"
+        data = training_set(session, base / "data")
+    cases = len(json.loads((data / "dataset.json").read_text())["training"])
+    config = recipe_defaults(recipe)
+    config["model"]["name"] = workspace.run.manifest.get("base_model", workspace.run.name)
+    config["data"].update({"path": str(data), "val_cases": 1 if cases > 2 else 0, "workers": 0})
+    config["train"].update(
+        {"steps": int(steps), "log_every": 1, "val_every": 0, "checkpoint_every": 0, "device": "auto", "seed": 0}
+    )
+    if workspace.device:
+        config["train"]["device"] = str(workspace.device)
+    run_dir = base / "run"
+    job.total = int(steps)
+    done = threading.Event()
+
+    def watch() -> None:
+        log = run_dir / "metrics.csv"
+        while not done.wait(0.5):
+            if log.exists():
+                try:
+                    rows = list(csv.DictReader(log.open()))
+                except (OSError, csv.Error):
+                    continue
+                if rows:
+                    job.done = int(rows[-1]["step"])
+                    job.message = f"step {job.done}, loss {float(rows[-1]['loss']):.3f}"
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        job.message = f"training {recipe} on {cases} slices"
+        result = train(from_dict(TrainConfig, config), run_dir)
+    finally:
+        done.set()
+    job.done, job.message = job.total, "loading the adapted model"
+    run = load_run(
+        run_dir, checkpoint="best" if (run_dir / "checkpoints" / "best").is_dir() else "last", device=workspace.device
+    )
+    workspace.use_run(run)
+    return {"run": str(run_dir), "slices": cases, "steps": result.steps, "val_dice": result.best_val_dice}
