@@ -182,3 +182,33 @@ def test_plane_payload_round_trip(workspace, root):
     session = workspace.open(root / "scans" / "disc.nii.gz")
     session.labels[1, 2, 3] = 300
     assert labels_of(plane_payload(session, 0, 1))[2, 3] == 300
+
+
+@pytest.mark.slow
+def test_serve_command_starts_and_serves_the_page(root):
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "samadapt.cli", "serve", "--root", str(root), "--port", str(port)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = process.stderr.readline()
+        assert f"http://127.0.0.1:{port}/" in banner, banner
+        deadline, page = time.time() + 120, ""
+        while time.time() < deadline and not page:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+            except OSError:
+                time.sleep(0.3)
+        assert 'data-testid="viewer"' in page
+        info = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=5).read().decode()
+        assert "disc.nii.gz" in info and "lite_medsam" in info
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/static/app.js", timeout=5).status == 200
+    finally:
+        process.terminate()
+        process.wait(30)
