@@ -1,5 +1,5 @@
-"""``samadapt evaluate`` under torchrun: two gloo ranks share the volumes and write one report, equal to the
-single-process report."""
+"""``samadapt evaluate`` at scale: under torchrun two gloo ranks share the volumes and write one report, equal to the
+single-process report; a rerun skips the volumes a killed evaluation had finished."""
 
 import json
 import os
@@ -70,3 +70,25 @@ def test_each_rank_scores_only_its_share_of_the_volumes(tmp_path):
     assert sorted(shares[0] + shares[1]) == ["case0", "case1", "case2"] and not set(shares[0]) & set(shares[1])
     # both ranks return the gathered result
     assert (tmp_path / "metrics0.json").read_text() == (tmp_path / "metrics1.json").read_text()
+
+
+@pytest.mark.slow
+def test_a_rerun_evaluation_skips_finished_volumes_and_gives_the_same_report(tmp_path, monkeypatch):
+    import samadapt.eval.evaluate as evaluate_module
+
+    root = write_msd(tmp_path / "data", cases=3, shape=(24, 20, 6))
+    first = samadapt.evaluate("lite_medsam", root, "box", out=tmp_path / "report", progress=False)
+    finished = sorted((tmp_path / "report" / ".finished").glob("*/*.json"))
+    assert [p.name for p in finished] == ["case0.json", "case1.json", "case2.json"]
+    finished[1].unlink()  # as if the job had been killed while scoring case1
+    scored = []
+    real = evaluate_module.predict_slice
+    monkeypatch.setattr(
+        evaluate_module, "predict_slice", lambda p, r, item, *a: scored.append(item["case"]) or real(p, r, item, *a)
+    )
+    again = samadapt.evaluate("lite_medsam", root, "box", out=tmp_path / "report", progress=False)
+    assert set(scored) == {"case1"}
+    assert again["mean_dice"] == pytest.approx(first["mean_dice"]) and again["cases"] == 3
+    # another protocol is another key: nothing reused
+    samadapt.evaluate("lite_medsam", root, "point:1", out=tmp_path / "report", progress=False)
+    assert {"case0", "case2"} <= set(scored)
