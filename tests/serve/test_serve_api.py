@@ -212,3 +212,45 @@ def test_serve_command_starts_and_serves_the_page(root):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_semantic_run_fills_the_slice(root, tmp_path):
+    from samadapt.models.mask_decoder import make_semantic_decoder
+    from samadapt.runs import Run
+    from tests.conftest import make_tiny_sam
+
+    model = make_tiny_sam(img_size=128)
+    make_semantic_decoder(model.mask_decoder, 2)
+    run = Run(model=model.eval(), name="tiny", task="semantic", classes={3: "liver", 5: "spleen"})
+    workspace = Workspace(run, roots=[root], state_dir=tmp_path / "state", device="cpu")
+    client = TestClient(create_app(workspace))
+    sid = open_disc(client, root)["session"]
+    answer = client.post("/api/semantic", json={"session": sid, "axis": 0, "index": 2}).json()
+    assert set(np.unique(labels_of(answer))) <= {0, 3, 5}
+    assert answer["objects"] == {
+        "3": {"name": "liver", "color": "#4363d8"},
+        "5": {"name": "spleen", "color": "#911eb4"},
+    }
+    workspace.close()
+
+
+def test_prompted_run_has_no_semantic_output(client, root):
+    sid = open_disc(client, root)["session"]
+    answer = client.post("/api/semantic", json={"session": sid, "axis": 0, "index": 2})
+    assert answer.status_code == 400 and "prompted model" in answer.json()["detail"]
+
+
+def test_colour_picture_opens_and_saves_as_png(client, root):
+    from PIL import Image
+
+    picture = np.zeros((40, 50, 3), np.uint8)
+    picture[10:30, 15:35] = (200, 120, 40)
+    Image.fromarray(picture).save(root / "photo.png")
+    summary = client.post("/api/open", json={"path": str(root / "photo.png")}).json()
+    assert summary["shape"] == [1, 40, 50] and summary["channels"] == 3 and summary["preset"] == "rgb"
+    pixels = client.get(f"/api/slice/{summary['session']}?axis=0&index=0")
+    assert pixels.headers["x-shape"] == "40,50,3"
+    sid = summary["session"]
+    client.post("/api/prompt", json={"session": sid, "axis": 0, "index": 0, "object": 1, "box": [15, 10, 34, 29]})
+    saved = client.post("/api/save", json={"session": sid}).json()["path"]
+    assert saved.endswith("photo.png") and np.asarray(Image.open(saved)).shape == (40, 50)

@@ -111,15 +111,18 @@ async function setSlice(index) {
   $("slice-label").textContent = `${index + 1} / ${sliceCount()}`;
   const ticket = ++S.sliceToken;
   const q = `?axis=${S.axis}&index=${index}`;
-  const [pixels, labels] = await Promise.all([api(`/api/slice/${S.sess.session}${q}`), getJSON(`/api/labels/${S.sess.session}${q}`)]);
-  const shape = pixels.headers.get("X-Shape").split(",").map(Number);
-  const raw = new Float32Array(await pixels.arrayBuffer());
-  if (ticket !== S.sliceToken) return; // a newer slice was asked for meanwhile
-  [S.h, S.w, S.c] = shape;
-  S.raw = raw;
-  layout();
-  drawImage();
-  showLabels(labels);
+  S.pending++; // until the slice is drawn, not only fetched
+  try {
+    const [pixels, labels] = await Promise.all([api(`/api/slice/${S.sess.session}${q}`), getJSON(`/api/labels/${S.sess.session}${q}`)]);
+    const shape = pixels.headers.get("X-Shape").split(",").map(Number);
+    const raw = new Float32Array(await pixels.arrayBuffer());
+    if (ticket !== S.sliceToken) return; // a newer slice was asked for meanwhile
+    [S.h, S.w, S.c] = shape;
+    S.raw = raw;
+    layout();
+    drawImage();
+    showLabels(labels);
+  } finally { S.pending--; }
 }
 
 function layout() {
