@@ -55,6 +55,7 @@ class Row:
 
 
 CASES: dict[str, Callable[[bool], list[Row]]] = {}
+SCALE_BEGIN = "<!-- scale benchmark: begin -->"  # bench/scale.py's section
 
 
 def case(name: str):
@@ -303,11 +304,14 @@ def main(argv: list[str] | None = None) -> int:
             if BF16
             else "no native bfloat16 kernels (bf16 would be emulated, ~100x slower): fp32 rows only"
         )
+        # sections other scripts write into the same file (bench/scale.py) are kept
+        previous = args.out.read_text() if args.out.exists() else ""
+        kept = previous[previous.index(SCALE_BEGIN) :] if SCALE_BEGIN in previous else ""
         args.out.write_text(
             f"# Benchmarks\n\nMachine: {describe_machine()}; {precision}.\n\n"
             f"Written by `python bench/run.py{' --quick' if args.quick else ''}`; speed-up = reference time / ours, "
             f"memory ratio = our peak / the reference's peak (resident memory above the level before the call).\n\n"
-            f"{table}\n"
+            f"{table}\n" + (f"\n{kept}" if kept else "")
         )
     return 0
 
