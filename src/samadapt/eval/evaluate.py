@@ -25,7 +25,7 @@ import torch
 
 from samadapt.device import distributed_context
 from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, aggregate, binary_metrics, dice
-from samadapt.predict import Predictor
+from samadapt.predict import Predictor, default_batch_size
 from samadapt.prompts import box_from_mask, iterative_clicks, objects
 from samadapt.runs import Run
 
@@ -85,13 +85,8 @@ def predict_slice(
         item["case"], item["slice"], item["image"], label, {c: np.zeros(label.shape, bool) for c in classes}
     )
     if protocol.kind == "none":
-        if run.task != "semantic":
-            raise ValueError("the 'none' protocol needs a semantic model (e.g. trained with the samed recipe)")
-        labels = predictor.predict_semantic()
-        for k, c in enumerate(run.classes, start=1):
-            if c in result.pred:
-                result.pred[c] = labels == k
-        return result
+        _check_semantic(run)
+        return semantic_result(item, predictor.predict_semantic(), run, classes)
     if run.task == "semantic":
         raise ValueError(f"a semantic model takes no prompts; evaluate it with --prompt none, not {protocol}")
     found = list(objects(label, list(classes), objects_mode))
@@ -115,6 +110,22 @@ def predict_slice(
         clicks, prediction = iterative_clicks(mask, predict, protocol.points)
         result.prompts.extend(("point", c) for c in clicks)
         result.pred[class_id] |= prediction
+    return result
+
+
+def _check_semantic(run: Run) -> None:
+    if run.task != "semantic":
+        raise ValueError("the 'none' protocol needs a semantic model (e.g. trained with the samed recipe)")
+
+
+def semantic_result(item: dict, labels: np.ndarray, run: Run, classes: Sequence[int]) -> SliceResult:
+    """A slice's result from a semantic model's (H, W) output (0 background, k the run's k-th class)."""
+    result = SliceResult(
+        item["case"], item["slice"], item["image"], item["label"], {c: np.zeros(labels.shape, bool) for c in classes}
+    )
+    for k, c in enumerate(run.classes, start=1):
+        if c in result.pred:
+            result.pred[c] = labels == k
     return result
 
 
@@ -249,14 +260,27 @@ def evaluate_volumes(
         gt = np.moveaxis(label.array, axis, 0)
         pred = {c: np.zeros(gt.shape, bool) for c in classes}
         positions = list(range(gt.shape[0])) if protocol.kind == "none" else labelled.get(case_id, [])
+        # prompted: slice by slice (each slice's prompts need its embedding); semantic: ``step`` slices per call
+        step = default_batch_size(getattr(predictor, "device", torch.device("cpu"))) if protocol.kind == "none" else 1
+        bar = tqdm(total=len(positions), desc=f"{run.label} {case_id} {protocol}", disable=not progress, unit="slice")
         with torch.inference_mode():
-            for z in tqdm(positions, desc=f"{run.label} {case_id} {protocol}", disable=not progress, unit="slice"):
-                item = slices[by_case[case_id][z]]
-                predictor.set_image(item["image"], preprocessed=True)
-                result = predict_slice(predictor, run, item, list(classes), protocol, objects_mode, seed)
-                for c in classes:
-                    pred[c][z] = result.pred[c]
-                kept.add(result, {c: slice_dice(result, c) for c in classes})
+            for start in range(0, len(positions), step):
+                items = [slices[by_case[case_id][z]] for z in positions[start : start + step]]
+                if protocol.kind == "none":
+                    _check_semantic(run)
+                    outputs = predictor.semantic_batch([item["image"] for item in items])
+                    results = [
+                        semantic_result(it, out, run, list(classes)) for it, out in zip(items, outputs, strict=True)
+                    ]
+                else:
+                    predictor.set_image(items[0]["image"], preprocessed=True)
+                    results = [predict_slice(predictor, run, items[0], list(classes), protocol, objects_mode, seed)]
+                for result in results:
+                    for c in classes:
+                        pred[c][result.slice] = result.pred[c]
+                    kept.add(result, {c: slice_dice(result, c) for c in classes})
+                bar.update(len(items))
+        bar.close()
         spacing = (image.spacing[axis], *[s for k, s in enumerate(image.spacing) if k != axis])
         case_rows = []
         for class_id, name in classes.items():
