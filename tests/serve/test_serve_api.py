@@ -254,3 +254,24 @@ def test_colour_picture_opens_and_saves_as_png(client, root):
     client.post("/api/prompt", json={"session": sid, "axis": 0, "index": 0, "object": 1, "box": [15, 10, 34, 29]})
     saved = client.post("/api/save", json={"session": sid}).json()["path"]
     assert saved.endswith("photo.png") and np.asarray(Image.open(saved)).shape == (40, 50)
+
+
+def test_oldest_case_dropped_after_its_autosave(workspace, root, monkeypatch):
+    import shutil
+
+    from samadapt.serve import session as session_module
+
+    monkeypatch.setattr(session_module, "MAX_SESSIONS", 2)
+    for name in ("b", "c"):
+        shutil.copy(root / "scans" / "disc.nii.gz", root / "scans" / f"{name}.nii.gz")
+    first = workspace.open(root / "scans" / "disc.nii.gz")
+    assert workspace.open(root / "scans" / "disc.nii.gz") is first  # a reloaded page continues the session
+    first.labels[1, 1, 1] = 1
+    first.dirty = True
+    workspace._stop.set()  # no background flush: the drop itself must write it
+    workspace.open(root / "scans" / "b.nii.gz")
+    workspace.open(root / "scans" / "c.nii.gz")
+    with pytest.raises(KeyError, match="open the case again"):
+        workspace.session(first.id)
+    again = workspace.open(root / "scans" / "disc.nii.gz")
+    assert again is not first and again.labels[1, 1, 1] == 1  # restored from the autosave the drop wrote

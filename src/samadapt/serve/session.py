@@ -36,6 +36,8 @@ PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f
 READABLE = (*NIFTI, *ITK, *PICTURES, *NPZ, ".dcm")
 MAX_LISTED = 500
 AUTOSAVE_PERIOD_S = 0.5
+UNDO_BYTES = 512 << 20  # undo history per case; whole-volume steps (propagation) are the large ones
+MAX_SESSIONS = 8  # open cases kept in memory; the oldest is written to its autosave and dropped
 
 
 def inside(path: Path, folders: list[Path]) -> bool:
@@ -105,6 +107,8 @@ class Session:
         labels = self.labels.copy() if index is None else self.plane(axis, index).copy()
         self.undo.append(Edit(what, axis, index, labels, copy.deepcopy(self.prompts)))
         del self.undo[:-50]
+        while len(self.undo) > 1 and sum(e.labels.nbytes for e in self.undo) > UNDO_BYTES:
+            self.undo.pop(0)
         self.redo.clear()
         self.dirty = True
 
@@ -346,6 +350,10 @@ class Workspace:
             PermissionError: outside the allowed folders. FileNotFoundError / DataError: missing or unreadable.
         """
         resolved = self.check(path)
+        for sid, live in list(self.sessions.items()):
+            if live.path == resolved and preset in (None, live.preset):
+                self.sessions[sid] = self.sessions.pop(sid)  # most recently used last
+                return live  # a reloaded page continues where it was
         volume = read_volume(resolved)
         dataset, classes, axis = self._dataset_of(resolved)
         if preset is None:
@@ -354,6 +362,10 @@ class Workspace:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         classes = classes or self.run.classes or {1: "object 1"}
+        while len(self.sessions) >= MAX_SESSIONS:
+            oldest = self.sessions.pop(next(iter(self.sessions)))
+            if oldest.dirty:
+                self.flush(oldest)
         session = Session(
             id=uuid.uuid4().hex[:12],
             path=resolved,
