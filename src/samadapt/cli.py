@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from samadapt import __version__
+from samadapt.errors import SamadaptError
 
 _COMMAND_MODULES = [
     "samadapt.info",
@@ -38,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as error:
-        # expected user errors: one clear line, no traceback
+    except (SamadaptError, FileNotFoundError, KeyError, ValueError) as error:
+        # user errors: one clear line; anything else (a bug, out of memory) keeps its traceback
         print(f"samadapt {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -19,6 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
+from samadapt.errors import SamadaptError
+
 NIFTI = (".nii", ".nii.gz")
 ITK = (".nrrd", ".nhdr", ".mha", ".mhd")
 PICTURES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -29,7 +31,7 @@ NPZ_LABEL_KEYS = ("label", "gts", "seg")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
-class DataError(ValueError):
+class DataError(SamadaptError, ValueError):
     """Input data that cannot be used; the message names the file and the problem."""
 
 

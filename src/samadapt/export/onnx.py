@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from samadapt import __version__
+from samadapt.errors import SamadaptError
 from samadapt.export.runtime import DECODER, ENCODER, FORMAT, FORMAT_VERSION, MANIFEST
 from samadapt.models.common import ZeroSlot, is_empty_slot
 from samadapt.models.sam import Sam
@@ -50,7 +51,7 @@ __all__ = ["DEFAULT_OPSET", "UnsupportedExportError", "export_onnx", "export_mod
 DEFAULT_OPSET = 17
 
 
-class UnsupportedExportError(ValueError):
+class UnsupportedExportError(SamadaptError, ValueError):
     """The run holds something the ONNX export cannot represent (named in the message)."""
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from samadapt.errors import SamadaptError
 from samadapt.models.vit import resize_pos_embed, resize_rel_pos
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SamadaptError, RuntimeError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
 

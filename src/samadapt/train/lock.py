@@ -14,8 +14,10 @@ import socket
 import time
 from pathlib import Path
 
+from samadapt.errors import SamadaptError
 
-class RunDirectoryBusyError(RuntimeError):
+
+class RunDirectoryBusyError(SamadaptError, RuntimeError):
     """Another live job holds the run directory."""
 
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from samadapt.device import autocast, distributed_context, resolve_device
+from samadapt.errors import SamadaptError
 from samadapt.peft import save_adapter, set_depth
 from samadapt.peft.inject import load_adapter_weights, train_mode
 from samadapt.precision import resolve_precision
@@ -43,7 +44,7 @@ from samadapt.train.schedule import build_scheduler
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SamadaptError, RuntimeError):
     """Training cannot go on (non-finite loss, no usable data, a checkpoint that cannot be written)."""
 
 
