@@ -228,6 +228,20 @@ def test_click_box_undo_propagate_save(server, page):
     assert "exists" in wait_status(page, "error:")
     assert Path(saved).stat().st_mtime_ns == stamp
 
+    # another axis: the (Z, Y) plane of X = x, drawn with the head up when z runs that way; a click lands on its voxel
+    page.get_by_test_id("mode-point").click()
+    page.get_by_test_id("axis").select_option("2")
+    page.wait_for_function("window.samadapt.axis === 2 && window.samadapt.h === 25")
+    page.get_by_test_id("slice").fill(str(x))
+    page.wait_for_function(f"window.samadapt.index === {x}")
+    idle(page)
+    flipped = page.evaluate("window.samadapt.flip")
+    assert flipped == bool(volume.affine[2, 2] > 0)
+    page.get_by_test_id("viewer").click(position=at(page, y, 24 - index if flipped else index))
+    wait_status(page, "mask:")
+    assert session.prompts[(1, 2, x)]["points"] == [[y, index, 1]]
+    page.screenshot(path=str(DOCS / "app-axis2.png"))
+
 
 def test_request_outside_root_refused(server, page):
     page.goto(server["url"])

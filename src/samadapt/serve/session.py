@@ -144,6 +144,8 @@ class Session:
             "channels": int(self.volume.array.shape[3]) if self.volume.array.ndim == 4 else 1,
             "spacing": list(self.volume.spacing),
             "preset": self.preset,
+            # the volume's z index runs towards the head (RAS): slices along Y or X are shown with z upwards
+            "z_up": bool(self.volume.affine[2, 2] > 0),
             "axis": self.axis,
             "objects": {str(k): v for k, v in self.objects.items()},
             "window": _windows(self.volume.array, self.preset),

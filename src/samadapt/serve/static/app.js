@@ -100,6 +100,7 @@ function setAxis(axis, middle) {
   const index = middle || S.index >= n ? Math.floor(n / 2) : S.index;
   const [rows, cols] = [0, 1, 2].filter((k) => k !== axis).map((k) => S.sess.spacing[k]);
   S.aspect = rows / cols; // physical height of a pixel over its width
+  S.flip = axis !== 0 && S.sess.z_up; // rows are z: draw the head upwards
   setSlice(index);
 }
 
@@ -131,6 +132,7 @@ function layout() {
   const viewer = $("viewer");
   viewer.style.width = Math.round(S.w * scale) + "px";
   viewer.style.height = Math.round(S.h * S.aspect * scale) + "px";
+  viewer.style.transform = S.flip ? "scaleY(-1)" : "";
   for (const id of ["image", "overlay"]) { $(id).width = S.w; $(id).height = S.h; }
   $("marks").width = S.w * 4; $("marks").height = S.h * 4;
   $("zoom-label").textContent = S.zoom + "x";
@@ -197,7 +199,7 @@ function drawMarks() {
     context.lineWidth = 2; context.strokeStyle = color;
     if (p.box) { const [x0, y0, x1, y1] = p.box; context.strokeRect(x0 * f, y0 * f, (x1 - x0 + 1) * f, (y1 - y0 + 1) * f); }
     for (const [x, y, label] of p.points) {
-      context.beginPath(); context.arc((x + 0.5) * f, (y + 0.5) * f, 5, 0, 2 * Math.PI);
+      context.beginPath(); context.ellipse((x + 0.5) * f, (y + 0.5) * f, 5, 5 / S.aspect, 0, 0, 2 * Math.PI);
       context.fillStyle = label ? "#00ff66" : "#ff3344"; context.fill(); context.strokeStyle = "#000"; context.stroke();
     }
   }
@@ -213,7 +215,8 @@ function drawMarks() {
 function pixelAt(event) {
   const rect = $("viewer").getBoundingClientRect();
   const x = Math.floor(((event.clientX - rect.left) / rect.width) * S.w);
-  const y = Math.floor(((event.clientY - rect.top) / rect.height) * S.h);
+  let y = Math.floor(((event.clientY - rect.top) / rect.height) * S.h);
+  if (S.flip) y = S.h - 1 - y; // the viewer is mirrored: screen top is the last row
   return [Math.max(0, Math.min(S.w - 1, x)), Math.max(0, Math.min(S.h - 1, y))];
 }
 
