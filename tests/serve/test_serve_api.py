@@ -277,3 +277,25 @@ def test_oldest_case_dropped_after_its_autosave(workspace, root, monkeypatch):
         workspace.session(first.id)
     again = workspace.open(root / "scans" / "disc.nii.gz")
     assert again is not first and again.labels[1, 1, 1] == 1  # restored from the autosave the drop wrote
+
+
+def test_dataset_under_root_lists_its_cases_with_their_class_names(client, root):
+    import json
+    import shutil
+
+    task = root / "Task01_Disc"
+    for part in ("imagesTr", "labelsTr"):
+        (task / part).mkdir(parents=True)
+        shutil.copy(root / "scans" / "disc.nii.gz", task / part / "disc.nii.gz")
+    meta = {
+        "labels": {"0": "background", "1": "disc", "4": "rim"},
+        "modality": {"0": "CT"},
+        "training": [{"image": "./imagesTr/disc.nii.gz", "label": "./labelsTr/disc.nii.gz"}],
+    }
+    (task / "dataset.json").write_text(json.dumps(meta))
+    cases = client.get("/api/info").json()["cases"]
+    assert {"name": "root/Task01_Disc / disc", "path": str(task / "imagesTr" / "disc.nii.gz")} in cases
+    assert not any("labelsTr" in c["path"] for c in cases)
+    summary = client.post("/api/open", json={"path": str(task / "imagesTr" / "disc.nii.gz")}).json()
+    assert {k: v["name"] for k, v in summary["objects"].items()} == {"1": "disc", "4": "rim"}
+    assert summary["preset"] == "ct_abdomen" and summary["window"]["default"] == [-160.0, 240.0]
