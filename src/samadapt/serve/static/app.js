@@ -228,7 +228,8 @@ async function sendPrompt(body) {
     const roundTrip = performance.now() - started;
     S.lastTiming = { server_ms: result.server_ms, round_trip_ms: roundTrip, encoded: result.encoded };
     showLabels(result);
-    const encoded = result.encoded ? `, slice encoded in ${result.encode_ms.toFixed(0)} ms` : ", cached embedding";
+    let encoded = result.encoded ? `, slice encoded in ${result.encode_ms.toFixed(0)} ms` : ", cached embedding";
+    if (result.wait_ms > 50) encoded += `, ${result.wait_ms.toFixed(0)} ms behind a background encode`;
     setStatus(`mask: ${result.pixels} px in ${roundTrip.toFixed(0)} ms (server ${result.server_ms.toFixed(0)} ms${encoded})`);
   } catch (error) { fail(error); }
 }
