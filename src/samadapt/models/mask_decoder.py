@@ -167,24 +167,35 @@ _IOU_LAYER = re.compile(r"^iou_prediction_head\.layers\.(\d+)\.(weight|bias)$")
 
 
 def token_sources(old_tokens: int, new_tokens: int) -> list[int]:
-    """Which pre-trained mask token initialises each new one: token i copies token ``i mod old_tokens``.
+    """Which pre-trained mask token initialises each new one: background (token 0) copies token 0, class token i >= 1
+    copies multimask token ``1 + (i - 1) mod (old_tokens - 1)`` (token 0 when there is no multimask token).
 
-    With SAM's 4 tokens and K + 1 outputs: background (0) starts from the single-mask token, classes 1..3 from the
-    three multimask tokens, class 4 from the single-mask token again, and so on: every class starts from a working
-    SAM mask head (SAMed re-initialised these heads at random, dropping the pre-trained ones).
+    With SAM's 4 tokens and K + 1 outputs: background from the single-mask token, classes 1, 2, 3, 4, 5, ... from the
+    multimask tokens 1, 2, 3, 1, 2, ...: every class starts from a working SAM mask head (SAMed re-initialised these
+    heads at random, dropping the pre-trained ones). Classes never start from the single-mask token: without a prompt
+    it answers "nothing" with logits near -20 on LiteMedSAM, a class that starts there is saturated under the softmax
+    and was never learnt (issue 18).
     """
     if old_tokens < 1 or new_tokens < 1:
         raise ValueError(f"token counts must be positive, got {old_tokens} -> {new_tokens}")
-    return [i % old_tokens for i in range(new_tokens)]
+    if old_tokens == 1:
+        return [0] * new_tokens
+    return [0] + [1 + (i - 1) % (old_tokens - 1) for i in range(1, new_tokens)]
 
 
 def resize_mask_token_state(
-    state: Mapping[str, torch.Tensor], num_mask_tokens: int, prefix: str = ""
+    state: Mapping[str, torch.Tensor], num_mask_tokens: int, prefix: str = "", zero_background: bool = True
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A prompted decoder's state dict, made to fit a decoder with ``num_mask_tokens`` mask tokens.
 
     Copies every tensor; for the per-token ones (``mask_tokens.weight``, the rows of the IoU head's last layer,
     the ``output_hypernetworks_mlps.<i>`` heads) new token i takes pre-trained token ``token_sources(...)[i]``.
+    With ``zero_background`` (the default) the last layer of the background head (``output_hypernetworks_mlps.0``)
+    starts at zero, so the background logit starts at 0 everywhere and class c wins a pixel exactly where its SAM
+    head's logit is positive (SAM's own threshold): the softmax starts unsaturated. The copied single-mask head
+    answers "nothing" without a prompt (logits near -20 on LiteMedSAM), which made every class win everywhere, an
+    initial cross-entropy near 20 and a first few steps that drove the model onto the all-background plateau
+    (issue 18). The zeroing is logged.
 
     Args:
         state: a state dict holding the decoder's tensors under ``prefix`` (other keys pass through unchanged).
@@ -219,6 +230,13 @@ def resize_mask_token_state(
     for i, source in enumerate(sources):
         for suffix, value in heads[source].items():
             resized_local[f"output_hypernetworks_mlps.{i}.{suffix}"] = value.clone()
+    zeroed = []
+    if zero_background:
+        last_layer = max(int(k.split(".")[1]) for k in heads[0] if k.startswith("layers."))
+        for kind in ("weight", "bias"):
+            key = f"output_hypernetworks_mlps.0.layers.{last_layer}.{kind}"
+            resized_local[key] = torch.zeros_like(resized_local[key])
+            zeroed.append(prefix + key)
 
     per_token = {
         "mask_tokens.weight",
@@ -231,15 +249,17 @@ def resize_mask_token_state(
     resized = [k for k in new_state if k in state and new_state[k].shape != state[k].shape]
     added = [k for k in new_state if k not in state]
     removed = [k for k in state if k not in new_state]
-    if resized or added or removed:
+    if resized or added or removed or zeroed:
         log.info(
-            "mask decoder %d -> %d mask tokens (token i copies pre-trained token %s): resized %s; added %s; removed %s",
+            "mask decoder %d -> %d mask tokens (token i copies pre-trained token %s): resized %s; added %s; removed %s; "
+            "background head set to zero %s",
             old,
             num_mask_tokens,
             sources,
             resized or "none",
             added or "none",
             removed or "none",
+            zeroed or "none",
         )
     return new_state, resized + added + removed
 
@@ -248,9 +268,11 @@ def make_semantic_decoder(decoder: MaskDecoder, num_classes: int) -> list[str]:
     """Turn a (pre-trained) prompted decoder into a semantic decoder with ``num_classes`` + 1 outputs, in place.
 
     Every weight is kept; the mask tokens, hypernetwork heads and IoU-head outputs become num_classes + 1, new
-    token i a copy of pre-trained token ``i mod num_mask_tokens`` (``token_sources``). With num_classes = 3 the
-    decoder computes exactly the pre-trained four masks (channel 0 = SAM's single-mask output); with more classes the
-    extra tokens also join the transformer's self-attention, so the copies start close to, not equal to, them.
+    token i a copy of a pre-trained token (``token_sources``: background from token 0, classes from the multimask
+    tokens), and the background head's last layer starts at zero (``resize_mask_token_state``): channel 0 is 0
+    everywhere at first. With num_classes = 3 channels 1..3 are exactly the pre-trained multimask masks; with more
+    classes the extra tokens also join the transformer's self-attention, so the copies start close to, not equal to,
+    them.
 
     Call it before PEFT wraps any layer of the decoder heads.
 
