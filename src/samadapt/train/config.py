@@ -42,7 +42,8 @@ class DataConfig:
         val_cases: number of cases held out for validation (taken from the training list, seeded).
         synthetic: a synthesised set (``samadapt synth``) trained on alongside the exemplars, or None.
         synthetic_size: with ``synthesize_on_the_fly``, the number of synthetic slices to make.
-        augment: random flips and 90-degree rotations of training slices.
+        augment: augment training slices: prompted task, random flips and 90-degree rotations; semantic task,
+            orientation-preserving small affine and intensity changes (``samadapt.train.augment``).
         workers: DataLoader worker processes reading training slices from disk (0: read in the training process).
     """
 

@@ -248,11 +248,16 @@ class Trainer:
         return self._prompt_loss(batch)
 
     def _semantic_loss(self, batch: list[PreparedSlice]) -> torch.Tensor:
-        images = torch.stack([s.image for s in batch]).to(self.device)
-        targets = semantic_targets([s.label for s in batch], self.classes).to(self.device)
+        """Semantic loss of one micro-batch. Augmentation keeps the orientation (``train.augment.augment``: a small
+        affine and intensity changes, no 90-degree turns or flips): a class may be defined by its side (left / right
+        kidney, a hemisphere), and a turned slice shows it where another class lives (issue 18)."""
+        from samadapt.train.augment import augment as augment_slice
+
+        pairs = [(s.image, s.label) for s in batch]
         if self.config.data.augment:
-            turns = int(self.rng.integers(4))
-            images, targets = torch.rot90(images, turns, (-2, -1)), torch.rot90(targets, turns, (-2, -1))
+            pairs = [augment_slice(image, label, self.rng) for image, label in pairs]
+        images = torch.stack([image for image, _ in pairs]).to(self.device)
+        targets = semantic_targets([label for _, label in pairs], self.classes).to(self.device)
         with self._autocast():
             return self.forward(images, targets)
 
