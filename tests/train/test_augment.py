@@ -25,6 +25,7 @@ def test_affine_keeps_image_and_label_aligned(seed):
     image, label = _slice()
     out_image, out_label = augment(image, label, np.random.default_rng(seed), GEOMETRY_ONLY)
     assert out_image.shape == image.shape and out_label.shape == label.shape and out_label.dtype == np.int64
+    assert type(out_image) is torch.Tensor  # not MONAI's MetaTensor: the model's ops need a plain tensor
     assert not np.array_equal(out_label, label)  # it did move
     assert set(np.unique(out_label)) <= {0, 1, 2}
     decoded = np.rint((out_image[0].numpy() - 0.1) / 0.3).clip(0, 2).astype(np.int64)

@@ -86,9 +86,9 @@ def augment(
             padding_mode="zeros",
             image_only=True,
         )
-        image = torch.as_tensor(transform(image, mode="bilinear")).float()
+        image = _plain(transform(image, mode="bilinear")).float()
         moved = transform(torch.from_numpy(label.astype(np.float32))[None], mode="nearest")
-        label = torch.as_tensor(moved)[0].round().numpy()
+        label = _plain(moved)[0].round().numpy()
     inside = image > 0
     if draws[1] < config.p_scale:
         image = image * factor
@@ -101,3 +101,8 @@ def augment(
         noise = torch.from_numpy(np.random.default_rng(noise_seed).normal(0, sigma, image.shape).astype(np.float32))
         image = torch.where(inside, image + noise, image)
     return image.clamp(0, 1).contiguous(), np.ascontiguousarray(label, dtype=np.int64)
+
+
+def _plain(tensor) -> torch.Tensor:
+    """A plain ``torch.Tensor`` from MONAI's output (a ``MetaTensor``, whose metadata the model must not see)."""
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else torch.as_tensor(tensor)
