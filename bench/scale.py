@@ -11,7 +11,7 @@ For each N it generates N CT-like volumes of 512 x 512 x depth voxels (int16 HU,
 - evaluate: ``samadapt.evaluate`` with one click per object on every volume (3D metrics per volume);
 - predict: folder prediction (``predict_folder``) of N volumes of 512 x 512 x predict_depth with a semantic run.
 
-Peak resident memory is the process's own high-water mark (``ru_maxrss``), and its DataLoader workers' largest.
+Peak resident memory is the process's own high-water mark (``VmHWM``), and its DataLoader workers' largest.
 Goal (issue 12): peak memory at the largest N within 1.2x of the smallest, for all three; loader wait < 10 % of the
 step time. The section written into OUT lies between the scale markers; the rest of the file is left as it is.
 """
@@ -68,9 +68,14 @@ def make_dataset(root: Path, count: int, depth: int, with_labels: bool = True) -
 
 
 def peaks(own_only: bool = False) -> dict:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"peak_mb": own} if own_only else {"peak_mb": own, "worker_peak_mb": workers}
+    """Peak resident memory of this process (VmHWM: counted from its own start; ``ru_maxrss`` would also carry the
+    parent's size at fork time), and of its largest DataLoader worker."""
+    with open("/proc/self/status") as handle:
+        own = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:")) / 1024  # KiB -> MiB
+    if own_only:
+        return {"peak_mb": own}
+    # a worker is forked from this process: its figure includes pages it shares with it
+    return {"peak_mb": own, "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
 def run_train(data: Path, work: Path) -> dict:
