@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"samadapt train: {stopped}", file=sys.stderr)
         return 130  # as a shell reports a job ended by a signal
     print(f"trained {result.steps} steps; best validation Dice {result.best_val_dice:.4f}; run directory {args.out}")
+    for warning in result.warnings:
+        print(f"samadapt train: WARNING: {warning}", file=sys.stderr)
     return 0
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +85,7 @@ class TrainResult:
     last_val_dice: float
     run_dir: Path
     history: list[dict]
+    warnings: list[str] = field(default_factory=list)  # e.g. the all-background plateau (``collapse_warnings``)
 
 
 class Trainer:
@@ -455,7 +456,7 @@ class Trainer:
         if self.is_writer and self.step == cfg.steps:
             self._plot()
         self.warnings = collapse_warnings(self)  # loud on the all-background plateau (warnings.json)
-        return TrainResult(self.step, self.best_dice, last_dice, self.run_dir, self.history)
+        return TrainResult(self.step, self.best_dice, last_dice, self.run_dir, self.history, self.warnings)
 
     def _tensorboard(self):
         if not self.is_writer:
