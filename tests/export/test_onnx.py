@@ -271,7 +271,12 @@ def test_runtime_needs_no_torch(tmp_path):
     src = Path(__file__).resolve().parents[2] / "src"
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run(
-        [sys.executable, "-c", _NO_TORCH, str(tmp_path)], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", _NO_TORCH, str(tmp_path)],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")

@@ -195,7 +195,7 @@ def test_serve_command_starts_and_serves_the_page(root):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "samadapt.cli", "serve", "--root", str(root), "--port", str(port)]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
     try:
         lines = [process.stderr.readline() for _ in range(1)]
         while "http://" not in lines[-1] and lines[-1] and len(lines) < 50:  # warnings may come first

@@ -24,8 +24,18 @@ def job(run_dir, *args, check=True, wait=True):
     command = [sys.executable, "-m", "tests.train.fault_job", str(run_dir), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if not wait:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            encoding="utf-8",
+            errors="replace",
+        )
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300, check=False
+    )
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -85,7 +95,9 @@ def test_a_second_job_on_the_same_directory_is_refused_while_the_first_runs(tmp_
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, encoding="utf-8", errors="replace"
+    )
     (tmp_path / ".lock").write_text(f'{{"pid": {dead.stdout.strip()}, "host": "here"}}')
     with RunLock(tmp_path), pytest.raises(RunDirectoryBusyError, match=f"process {os.getpid()}"):
         RunLock(tmp_path).acquire()
