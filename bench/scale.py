@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -123,6 +124,7 @@ def run_predict(data: Path, work: Path) -> dict:
     from samadapt.runs import load_run
 
     run = load_run(work.parent / "semantic-run")
+    shutil.rmtree(work / "predictions", ignore_errors=True)  # folder prediction skips finished cases: start empty
     started = time.perf_counter()
     written = predict_folder(run, data / "imagesTr", work / "predictions", progress=False)
     seconds = time.perf_counter() - started
@@ -181,22 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predict-depth", type=int, default=8)
     parser.add_argument("--work", type=Path, default=Path("/tmp/samadapt-scale"))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args.child[0], Path(args.child[1]), Path(args.child[2]))
         return 0
     started = time.perf_counter()
-    results: dict[str, dict[int, dict]] = {task: {} for task in TASKS}
+    # results accumulate in WORK/results.json, so one task can be measured again without the others
+    store = args.work / "results.json"
+    saved = json.loads(store.read_text()) if store.exists() else {}
+    results: dict[str, dict[int, dict]] = {t: {int(n): r for n, r in saved.get(t, {}).items()} for t in TASKS}
     semantic_run(make_dataset(args.work / "data-4", 4, args.depth), args.work / "semantic-run")
     for n in args.sizes:
         data = make_dataset(args.work / f"data-{n}", n, args.depth)
         pred_data = make_dataset(args.work / f"predict-{n}", n, args.predict_depth, with_labels=False)
-        for task in TASKS:
+        for task in args.tasks:
             source = pred_data if task == "predict" else data
             work = args.work / f"{task}-{n}"
             results[task][n] = measure(task, source, work, args.predict_depth)
             print(f"N={n} {task}: {json.dumps(results[task][n])}", flush=True)
+            store.write_text(json.dumps(results, indent=1))
     small, large = min(args.sizes), max(args.sizes)
     table = [
         "## Scale: memory and throughput from 4 to 64 volumes (`bench/scale.py`)",
