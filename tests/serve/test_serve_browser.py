@@ -1,12 +1,13 @@
 """The page in real Chromium (Playwright, Debian's /usr/bin/chromium) against a real server with LiteMedSAM on the
 demo lesions: the mask drawn on the page is the Predictor's mask for the same click; box, undo, propagate, save.
 
-Screenshots land in docs/ (app-*.png). Without Chromium the tests skip, except where ``SAMADAPT_REQUIRE_BROWSER``
+Screenshots land in docs/ (app-*.png) with ``SAMADAPT_SCREENSHOTS=docs``. Without Chromium the tests skip, except where ``SAMADAPT_REQUIRE_BROWSER``
 is set (CI installs chromium in .ci/run and sets it): there a missing browser is a failure.
 """
 
 import os
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from samadapt.data.preprocess import preprocess_volume, volume_slice
 from samadapt.predict import Predictor
 
 CHROMIUM = Path("/usr/bin/chromium")
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+# screenshots for docs/ when asked (SAMADAPT_SCREENSHOTS=docs), else a temporary folder: a test run leaves the tree clean
+DOCS = Path(os.environ.get("SAMADAPT_SCREENSHOTS") or tempfile.mkdtemp(prefix="samadapt-screens-"))
 ARGS = [
     "--headless",
     "--no-sandbox",
