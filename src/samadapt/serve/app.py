@@ -91,6 +91,25 @@ def plane_payload(session: Session, axis: int, index: int) -> dict:
     return {"axis": axis, "index": index, "h": h, "w": w, "labels": data, "prompts": prompts}
 
 
+ERROR_STATUS: dict[type[Exception], int] = {
+    PermissionError: 403,
+    FileExistsError: 409,
+    FileNotFoundError: 404,
+    KeyError: 404,
+    DataError: 422,
+    ValueError: 400,
+}
+
+
+def _error_response(status: int):
+    async def handler(request: Request, error: Exception) -> JSONResponse:
+        # a KeyError's str() quotes its key; the message is its first argument
+        detail = error.args[0] if isinstance(error, KeyError) and error.args else error
+        return JSONResponse({"detail": str(detail)}, status_code=status)
+
+    return handler
+
+
 def create_app(workspace: Workspace, token: str | None = None) -> FastAPI:
     """The app over ``workspace``; with ``token``, every ``/api`` request must carry it."""
     app = FastAPI(title="samadapt serve", docs_url=None, redoc_url=None)
@@ -111,29 +130,9 @@ def create_app(workspace: Workspace, token: str | None = None) -> FastAPI:
                 return JSONResponse({"detail": f"request larger than {MAX_BODY} bytes"}, status_code=413)
         return await call_next(request)
 
-    @app.exception_handler(PermissionError)
-    async def forbidden(request: Request, error: PermissionError):
-        return JSONResponse({"detail": str(error)}, status_code=403)
-
-    @app.exception_handler(FileExistsError)
-    async def exists(request: Request, error: FileExistsError):
-        return JSONResponse({"detail": str(error)}, status_code=409)
-
-    @app.exception_handler(FileNotFoundError)
-    async def missing(request: Request, error: FileNotFoundError):
-        return JSONResponse({"detail": str(error)}, status_code=404)
-
-    @app.exception_handler(KeyError)
-    async def unknown(request: Request, error: KeyError):
-        return JSONResponse({"detail": str(error.args[0] if error.args else error)}, status_code=404)
-
-    @app.exception_handler(DataError)
-    async def unreadable(request: Request, error: DataError):
-        return JSONResponse({"detail": str(error)}, status_code=422)
-
-    @app.exception_handler(ValueError)
-    async def bad(request: Request, error: ValueError):
-        return JSONResponse({"detail": str(error)}, status_code=400)
+    # errors the library raises for a request's own problem, answered with their message and a status
+    for kind, status in ERROR_STATUS.items():
+        app.add_exception_handler(kind, _error_response(status))
 
     @app.get("/")
     def index() -> FileResponse:

@@ -15,7 +15,6 @@ existing checkpoints as they were.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,18 +22,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from samadapt.models.checkpoint import file_sha256
+
 log = logging.getLogger(__name__)
 
 SEAL = "checksums.json"
 STATE = "trainer_state.pt"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -47,7 +40,7 @@ def seal(folder: Path, step: int) -> None:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != SEAL)
     for path in files:
         _fsync(path)
-    content = {"step": step, "files": {p.name: _sha256(p) for p in files}}
+    content = {"step": step, "files": {p.name: file_sha256(p) for p in files}}
     (folder / SEAL).write_text(json.dumps(content, indent=2))
     _fsync(folder / SEAL)
 
@@ -57,7 +50,7 @@ def sealed_step(folder: Path) -> int | None:
     try:
         content = json.loads((folder / SEAL).read_text())
         for name, digest in content["files"].items():
-            if _sha256(folder / name) != digest:
+            if file_sha256(folder / name) != digest:
                 return None
         return int(content["step"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -9,6 +9,7 @@ writing, and a NaN / inf loss that stops the run while keeping the last good che
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import logging
@@ -186,7 +187,25 @@ class Trainer:
     def _pick(self, count: int, rng: np.random.Generator) -> list[int]:
         """Slice indices for one micro-batch, class-balanced (``balanced_picks``): a quarter of the draws (when there
         are any) take a slice without target, the others a learned class uniformly and then a slice holding it."""
-        return balanced_picks([s.classes for s in self.train_slices], self.classes, count, rng)
+        return draw_balanced(self._class_pools, count, rng)
+
+    @functools.cached_property
+    def _class_pools(self) -> tuple[dict[int, list[int]], list[int]]:
+        # built once: a draw must not scan every training slice (10^5 of them on a large dataset)
+        return class_pools([s.classes for s in self.train_slices], self.classes)
+
+    @functools.cached_property
+    def _stack_starts(self) -> list[int]:
+        """Start indices of the runs of ``train.depth_slices`` consecutive slices of one case whose middle holds a
+        target (3D training), found once."""
+        slices, depth = self.train_slices, self.config.train.depth_slices
+        return [
+            i
+            for i in range(len(slices) - depth + 1)
+            if len({s.case for s in slices[i : i + depth]}) == 1
+            and [s.index for s in slices[i : i + depth]] == list(range(slices[i].index, slices[i].index + depth))
+            and set(self.classes) & set(slices[i + depth // 2].classes)
+        ]
 
     def picks_for(self, step: int, micro: int) -> list[int]:
         """The slices of micro-batch ``micro`` of step ``step``: a function of (seed, rank, step, micro) alone, so
@@ -222,14 +241,7 @@ class Trainer:
 
     def _pick_stacks(self, count: int, depth: int, rng: np.random.Generator) -> list[int]:
         """Start indices of ``count`` runs of ``depth`` consecutive slices of one case (3D training)."""
-        starts = [
-            i
-            for i in range(len(self.train_slices) - depth + 1)
-            if len({s.case for s in self.train_slices[i : i + depth]}) == 1
-            and [s.index for s in self.train_slices[i : i + depth]]
-            == list(range(self.train_slices[i].index, self.train_slices[i].index + depth))
-            and set(self.classes) & set(self.train_slices[i + depth // 2].classes)
-        ]
+        starts = self._stack_starts
         if not starts:
             raise TrainingError(
                 f"no run of {depth} consecutive labelled slices holding the target: lower train.depth_slices"
@@ -584,6 +596,17 @@ def balanced_picks(
         slice_classes: the classes present in each training slice.
         classes: the learned class ids.
     """
+    return draw_balanced(class_pools(slice_classes, classes), count, rng, empty_share)
+
+
+def class_pools(
+    slice_classes: Sequence[Sequence[int]], classes: Sequence[int]
+) -> tuple[dict[int, list[int]], list[int]]:
+    """For ``balanced_picks``: the slices holding each learned class, and the slices holding none.
+
+    Raises:
+        TrainingError: no slice holds any of ``classes``.
+    """
     wanted = set(classes)
     holding: dict[int, list[int]] = {}
     empty = []
@@ -595,6 +618,15 @@ def balanced_picks(
             holding.setdefault(c, []).append(i)
     if not holding:
         raise TrainingError(f"no training slice contains any of the requested classes {sorted(wanted)}")
+    return holding, empty
+
+
+def draw_balanced(
+    pools: tuple[dict[int, list[int]], list[int]], count: int, rng: np.random.Generator, empty_share: float = 0.25
+) -> list[int]:
+    """``count`` draws from ``class_pools``: an empty slice with probability ``empty_share``, else a class, then a
+    slice holding it."""
+    holding, empty = pools
     order = sorted(holding)
     picks = []
     for _ in range(count):
