@@ -17,6 +17,7 @@ _COMMAND_MODULES = [
     "samadapt.info",
     "samadapt.data.cli",
     "samadapt.train.cli",
+    "samadapt.pretrain.cli",
     "samadapt.synth_cli",
     "samadapt.eval.cli",
     "samadapt.demo",

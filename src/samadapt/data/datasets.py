@@ -10,6 +10,7 @@ An optional ``"samadapt": {"preprocessing": PRESET, "axis": N}`` entry in datase
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -287,9 +288,13 @@ class SliceDataset:
     def __getitem__(self, i: int) -> dict:
         case_id, z, _ = self.slices[i]
         image, label, spacing = self._volume(case_id)
+        plane = volume_slice(image, z, self.axis, self.spec.preprocessing)
         return {
-            "image": volume_slice(image, z, self.axis, self.spec.preprocessing),
-            "label": np.take(label, z, axis=self.axis).astype(np.int64),
+            "image": plane,
+            # an unlabelled case (label None: ``unlabelled_view``) reads as all background
+            "label": np.zeros(plane.shape[:2], np.int64)
+            if label is None
+            else np.take(label, z, axis=self.axis).astype(np.int64),
             "case": case_id,
             "slice": z,
             "spacing": tuple(s for k, s in enumerate(spacing) if k != self.axis),
@@ -353,7 +358,8 @@ class SliceDataset:
         entry = self._preprocessed_case(case_id) if self._mmap_cache else None
         if entry is None:
             image, label = self.read_case(case_id)
-            entry = (preprocess_volume(image.array, self.spec.preprocessing), label.array, image.spacing)
+            labels = None if label is None else label.array
+            entry = (preprocess_volume(image.array, self.spec.preprocessing), labels, image.spacing)
         self._volumes[case_id] = entry
         while len(self._volumes) > self._cache_size:
             self._volumes.popitem(last=False)
@@ -363,16 +369,17 @@ class SliceDataset:
         """The case's preprocessed image and its label, memory-mapped from the cache (written on first use);
         None where no cache can be written (a read-only dataset and cache folder)."""
         case = self._case_by_id[case_id]
-        if case.label is None:
-            return None
         key = [CACHE_VERSION, _stamp(case.image, self.spec.root), _stamp(case.label, self.spec.root)]
         key += [self.spec.preprocessing, self.spec.binarize]
         digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
         folder = self._index_path().parent / "preprocessed"
-        paths = [folder / f"{case_id}-{digest}.{part}.npy" for part in ("image", "label", "spacing")]
+        parts = ("image", "label", "spacing") if case.label is not None else ("image", "spacing")
+        paths = [folder / f"{case_id}-{digest}.{part}.npy" for part in parts]
         if not all(p.exists() for p in paths):
             image, label = self.read_case(case_id)
-            arrays = (preprocess_volume(image.array, self.spec.preprocessing), label.array, np.array(image.spacing))
+            arrays = [preprocess_volume(image.array, self.spec.preprocessing), np.array(image.spacing)]
+            if label is not None:
+                arrays.insert(1, label.array)
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 for path, array in zip(paths, arrays, strict=True):
@@ -381,9 +388,10 @@ class SliceDataset:
                         np.save(handle, np.asarray(array))
                     os.replace(tmp, path)  # readers never see half a file
             except OSError:
-                return arrays[0], arrays[1], tuple(float(s) for s in arrays[2])
-        image, label, spacing = (np.load(p, mmap_mode="r") for p in paths)
-        return image, label, tuple(float(s) for s in spacing)
+                return arrays[0], arrays[1] if label is not None else None, tuple(float(s) for s in arrays[-1])
+        loaded = [np.load(p, mmap_mode="r") for p in paths]
+        label = loaded[1] if case.label is not None else None
+        return loaded[0], label, tuple(float(s) for s in loaded[-1])
 
     def _index_path(self) -> Path:
         name = f"index-axis{self.axis}.json"
@@ -407,16 +415,19 @@ class SliceDataset:
         entries = cached["cases"]
         changed = False
         for case in self.cases:
-            stamp = _stamp(case.label, self.spec.root)
-            entry = entries.get(case.id)
+            stamp = _stamp(case.label or case.image, self.spec.root)
+            entry = entries.get(_index_key(case))
             if entry is None or entry.get("stamp") != stamp:
-                _, label = self.read_case(case.id)
-                moved = np.moveaxis(label.array, self.axis, 0)
-                entries[case.id] = {"stamp": stamp, "slices": [_class_counts(s) for s in moved]}
+                image, label = self.read_case(case.id)
+                if label is None:  # unlabelled: only the number of slices along the axis
+                    entries[_index_key(case)] = {"stamp": stamp, "slices": [[]] * image.array.shape[self.axis]}
+                else:
+                    moved = np.moveaxis(label.array, self.axis, 0)
+                    entries[case.id] = {"stamp": stamp, "slices": [_class_counts(s) for s in moved]}
                 changed = True
         if changed:
             _write_atomic(path, cached)
-        return {case.id: entries[case.id]["slices"] for case in self.cases}
+        return {case.id: entries[_index_key(case)]["slices"] for case in self.cases}
 
 
 @dataclass(frozen=True)
@@ -444,6 +455,32 @@ class SliceSubset(Sequence):
     def info(self, k: int) -> SliceInfo:
         case_id, z, classes = self.slices.slices[self.indices[k]]
         return SliceInfo(case_id, z, tuple(classes))
+
+
+def _index_key(case: Case) -> str:
+    # an unlabelled view of a labelled case keeps its own entry, so the two views never evict each other
+    return case.id if case.label is not None else f"{case.id}#image"
+
+
+def unlabelled_view(spec: DatasetSpec, test_images: bool = True) -> DatasetSpec:
+    """The same dataset with every label ignored: its training cases (labels dropped) and, with ``test_images``, its
+    unlabelled test images (``imagesTs`` / ``test``) as cases, for self-supervised pre-training.
+
+    Raises:
+        DataError: a test image whose case id repeats a training case's.
+    """
+    cases = [Case(c.id, c.image, None) for c in spec.cases]
+    if test_images:
+        known = {c.id for c in cases}
+        for image in spec.test_images:
+            if not image.exists():
+                raise FileNotFoundError(f"{spec.root}: lists test image {image}, which does not exist")
+            case_id = _case_id(image)
+            if case_id in known:
+                raise DataError(f"{spec.root}: test image {image.name} has the case id of a training case")
+            known.add(case_id)
+            cases.append(Case(case_id, image, None))
+    return dataclasses.replace(spec, cases=cases)
 
 
 def _class_counts(plane: np.ndarray) -> list[list[int]]:

@@ -37,15 +37,12 @@ def fit_slices(
     """
     if not train_items:
         raise TrainingError("no training slices")
-    semantic = config.task == "semantic"
-    model = build_base(
-        config.model.name, config.model.checkpoint, config.model.img_size, len(classes) if semantic else None
-    )
-    apply_peft(model, config.peft)
+    model, init = adapted_model(config, classes)
     if verbose:
         print(format_parameter_report(model))
     manifest = {
         **base_model_facts(config.model.name, config.model.checkpoint),
+        **init,
         "peft": config.peft.to_dict(),
         "recipe": config.recipe,
         "task": config.task,
@@ -59,6 +56,27 @@ def fit_slices(
     train_slices = TrainingSlices(train_items, model.img_size)
     trainer = Trainer(config, model, train_slices, val_items, list(classes), run_dir, manifest)
     return trainer.fit(resume=resume)
+
+
+def adapted_model(config: TrainConfig, classes: dict[int, str]):
+    """The base model with ``config.peft`` applied (frozen but for what trains) and, with ``config.model.init``,
+    the encoder PEFT parameters of that pre-training run; returns it and the manifest entry naming the init run.
+
+    Raises:
+        PretrainedInitError: the init run has another base model or other encoder slots.
+    """
+    semantic = config.task == "semantic"
+    model = build_base(
+        config.model.name, config.model.checkpoint, config.model.img_size, len(classes) if semantic else None
+    )
+    apply_peft(model, config.peft)
+    if not config.model.init:
+        return model, {}
+    from samadapt.pretrain.init import load_pretrained_encoder
+
+    sha = base_model_facts(config.model.name, config.model.checkpoint)["base_sha256"]
+    pretrained = load_pretrained_encoder(model, config.model.init, sha)
+    return model, {"init": {"run": str(config.model.init), **pretrained.get("pretrain", {})}}
 
 
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:

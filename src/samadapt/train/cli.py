@@ -31,6 +31,7 @@ def build_config(args: argparse.Namespace):
         "train.steps": args.steps,
         "prompt.objects": args.objects,
         "train.device": args.device,
+        "model.init": args.init,
     }
     overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
     apply_overrides(data, overrides + list(args.set or []))
@@ -68,5 +69,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--config", help="YAML file with config values (e.g. configs/samed-paper.yaml)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config value, e.g. optim.lr=1e-3")
+    parser.add_argument("--init", metavar="RUN", help="start from a pre-training run's encoder PEFT parameters")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last")
     parser.set_defaults(func=run)

@@ -23,11 +23,13 @@ PROMPTS = ("point", "box", "mixed")
 
 @dataclass
 class ModelConfig:
-    """name: a model of ``samadapt info``; checkpoint: weights file (default: found by name); img_size: input side."""
+    """name: a model of ``samadapt info``; checkpoint: weights file (default: found by name); img_size: input side;
+    init: a pre-training run (``samadapt pretrain``) whose encoder PEFT parameters this run starts from."""
 
     name: str = "lite_medsam"
     checkpoint: str | None = None
     img_size: int | None = None
+    init: str | None = None
 
 
 @dataclass
