@@ -138,7 +138,7 @@ def test_cli_pretrain_resume_then_train_init_loads_the_values(small_scans, tmp_p
     for key, value in saved.items():
         assert torch.equal(params[key].detach(), value)
     decoder_b = [v for k, v in params.items() if k.startswith("mask_decoder.") and "lora_B" in k]
-    assert decoder_b and all(float(v.abs().sum()) == 0 for v in decoder_b)  # only the encoder was pre-trained
+    assert decoder_b and all(float(v.detach().abs().sum()) == 0 for v in decoder_b)  # only the encoder was pre-trained
 
     # the CLI: train --init runs, and its manifest names the pre-training run
     out = tmp_path / "fine"

@@ -9,7 +9,7 @@ All three perturb the output of the encoder's patch embedding (``image_encoder.p
   its unit was moved - class-balanced binary cross-entropy (chance: ln 2 = 0.693).
 - ``emix``: each slice's embeddings are mixed with another slice's, lambda ~ Beta(alpha, alpha); the pooled,
   projected output of the mixture must match the clean outputs of the two slices in proportion lambda, 1 - lambda
-  among the batch (soft-target InfoNCE, as i-Mix / DABS e-Mix).
+  among the batch (soft-target InfoNCE, as i-Mix / DABS e-Mix; the clean outputs are targets, without gradient).
 
 Why the patch embedding and pixel units (docs/pretraining.md): TinyViT's first stages are convolutions, which need a
 dense grid, so MAE's "drop the masked tokens" cannot apply; replacing embeddings in place works for both encoders, and
@@ -237,7 +237,8 @@ class Objectives:
         def perturb(embeddings: torch.Tensor) -> torch.Tensor:
             return weight * embeddings + (1 - weight) * embeddings[partner.to(embeddings.device)]
 
-        clean = F.normalize(self.heads["emix"](self._encode(images).mean((1, 2))).float(), dim=-1)
+        with torch.no_grad():  # the clean slices are the targets (stop-gradient): one backward pass, not two
+            clean = F.normalize(self.heads["emix"](self._encode(images).mean((1, 2))).float(), dim=-1)
         mixed = F.normalize(self.heads["emix"](self._encode(images, perturb).mean((1, 2))).float(), dim=-1)
         logits = mixed @ clean.T / self.config.temperature
         target = torch.zeros(batch, batch)

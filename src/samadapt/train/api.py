@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from samadapt.peft import apply_peft, format_parameter_report
 from samadapt.runs import base_model_facts, build_base
@@ -58,7 +59,7 @@ def fit_slices(
     return trainer.fit(resume=resume)
 
 
-def adapted_model(config: TrainConfig, classes: dict[int, str]):
+def adapted_model(config: TrainConfig, classes: dict[int, str]) -> tuple[nn.Module, dict]:
     """The base model with ``config.peft`` applied (frozen but for what trains) and, with ``config.model.init``,
     the encoder PEFT parameters of that pre-training run; returns it and the manifest entry naming the init run.
 
