@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from samadapt.errors import ConfigError
+from samadapt.files import atomic_write_text
 from samadapt.peft.config import PeftConfig
 from samadapt.precision import PRECISIONS
 from samadapt.train.config import ModelConfig, OptimConfig, from_dict, merge
@@ -57,9 +59,9 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.mask_ratio < 1 or not 0 < self.shuffle_ratio < 1:
-            raise ValueError("objective.mask_ratio and objective.shuffle_ratio must lie in (0, 1)")
+            raise ConfigError("objective.mask_ratio and objective.shuffle_ratio must lie in (0, 1)")
         if self.patch < 1 or self.mix_alpha <= 0 or self.temperature <= 0:
-            raise ValueError("objective.patch, objective.mix_alpha and objective.temperature must be > 0")
+            raise ConfigError("objective.patch, objective.mix_alpha and objective.temperature must be > 0")
 
 
 @dataclass
@@ -95,15 +97,15 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"pretrain method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise ConfigError(f"pretrain method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.train.precision not in PRECISIONS:
-            raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.train.precision!r}")
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.train.precision!r}")
         if self.train.steps < 1:
-            raise ValueError("train.steps must be >= 1")
+            raise ConfigError("train.steps must be >= 1")
         if self.train.batch_size < 2 and self.method in ("emix", "mix"):
-            raise ValueError("e-Mix contrasts the slices of a batch with each other: train.batch_size must be >= 2")
+            raise ConfigError("e-Mix contrasts the slices of a batch with each other: train.batch_size must be >= 2")
         if self.model.init:
-            raise ValueError("model.init starts a fine-tuning run; a pre-training run starts from the base model")
+            raise ConfigError("model.init starts a fine-tuning run; a pre-training run starts from the base model")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -111,7 +113,7 @@ class PretrainConfig:
         return data
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump({"kind": "pretrain", **self.to_dict()}, sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump({"kind": "pretrain", **self.to_dict()}, sort_keys=False))
 
 
 def pretrain_defaults(recipe: str = "cheap-lunch") -> dict:
@@ -119,7 +121,7 @@ def pretrain_defaults(recipe: str = "cheap-lunch") -> dict:
     from samadapt.train.recipes import RECIPES
 
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     data = PretrainConfig().to_dict()
     data["recipe"] = recipe
     merge(data["peft"], copy.deepcopy(RECIPES[recipe].get("peft", {})), "peft.")

@@ -15,12 +15,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from samadapt.errors import SamadaptError
+from samadapt.errors import RunError
 from samadapt.peft.config import AdapterConfig, LoRAConfig, PeftConfig
 from samadapt.peft.inject import ADAPTER_WEIGHTS, is_peft_key, read_manifest
+from samadapt.runs import RunLayout
 
 
-class PretrainedInitError(SamadaptError, ValueError):
+class PretrainedInitError(RunError):
     """A pre-trained run that cannot start this fine-tuning run (other base model, other slots, not a run)."""
 
 
@@ -49,7 +50,7 @@ def pretrained_dir(run: str | Path) -> Path:
     """The checkpoint folder of a pre-training run (``RUN/checkpoints/last``), or ``run`` itself when it holds the
     adapter files."""
     run = Path(run)
-    for folder in (run / "checkpoints" / "last", run):
+    for folder in (RunLayout(run).checkpoint("last"), run):
         if (folder / "adapter_config.json").is_file():
             return folder
     raise PretrainedInitError(f"{run}: not a pre-training run (no checkpoints/last/adapter_config.json)")

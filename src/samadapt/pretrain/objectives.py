@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samadapt.errors import ConfigError
 from samadapt.pretrain.config import ObjectiveConfig
 
 OBJECTIVES = ("mae", "emix", "shed")
@@ -61,14 +62,14 @@ class UnitGrid:
         """The grid of a SAM image encoder (ViT or TinyViT).
 
         Raises:
-            ValueError: ``patch`` is not a whole number of embedding cells and of output tokens.
+            ConfigError: ``patch`` is not a whole number of embedding cells and of output tokens.
         """
         size, out = int(encoder.img_size), int(encoder.grid)
         stride = math.prod(m.stride[0] for m in encoder.patch_embed.modules() if isinstance(m, nn.Conv2d))
         embed = size // stride
         for name, step in (("patch embedding cell", stride), ("output token", size // out)):
             if patch % step or size % patch:
-                raise ValueError(
+                raise ConfigError(
                     f"objective.patch = {patch} px must divide the input side {size} and be a multiple of the "
                     f"encoder's {name} ({step} px)"
                 )
@@ -226,7 +227,7 @@ class Objectives:
     def emix(self, images: torch.Tensor, resized: torch.Tensor) -> torch.Tensor:
         batch = len(images)
         if batch < 2:
-            raise ValueError("e-Mix needs at least two slices per batch")
+            raise ConfigError("e-Mix needs at least two slices per batch (train.batch_size >= 2)")
         alpha = self.config.mix_alpha
         lam = torch.as_tensor(self.rng.beta(alpha, alpha, size=batch), dtype=torch.float32)
         order = self.rng.permutation(batch)

@@ -24,16 +24,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from samadapt.device import autocast, resolve_device
+from samadapt.errors import TrainingError, TrainingInterruptedError
 from samadapt.peft import save_adapter
 from samadapt.peft.inject import load_adapter_weights, train_mode
 from samadapt.precision import resolve_precision
 from samadapt.pretrain.config import PretrainConfig
 from samadapt.pretrain.data import ModelInputs, collate
 from samadapt.pretrain.objectives import Objectives, PretrainHeads, objectives_of
+from samadapt.runs import RunLayout
 from samadapt.train.checkpoints import SEAL, STATE, CheckpointStore
 from samadapt.train.lock import RunLock
 from samadapt.train.schedule import build_scheduler
-from samadapt.train.trainer import TrainingError, TrainingInterruptedError, _StopSignals
+from samadapt.train.trainer import _StopSignals
 
 HEADS = "pretrain_heads.safetensors"
 LOG_FIELDS = ("step", "loss", "mae", "emix", "shed", "lr", "seconds_per_step", "loader_seconds")
@@ -73,7 +75,8 @@ class Pretrainer:
         self.heads = heads.to(self.device)
         self.inputs = inputs
         self.run_dir = Path(run_dir)
-        self.checkpoints = self.run_dir / "checkpoints"
+        self.layout = RunLayout(self.run_dir)
+        self.checkpoints = self.layout.checkpoints
         self.manifest = manifest
         encoder = [p for p in self.model.parameters() if p.requires_grad]
         if not encoder:
@@ -230,7 +233,7 @@ class Pretrainer:
         if resume:
             self.resume()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config.save(self.run_dir / "config.yaml")
+        self.config.save(self.layout.config)
         started, done = time.perf_counter(), 0
         self._saved_at = time.monotonic()
         while self.step < cfg.steps and (stop_after is None or done < stop_after):
@@ -264,7 +267,7 @@ class Pretrainer:
         return PretrainResult(self.step, self.run_dir, self.history)
 
     def _write_log(self, rows: list[dict], rewrite: bool = False) -> None:
-        path = self.run_dir / "metrics.csv"
+        path = self.layout.metrics_csv
         new = rewrite or not path.exists() or self.step == 1
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with path.open("w" if new else "a", newline="") as handle:

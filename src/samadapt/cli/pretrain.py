@@ -8,6 +8,9 @@ from pathlib import Path
 
 import yaml
 
+from samadapt.cli.options import DEVICE_HELP
+from samadapt.errors import ConfigError, InputNotFoundError
+
 
 def build_config(args: argparse.Namespace):
     """The recipe's PEFT slots and the defaults, then the YAML file, the flags, ``--set`` (last wins)."""
@@ -18,11 +21,11 @@ def build_config(args: argparse.Namespace):
     if args.config:
         path = Path(args.config)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
+            raise InputNotFoundError(f"{path}: config file not found")
         try:
             merge(data, yaml.safe_load(path.read_text()) or {})
         except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML ({error})") from error
+            raise ConfigError(f"{path}: not valid YAML ({error})") from error
     flags = {
         "method": args.method,
         "data.path": args.data,
@@ -38,8 +41,8 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from samadapt.errors import TrainingInterruptedError
     from samadapt.pretrain.api import pretrain
-    from samadapt.train.trainer import TrainingInterruptedError
 
     config = build_config(args)
     try:
@@ -73,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="base model (default: lite_medsam, the embedded LiteMedSAM)")
     parser.add_argument("--checkpoint", help="weights file of the base model")
     parser.add_argument("--steps", type=int, help="optimiser steps")
-    parser.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--config", help="YAML file with config values")
     parser.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="any config value, e.g. objective.mask_ratio=0.5"
