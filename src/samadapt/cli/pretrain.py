@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from samadapt.peft.config import METHODS as PEFT_METHODS
+    from samadapt.peft.registry import METHODS as PEFT_METHODS
     from samadapt.pretrain.config import METHODS
     from samadapt.train.recipes import RECIPES
 
