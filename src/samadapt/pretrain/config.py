@@ -17,7 +17,7 @@ from samadapt.errors import ConfigError
 from samadapt.files import atomic_write_text
 from samadapt.peft.config import PeftConfig
 from samadapt.precision import PRECISIONS
-from samadapt.train.config import ModelConfig, OptimConfig, from_dict, merge
+from samadapt.train.config import ModelConfig, OptimConfig, merge
 
 METHODS = ("mae", "emix", "shed", "mix")
 
@@ -126,9 +126,3 @@ def pretrain_defaults(recipe: str = "cheap-lunch") -> dict:
     data["recipe"] = recipe
     merge(data["peft"], copy.deepcopy(RECIPES[recipe].get("peft", {})), "peft.")
     return data
-
-
-def load_pretrain_config(path: str | Path) -> PretrainConfig:
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    data.pop("kind", None)
-    return from_dict(PretrainConfig, data)
