@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from samadapt.errors import RunError
-from samadapt.peft.config import AdapterConfig, LoRAConfig, PeftConfig
+from samadapt.peft.config import PeftConfig
 from samadapt.peft.inject import ADAPTER_WEIGHTS, is_peft_key, read_manifest
 from samadapt.runs import RunLayout
 
@@ -30,8 +30,8 @@ def encoder_only(peft: PeftConfig) -> PeftConfig:
     branch (pre-training sees single slices)."""
     return PeftConfig(
         method=peft.method,
-        adapter=dataclasses.replace(peft.adapter, decoder=False) if peft.adapter else AdapterConfig(decoder=False),
-        lora=dataclasses.replace(peft.lora, decoder=False) if peft.lora else LoRAConfig(decoder=False),
+        adapter=dataclasses.replace(peft.adapter, decoder=False),
+        lora=dataclasses.replace(peft.lora, decoder=False),
         depth=False,
         train_modules=[],
     )
