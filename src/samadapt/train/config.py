@@ -64,7 +64,9 @@ class PromptConfig:
     """How prompts are simulated in training (prompt task only).
 
     Attributes:
-        kind: ``point``, ``box`` or ``mixed`` (half the steps each).
+        kind: ``point``, ``box`` or ``mixed`` (drawn per object per step: a box with probability ``box_share``,
+            else the clicks).
+        box_share: with ``mixed``, the probability that an object is prompted by its box.
         points: clicks per object in the first round (random pixels of the object).
         iterative_rounds: extra decoder-only rounds, each adding a click in the error region (MSA).
         box_jitter: maximum shift of each box side in pixels of the original slice.
@@ -72,6 +74,7 @@ class PromptConfig:
     """
 
     kind: str = "point"
+    box_share: float = 0.5
     points: int = 1
     iterative_rounds: int = 0
     box_jitter: int = 5
@@ -144,6 +147,8 @@ class TrainConfig:
         _check_choice("prompt.objects", self.prompt.objects, ("class", "instance"))
         _check_choice("train.precision", self.train.precision, PRECISIONS)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
+        if not 0.0 <= self.prompt.box_share <= 1.0:
+            raise ValueError(f"prompt.box_share must be in [0, 1], got {self.prompt.box_share}")
         if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ValueError("train.steps, train.batch_size and train.grad_accum must be >= 1")
 

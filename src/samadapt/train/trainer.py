@@ -276,15 +276,16 @@ class Trainer:
 
     def _prompt_loss(self, picks: list[PreparedSlice]) -> torch.Tensor:
         cfg = self.config
-        kind = cfg.prompt.kind
-        if kind == "mixed":
-            kind = "point" if self.rng.random() < 0.5 else "box"
         augment = cfg.data.augment and cfg.train.depth_slices == 1
-        batch = draw_prompt_batch(picks, range(len(picks)), self.classes, cfg.prompt, kind, self.rng, augment)
+        batch = draw_prompt_batch(
+            picks, range(len(picks)), self.classes, cfg.prompt, cfg.prompt.kind, self.rng, augment
+        )
         points = tuple(t.to(self.device) for t in batch.points) if batch.points is not None else None
         boxes = batch.boxes.to(self.device) if batch.boxes is not None else None
         with self._autocast():
-            return self.forward(batch.images.to(self.device), batch.targets.to(self.device), points, boxes)
+            return self.forward(
+                batch.images.to(self.device), batch.targets.to(self.device), points, boxes, batch.box_rows
+            )
 
     def train_step(self) -> dict:
         """One optimiser step over ``grad_accum`` micro-batches; returns the logged values."""
@@ -544,9 +545,30 @@ class LossForward(nn.Module):
         targets: torch.Tensor,
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         boxes: torch.Tensor | None = None,
+        box_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        size = images.shape[-1]
         embeddings = self.model.encode_image(images)
+        if box_rows is None:
+            return self._decode_loss(embeddings, targets, points, boxes)
+        # mixed prompts: the box samples and the click samples decoded apart, the loss their sample-weighted mean
+        loss = embeddings.new_zeros(())
+        for rows, use_box in ((box_rows.nonzero()[:, 0], True), ((~box_rows).nonzero()[:, 0], False)):
+            if len(rows):
+                rows = rows.to(images.device)
+                group_points = None if use_box else tuple(t[rows] for t in points)
+                group_boxes = boxes[rows] if use_box else None
+                part = self._decode_loss(embeddings[rows], targets[rows], group_points, group_boxes)
+                loss = loss + part * len(rows) / len(box_rows)
+        return loss
+
+    def _decode_loss(
+        self,
+        embeddings: torch.Tensor,
+        targets: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+    ) -> torch.Tensor:
+        size = targets.shape[-1]
         logits, iou_pred = self.model.decode(embeddings, points, boxes)
         if points is None and boxes is None:
             return self.loss_fn(_upsample(logits, size), targets)
@@ -556,7 +578,7 @@ class LossForward(nn.Module):
                 predictions = (_upsample(logits, size) > 0).cpu()
             cpu_points = None if points is None else tuple(t.cpu() for t in points)
             points = tuple(
-                t.to(images.device) for t in add_corrective_clicks(cpu_points, targets.cpu(), predictions, self.rng)
+                t.to(embeddings.device) for t in add_corrective_clicks(cpu_points, targets.cpu(), predictions, self.rng)
             )
             logits, iou_pred = self.model.decode(embeddings, points, boxes, mask_inputs=logits.detach())
             loss = loss + self._loss(logits, iou_pred, targets)
