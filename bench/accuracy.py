@@ -186,7 +186,10 @@ def run_cell(task: Task, k: int, seed: int, grid: Grid, runs: Path, log: Callabl
             run_dir = grid.reuse / run_dir.name
             result = _trained(run_dir)
         else:
-            result = fit_slices(config, items, [], classes, run_dir, spec.preprocessing, verbose=False)
+            synthetic = [] if semantic else _synthetic(config, slices, exemplars, classes)
+            result = fit_slices(
+                config, items, [], classes, run_dir, spec.preprocessing, verbose=False, synthetic_items=synthetic
+            )
         adapted = load_run(run_dir, checkpoint="last")
         protocols = ["none"] if semantic else list(PROMPTS)
         evaluations = evaluate_slices_under(adapted, test_items, classes, protocols, **same)
@@ -206,6 +209,23 @@ def run_cell(task: Task, k: int, seed: int, grid: Grid, runs: Path, log: Callabl
             f"{entry['train']['last_loss']:.3f}, {entry['train']['seconds']:.0f} s"
         )
     return cell
+
+
+def _synthetic(config: TrainConfig, slices: SliceDataset, exemplars: list[int], classes: dict[int, str]) -> list:
+    """With ``--set data.synthesize_on_the_fly=true``: ``data.synthetic_size`` slices synthesised from the exemplars
+    (Cheap Lunch), on target-free backgrounds of the exemplars' own cases (no lesion pasted into another modality)."""
+    if not config.data.synthesize_on_the_fly:
+        return []
+    from samadapt.data.synthesis import SynthesisConfig, background_slices, synthesize
+
+    seed = config.train.seed
+    cases = sorted({slices.slices[i][0] for i in exemplars})
+    backgrounds = [slices[i]["image"] for i in background_slices(slices, list(classes), cases, limit=200, seed=seed)]
+    if not backgrounds:
+        raise SystemExit("synthesis needs target-free background slices in the exemplars' cases; this task has none")
+    exemplar_items = [slices[i] for i in exemplars]
+    size = config.data.synthetic_size
+    return synthesize(exemplar_items, backgrounds, size, SynthesisConfig(), seed=seed, classes=list(classes))
 
 
 def _trained(run_dir: Path) -> SimpleNamespace:

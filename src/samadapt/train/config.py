@@ -42,6 +42,8 @@ class DataConfig:
         val_cases: number of cases held out for validation (taken from the training list, seeded).
         synthetic: a synthesised set (``samadapt synth``) trained on alongside the exemplars, or None.
         synthetic_size: with ``synthesize_on_the_fly``, the number of synthetic slices to make.
+        synthetic_share: when synthetic slices train too, the probability that a draw takes one of them (the rest
+            draw from the real exemplars and target-free slices, so that a large synthetic set never drowns them).
         augment: augment training slices: prompted task, random flips and 90-degree rotations; semantic task,
             orientation-preserving small affine and intensity changes (``samadapt.train.augment``).
         workers: DataLoader worker processes reading training slices from disk (0: read in the training process).
@@ -55,6 +57,7 @@ class DataConfig:
     synthetic: str | None = None
     synthesize_on_the_fly: bool = False
     synthetic_size: int = 200
+    synthetic_share: float = 0.5
     augment: bool = True
     workers: int = 2
 
@@ -147,6 +150,8 @@ class TrainConfig:
         _check_choice("prompt.objects", self.prompt.objects, ("class", "instance"))
         _check_choice("train.precision", self.train.precision, PRECISIONS)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
+        if not 0.0 <= self.data.synthetic_share <= 1.0:
+            raise ValueError(f"data.synthetic_share must be in [0, 1], got {self.data.synthetic_share}")
         if not 0.0 <= self.prompt.box_share <= 1.0:
             raise ValueError(f"prompt.box_share must be in [0, 1], got {self.prompt.box_share}")
         if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:

@@ -102,6 +102,8 @@ class Trainer:
         classes: dataset class ids learned, in output order for the semantic task.
         run_dir: where config, logs, checkpoints and the loss curve go.
         manifest: base-model facts for the adapter manifest (base_model, base_sha256, class names, preprocessing).
+        synthetic: how many of the training slices, at the end of ``train_slices``, are synthetic; draws take them
+            with probability ``data.synthetic_share`` (``_pick``).
     """
 
     def __init__(
@@ -113,9 +115,13 @@ class Trainer:
         classes: Sequence[int],
         run_dir: str | Path,
         manifest: dict,
+        synthetic: int = 0,
     ) -> None:
         if not len(train_slices):
             raise TrainingError("no training slices: the dataset or the exemplar selection is empty")
+        if not 0 <= synthetic < len(train_slices):
+            raise TrainingError(f"{synthetic} synthetic slices of {len(train_slices)}: some must be real")
+        self.synthetic = synthetic
         # what sampling reads (case, position, classes); images are loaded per batch from ``self.data``
         self.data = train_slices
         self.train_slices = getattr(train_slices, "infos", train_slices)
@@ -186,13 +192,33 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------------------------
     def _pick(self, count: int, rng: np.random.Generator) -> list[int]:
         """Slice indices for one micro-batch, class-balanced (``balanced_picks``): a quarter of the draws (when there
-        are any) take a slice without target, the others a learned class uniformly and then a slice holding it."""
-        return draw_balanced(self._class_pools, count, rng)
+        are any) take a slice without target, the others a learned class uniformly and then a slice holding it.
+        With synthetic slices, each draw first picks synthetic (probability ``data.synthetic_share``) or real."""
+        if not self.synthetic:
+            return draw_balanced(self._class_pools, count, rng)
+        share = self.config.data.synthetic_share
+        real_pools, synthetic_pools = self._class_pools, self._synthetic_pools
+        picks = []
+        for _ in range(count):
+            synthetic = synthetic_pools is not None and rng.random() < share
+            picks += draw_balanced(synthetic_pools if synthetic else real_pools, 1, rng)
+        return picks
 
     @functools.cached_property
     def _class_pools(self) -> tuple[dict[int, list[int]], list[int]]:
         # built once: a draw must not scan every training slice (10^5 of them on a large dataset)
-        return class_pools([s.classes for s in self.train_slices], self.classes)
+        real = self.train_slices[: len(self.train_slices) - self.synthetic]
+        return class_pools([s.classes for s in real], self.classes)
+
+    @functools.cached_property
+    def _synthetic_pools(self) -> tuple[dict[int, list[int]], list[int]] | None:
+        """``class_pools`` of the synthetic slices, as indices into all training slices; None if none holds a target."""
+        start = len(self.train_slices) - self.synthetic
+        found = [s.classes for s in self.train_slices[start:]]
+        if not any(set(self.classes) & set(c) for c in found):
+            return None
+        holding, empty = class_pools(found, self.classes)
+        return {c: [start + i for i in pool] for c, pool in holding.items()}, [start + i for i in empty]
 
     @functools.cached_property
     def _stack_starts(self) -> list[int]:
