@@ -19,6 +19,7 @@ import torch
 
 from samadapt.data.preprocess import preprocess_volume, volume_slice
 from samadapt.device import autocast, resolve_device
+from samadapt.export.runtime import best_candidate, is_single_click
 from samadapt.models.sam import Sam
 from samadapt.transforms import InputGeometry, model_input, to_unit_range
 
@@ -161,26 +162,6 @@ class Predictor:
             logits, _ = self.model.decode(self.embedding)
         logits = self.geometry.masks_to_original(logits.float(), from_size=logits.shape[-1])
         return logits.argmax(1)[0].cpu().numpy()
-
-
-def is_single_click(labels, boxes, mask_input) -> bool:
-    """Whether a prompt set is one click and nothing else: SAM's ambiguous case (a click on a lesion may mean the
-    lesion, the organ around it or the whole body part), where its three multimask candidates are decoded and the one
-    the IoU head rates best is kept. Any further click, box or mask prompt disambiguates: the single-mask output."""
-    if labels is None or boxes is not None or mask_input is not None:
-        return False
-    shape = np.shape(labels)
-    return len(shape) > 0 and shape[-1] == 1
-
-
-def best_candidate(logits, scores):
-    """From (P, 3, h, w) candidate logits and (P, 3) predicted IoUs, the candidate with the highest predicted IoU per
-    prompt set: ((P, 1, h, w), (P, 1)); torch tensors or numpy arrays (the ONNX runtime's)."""
-    rows = np.arange(scores.shape[0])
-    best = scores.argmax(1)
-    if isinstance(scores, torch.Tensor):
-        rows = torch.as_tensor(rows, device=scores.device)
-    return logits[rows, best][:, None], scores[rows, best][:, None]
 
 
 def default_batch_size(device: torch.device) -> int:
