@@ -1,5 +1,6 @@
 """Prompt mixing (``prompt.kind=mixed``): boxes and clicks drawn per object per step at the set share, and the loss
-of a mixed batch is the sample-weighted mean of its box part and its click part."""
+of a mixed batch is the sample-weighted mean of its box part and its click part; one click alone trains the best of
+SAM's three candidates (``prompt.multimask``)."""
 
 import numpy as np
 import pytest
@@ -67,3 +68,35 @@ def test_a_mixed_run_trains(tmp_path):
 def test_box_share_outside_zero_one_is_refused():
     with pytest.raises(ValueError, match="box_share"):
         make_config("cheap-lunch", **{"prompt.box_share": 1.5})
+
+
+def test_one_click_trains_the_best_of_three_candidates():
+    config = make_config("cheap-lunch", **{"prompt.kind": "point", "prompt.multimask": True})
+    model = make_tiny_sam(128)
+    apply_peft(model, config.peft)
+    model.eval()
+    slices = prepare_slices(disc_items(count=3), 128)
+    batch = draw_prompt_batch(slices, [0, 1, 2], [1], config.prompt, "point", np.random.default_rng(0), False)
+    forward = LossForward(model, torch.nn.MSELoss(), 0, np.random.default_rng(0), multimask=True)
+    with torch.no_grad():
+        loss = forward(batch.images, batch.targets, batch.points, None)
+        logits, _ = model.decode(model.encode_image(batch.images), batch.points, None, multimask_output=True)
+        up = torch.nn.functional.interpolate(logits, size=(128, 128), mode="bilinear", align_corners=False)
+        per = ((up - batch.targets) ** 2).mean(dim=(2, 3))  # (B, 3): each candidate's loss per sample
+        single = LossForward(model, torch.nn.MSELoss(), 0, np.random.default_rng(0))(
+            batch.images, batch.targets, batch.points, None
+        )
+    assert loss.item() == pytest.approx(per.min(1).values.mean().item(), rel=1e-5)
+    assert loss.item() != pytest.approx(single.item(), rel=1e-3)  # not the single-mask output's loss
+    # two clicks are not ambiguous: the single-mask output, multimask or not
+    two = (torch.cat([batch.points[0]] * 2, 1), torch.cat([batch.points[1]] * 2, 1))
+    with torch.no_grad():
+        a = forward(batch.images, batch.targets, two, None)
+        b = LossForward(model, torch.nn.MSELoss(), 0, np.random.default_rng(0))(batch.images, batch.targets, two, None)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_a_multimask_run_with_mixed_prompts_trains(tmp_path):
+    overrides = {"prompt.kind": "mixed", "prompt.box_share": 0.5, "prompt.multimask": True, "train.steps": 2}
+    result = make_trainer(tmp_path, **overrides).fit()
+    assert result.steps == 2 and all(np.isfinite(row["loss"]) for row in result.history)

@@ -70,6 +70,9 @@ class PromptConfig:
         kind: ``point``, ``box`` or ``mixed`` (drawn per object per step: a box with probability ``box_share``,
             else the clicks).
         box_share: with ``mixed``, the probability that an object is prompted by its box.
+        multimask: a prompt of one click alone trains SAM's three candidate masks, the loss on the best one per
+            object and the IoU head on all three (SAM's practice), as ``Predictor`` answers one click with the
+            candidate of highest predicted IoU; off: the single-mask output learns every click.
         points: clicks per object in the first round (random pixels of the object).
         iterative_rounds: extra decoder-only rounds, each adding a click in the error region (MSA).
         box_jitter: maximum shift of each box side in pixels of the original slice.
@@ -78,6 +81,7 @@ class PromptConfig:
 
     kind: str = "point"
     box_share: float = 0.5
+    multimask: bool = False
     points: int = 1
     iterative_rounds: int = 0
     box_jitter: int = 5

@@ -9,7 +9,8 @@ LiteMedSAM at 256, a few minutes on 2 CPU cores). The papers' full-data schedule
   (Dice over the foreground classes present, class-balanced CE: ``SegmentationLoss``); AdamW 1e-3 with linear warm-up
   then poly decay.
 - cheap-lunch: LoRA in encoder and decoder (and the small IoU head, for meaningful scores); one random point per
-  object, or its box for a quarter of the objects (prompt mixing); 1.0 CE + 0.8 Dice; AdamW 1e-3 with warm-up then
+  object (SAM's three candidates, the best one's loss), or its box for a quarter of the objects (prompt mixing);
+  1.0 CE + 0.8 Dice; AdamW 1e-3 with warm-up then
   exponential decay.
 Learning rates are the laptop defaults for a few hundred steps; the papers' values are in configs/.
 """
@@ -52,7 +53,8 @@ RECIPES: dict[str, dict] = {
         },
         # clicks are what is learnt; a quarter of the objects keep their box so that box prompts do not degrade
         # (point-only training lowered box Dice below the un-adapted model's, issue 18, docs/accuracy.md)
-        "prompt": {"kind": "mixed", "box_share": 0.25, "points": 1, "iterative_rounds": 0},
+        # and one click alone trains SAM's three candidates (the best one's loss), as Predictor picks among them
+        "prompt": {"kind": "mixed", "box_share": 0.25, "multimask": True, "points": 1, "iterative_rounds": 0},
         "loss": {"ce": 1.0, "dice": 0.8},
         "optim": {"lr": 1e-3, "schedule": "exponential", "warmup_steps": 10, "final_lr_ratio": 0.05},
     },

@@ -163,7 +163,7 @@ class Trainer:
         # each rank draws its own samples from its own stream; together they form the global batch
         self.rng = np.random.default_rng([config.train.seed, self.rank])
         self.forward: nn.Module = LossForward(
-            self.model, self.loss_fn, config.prompt.iterative_rounds, self.rng, iou_weight
+            self.model, self.loss_fn, config.prompt.iterative_rounds, self.rng, iou_weight, config.prompt.multimask
         )
         if self.world > 1:
             self.forward = nn.parallel.DistributedDataParallel(
@@ -548,9 +548,16 @@ class LossForward(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: nn.Module, rounds: int, rng: np.random.Generator, iou_weight: float = 0.0
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        rounds: int,
+        rng: np.random.Generator,
+        iou_weight: float = 0.0,
+        multimask: bool = False,
     ) -> None:
         super().__init__()
+        self.multimask = multimask
         self.model = model
         self.loss_fn = loss_fn
         self.rounds = rounds
@@ -564,6 +571,30 @@ class LossForward(nn.Module):
         if self.iou_weight:
             loss = loss + self.iou_weight * F.mse_loss(iou_pred.float(), mask_iou(upsampled.detach() > 0, targets > 0))
         return loss
+
+    def _best_of_candidates(
+        self, logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's loss for an ambiguous prompt: per sample, only the candidate mask closest to the target (lowest
+        mask loss) is penalised, the others stay free to answer other readings of the click; the IoU head learns
+        every candidate's true IoU, which is what ``Predictor`` selects by. Returns the loss and the chosen
+        candidates' logits (B, 1, h, w) (the mask prompt of a next round)."""
+        upsampled = _upsample(logits, targets.shape[-1])
+        count, candidates = logits.shape[:2]
+        per = torch.stack(
+            [
+                torch.stack(
+                    [self.loss_fn(upsampled[i : i + 1, k : k + 1], targets[i : i + 1]) for k in range(candidates)]
+                )
+                for i in range(count)
+            ]
+        )
+        best = per.detach().argmin(1)
+        rows = torch.arange(count, device=logits.device)
+        loss = per[rows, best.to(logits.device)].mean()
+        if self.iou_weight:
+            loss = loss + self.iou_weight * F.mse_loss(iou_pred.float(), mask_iou(upsampled.detach() > 0, targets > 0))
+        return loss, logits[rows, best][:, None]
 
     def forward(
         self,
@@ -595,10 +626,15 @@ class LossForward(nn.Module):
         boxes: torch.Tensor | None,
     ) -> torch.Tensor:
         size = targets.shape[-1]
-        logits, iou_pred = self.model.decode(embeddings, points, boxes)
+        # one click alone is ambiguous: as SAM, train its three candidates (``Predictor`` keeps the best-rated one)
+        single = self.multimask and boxes is None and points is not None and points[1].shape[1] == 1
+        logits, iou_pred = self.model.decode(embeddings, points, boxes, multimask_output=single)
         if points is None and boxes is None:
             return self.loss_fn(_upsample(logits, size), targets)
-        loss = self._loss(logits, iou_pred, targets)
+        if single:
+            loss, logits = self._best_of_candidates(logits, iou_pred, targets)
+        else:
+            loss = self._loss(logits, iou_pred, targets)
         for _ in range(self.rounds):
             with torch.no_grad():
                 predictions = (_upsample(logits, size) > 0).cpu()
