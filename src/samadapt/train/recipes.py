@@ -10,8 +10,7 @@ LiteMedSAM at 256, a few minutes on 2 CPU cores). The papers' full-data schedule
   then poly decay.
 - cheap-lunch: LoRA in encoder and decoder (and the small IoU head, for meaningful scores); one random point per
   object (SAM's three candidates, the best one's loss), or its box for a quarter of the objects (prompt mixing);
-  1.0 CE + 0.8 Dice; AdamW 1e-3 with warm-up then
-  exponential decay.
+  1.0 CE + 0.8 Dice; AdamW 1e-3 with warm-up then exponential decay.
 Learning rates are the laptop defaults for a few hundred steps; the papers' values are in configs/.
 """
 
