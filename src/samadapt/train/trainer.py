@@ -731,6 +731,7 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
       argmax is background everywhere; prompted, a centre click on each object gives an empty mask. The model fails
       on the very slices it was trained on: the run ended on the plateau, whatever the loss says.
     """
+    from samadapt.predict import Predictor, best_candidate
     from samadapt.prompts import centre_click
 
     found: list[str] = []
@@ -756,7 +757,11 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
                     click = centre_click(item.label == class_id)
                     coords = torch.tensor([[[click.x, click.y]]], dtype=torch.float32, device=trainer.device)
                     labels = torch.ones(1, 1, dtype=torch.long, device=trainer.device)
-                    logits, _ = trainer.model.decode(embedding, (coords, labels))
+                    # the answer a user gets for one click (``Predictor``: the best-rated candidate)
+                    select = Predictor.select_single_click
+                    logits, scores = trainer.model.decode(embedding, (coords, labels), multimask_output=select)
+                    if select:
+                        logits, _ = best_candidate(logits, scores)
                     predicted += int((logits > 0).sum())
         train_mode(trainer.model)
         facts["foreground_pixels_on_training_slices"] = predicted
