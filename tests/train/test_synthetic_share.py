@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from samadapt.peft import apply_peft
+from samadapt.runs import Manifest
 from samadapt.train.samples import prepare_slices
 from samadapt.train.trainer import Trainer, TrainingError
 from tests.conftest import make_tiny_sam
@@ -21,7 +22,7 @@ def trainer_with_synthetic(tmp_path, share: float, synthetic: int = SYNTHETIC) -
     apply_peft(model, config.peft)
     real = disc_items(count=REAL, size=64, seed=0)
     fake = [{**item, "case": "synth"} for item in disc_items(count=synthetic, size=64, seed=1)]
-    manifest = {"base_model": "tiny", "base_sha256": "0" * 64, "peft": config.peft.to_dict()}
+    manifest = Manifest(base_model="tiny", base_sha256="0" * 64, peft=config.peft.to_dict())
     slices = prepare_slices(real + fake, 64)
     return Trainer(config, model, slices, [], [1], tmp_path, manifest, synthetic=synthetic)
 
@@ -60,4 +61,13 @@ def test_share_outside_zero_one_and_all_synthetic_are_refused(tmp_path):
     model = apply_peft(make_tiny_sam(64), config.peft)
     slices = prepare_slices(disc_items(count=2, size=64), 64)
     with pytest.raises(TrainingError, match="must be real"):
-        Trainer(config, model, slices, [], [1], tmp_path, {"base_sha256": "0" * 64}, synthetic=2)
+        Trainer(
+            config,
+            model,
+            slices,
+            [],
+            [1],
+            tmp_path,
+            Manifest(base_model="tiny", base_sha256="0" * 64, peft=config.peft.to_dict()),
+            synthetic=2,
+        )
