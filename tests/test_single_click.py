@@ -47,6 +47,7 @@ def test_best_candidate_takes_the_highest_predicted_iou_per_prompt_set(as_torch)
     assert np.allclose(np.asarray(best_scores)[:, 0], [0.9, 0.7])
 
 
+@pytest.mark.slow
 def test_one_click_returns_the_candidate_the_iou_head_rates_best(run, lesion_items):
     predictor = Predictor(run.model, device="cpu")
     differed = 0
@@ -79,6 +80,7 @@ def test_the_switch_turns_the_selection_off(run, lesion_items, monkeypatch):
     assert np.array_equal(predictor.predict(**prompt).masks, predictor.predict(**prompt, multimask_output=False).masks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["point:1", "box"])
 def test_evaluate_scores_the_masks_the_predictor_gives(run, lesion_items, protocol):
     evaluation = evaluate_slices(run, lesion_items, {1: "lesion"}, protocol, progress=False)
