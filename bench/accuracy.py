@@ -31,6 +31,7 @@ raw numbers to ``--runs``/results-SECTION.json.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -130,6 +132,7 @@ class Grid:
     gap: int
     lr: dict[str, float]
     overrides: list[str]
+    reuse: Path | None = None
 
 
 def _summary(summary: dict) -> dict:
@@ -179,7 +182,14 @@ def run_cell(task: Task, k: int, seed: int, grid: Grid, runs: Path, log: Callabl
         config.data.path = str(spec.root)
         run_dir = runs / f"{task.name}_k{k}_s{seed}_{recipe}"
         tick = time.perf_counter()
-        result = fit_slices(config, items, [], classes, run_dir, spec.preprocessing, verbose=False)
+        if grid.reuse is not None:  # score inference-side changes on the very checkpoints of an earlier run
+            run_dir = grid.reuse / run_dir.name
+            result = _trained(run_dir)
+        else:
+            synthetic = [] if semantic else _synthetic(config, slices, exemplars, classes)
+            result = fit_slices(
+                config, items, [], classes, run_dir, spec.preprocessing, verbose=False, synthetic_items=synthetic
+            )
         adapted = load_run(run_dir, checkpoint="last")
         protocols = ["none"] if semantic else list(PROMPTS)
         evaluations = evaluate_slices_under(adapted, test_items, classes, protocols, **same)
@@ -199,6 +209,32 @@ def run_cell(task: Task, k: int, seed: int, grid: Grid, runs: Path, log: Callabl
             f"{entry['train']['last_loss']:.3f}, {entry['train']['seconds']:.0f} s"
         )
     return cell
+
+
+def _synthetic(config: TrainConfig, slices: SliceDataset, exemplars: list[int], classes: dict[int, str]) -> list:
+    """With ``--set data.synthesize_on_the_fly=true``: ``data.synthetic_size`` slices synthesised from the exemplars
+    (Cheap Lunch), on target-free backgrounds of the exemplars' own cases (no lesion pasted into another modality)."""
+    if not config.data.synthesize_on_the_fly:
+        return []
+    from samadapt.data.synthesis import SynthesisConfig, background_slices, synthesize
+
+    seed = config.train.seed
+    cases = sorted({slices.slices[i][0] for i in exemplars})
+    backgrounds = [slices[i]["image"] for i in background_slices(slices, list(classes), cases, limit=200, seed=seed)]
+    if not backgrounds:
+        raise SystemExit("synthesis needs target-free background slices in the exemplars' cases; this task has none")
+    exemplar_items = [slices[i] for i in exemplars]
+    size = config.data.synthetic_size
+    return synthesize(exemplar_items, backgrounds, size, SynthesisConfig(), seed=seed, classes=list(classes))
+
+
+def _trained(run_dir: Path) -> SimpleNamespace:
+    """An earlier run of the same cell (``--reuse``): its steps and loss history from ``metrics.csv``."""
+    if not (run_dir / "checkpoints" / "last").is_dir():
+        raise SystemExit(f"--reuse: {run_dir} holds no trained run (checkpoints/last is missing)")
+    with (run_dir / "metrics.csv").open() as handle:
+        history = [{"loss": float(row["loss"])} for row in csv.DictReader(handle)]
+    return SimpleNamespace(steps=len(history), history=history)
 
 
 def _run_warnings(run_dir: Path, evaluations, classes: dict[int, str]) -> list[str]:
@@ -301,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap", type=int, default=3, help="held-out slices are at least this far from exemplars")
     parser.add_argument("--lr", action="append", default=[], metavar="RECIPE=LR", help="a recipe's learning rate")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, all runs")
+    parser.add_argument(
+        "--reuse", type=Path, metavar="DIR", help="evaluate the runs an earlier call trained in DIR (RUNS/SECTION)"
+    )
     parser.add_argument("--section", default="latest", help="name of this table in --out (others are kept)")
     parser.add_argument("--title", default="", help="heading of the section")
     parser.add_argument("--out", type=Path, default=Path("docs/accuracy.md"))
@@ -318,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         gap=args.gap,
         lr={r: float(v) for r, v in (item.split("=", 1) for item in args.lr)},
         overrides=args.set,
+        reuse=args.reuse,
     )
     unknown = [t for t in grid.tasks if t not in TASKS]
     if unknown:
@@ -346,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command}`. Wall time {wall / 60:.1f} min on this machine ({torch.get_num_threads()} threads).",
         f"Grid: tasks {', '.join(grid.tasks)}; recipes {', '.join(grid.recipes)}; k = {grid.ks}; seeds {grid.seeds}; "
         f"{grid.steps} steps of batch {grid.batch_size}; learning rates: {lr}; overrides: {grid.overrides or 'none'}; "
-        f"held-out slices at least {grid.gap} slices from every exemplar, at most {grid.max_test} per cell.",
+        f"held-out slices at least {grid.gap} slices from every exemplar, at most {grid.max_test} per cell."
+        + (f" Models not trained: the runs in {grid.reuse} re-evaluated." if grid.reuse else ""),
         "Cells: mean ± standard deviation over seeds (a single number: one seed). 'held-out' lists the held-out "
         "slice count per seed. 'min class Dice' is the lowest per-class Dice of the adapted model.",
         "",
@@ -354,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     write_section(args.out, args.section, "\n".join(header + table(cells, grid)))
     runs.mkdir(parents=True, exist_ok=True)
     (args.runs / f"results-{args.section}.json").write_text(
-        json.dumps({"grid": grid.__dict__, "wall_seconds": wall, "command": command, "cells": cells}, indent=1)
+        json.dumps(
+            {"grid": grid.__dict__, "wall_seconds": wall, "command": command, "cells": cells}, indent=1, default=str
+        )
     )
     print("\n".join(table(cells, grid)))
     log(f"done; table in {args.out} (section {args.section})")

@@ -20,11 +20,20 @@ import torch
 from samadapt.data.preprocess import preprocess_volume, volume_slice
 from samadapt.device import autocast, resolve_device
 from samadapt.errors import ConfigError, DataError, InputNotFoundError
+from samadapt.export.runtime import best_candidate, is_single_click
 from samadapt.intensity import to_unit_range
 from samadapt.models.sam import Sam
 from samadapt.transforms import InputGeometry, model_input
 
-__all__ = ["Prediction", "Predictor", "predict_folder", "predict_volume", "to_unit_range"]
+__all__ = [
+    "Prediction",
+    "Predictor",
+    "best_candidate",
+    "is_single_click",
+    "predict_folder",
+    "predict_volume",
+    "to_unit_range",
+]
 
 
 @dataclass
@@ -44,6 +53,9 @@ class Predictor:
         >>> predictor.set_image(slice_2d)
         >>> out = predictor.predict(boxes=np.array([[x0, y0, x1, y1]]))
     """
+
+    # SAM's practice for one click (``is_single_click``); the one switch for evaluate, predict, the API and the app
+    select_single_click: bool = True
 
     def __init__(
         self, model: Sam, device: str | torch.device | None = None, precision: str = "fp32", cache_size: int = 0
@@ -99,7 +111,7 @@ class Predictor:
         labels: np.ndarray | None = None,
         boxes: np.ndarray | None = None,
         mask_input: np.ndarray | torch.Tensor | None = None,
-        multimask_output: bool = False,
+        multimask_output: bool | None = None,
     ) -> Prediction:
         """Masks for one prompt set, or for P boxes at once.
 
@@ -108,7 +120,9 @@ class Predictor:
             labels: (N,) or (P, N): 1 foreground, 0 background.
             boxes: (4,) or (P, 4) XYXY in pixels of the original image.
             mask_input: (1, s/4, s/4) or (P, 1, s/4, s/4) low-res logits of a previous prediction.
-            multimask_output: three candidate masks per prompt set instead of one.
+            multimask_output: True: three candidate masks per prompt set; False: the single-mask output; None
+                (default): for a prompt set of one click alone (``is_single_click``) and ``select_single_click``,
+                the best of the three candidates by predicted IoU (``best_candidate``); otherwise the single mask.
         """
         if self.embedding is None or self.geometry is None:
             raise RuntimeError("call set_image() before predict()")
@@ -130,11 +144,14 @@ class Predictor:
             mask_input = torch.as_tensor(mask_input, dtype=torch.float32, device=self.device)
             if mask_input.dim() == 3:
                 mask_input = mask_input[None]
+        select = multimask_output is None and self.select_single_click and is_single_click(labels, boxes, mask_input)
         with self._autocast():
             logits, scores = self.model.decode(
-                self.embedding, point_input, box_input, mask_input, multimask_output=multimask_output
+                self.embedding, point_input, box_input, mask_input, multimask_output=bool(multimask_output or select)
             )
         logits, scores = logits.float(), scores.float()
+        if select:
+            logits, scores = best_candidate(logits, scores)
         masks = geometry.masks_to_original(logits, from_size=logits.shape[-1]) > 0
         return Prediction(masks=masks.cpu().numpy(), scores=scores.cpu().numpy(), low_res_logits=logits)
 

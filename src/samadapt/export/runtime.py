@@ -28,6 +28,8 @@ from samadapt.intensity import check_unit_range, to_unit_range
 
 __all__ = [
     "ExportedRun",
+    "best_candidate",
+    "is_single_click",
     "InputGeometry",
     "OnnxPredictor",
     "Prediction",
@@ -262,6 +264,26 @@ class _Device:
     type: str = "cpu"
 
 
+def is_single_click(labels, boxes, mask_input) -> bool:
+    """Whether a prompt set is one click and nothing else: SAM's ambiguous case (a click on a lesion may mean the
+    lesion, the organ around it or the whole body part), where its three multimask candidates are decoded and the one
+    the IoU head rates best is kept. Any further click, box or mask prompt disambiguates: the single-mask output."""
+    if labels is None or boxes is not None or mask_input is not None:
+        return False
+    shape = np.shape(labels)
+    return len(shape) > 0 and shape[-1] == 1
+
+
+def best_candidate(logits, scores):
+    """From (P, 3, h, w) candidate logits and (P, 3) predicted IoUs, the candidate with the highest predicted IoU per
+    prompt set: ((P, 1, h, w), (P, 1)); torch tensors or numpy arrays (the ONNX runtime's)."""
+    best = scores.argmax(1)
+    rows = np.arange(scores.shape[0])
+    if not isinstance(scores, np.ndarray):  # a torch tensor (this module imports no torch)
+        rows = best.new_tensor(rows)
+    return logits[rows, best][:, None], scores[rows, best][:, None]
+
+
 class OnnxPredictor:
     """``samadapt.predict.Predictor`` on onnxruntime: cache an image embedding, then decode masks for prompts.
 
@@ -272,6 +294,8 @@ class OnnxPredictor:
         providers: onnxruntime execution providers (default: CPU).
         check_files: verify the graphs' SHA-256 against the manifest before loading.
     """
+
+    select_single_click: bool = True  # as ``Predictor.select_single_click``
 
     def __init__(
         self,
@@ -350,7 +374,7 @@ class OnnxPredictor:
         labels: np.ndarray | None = None,
         boxes: np.ndarray | None = None,
         mask_input: np.ndarray | None = None,
-        multimask_output: bool = False,
+        multimask_output: bool | None = None,
     ) -> Prediction:
         """Masks for one prompt set, or for P boxes at once (arguments as ``Predictor.predict``).
 
@@ -359,10 +383,12 @@ class OnnxPredictor:
             labels: (N,) or (P, N): 1 foreground, 0 background.
             boxes: (4,) or (P, 4) XYXY in pixels of the original image.
             mask_input: (1, s/4, s/4) or (P, 1, s/4, s/4) low-res logits of a previous prediction.
-            multimask_output: three candidate masks per prompt set instead of one.
+            multimask_output: True: three candidates; False: the single mask; None: the best candidate for one
+                click alone (``is_single_click``, ``select_single_click``), as ``Predictor.predict``.
         """
         if self.embedding is None or self.geometry is None:
             raise RuntimeError("call set_image() before predict()")
+        select = multimask_output is None and self.select_single_click and is_single_click(labels, boxes, mask_input)
         if self.task == "semantic":
             raise ValueError("this export is semantic (prompt-free K + 1 head): use predict_semantic()")
         geometry = self.geometry
@@ -410,8 +436,10 @@ class OnnxPredictor:
             "has_mask_input": np.array([1.0 if mask_input is not None else 0.0], np.float32),
         }
         logits, scores = self.decoder.run(None, feeds)
-        keep = slice(1, None) if multimask_output else slice(0, 1)
+        keep = slice(1, None) if multimask_output or select else slice(0, 1)
         logits, scores = logits[:, keep], scores[:, keep]
+        if select:
+            logits, scores = best_candidate(logits, scores)
         masks = geometry.masks_to_original(logits, from_size=logits.shape[-1]) > 0
         return Prediction(masks=masks, scores=scores, low_res_logits=logits)
 

@@ -28,6 +28,7 @@ def fit_slices(
     preprocessing: str = "",
     resume: bool = False,
     verbose: bool = True,
+    synthetic_items: Sequence[dict] = (),
 ) -> TrainResult:
     """Adapt the configured model on preprocessed slices (``SliceDataset`` items: ``image`` (H, W[, 3]) in [0, 1],
     ``label`` (H, W); validation items also ``case``, ``slice`` and ``spacing``).
@@ -36,6 +37,7 @@ def fit_slices(
     per batch by DataLoader workers, and memory does not grow with the size of the training set.
 
     ``classes`` maps the dataset's class ids to names; they are the classes learned (semantic outputs in that order).
+    ``synthetic_items`` (e.g. ``synthesize`` output) train too, drawn with probability ``data.synthetic_share``.
     """
     if not train_items:
         raise TrainingError("no training slices")
@@ -55,8 +57,13 @@ def fit_slices(
         precision=config.train.precision,
         extra=init,
     )
+    if len(synthetic_items):  # lists stay a list: in-memory slices need no loader worker processes
+        lazy = hasattr(train_items, "info") or hasattr(synthetic_items, "info")
+        train_items = ItemChain(train_items, synthetic_items) if lazy else [*train_items, *synthetic_items]
     train_slices = TrainingSlices(train_items, model.img_size)
-    trainer = Trainer(config, model, train_slices, val_items, list(classes), run_dir, manifest)
+    trainer = Trainer(
+        config, model, train_slices, val_items, list(classes), run_dir, manifest, synthetic=len(synthetic_items)
+    )
     return trainer.fit(resume=resume)
 
 
@@ -109,12 +116,14 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Tra
     extra = list(rng.choice(empty, size=min(len(empty), max(1, len(chosen) // 4)), replace=False)) if empty else []
     empties = slices.subset([int(i) for i in extra] if config.task == "prompt" else [])
     synthetic = _synthetic_items(config, slices, chosen, classes, train_cases)
-    train_items = ItemChain(slices.subset(chosen), empties, synthetic)
+    train_items = ItemChain(slices.subset(chosen), empties)
     val_pool = slices.indices(list(classes), val_cases) if val_cases else []
     val_pick = np.linspace(0, len(val_pool) - 1, num=min(len(val_pool), config.train.val_slices)).astype(int)
     val_items = [slices[val_pool[i]] for i in sorted(set(val_pick))] if val_pool else []
     config.data.path = str(spec.root)
-    return fit_slices(config, train_items, val_items, classes, run_dir, spec.preprocessing, resume)
+    return fit_slices(
+        config, train_items, val_items, classes, run_dir, spec.preprocessing, resume, synthetic_items=synthetic
+    )
 
 
 def _chosen_classes(available: dict[int, str], wanted: list[int] | None, root: Path) -> dict[int, str]:

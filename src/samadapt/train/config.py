@@ -46,6 +46,8 @@ class DataConfig:
         val_cases: number of cases held out for validation (taken from the training list, seeded).
         synthetic: a synthesised set (``samadapt synth``) trained on alongside the exemplars, or None.
         synthetic_size: with ``synthesize_on_the_fly``, the number of synthetic slices to make.
+        synthetic_share: when synthetic slices train too, the probability that a draw takes one of them (the rest
+            draw from the real exemplars and target-free slices, so that a large synthetic set never drowns them).
         augment: augment training slices: prompted task, random flips and 90-degree rotations; semantic task,
             orientation-preserving small affine and intensity changes (``samadapt.train.augment``).
         workers: DataLoader worker processes reading training slices from disk (0: read in the training process).
@@ -59,6 +61,7 @@ class DataConfig:
     synthetic: str | None = None
     synthesize_on_the_fly: bool = False
     synthetic_size: int = 200
+    synthetic_share: float = 0.5
     augment: bool = True
     workers: int = 2
 
@@ -68,7 +71,12 @@ class PromptConfig:
     """How prompts are simulated in training (prompt task only).
 
     Attributes:
-        kind: ``point``, ``box`` or ``mixed`` (half the steps each).
+        kind: ``point``, ``box`` or ``mixed`` (drawn per object per step: a box with probability ``box_share``,
+            else the clicks).
+        box_share: with ``mixed``, the probability that an object is prompted by its box.
+        multimask: a prompt of one click alone trains SAM's three candidate masks, the loss on the best one per
+            object and the IoU head on all three (SAM's practice), as ``Predictor`` answers one click with the
+            candidate of highest predicted IoU; off: the single-mask output learns every click.
         points: clicks per object in the first round (random pixels of the object).
         iterative_rounds: extra decoder-only rounds, each adding a click in the error region (MSA).
         box_jitter: maximum shift of each box side in pixels of the original slice.
@@ -76,6 +84,8 @@ class PromptConfig:
     """
 
     kind: str = "point"
+    box_share: float = 0.5
+    multimask: bool = False
     points: int = 1
     iterative_rounds: int = 0
     box_jitter: int = 5
@@ -148,6 +158,10 @@ class TrainConfig:
         _check_choice("prompt.objects", self.prompt.objects, ("class", "instance"))
         _check_choice("train.precision", self.train.precision, PRECISIONS)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
+        if not 0.0 <= self.data.synthetic_share <= 1.0:
+            raise ValueError(f"data.synthetic_share must be in [0, 1], got {self.data.synthetic_share}")
+        if not 0.0 <= self.prompt.box_share <= 1.0:
+            raise ValueError(f"prompt.box_share must be in [0, 1], got {self.prompt.box_share}")
         if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ConfigError("train.steps, train.batch_size and train.grad_accum must be >= 1")
 

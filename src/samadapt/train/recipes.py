@@ -8,8 +8,8 @@ LiteMedSAM at 256, a few minutes on 2 CPU cores). The papers' full-data schedule
 - samed: LoRA on q/v, prompt encoder and decoder trained; semantic (K + 1 masks, no prompt); 0.2 CE + 0.8 Dice
   (Dice over the foreground classes present, class-balanced CE: ``SegmentationLoss``); AdamW 1e-3 with linear warm-up
   then poly decay.
-- cheap-lunch: LoRA in encoder and decoder (and the small IoU head, for meaningful scores); one random point per object; 1.0 CE + 0.8 Dice; AdamW 1e-3 with
-  warm-up then exponential decay.
+- cheap-lunch: LoRA in encoder and decoder (and the small IoU head, for meaningful scores); one random point per
+  object; 1.0 CE + 0.8 Dice; AdamW 1e-3 with warm-up then exponential decay.
 Learning rates are the laptop defaults for a few hundred steps; the papers' values are in configs/.
 """
 
@@ -51,6 +51,8 @@ RECIPES: dict[str, dict] = {
             "lora": {"rank": 4, "decoder": True},
             "train_modules": ["mask_decoder.iou_prediction_head"],
         },
+        # point-only: prompt mixing (kind=mixed, box_share 0.25) with one-click multimask training measured worse on
+        # the protocol (issue 18, docs/accuracy.md); one click is answered by the best candidate at inference only
         "prompt": {"kind": "point", "points": 1, "iterative_rounds": 0},
         "loss": {"ce": 1.0, "dice": 0.8},
         "optim": {"lr": 1e-3, "schedule": "exponential", "warmup_steps": 10, "final_lr_ratio": 0.05},

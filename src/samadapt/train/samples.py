@@ -128,12 +128,15 @@ class PromptBatch:
     """A batch for the prompted task: images (B, 3, S, S), binary targets (B, 1, S, S), and prompts.
 
     points: (coords (B, N, 2) in (x, y) input pixels, labels (B, N)) or None; boxes (B, 4) XYXY or None.
+    box_rows: for mixed prompts, (B,) bool: the samples prompted by their box (the others by their points); both
+    ``points`` and ``boxes`` then hold every sample's. None: every sample takes every prompt given.
     """
 
     images: torch.Tensor
     targets: torch.Tensor
     points: tuple[torch.Tensor, torch.Tensor] | None
     boxes: torch.Tensor | None
+    box_rows: torch.Tensor | None = None
 
 
 def draw_prompt_batch(
@@ -147,6 +150,8 @@ def draw_prompt_batch(
 ) -> PromptBatch:
     """One object per picked slice (random class or component), its binary mask, and a point or box prompt.
 
+    ``kind`` ``mixed``: each object independently takes its box with probability ``prompt.box_share``, else its
+    clicks (``PromptBatch.box_rows``), so that one step teaches both and box ability is kept while clicks are learnt.
     Slices without any object of ``classes`` get an empty target and one negative click (no crash, and the model
     learns to answer "nothing here").
     """
@@ -167,9 +172,12 @@ def draw_prompt_batch(
         images.append(image)
         targets.append(torch.from_numpy(mask)[None].float())
     point_labels = torch.tensor([[1 if t.any() else 0] * prompt.points for t in targets])
-    points = (torch.from_numpy(np.stack(coords)), point_labels) if kind == "point" else None
-    box_tensor = torch.from_numpy(np.stack(boxes).astype(np.float32)) if kind == "box" else None
-    return PromptBatch(torch.stack(images), torch.stack(targets), points, box_tensor)
+    points = (torch.from_numpy(np.stack(coords)), point_labels) if kind in ("point", "mixed") else None
+    box_tensor = torch.from_numpy(np.stack(boxes).astype(np.float32)) if kind in ("box", "mixed") else None
+    box_rows = None
+    if kind == "mixed":  # drawn after the objects, so that point / box runs draw the same objects as before
+        box_rows = torch.from_numpy(rng.random(len(targets)) < prompt.box_share)
+    return PromptBatch(torch.stack(images), torch.stack(targets), points, box_tensor, box_rows)
 
 
 def add_corrective_clicks(

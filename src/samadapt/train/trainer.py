@@ -96,6 +96,8 @@ class Trainer:
         classes: dataset class ids learned, in output order for the semantic task.
         run_dir: where config, logs, checkpoints and the loss curve go.
         manifest: what the saved adapters will say of themselves (base model and checksum, classes, preprocessing).
+        synthetic: how many of the training slices, at the end of ``train_slices``, are synthetic; draws take them
+            with probability ``data.synthetic_share`` (``_pick``).
     """
 
     def __init__(
@@ -107,9 +109,13 @@ class Trainer:
         classes: Sequence[int],
         run_dir: str | Path,
         manifest: Manifest,
+        synthetic: int = 0,
     ) -> None:
         if not len(train_slices):
             raise TrainingError("no training slices: the dataset or the exemplar selection is empty")
+        if not 0 <= synthetic < len(train_slices):
+            raise TrainingError(f"{synthetic} synthetic slices of {len(train_slices)}: some must be real")
+        self.synthetic = synthetic
         # what sampling reads (case, position, classes); images are loaded per batch from ``self.data``
         self.data = train_slices
         self.train_slices = getattr(train_slices, "infos", train_slices)
@@ -152,7 +158,7 @@ class Trainer:
         # each rank draws its own samples from its own stream; together they form the global batch
         self.rng = np.random.default_rng([config.train.seed, self.rank])
         self.forward: nn.Module = LossForward(
-            self.model, self.loss_fn, config.prompt.iterative_rounds, self.rng, iou_weight
+            self.model, self.loss_fn, config.prompt.iterative_rounds, self.rng, iou_weight, config.prompt.multimask
         )
         if self.world > 1:
             self.forward = nn.parallel.DistributedDataParallel(
@@ -181,13 +187,33 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------------------------
     def _pick(self, count: int, rng: np.random.Generator) -> list[int]:
         """Slice indices for one micro-batch, class-balanced (``balanced_picks``): a quarter of the draws (when there
-        are any) take a slice without target, the others a learned class uniformly and then a slice holding it."""
-        return draw_balanced(self._class_pools, count, rng)
+        are any) take a slice without target, the others a learned class uniformly and then a slice holding it.
+        With synthetic slices, each draw first picks synthetic (probability ``data.synthetic_share``) or real."""
+        if not self.synthetic:
+            return draw_balanced(self._class_pools, count, rng)
+        share = self.config.data.synthetic_share
+        real_pools, synthetic_pools = self._class_pools, self._synthetic_pools
+        picks = []
+        for _ in range(count):
+            synthetic = synthetic_pools is not None and rng.random() < share
+            picks += draw_balanced(synthetic_pools if synthetic else real_pools, 1, rng)
+        return picks
 
     @functools.cached_property
     def _class_pools(self) -> tuple[dict[int, list[int]], list[int]]:
         # built once: a draw must not scan every training slice (10^5 of them on a large dataset)
-        return class_pools([s.classes for s in self.train_slices], self.classes)
+        real = self.train_slices[: len(self.train_slices) - self.synthetic]
+        return class_pools([s.classes for s in real], self.classes)
+
+    @functools.cached_property
+    def _synthetic_pools(self) -> tuple[dict[int, list[int]], list[int]] | None:
+        """``class_pools`` of the synthetic slices, as indices into all training slices; None if none holds a target."""
+        start = len(self.train_slices) - self.synthetic
+        found = [s.classes for s in self.train_slices[start:]]
+        if not any(set(self.classes) & set(c) for c in found):
+            return None
+        holding, empty = class_pools(found, self.classes)
+        return {c: [start + i for i in pool] for c, pool in holding.items()}, [start + i for i in empty]
 
     @functools.cached_property
     def _stack_starts(self) -> list[int]:
@@ -271,15 +297,16 @@ class Trainer:
 
     def _prompt_loss(self, picks: list[PreparedSlice]) -> torch.Tensor:
         cfg = self.config
-        kind = cfg.prompt.kind
-        if kind == "mixed":
-            kind = "point" if self.rng.random() < 0.5 else "box"
         augment = cfg.data.augment and cfg.train.depth_slices == 1
-        batch = draw_prompt_batch(picks, range(len(picks)), self.classes, cfg.prompt, kind, self.rng, augment)
+        batch = draw_prompt_batch(
+            picks, range(len(picks)), self.classes, cfg.prompt, cfg.prompt.kind, self.rng, augment
+        )
         points = tuple(t.to(self.device) for t in batch.points) if batch.points is not None else None
         boxes = batch.boxes.to(self.device) if batch.boxes is not None else None
         with self._autocast():
-            return self.forward(batch.images.to(self.device), batch.targets.to(self.device), points, boxes)
+            return self.forward(
+                batch.images.to(self.device), batch.targets.to(self.device), points, boxes, batch.box_rows
+            )
 
     def train_step(self) -> dict:
         """One optimiser step over ``grad_accum`` micro-batches; returns the logged values."""
@@ -514,9 +541,16 @@ class LossForward(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: nn.Module, rounds: int, rng: np.random.Generator, iou_weight: float = 0.0
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        rounds: int,
+        rng: np.random.Generator,
+        iou_weight: float = 0.0,
+        multimask: bool = False,
     ) -> None:
         super().__init__()
+        self.multimask = multimask
         self.model = model
         self.loss_fn = loss_fn
         self.rounds = rounds
@@ -531,25 +565,75 @@ class LossForward(nn.Module):
             loss = loss + self.iou_weight * F.mse_loss(iou_pred.float(), mask_iou(upsampled.detach() > 0, targets > 0))
         return loss
 
+    def _best_of_candidates(
+        self, logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's loss for an ambiguous prompt: per sample, only the candidate mask closest to the target (lowest
+        mask loss) is penalised, the others stay free to answer other readings of the click; the IoU head learns
+        every candidate's true IoU, which is what ``Predictor`` selects by. Returns the loss and the chosen
+        candidates' logits (B, 1, h, w) (the mask prompt of a next round)."""
+        upsampled = _upsample(logits, targets.shape[-1])
+        count, candidates = logits.shape[:2]
+        per = torch.stack(
+            [
+                torch.stack(
+                    [self.loss_fn(upsampled[i : i + 1, k : k + 1], targets[i : i + 1]) for k in range(candidates)]
+                )
+                for i in range(count)
+            ]
+        )
+        best = per.detach().argmin(1)
+        rows = torch.arange(count, device=logits.device)
+        loss = per[rows, best.to(logits.device)].mean()
+        if self.iou_weight:
+            loss = loss + self.iou_weight * F.mse_loss(iou_pred.float(), mask_iou(upsampled.detach() > 0, targets > 0))
+        return loss, logits[rows, best][:, None]
+
     def forward(
         self,
         images: torch.Tensor,
         targets: torch.Tensor,
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         boxes: torch.Tensor | None = None,
+        box_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        size = images.shape[-1]
         embeddings = self.model.encode_image(images)
-        logits, iou_pred = self.model.decode(embeddings, points, boxes)
+        if box_rows is None:
+            return self._decode_loss(embeddings, targets, points, boxes)
+        # mixed prompts: the box samples and the click samples decoded apart, the loss their sample-weighted mean
+        loss = embeddings.new_zeros(())
+        for rows, use_box in ((box_rows.nonzero()[:, 0], True), ((~box_rows).nonzero()[:, 0], False)):
+            if len(rows):
+                rows = rows.to(images.device)
+                group_points = None if use_box else tuple(t[rows] for t in points)
+                group_boxes = boxes[rows] if use_box else None
+                part = self._decode_loss(embeddings[rows], targets[rows], group_points, group_boxes)
+                loss = loss + part * len(rows) / len(box_rows)
+        return loss
+
+    def _decode_loss(
+        self,
+        embeddings: torch.Tensor,
+        targets: torch.Tensor,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+    ) -> torch.Tensor:
+        size = targets.shape[-1]
+        # one click alone is ambiguous: as SAM, train its three candidates (``Predictor`` keeps the best-rated one)
+        single = self.multimask and boxes is None and points is not None and points[1].shape[1] == 1
+        logits, iou_pred = self.model.decode(embeddings, points, boxes, multimask_output=single)
         if points is None and boxes is None:
             return self.loss_fn(_upsample(logits, size), targets)
-        loss = self._loss(logits, iou_pred, targets)
+        if single:
+            loss, logits = self._best_of_candidates(logits, iou_pred, targets)
+        else:
+            loss = self._loss(logits, iou_pred, targets)
         for _ in range(self.rounds):
             with torch.no_grad():
                 predictions = (_upsample(logits, size) > 0).cpu()
             cpu_points = None if points is None else tuple(t.cpu() for t in points)
             points = tuple(
-                t.to(images.device) for t in add_corrective_clicks(cpu_points, targets.cpu(), predictions, self.rng)
+                t.to(embeddings.device) for t in add_corrective_clicks(cpu_points, targets.cpu(), predictions, self.rng)
             )
             logits, iou_pred = self.model.decode(embeddings, points, boxes, mask_inputs=logits.detach())
             loss = loss + self._loss(logits, iou_pred, targets)
@@ -640,6 +724,7 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
       argmax is background everywhere; prompted, a centre click on each object gives an empty mask. The model fails
       on the very slices it was trained on: the run ended on the plateau, whatever the loss says.
     """
+    from samadapt.predict import Predictor, best_candidate
     from samadapt.prompts import centre_click
 
     found: list[str] = []
@@ -665,7 +750,11 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
                     click = centre_click(item.label == class_id)
                     coords = torch.tensor([[[click.x, click.y]]], dtype=torch.float32, device=trainer.device)
                     labels = torch.ones(1, 1, dtype=torch.long, device=trainer.device)
-                    logits, _ = trainer.model.decode(embedding, (coords, labels))
+                    # the answer a user gets for one click (``Predictor``: the best-rated candidate)
+                    select = Predictor.select_single_click
+                    logits, scores = trainer.model.decode(embedding, (coords, labels), multimask_output=select)
+                    if select:
+                        logits, _ = best_candidate(logits, scores)
                     predicted += int((logits > 0).sum())
         train_mode(trainer.model)
         facts["foreground_pixels_on_training_slices"] = predicted
