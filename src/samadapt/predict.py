@@ -98,8 +98,9 @@ class Predictor:
         boxes: np.ndarray | None = None,
         mask_input: np.ndarray | torch.Tensor | None = None,
         multimask_output: bool = False,
+        text: str | Sequence[str] | None = None,
     ) -> Prediction:
-        """Masks for one prompt set, or for P boxes at once.
+        """Masks for one prompt set, or for P boxes (or P texts) at once.
 
         Args:
             points: (N, 2) or (P, N, 2) clicks in (x, y) pixels of the original image.
@@ -107,6 +108,8 @@ class Predictor:
             boxes: (4,) or (P, 4) XYXY in pixels of the original image.
             mask_input: (1, s/4, s/4) or (P, 1, s/4, s/4) low-res logits of a previous prediction.
             multimask_output: three candidate masks per prompt set instead of one.
+            text: a phrase, or P phrases, naming the target (a model trained with text prompts; the sentence
+                encoder of ``samadapt.text`` must be installed).
         """
         if self.embedding is None or self.geometry is None:
             raise RuntimeError("call set_image() before predict()")
@@ -128,9 +131,14 @@ class Predictor:
             mask_input = torch.as_tensor(mask_input, dtype=torch.float32, device=self.device)
             if mask_input.dim() == 3:
                 mask_input = mask_input[None]
+        text_input = None
+        if text is not None:
+            from samadapt.text.encoder import embed_phrases
+
+            text_input = embed_phrases([text] if isinstance(text, str) else list(text), self.device)
         with self._autocast():
             logits, scores = self.model.decode(
-                self.embedding, point_input, box_input, mask_input, multimask_output=multimask_output
+                self.embedding, point_input, box_input, mask_input, multimask_output=multimask_output, text=text_input
             )
         logits, scores = logits.float(), scores.float()
         masks = geometry.masks_to_original(logits, from_size=logits.shape[-1]) > 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from samadapt.peft.text_prompt import TextPromptConfig
+
 METHODS = ("msa", "lora", "msa+lora")
 
 
@@ -65,6 +67,8 @@ class PeftConfig:
         depth: add MSA's depth branch for 3D stacks (needs adapters' slots; works with any method).
         train_modules: module-path prefixes trained in full besides the PEFT weights, e.g. ``mask_decoder`` (SAMed)
             or ``mask_decoder.transformer.layers.1`` (MSA). None takes the method's default policy.
+        text: the text-prompt projection (``peft.text_prompt``), trained beside the method's parameters; None: no
+            text prompts.
     """
 
     method: str = "lora"
@@ -72,6 +76,7 @@ class PeftConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     depth: bool = False
     train_modules: list[str] | None = None
+    text: TextPromptConfig | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -80,6 +85,8 @@ class PeftConfig:
             self.adapter = AdapterConfig(**self.adapter)
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**self.lora)
+        if isinstance(self.text, dict):
+            self.text = TextPromptConfig(**self.text)
 
     @property
     def uses_adapters(self) -> bool:

@@ -21,10 +21,11 @@ from samadapt.peft.adapter import Adapter, PromptConditionedAdapter
 from samadapt.peft.config import DEFAULT_TRAIN_MODULES, PeftConfig
 from samadapt.peft.depth import DepthBranch
 from samadapt.peft.lora import LoRALinear, add_lora
+from samadapt.peft.text_prompt import TextProjection
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "adapter_config.json"
-PEFT_MARKERS = ("lora_A_", "lora_B_", "attn_adapter.", "mlp_adapter.", "depth_branch.", "_adapter.")
+PEFT_MARKERS = ("lora_A_", "lora_B_", "attn_adapter.", "mlp_adapter.", "depth_branch.", "_adapter.", "text_prompt.")
 
 
 def is_peft_key(key: str) -> bool:
@@ -52,6 +53,8 @@ def apply_peft(model: nn.Module, config: PeftConfig) -> nn.Module:
     if config.depth:
         for block in encoder_blocks(model):
             block.depth_branch = DepthBranch(block.attn, config.adapter.ratio)
+    if config.text is not None:
+        model.text_prompt = TextProjection(config.text, model.prompt_encoder.embed_dim)
     set_trainable(model, config)
     return model
 

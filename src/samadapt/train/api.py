@@ -26,6 +26,7 @@ def fit_slices(
     preprocessing: str = "",
     resume: bool = False,
     verbose: bool = True,
+    modality: str | None = None,
 ) -> TrainResult:
     """Adapt the configured model on preprocessed slices (``SliceDataset`` items: ``image`` (H, W[, 3]) in [0, 1],
     ``label`` (H, W); validation items also ``case``, ``slice`` and ``spacing``).
@@ -34,6 +35,7 @@ def fit_slices(
     per batch by DataLoader workers, and memory does not grow with the size of the training set.
 
     ``classes`` maps the dataset's class ids to names; they are the classes learned (semantic outputs in that order).
+    ``modality`` (dataset.json's; default: from the preset) words the generated text-prompt phrases.
     """
     if not train_items:
         raise TrainingError("no training slices")
@@ -56,6 +58,11 @@ def fit_slices(
         "prompt": {"kind": config.prompt.kind, "objects": config.prompt.objects},
         "precision": config.train.precision,
     }
+    if config.prompt.uses_text:
+        from samadapt.text.phrases import build_phrase_book, modality_from_preset
+
+        book = build_phrase_book(classes, modality or modality_from_preset(preprocessing), config.prompt.phrases)
+        manifest["text"] = {**config.peft.text.__dict__, **book.to_dict()}
     train_slices = TrainingSlices(train_items, model.img_size)
     trainer = Trainer(config, model, train_slices, val_items, list(classes), run_dir, manifest)
     return trainer.fit(resume=resume)
@@ -94,7 +101,9 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Tra
     val_pick = np.linspace(0, len(val_pool) - 1, num=min(len(val_pool), config.train.val_slices)).astype(int)
     val_items = [slices[val_pool[i]] for i in sorted(set(val_pick))] if val_pool else []
     config.data.path = str(spec.root)
-    return fit_slices(config, train_items, val_items, classes, run_dir, spec.preprocessing, resume)
+    return fit_slices(
+        config, train_items, val_items, classes, run_dir, spec.preprocessing, resume, modality=spec.modality
+    )
 
 
 def _chosen_classes(available: dict[int, str], wanted: list[int] | None, root: Path) -> dict[int, str]:

@@ -15,10 +15,11 @@ from pathlib import Path
 import yaml
 
 from samadapt.peft.config import AdapterConfig, LoRAConfig, PeftConfig
+from samadapt.peft.text_prompt import TextPromptConfig
 from samadapt.precision import PRECISIONS
 
 TASKS = ("prompt", "semantic")
-PROMPTS = ("point", "box", "mixed")
+PROMPTS = ("point", "box", "mixed", "text", "text+point", "text+box", "text-mixed")
 
 
 @dataclass
@@ -64,11 +65,15 @@ class PromptConfig:
     """How prompts are simulated in training (prompt task only).
 
     Attributes:
-        kind: ``point``, ``box`` or ``mixed`` (half the steps each).
+        kind: ``point``, ``box`` or ``mixed`` (half the steps each); with text (``docs/text_prompts.md``): ``text``
+            (a phrase naming the target), ``text+point`` / ``text+box`` (a phrase together with the clicks / box),
+            ``text-mixed`` (each step one of text, point, box, text+point).
         points: clicks per object in the first round (random pixels of the object).
         iterative_rounds: extra decoder-only rounds, each adding a click in the error region (MSA).
         box_jitter: maximum shift of each box side in pixels of the original slice.
         objects: ``class`` (one object per class per slice) or ``instance`` (per connected component).
+        phrases: a YAML file of the user's phrases per class (``samadapt.text.phrases``); None: generated ones.
+        text_groups: share of text draws that use a phrase naming several classes (target: the union).
     """
 
     kind: str = "point"
@@ -76,6 +81,12 @@ class PromptConfig:
     iterative_rounds: int = 0
     box_jitter: int = 5
     objects: str = "class"
+    phrases: str | None = None
+    text_groups: float = 0.25
+
+    @property
+    def uses_text(self) -> bool:
+        return self.kind.startswith("text")
 
 
 @dataclass
@@ -144,6 +155,11 @@ class TrainConfig:
         _check_choice("prompt.objects", self.prompt.objects, ("class", "instance"))
         _check_choice("train.precision", self.train.precision, PRECISIONS)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
+        if self.prompt.uses_text:
+            if self.task == "semantic":
+                raise ValueError(f"prompt.kind={self.prompt.kind} needs the prompt task, not task=semantic")
+            if self.peft.text is None:  # text prompts train their projection beside the recipe's parameters
+                self.peft.text = TextPromptConfig()
         if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ValueError("train.steps, train.batch_size and train.grad_accum must be >= 1")
 

@@ -127,13 +127,15 @@ def random_points(mask: np.ndarray, count: int, rng: np.random.Generator) -> np.
 class PromptBatch:
     """A batch for the prompted task: images (B, 3, S, S), binary targets (B, 1, S, S), and prompts.
 
-    points: (coords (B, N, 2) in (x, y) input pixels, labels (B, N)) or None; boxes (B, 4) XYXY or None.
+    points: (coords (B, N, 2) in (x, y) input pixels, labels (B, N)) or None; boxes (B, 4) XYXY or None;
+    texts: one phrase per sample (text prompts, ``train.text_samples``) or None.
     """
 
     images: torch.Tensor
     targets: torch.Tensor
     points: tuple[torch.Tensor, torch.Tensor] | None
     boxes: torch.Tensor | None
+    texts: list[str] | None = None
 
 
 def draw_prompt_batch(

@@ -133,6 +133,8 @@ class Trainer:
         self.manifest = manifest
         self.checkpoints = self.run_dir / "checkpoints"
         self.semantic = config.task == "semantic"
+        # text prompts: the run's phrase book, written into the manifest by ``fit_slices``
+        self.phrase_book = _phrase_book(manifest) if config.prompt.uses_text else None
         self.loss_fn = SegmentationLoss(config.loss.ce, config.loss.dice, multiclass=self.semantic)
         iou_weight = 0.0 if self.semantic else config.loss.iou
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -279,12 +281,25 @@ class Trainer:
         kind = cfg.prompt.kind
         if kind == "mixed":
             kind = "point" if self.rng.random() < 0.5 else "box"
+        if kind == "text-mixed":
+            kind = ("text", "point", "box", "text+point")[int(self.rng.integers(4))]
         augment = cfg.data.augment and cfg.train.depth_slices == 1
-        batch = draw_prompt_batch(picks, range(len(picks)), self.classes, cfg.prompt, kind, self.rng, augment)
+        if kind.startswith("text"):
+            from samadapt.train.text_samples import draw_text_batch
+
+            book = self.phrase_book
+            batch = draw_text_batch(picks, range(len(picks)), self.classes, book, cfg.prompt, kind, self.rng, augment)
+        else:
+            batch = draw_prompt_batch(picks, range(len(picks)), self.classes, cfg.prompt, kind, self.rng, augment)
         points = tuple(t.to(self.device) for t in batch.points) if batch.points is not None else None
         boxes = batch.boxes.to(self.device) if batch.boxes is not None else None
+        text = None
+        if batch.texts:
+            from samadapt.text.encoder import embed_phrases
+
+            text = embed_phrases(batch.texts, self.device)  # frozen encoder, cached per phrase
         with self._autocast():
-            return self.forward(batch.images.to(self.device), batch.targets.to(self.device), points, boxes)
+            return self.forward(batch.images.to(self.device), batch.targets.to(self.device), points, boxes, text)
 
     def train_step(self) -> dict:
         """One optimiser step over ``grad_accum`` micro-batches; returns the logged values."""
@@ -328,6 +343,8 @@ class Trainer:
         task = "semantic" if self.semantic else "prompt"
         run = Run(self.model, self.manifest.get("base_model", "model"), task, classes, self.manifest)
         protocol = "none" if self.semantic else ("box" if self.config.prompt.kind == "box" else "point:1")
+        if self.config.prompt.uses_text:
+            protocol = "text:name"  # not the held-out phrases: they must not choose the best checkpoint
         evaluation = evaluate_slices(
             run,
             self.val_items,
@@ -544,11 +561,12 @@ class LossForward(nn.Module):
         targets: torch.Tensor,
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         boxes: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         size = images.shape[-1]
         embeddings = self.model.encode_image(images)
-        logits, iou_pred = self.model.decode(embeddings, points, boxes)
-        if points is None and boxes is None:
+        logits, iou_pred = self.model.decode(embeddings, points, boxes, text=text)
+        if points is None and boxes is None and text is None:
             return self.loss_fn(_upsample(logits, size), targets)
         loss = self._loss(logits, iou_pred, targets)
         for _ in range(self.rounds):
@@ -558,9 +576,17 @@ class LossForward(nn.Module):
             points = tuple(
                 t.to(images.device) for t in add_corrective_clicks(cpu_points, targets.cpu(), predictions, self.rng)
             )
-            logits, iou_pred = self.model.decode(embeddings, points, boxes, mask_inputs=logits.detach())
+            logits, iou_pred = self.model.decode(embeddings, points, boxes, mask_inputs=logits.detach(), text=text)
             loss = loss + self._loss(logits, iou_pred, targets)
         return loss / (1 + self.rounds)
+
+
+def _phrase_book(manifest: dict):
+    from samadapt.text.phrases import PhraseBook
+
+    if "text" not in manifest:
+        raise TrainingError("text prompts need the run's phrase book in the manifest (fit_slices writes it)")
+    return PhraseBook.from_dict(manifest["text"])
 
 
 def _upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
