@@ -171,6 +171,7 @@ def predict_volume(
     axis: int | None = None,
     batch_size: int | None = None,
     backend: str = "torch",
+    text: str | None = None,
 ) -> np.ndarray:
     """Segment a whole ``Volume`` slice by slice along the run's slicing axis; returns labels on the volume's grid.
 
@@ -183,6 +184,9 @@ def predict_volume(
     - ``boxes`` rows (x0, y0, z0, x1, y1, z1[, class]): a volume box whose middle slice is segmented first, each
       next slice then prompted with the box of its neighbour's mask, forward and backward, until the box's range
       ends or the mask vanishes (LiteMedSAM's way); or rows (x0, y0, x1, y1, z) of single-slice boxes (axis 0).
+
+    - ``text``: a phrase naming the target (a run trained with text prompts): every slice is segmented from the
+      text alone, and labelled with the class the run's phrase book gives the phrase (else the run's first class).
 
     Objects are written in the order given (a later object wins where two overlap). Embeddings are cached per
     slice, so objects that share slices do not encode them twice. ``backend``: ``torch`` or ``onnxruntime``
@@ -212,8 +216,18 @@ def predict_volume(
             images = [volume_slice(array, i, axis, preset) for i in range(start, stop)]
             planes[start:stop] = lookup[predictor.semantic_batch(images)]
         return labels
+    if text is not None:
+        if points is not None or boxes is not None:
+            raise ValueError("give a text prompt alone on a volume, or points / boxes, not both")
+        from samadapt.text.phrases import class_for_phrase
+
+        value = class_for_phrase(run.manifest.get("text"), text, default=class_ids[0])
+        for index in range(planes.shape[0]):
+            encode(index)
+            planes[index][predictor.predict(text=text).masks[0, 0]] = value
+        return labels
     if points is None and boxes is None:
-        raise ValueError("this model is prompted: give --points or --boxes (voxel coordinates)")
+        raise ValueError("this model is prompted: give --points, --boxes (voxel coordinates) or --text")
     if points is not None:
         points = np.atleast_2d(np.asarray(points, np.float32))
         if points.shape[1] not in (4, 5):

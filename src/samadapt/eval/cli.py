@@ -12,6 +12,10 @@ import numpy as np
 def evaluate_command(args: argparse.Namespace) -> int:
     from samadapt.eval.evaluate import evaluate
 
+    if args.prompt == "text":  # a held-out phrase per class, then the plain class name (a report each)
+        for prompt, out in (("text:heldout", Path(args.out)), ("text:name", Path(args.out) / "text-name")):
+            evaluate_command(argparse.Namespace(**{**vars(args), "prompt": prompt, "out": str(out)}))
+        return 0
     metrics = evaluate(
         args.run,
         args.data,
@@ -54,6 +58,7 @@ def predict_command(args: argparse.Namespace) -> int:
         volume,
         points=points,
         boxes=boxes,
+        text=args.text,
         preprocessing=args.preprocessing,
         device=args.device,
         backend=args.backend,
@@ -73,7 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser("evaluate", help="score a run (or a bare model) on a dataset, with its baseline")
     evaluate.add_argument("--run", required=True, help="run directory, or a model name (e.g. lite_medsam)")
     evaluate.add_argument("--data", required=True, help="dataset directory")
-    evaluate.add_argument("--prompt", default="point:1", help="none | point:N | box | box:J (default point:1)")
+    evaluate.add_argument(
+        "--prompt",
+        default="point:1",
+        help="none | point:N | box | box:J | text (a held-out phrase per class, then the plain class name) | text:heldout | "
+        "text:name (default point:1)",
+    )
     evaluate.add_argument("--objects", choices=["class", "instance"], default="class")
     evaluate.add_argument("--baseline", action="store_true", help="also evaluate the un-adapted base model")
     evaluate.add_argument("--cases", nargs="*", help="only these case ids")
@@ -97,6 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="JSON [[x0, y0, x1, y1, z], ...] per slice, or [[x0, y0, z0, x1, y1, z1(, class)], ...] "
         "volume boxes, one object each, propagated from their middle slice",
     )
+    predict.add_argument("--text", help="a phrase naming the target (runs trained with prompt.kind=text)")
     predict.add_argument("--preprocessing", help="intensity preset (default: the run's)")
     predict.add_argument(
         "-o", "--out", required=True, help="output label file (.nii.gz, .nrrd, .mha, .png), or folder with -i"

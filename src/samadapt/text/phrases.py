@@ -174,7 +174,7 @@ def _group(targets: Sequence[int], names: Sequence[str], modality: str) -> TextT
 def _common_suffix(names: Sequence[str]) -> str:
     split = [n.split() for n in names]
     common: list[str] = []
-    for words in zip(*(reversed(s) for s in split)):
+    for words in zip(*(reversed(s) for s in split), strict=False):
         if len(set(words)) > 1:
             break
         common.insert(0, words[0])
@@ -217,7 +217,20 @@ def generated_groups(classes: dict[int, str], modality: str) -> list[TextTarget]
     return list(unique.values())
 
 
-def build_phrase_book(classes: dict[int, str], modality: str = "MRI", phrase_file: str | Path | None = None) -> PhraseBook:
+def class_for_phrase(text_manifest: dict | None, phrase: str, default: int) -> int:
+    """The class a phrase names in a run's phrase book (one of its phrases, or a class name), else ``default``."""
+    if not text_manifest:
+        return default
+    wanted = plain_name(phrase)
+    for entry in PhraseBook.from_dict(text_manifest).single.values():
+        if wanted in {plain_name(p) for p in [entry.name, *entry.train, *entry.heldout]}:
+            return entry.targets[0]
+    return default
+
+
+def build_phrase_book(
+    classes: dict[int, str], modality: str = "MRI", phrase_file: str | Path | None = None
+) -> PhraseBook:
     """The phrase book of a run: generated for every class of ``classes`` (id -> dataset.json name), with the
     user's phrases from ``phrase_file`` replacing or adding to them."""
     entries = []
@@ -239,9 +252,8 @@ def build_phrase_book(classes: dict[int, str], modality: str = "MRI", phrase_fil
 
 
 def _class_id(key, classes: dict[int, str], path: Path) -> int:
-    if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
-        if int(key) in classes:
-            return int(key)
+    if (isinstance(key, int) or (isinstance(key, str) and key.isdigit())) and int(key) in classes:
+        return int(key)
     by_name = {plain_name(n): c for c, n in classes.items()}
     if isinstance(key, str) and plain_name(key) in by_name:
         return by_name[plain_name(key)]
