@@ -227,3 +227,12 @@ def test_text_prompted_training_lowers_the_loss_on_real_data(demo_data, tmp_path
     assert "please highlight every pixel of grey matter in this scan" in str(run.manifest["text"])
     evaluations = evaluate_slices_under(run, [items[1]], spec.classes, ["text", "text:name"], progress=False)
     assert all(0.0 <= e.summary["mean_dice"] <= 1.0 for e in evaluations)
+    # samadapt predict --text on a 2D image: labelled with the class the phrase names
+    from PIL import Image
+
+    from samadapt.cli import main
+
+    png, out = tmp_path / "slice.png", tmp_path / "wm.png"
+    Image.fromarray((items[1]["image"] * 255).astype(np.uint8)).save(png)
+    assert main(["predict", "--run", str(tmp_path), str(png), "--text", "the white matter", "--out", str(out)]) == 0
+    assert set(np.unique(np.asarray(Image.open(out))).tolist()) <= {0, 2}

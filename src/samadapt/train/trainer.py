@@ -670,7 +670,8 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
 
     - every validation Dice of the run is 0 (validation ran at least once);
     - on up to ``probe_slices`` training slices holding a learned class, the model predicts nothing: semantic, the
-      argmax is background everywhere; prompted, a centre click on each object gives an empty mask. The model fails
+      argmax is background everywhere; prompted, a centre click on each object (text runs: its class name) gives an
+      empty mask. The model fails
       on the very slices it was trained on: the run ended on the plateau, whatever the loss says.
     """
     from samadapt.prompts import centre_click
@@ -695,6 +696,13 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
                     predicted += int((logits.argmax(1) > 0).sum())
                     continue
                 for class_id in sorted(wanted & set(item.classes)):
+                    if getattr(trainer, "phrase_book", None) is not None:  # a text run: named by its class name
+                        from samadapt.text.encoder import embed_phrases
+
+                        name = trainer.phrase_book.for_class(class_id).name
+                        logits, _ = trainer.model.decode(embedding, text=embed_phrases([name], trainer.device))
+                        predicted += int((logits > 0).sum())
+                        continue
                     click = centre_click(item.label == class_id)
                     coords = torch.tensor([[[click.x, click.y]]], dtype=torch.float32, device=trainer.device)
                     labels = torch.ones(1, 1, dtype=torch.long, device=trainer.device)
