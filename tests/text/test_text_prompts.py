@@ -236,3 +236,26 @@ def test_text_prompted_training_lowers_the_loss_on_real_data(demo_data, tmp_path
     Image.fromarray((items[1]["image"] * 255).astype(np.uint8)).save(png)
     assert main(["predict", "--run", str(tmp_path), str(png), "--text", "the white matter", "--out", str(out)]) == 0
     assert set(np.unique(np.asarray(Image.open(out))).tolist()) <= {0, 2}
+
+
+def test_mixed_text_training_trains_the_projection_and_validates_with_text(tmp_path):
+    from samadapt.train.trainer import Trainer
+    from tests.conftest import make_tiny_sam
+    from tests.train.test_trainer import disc_items, make_config
+
+    overrides = {"prompt.kind": "text-mixed", "train.steps": 8, "train.batch_size": 2, "train.val_every": 4}
+    config = make_config("cheap-lunch", **overrides, **{"train.precision": "fp32", "optim.warmup_steps": 0})
+    assert config.peft.text is not None  # a text kind switches the projection on
+    model = apply_peft(make_tiny_sam(img_size=128), config.peft)
+    before = {k: v.clone() for k, v in model.text_prompt.state_dict().items()}
+    book = build_phrase_book({1: "disc", 2: "square"}, "MRI")
+    manifest = {"base_model": "tiny", "base_sha256": "0" * 64, "peft": config.peft.to_dict()}
+    manifest["text"] = {**config.peft.text.__dict__, **book.to_dict()}
+    items = disc_items()
+    from samadapt.train.samples import prepare_slices
+
+    trainer = Trainer(config, model, prepare_slices(items[:4], 128), items[4:], [1, 2], tmp_path, manifest)
+    result = trainer.fit()
+    assert result.steps == 8 and 0.0 <= result.last_val_dice <= 1.0  # validated with text:name
+    changed = [k for k, v in model.text_prompt.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
