@@ -175,20 +175,28 @@ def test_the_projection_is_the_only_new_trained_part(mni_slice):
         plain.decode(torch.zeros(1, 256, 64, 64), text=text)
 
 
-def test_the_projection_round_trips_through_save_and_load_run(tmp_path):
-    config = PeftConfig(method="lora", text=TextPromptConfig(tokens=3))
+def save_text_run(directory, classes, tokens=2):
+    """A lite_medsam LoRA run with a (randomly perturbed, untrained) text projection, saved as ``train`` does."""
+    config = PeftConfig(method="lora", text=TextPromptConfig(tokens=tokens))
     model = apply_peft(build_model("lite_medsam"), config)
     with torch.no_grad():
         for param in model.text_prompt.parameters():
             param.add_(torch.randn_like(param))
-    book = build_phrase_book(MNI, "MRI")
+    book = build_phrase_book(classes, "MRI")
     manifest = {
         **base_model_facts("lite_medsam", None),
         "peft": config.to_dict(),
-        "classes": {"1": "grey matter", "2": "white matter"},
+        "classes": {str(c): n for c, n in classes.items()},
         "text": {**config.text.__dict__, **book.to_dict()},
+        "preprocessing": "percentile_slice",
+        "axis": 0,
     }
-    save_adapter(model, tmp_path, manifest)
+    save_adapter(model, directory, manifest)
+    return model, book
+
+
+def test_the_projection_round_trips_through_save_and_load_run(tmp_path):
+    model, book = save_text_run(tmp_path, MNI, tokens=3)
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert {k for k in saved if k.startswith("text_prompt.")} == {
         n for n, _ in model.text_prompt.named_parameters(prefix="text_prompt")
@@ -203,6 +211,22 @@ def test_the_projection_round_trips_through_save_and_load_run(tmp_path):
 
     assert class_phrase(run, 1, "name") == "grey matter"
     assert class_phrase(run, 2, "heldout") == book.for_class(2).heldout[0]
+
+
+@pytest.mark.slow
+def test_evaluate_prompt_text_reports_the_held_out_phrase_and_the_class_name(tmp_path, demo_data):
+    import json
+
+    from samadapt.cli import main
+
+    save_text_run(tmp_path / "run", {1: "lesion"})
+    report = tmp_path / "report"
+    args = ["evaluate", "--run", str(tmp_path / "run"), "--data", str(demo_data["lesions"]), "--prompt", "text"]
+    assert main([*args, "--cases", "lung2", "--out", str(report)]) == 0
+    held = json.loads((report / "metrics.json").read_text())
+    name = json.loads((report / "text-name" / "metrics.json").read_text())
+    assert (held["prompt"], name["prompt"]) == ("text:heldout", "text:name")
+    assert held["cases"] == name["cases"] == 1 and 0.0 <= held["mean_dice"] <= 1.0
 
 
 @pytest.mark.slow
