@@ -9,7 +9,7 @@ from samadapt.data.io import Volume, read_volume
 from samadapt.eval.metrics import dice
 from samadapt.models.mask_decoder import make_semantic_decoder
 from samadapt.predict import Predictor, predict_folder, predict_volume
-from samadapt.runs import Run, load_run
+from samadapt.runs import Manifest, Run, load_run
 from tests.conftest import make_tiny_sam
 from tests.data.conftest import write_nifti
 
@@ -27,7 +27,7 @@ def two_objects(depth=9, side=96):
 
 def bare_run(preset="minmax", axis=0) -> Run:
     run = load_run("lite_medsam", device="cpu")
-    run.manifest = {"preprocessing": preset, "axis": axis}
+    run.manifest = Manifest("lite_medsam", "", {}, preprocessing=preset, axis=axis)
     run.classes = {1: "ball", 2: "box"}
     return run
 

@@ -13,7 +13,7 @@ from samadapt.errors import SamadaptError
 from samadapt.models import build_model
 from samadapt.peft import PeftConfig, apply_peft, save_adapter
 from samadapt.peft.text_prompt import TextPromptConfig
-from samadapt.runs import base_model_facts, load_run
+from samadapt.runs import Manifest, base_model_facts, load_run
 from samadapt.text import encoder as text_encoder
 from samadapt.text.phrases import PhraseFileError, build_phrase_book
 from samadapt.train.config import PromptConfig
@@ -202,7 +202,7 @@ def test_the_projection_round_trips_through_save_and_load_run(tmp_path):
         n for n, _ in model.text_prompt.named_parameters(prefix="text_prompt")
     }
     run = load_run(tmp_path)
-    assert run.manifest["peft"]["text"]["tokens"] == 3 and run.manifest["text"]["encoder"] == "all-MiniLM-L6-v2"
+    assert run.manifest.peft["text"]["tokens"] == 3 and run.manifest.text["encoder"] == "all-MiniLM-L6-v2"
     for (name, mine), (_, theirs) in zip(
         model.text_prompt.state_dict().items(), run.model.text_prompt.state_dict().items(), strict=True
     ):
@@ -248,7 +248,7 @@ def test_text_prompted_training_lowers_the_loss_on_real_data(demo_data, tmp_path
     losses = [row["loss"] for row in result.history]
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
     run = load_run(tmp_path, checkpoint="last")
-    assert "please highlight every pixel of grey matter in this scan" in str(run.manifest["text"])
+    assert "please highlight every pixel of grey matter in this scan" in str(run.manifest.text)
     evaluations = evaluate_slices_under(run, [items[1]], spec.classes, ["text", "text:name"], progress=False)
     assert all(0.0 <= e.summary["mean_dice"] <= 1.0 for e in evaluations)
     # samadapt predict --text on a 2D image: labelled with the class the phrase names
@@ -273,8 +273,8 @@ def test_mixed_text_training_trains_the_projection_and_validates_with_text(tmp_p
     model = apply_peft(make_tiny_sam(img_size=128), config.peft)
     before = {k: v.clone() for k, v in model.text_prompt.state_dict().items()}
     book = build_phrase_book({1: "disc", 2: "square"}, "MRI")
-    manifest = {"base_model": "tiny", "base_sha256": "0" * 64, "peft": config.peft.to_dict()}
-    manifest["text"] = {**config.peft.text.__dict__, **book.to_dict()}
+    text = {**config.peft.text.__dict__, **book.to_dict()}
+    manifest = Manifest(base_model="tiny", base_sha256="0" * 64, peft=config.peft.to_dict(), text=text)
     items = disc_items()
     from samadapt.train.samples import prepare_slices
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import zlib
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +25,13 @@ import numpy as np
 import torch
 
 from samadapt.device import distributed_context
+from samadapt.errors import ConfigError, DataError
 from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, aggregate, binary_metrics, dice
+from samadapt.files import atomic_write_text
 from samadapt.predict import Predictor, default_batch_size
 from samadapt.prompts import box_from_mask, iterative_clicks, objects
 from samadapt.runs import Run
+from samadapt.runs import baseline as un_adapted
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def parse_protocol(text: str) -> Protocol:
             return Protocol("box", jitter=int(arg or 0))
     except ValueError:
         pass
-    raise ValueError(f"unknown prompt protocol {text!r}: use none, point:N, box, box:J, text or text:name")
+    raise ConfigError(f"unknown prompt protocol {text!r}: use none, point:N, box, box:J, text or text:name")
 
 
 @dataclass
@@ -94,7 +97,7 @@ def predict_slice(
         _check_semantic(run)
         return semantic_result(item, predictor.predict_semantic(), run, classes)
     if run.task == "semantic":
-        raise ValueError(f"a semantic model takes no prompts; evaluate it with --prompt none, not {protocol}")
+        raise ConfigError(f"a semantic model takes no prompts; evaluate it with --prompt none, not {protocol}")
     if protocol.kind == "text":
         from samadapt.eval.text_protocol import predict_text
 
@@ -125,7 +128,7 @@ def predict_slice(
 
 def _check_semantic(run: Run) -> None:
     if run.task != "semantic":
-        raise ValueError("the 'none' protocol needs a semantic model (e.g. trained with the samed recipe)")
+        raise ConfigError("the 'none' protocol needs a semantic model (e.g. trained with the samed recipe)")
 
 
 def semantic_result(item: dict, labels: np.ndarray, run: Run, classes: Sequence[int]) -> SliceResult:
@@ -298,15 +301,8 @@ def evaluate_volumes(
             case_rows.append({"case": case_id, "slice": -1, "class": name, **metrics})
         rows.extend(case_rows)
         if done is not None:
-            _write_atomic(done, json.dumps(case_rows))
+            atomic_write_text(done, json.dumps(case_rows))
     return Evaluation(str(protocol), run.label, rows, aggregate(rows, list(classes.values())), kept.results())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _finished_dir(out: str | Path, run: Run, protocol: Protocol, chosen: dict, options: dict) -> Path:
@@ -314,8 +310,8 @@ def _finished_dir(out: str | Path, run: Run, protocol: Protocol, chosen: dict, o
     another model, checkpoint, protocol, seed or class set never reuses them."""
     key = {
         "run": str(run.path or run.name),
-        "step": run.manifest.get("step"),
-        "base": run.manifest.get("base_sha256"),
+        "step": run.manifest.step if run.manifest else None,
+        "base": run.manifest.base_sha256 if run.manifest else None,
         "protocol": str(protocol),
         "classes": sorted(chosen),
         **options,
@@ -407,9 +403,10 @@ def evaluate(
     the run's) apply to both models.
 
     Under torchrun (``torchrun --nproc_per_node N -m -- samadapt.cli evaluate ...``) the volumes are shared out among
-    the ranks and gathered into one report, written by rank 0. The baseline gets the same prompts from the same seed; a semantic or text-prompted run's baseline (the base model
-    cannot segment without prompts, nor read text) gets one centre click per object (``point:1``). With ``out``, writes metrics.json, metrics.csv,
-    overlays and report.md / report.html there. Returns the content of metrics.json (the baseline's under
+    the ranks and gathered into one report, written by rank 0. The baseline gets the same prompts from the same seed;
+    a semantic or text-prompted run's baseline (the base model cannot segment without prompts, nor read text) gets
+    one centre click per object (``point:1``). With ``out``, writes metrics.json, metrics.csv, overlays and
+    report.md / report.html there. Returns the content of metrics.json (the baseline's under
     ``"baseline"``). ``backend``: ``torch`` or ``onnxruntime`` (for both models; with onnxruntime ``run`` may be an
     export directory, and a run directory or model name is exported on the fly: ``samadapt.export.backend``).
     """
@@ -424,7 +421,7 @@ def evaluate(
 
         run = load_for_backend(run, backend, device=device)
     protocol = parse_protocol(prompt) if isinstance(prompt, str) else prompt
-    axis = run.manifest.get("axis") if axis is None else axis
+    axis = run.axis if axis is None else axis
     precision = precision or run.precision
     spec = load_dataset(data)
     slices = SliceDataset(spec, axis=axis)
@@ -432,7 +429,7 @@ def evaluate(
     if classes:
         unknown = sorted(set(classes) - set(spec.classes))
         if unknown:
-            raise ValueError(f"{spec.root}: classes {unknown} are not in dataset.json (it has {sorted(spec.classes)})")
+            raise DataError(f"{spec.root}: classes {unknown} are not in dataset.json (it has {sorted(spec.classes)})")
         chosen = {c: spec.classes[c] for c in classes}
     case_ids = list(cases) if cases else [c.id for c in spec.cases]
     rank, world = distributed_context()  # under torchrun each rank scores every world-th volume
@@ -445,11 +442,13 @@ def evaluate(
     evaluation = _gathered(evaluation, case_ids, chosen, world)
     reference = None
     if baseline:
-        # the base model has no text projection and no semantic head: it gets one centre click per object
+        # the base model reads no text and has no semantic head: it gets one centre click per object
         base_protocol = protocol if protocol.kind not in ("none", "text") else parse_protocol("point:1")
-        base = load_run(run.name, device=device)
-        base_finished = _finished_dir(out, base, base_protocol, chosen, options) if out is not None else None
-        reference = evaluate_volumes(base, slices, shard, chosen, base_protocol, finished_dir=base_finished, **kwargs)
+        with _baseline(run, backend, device) as base:
+            base_finished = _finished_dir(out, base, base_protocol, chosen, options) if out is not None else None
+            reference = evaluate_volumes(
+                base, slices, shard, chosen, base_protocol, finished_dir=base_finished, **kwargs
+            )
         reference = _gathered(reference, case_ids, chosen, world)
     if out is not None and rank == 0:
         return save_evaluation(out, evaluation, reference)
@@ -457,3 +456,16 @@ def evaluate(
     if reference is not None:
         metrics["baseline"] = reference.metrics_json()
     return metrics
+
+
+@contextmanager
+def _baseline(run, backend: str, device):
+    """The un-adapted model beside ``run``: ``runs.baseline`` (the same model, adapters off), or for an ONNX export
+    the base model exported on the fly."""
+    if backend == "torch":
+        with un_adapted(run, device) as base:
+            yield base
+    else:
+        from samadapt.export.backend import load_for_backend
+
+        yield load_for_backend(run.base_model, backend, device=device)

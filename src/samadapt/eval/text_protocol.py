@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from samadapt.errors import SamadaptError
+from samadapt.errors import RunError
 from samadapt.predict import Predictor
 from samadapt.runs import Run
 from samadapt.text.phrases import PhraseBook, plain_name
@@ -20,14 +20,14 @@ from samadapt.text.phrases import PhraseBook, plain_name
 
 def class_phrase(run: Run, class_id: int, phrase: str) -> str:
     """The phrase that names ``class_id`` under the protocol ``phrase`` (``heldout`` or ``name``)."""
-    text = run.manifest.get("text")
-    if text is None:
-        raise SamadaptError(f"{run.label} was not trained with text prompts (prompt.kind=text): no text protocol")
+    text = run.manifest.text if run.manifest else None
+    if not text:
+        raise RunError(f"{run.label} was not trained with text prompts (prompt.kind=text): no text protocol")
     entry = PhraseBook.from_dict(text).for_class(class_id)
     if phrase == "name":
         return plain_name(entry.name)
     if not entry.heldout:
-        raise SamadaptError(f"{run.label}: class {entry.name!r} has no held-out phrase in its phrase book")
+        raise RunError(f"{run.label}: class {entry.name!r} has no held-out phrase in its phrase book")
     return entry.heldout[0]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from samadapt.models.common import IdentitySlot, is_empty_slot
+from samadapt.models.common import MODEL_SLOTS, is_empty_slot
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -39,7 +39,7 @@ class Sam(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         # slot: (P, E) text embeddings -> (P, T, C) prompt tokens; empty unless text prompting is applied (peft)
-        self.text_prompt: nn.Module = IdentitySlot()
+        self.text_prompt: nn.Module = MODEL_SLOTS["text_prompt"]()
         self.input_scale = input_scale
         # not persistent: checkpoints do not carry them, the builder sets them
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)

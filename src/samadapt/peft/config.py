@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from samadapt.errors import ConfigError
 from samadapt.peft.text_prompt import TextPromptConfig
-
-METHODS = ("msa", "lora", "msa+lora")
 
 
 @dataclass
@@ -27,7 +26,7 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio <= 4:
-            raise ValueError(f"adapter ratio must be in (0, 4], got {self.ratio}")
+            raise ConfigError(f"adapter ratio must be in (0, 4], got {self.ratio}")
 
 
 @dataclass
@@ -50,11 +49,11 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+            raise ConfigError(f"LoRA rank must be >= 1, got {self.rank}")
         self.encoder_parts = tuple(self.encoder_parts)
         unknown = set(self.encoder_parts) - {"q", "k", "v"}
         if unknown:
-            raise ValueError(f"unknown LoRA parts {sorted(unknown)}: choose among q, k, v")
+            raise ConfigError(f"unknown LoRA parts {sorted(unknown)}: choose among q, k, v")
 
 
 @dataclass
@@ -62,7 +61,7 @@ class PeftConfig:
     """One PEFT method applied to a SAM model.
 
     Attributes:
-        method: ``msa`` (adapters), ``lora`` or ``msa+lora``.
+        method: a name in ``samadapt.peft.registry.METHODS``: ``msa`` (adapters), ``lora`` or ``msa+lora``.
         adapter / lora: hyper-parameters of each part (used when the method includes it).
         depth: add MSA's depth branch for 3D stacks (needs adapters' slots; works with any method).
         train_modules: module-path prefixes trained in full besides the PEFT weights, e.g. ``mask_decoder`` (SAMed)
@@ -79,22 +78,16 @@ class PeftConfig:
     text: TextPromptConfig | None = None
 
     def __post_init__(self) -> None:
+        from samadapt.peft.registry import METHODS
+
         if self.method not in METHODS:
-            raise ValueError(f"unknown PEFT method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise ConfigError(f"unknown PEFT method {self.method!r}; choose one of {', '.join(METHODS)}")
         if isinstance(self.adapter, dict):
             self.adapter = AdapterConfig(**self.adapter)
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**self.lora)
         if isinstance(self.text, dict):
             self.text = TextPromptConfig(**self.text)
-
-    @property
-    def uses_adapters(self) -> bool:
-        return "msa" in self.method
-
-    @property
-    def uses_lora(self) -> bool:
-        return "lora" in self.method
 
     def to_dict(self) -> dict:
         data = asdict(self)

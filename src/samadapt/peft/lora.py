@@ -40,6 +40,7 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.part_names = list(parts)
         self.merged = False
+        self.enabled = True  # off: the base layer alone (see disable_adapters)
         device, dtype = base.weight.device, base.weight.dtype
         for name, rows in parts.items():
             index = rows_index(rows, base.out_features).to(device)
@@ -73,7 +74,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or not self.enabled:  # disable_adapters un-merges first
             return out
         # one low-rank product for all parts: two thin matmuls and one add, no scatter over the output
         a, b = self._stacked_factors()
@@ -113,3 +114,19 @@ def add_lora(
     wrapped = LoRALinear(base, parts, rank, alpha, dropout)
     setattr(parent, attribute, wrapped)
     return wrapped
+
+
+def inject_lora(model: nn.Module, config) -> None:
+    """LoRA on the chosen parts of every encoder block's qkv projection, and (``config.decoder``) on the q and v
+    projections of every mask-decoder attention (Cheap Lunch)."""
+    from samadapt.peft.blocks import encoder_blocks
+
+    for block in encoder_blocks(model):
+        slices = block.attn.qkv_slices()
+        parts = {name: slices[name] for name in config.encoder_parts}
+        add_lora(block.attn, "qkv", parts, config.rank, config.alpha, config.dropout)
+    if config.decoder:
+        attentions = [m for m in model.mask_decoder.modules() if hasattr(m, "q_proj") and hasattr(m, "v_proj")]
+        for attention in attentions:
+            add_lora(attention, "q_proj", None, config.rank, config.alpha, config.dropout)
+            add_lora(attention, "v_proj", None, config.rank, config.alpha, config.dropout)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from samadapt.errors import ConfigError
 from samadapt.text.encoder import EMBEDDING_DIM, ENCODER_NAME, TEXT_PACKAGE
 
 
@@ -35,7 +36,7 @@ class TextPromptConfig:
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.hidden < 1 or self.embed_dim < 1:
-            raise ValueError("text prompt tokens, hidden and embed_dim must be >= 1")
+            raise ConfigError("text prompt tokens, hidden and embed_dim must be >= 1")
 
 
 class TextProjection(nn.Module):
@@ -60,3 +61,8 @@ class TextProjection(nn.Module):
             raise ValueError(f"text embeddings must be (P, E), got {tuple(text.shape)}")
         hidden = self.act(self.fc1(self.norm(text.to(self.fc1.weight.dtype))))
         return self.fc2(hidden).reshape(-1, self.tokens, self.prompt_dim) + self.token_type
+
+
+def inject_text_prompt(model: nn.Module, config: TextPromptConfig) -> None:
+    """Fill the model's ``text_prompt`` slot with a projection to its prompt width."""
+    model.text_prompt = TextProjection(config, model.prompt_encoder.embed_dim)

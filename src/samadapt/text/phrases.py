@@ -27,12 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from samadapt.errors import SamadaptError
-
-
-class PhraseFileError(SamadaptError, ValueError):
-    """A phrase file (``prompt.phrases``) that cannot be read or names unknown classes."""
-
+from samadapt.errors import PhraseFileError
 
 # words a class name may contain -> other ways to say them (first: the canonical spelling)
 SYNONYMS: dict[str, tuple[str, ...]] = {

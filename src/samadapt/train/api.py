@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from samadapt.errors import TrainingError
 from samadapt.peft import apply_peft, format_parameter_report
-from samadapt.runs import base_model_facts, build_base
+from samadapt.runs import Manifest, base_model_facts, build_base
 from samadapt.train.config import TrainConfig
 from samadapt.train.samples import ItemChain, TrainingSlices
-from samadapt.train.trainer import Trainer, TrainingError, TrainResult
+from samadapt.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +48,23 @@ def fit_slices(
     apply_peft(model, config.peft)
     if verbose:
         print(format_parameter_report(model))
-    manifest = {
+    manifest = Manifest(
         **base_model_facts(config.model.name, config.model.checkpoint),
-        "peft": config.peft.to_dict(),
-        "recipe": config.recipe,
-        "task": config.task,
-        "img_size": model.img_size,
-        "classes": {str(k): v for k, v in classes.items()},
-        "preprocessing": preprocessing,
-        "axis": config.data.axis,
-        "prompt": {"kind": config.prompt.kind, "objects": config.prompt.objects},
-        "precision": config.train.precision,
-    }
+        peft=config.peft.to_dict(),
+        recipe=config.recipe,
+        task=config.task,
+        img_size=model.img_size,
+        classes=dict(classes),
+        preprocessing=preprocessing,
+        axis=config.data.axis,
+        prompt={"kind": config.prompt.kind, "objects": config.prompt.objects},
+        precision=config.train.precision,
+    )
     if config.prompt.uses_text:
         from samadapt.text.phrases import build_phrase_book, modality_from_preset
 
         book = build_phrase_book(classes, modality or modality_from_preset(preprocessing), config.prompt.phrases)
-        manifest["text"] = {**config.peft.text.__dict__, **book.to_dict()}
+        manifest.text = {**asdict(config.peft.text), **book.to_dict()}
     train_slices = TrainingSlices(train_items, model.img_size)
     trainer = Trainer(config, model, train_slices, val_items, list(classes), run_dir, manifest)
     return trainer.fit(resume=resume)
