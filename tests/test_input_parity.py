@@ -86,7 +86,8 @@ def test_training_evaluation_and_prediction_feed_the_same_tensor(tmp_path, prese
     trained = training_input(item, tmp_path)
 
     model = make_tiny_sam(SIZE)
-    run = Run(model, "tiny", "prompt", {1: "lesion"}, {"preprocessing": preset, "axis": axis, "precision": "fp32"})
+    facts = Manifest("tiny", "0" * 64, {}, preprocessing=preset, axis=axis, precision="fp32")
+    run = Run(model, "tiny", "prompt", {1: "lesion"}, facts)
     inputs = EncoderInputs(model)
     evaluate_slices(run, [item], {1: "lesion"}, "point:1", progress=False)
     evaluate_volumes(run, slices, [case_id], {1: "lesion"}, "box", progress=False)

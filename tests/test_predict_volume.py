@@ -60,7 +60,8 @@ def test_the_run_axis_decides_how_the_volume_is_sliced():
 def semantic_run(classes=2) -> Run:
     model = make_tiny_sam(64)
     make_semantic_decoder(model.mask_decoder, classes)
-    return Run(model.eval(), "tiny", "semantic", {1: "a", 2: "b"}, {"preprocessing": "minmax", "axis": 0})
+    facts = Manifest("tiny", "0" * 64, {}, task="semantic", preprocessing="minmax", axis=0)
+    return Run(model.eval(), "tiny", "semantic", {1: "a", 2: "b"}, facts)
 
 
 def test_batched_semantic_slices_equal_one_at_a_time():
@@ -99,7 +100,7 @@ def test_folder_prediction_skips_finished_cases_and_keeps_the_grid(tmp_path, mon
 
 
 def test_a_prompted_run_refuses_folder_prediction(tmp_path):
-    run = Run(make_tiny_sam(64), "tiny", "prompt", {1: "a"}, {})
+    run = Run(make_tiny_sam(64), "tiny", "prompt", {1: "a"})
     with pytest.raises(ValueError, match="semantic run"):
         predict_folder(run, tmp_path, tmp_path / "out")
 

@@ -5,8 +5,33 @@ The up-projection starts at zero, so an adapted model starts as exactly the base
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from samadapt.errors import ConfigError
+
+
+@dataclass
+class AdapterConfig:
+    """MSA adapters.
+
+    Attributes:
+        ratio: bottleneck width as a fraction of the token width (MSA: 0.25).
+        mlp_scale: factor on the adapter beside the MLP (MSA: 0.5).
+        encoder: adapters in every image-encoder block (space + MLP).
+        decoder: the three adapters in the FIRST two-way decoder block (the first one prompt-conditioned).
+    """
+
+    ratio: float = 0.25
+    mlp_scale: float = 0.5
+    encoder: bool = True
+    decoder: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio <= 4:
+            raise ConfigError(f"adapter ratio must be in (0, 4], got {self.ratio}")
 
 
 class Adapter(nn.Module):
@@ -60,7 +85,7 @@ class PromptConditionedAdapter(Adapter):
         return x + out if self.skip else out
 
 
-def inject_adapters(model: nn.Module, config) -> None:
+def inject_adapters(model: nn.Module, config: AdapterConfig) -> None:
     """Fill the MSA slots: space + MLP adapters in every encoder block (``config.encoder``), and the three adapters
     of the FIRST two-way decoder block, the first one prompt-conditioned (``config.decoder``)."""
     from samadapt.peft.blocks import decoder_blocks, encoder_blocks

@@ -8,10 +8,40 @@ state-dict keys of the base model do not change; the low-rank factors are extra 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from samadapt.errors import ConfigError
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA factors.
+
+    Attributes:
+        rank: r of the low-rank update (SAMed, Cheap Lunch: 4).
+        alpha: the update is scaled by alpha / rank; None means alpha = rank (scale 1, as SAMed).
+        dropout: dropout on the LoRA input path.
+        encoder_parts: parts of each encoder block's fused qkv projection to adapt (SAMed: q and v).
+        decoder: also adapt the mask decoder's attention q and v projections (Cheap Lunch).
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    encoder_parts: tuple[str, ...] = ("q", "v")
+    decoder: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"LoRA rank must be >= 1, got {self.rank}")
+        self.encoder_parts = tuple(self.encoder_parts)
+        unknown = set(self.encoder_parts) - {"q", "k", "v"}
+        if unknown:
+            raise ConfigError(f"unknown LoRA parts {sorted(unknown)}: choose among q, k, v")
 
 
 def rows_index(rows: slice | list[slice], out_features: int) -> torch.Tensor:
@@ -116,7 +146,7 @@ def add_lora(
     return wrapped
 
 
-def inject_lora(model: nn.Module, config) -> None:
+def inject_lora(model: nn.Module, config: LoRAConfig) -> None:
     """LoRA on the chosen parts of every encoder block's qkv projection, and (``config.decoder``) on the q and v
     projections of every mask-decoder attention (Cheap Lunch)."""
     from samadapt.peft.blocks import encoder_blocks
