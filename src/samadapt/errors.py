@@ -55,3 +55,11 @@ class RunDirectoryBusyError(SamadaptError, RuntimeError):
 
 class UnsupportedExportError(SamadaptError, ValueError):
     """A run that the ONNX export cannot represent (e.g. MSA's depth branch without --drop-depth)."""
+
+
+class TextEncoderMissingError(SamadaptError, ImportError):
+    """Text prompts were asked for, and the sentence encoder's package (``samadapt[text]``) is not installed."""
+
+
+class PhraseFileError(ConfigError):
+    """A text-prompt phrase file (``prompt.phrases``) that cannot be read, or that names unknown classes."""

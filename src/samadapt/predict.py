@@ -112,8 +112,9 @@ class Predictor:
         boxes: np.ndarray | None = None,
         mask_input: np.ndarray | torch.Tensor | None = None,
         multimask_output: bool | None = None,
+        text: str | Sequence[str] | None = None,
     ) -> Prediction:
-        """Masks for one prompt set, or for P boxes at once.
+        """Masks for one prompt set, or for P boxes (or P texts) at once.
 
         Args:
             points: (N, 2) or (P, N, 2) clicks in (x, y) pixels of the original image.
@@ -123,6 +124,8 @@ class Predictor:
             multimask_output: True: three candidate masks per prompt set; False: the single-mask output; None
                 (default): for a prompt set of one click alone (``is_single_click``) and ``select_single_click``,
                 the best of the three candidates by predicted IoU (``best_candidate``); otherwise the single mask.
+            text: a phrase, or P phrases, naming the target (a model trained with text prompts; the sentence
+                encoder of ``samadapt.text`` must be installed).
         """
         if self.embedding is None or self.geometry is None:
             raise RuntimeError("call set_image() before predict()")
@@ -144,10 +147,25 @@ class Predictor:
             mask_input = torch.as_tensor(mask_input, dtype=torch.float32, device=self.device)
             if mask_input.dim() == 3:
                 mask_input = mask_input[None]
-        select = multimask_output is None and self.select_single_click and is_single_click(labels, boxes, mask_input)
+        select = (
+            multimask_output is None
+            and text is None
+            and self.select_single_click
+            and is_single_click(labels, boxes, mask_input)
+        )
+        text_input = None
+        if text is not None:
+            from samadapt.text.encoder import embed_phrases
+
+            text_input = embed_phrases([text] if isinstance(text, str) else list(text), self.device)
         with self._autocast():
             logits, scores = self.model.decode(
-                self.embedding, point_input, box_input, mask_input, multimask_output=bool(multimask_output or select)
+                self.embedding,
+                point_input,
+                box_input,
+                mask_input,
+                multimask_output=bool(multimask_output or select),
+                text=text_input,
             )
         logits, scores = logits.float(), scores.float()
         if select:
@@ -182,6 +200,7 @@ def predict_volume(
     axis: int | None = None,
     batch_size: int | None = None,
     backend: str = "torch",
+    text: str | None = None,
 ) -> np.ndarray:
     """Segment a whole ``Volume`` slice by slice along the run's slicing axis; returns labels on the volume's grid.
 
@@ -194,6 +213,9 @@ def predict_volume(
     - ``boxes`` rows (x0, y0, z0, x1, y1, z1[, class]): a volume box whose middle slice is segmented first, each
       next slice then prompted with the box of its neighbour's mask, forward and backward, until the box's range
       ends or the mask vanishes (LiteMedSAM's way); or rows (x0, y0, x1, y1, z) of single-slice boxes (axis 0).
+
+    - ``text``: a phrase naming the target (a run trained with text prompts): every slice is segmented from the
+      text alone, and labelled with the class the run's phrase book gives the phrase (else the run's first class).
 
     Objects are written in the order given (a later object wins where two overlap). Embeddings are cached per
     slice, so objects that share slices do not encode them twice. ``backend``: ``torch`` or ``onnxruntime``
@@ -223,8 +245,18 @@ def predict_volume(
             images = [volume_slice(array, i, axis, preset) for i in range(start, stop)]
             planes[start:stop] = lookup[predictor.semantic_batch(images)]
         return labels
+    if text is not None:
+        if points is not None or boxes is not None:
+            raise ConfigError("give a text prompt alone on a volume, or points / boxes, not both")
+        from samadapt.text.phrases import class_for_phrase
+
+        value = class_for_phrase(run.manifest.text if run.manifest else None, text, default=class_ids[0])
+        for index in range(planes.shape[0]):
+            encode(index)
+            planes[index][predictor.predict(text=text).masks[0, 0]] = value
+        return labels
     if points is None and boxes is None:
-        raise ConfigError("this model is prompted: give --points or --boxes (voxel coordinates)")
+        raise ConfigError("this model is prompted: give --points, --boxes (voxel coordinates) or --text")
     if points is not None:
         points = np.atleast_2d(np.asarray(points, np.float32))
         if points.shape[1] not in (4, 5):

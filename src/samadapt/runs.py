@@ -77,6 +77,8 @@ class Manifest:
         img_size: the model's input size. precision: the training precision (``auto`` resolves per device).
         prompt: the prompt kind and objects mode of training. recipe: the recipe's name.
         step / val_dice: of the checkpoint. extra: entries this version does not know (kept as they are).
+        text: text-prompted runs (``docs/text_prompts.md``): the sentence encoder and the phrase book
+            (``samadapt.text.phrases.PhraseBook.to_dict``); None otherwise.
     """
 
     base_model: str
@@ -93,6 +95,7 @@ class Manifest:
     recipe: str = ""
     step: int | None = None
     val_dice: float | None = None
+    text: dict | None = None
     schema_version: int = MANIFEST_SCHEMA
     extra: dict = field(default_factory=dict)
 

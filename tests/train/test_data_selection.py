@@ -17,8 +17,8 @@ def test_exemplar_count_is_exact_and_nothing_comes_from_validation_cases(tiny_ms
     calls = {}
     real_backgrounds = synthesis.background_slices
 
-    def fit_slices(config, train_items, val_items, classes, run_dir, preprocessing="", resume=False, verbose=True):
-        calls["train"], calls["val"] = train_items, val_items
+    def fit_slices(config, train_items, val_items, classes, run_dir, preprocessing="", resume=False, **options):
+        calls["train"], calls["val"], calls["synthetic"] = train_items, val_items, options.get("synthetic_items", [])
 
     def background_slices(slices, classes, *args, **kwargs):
         calls["backgrounds"] = real_backgrounds(slices, classes, *args, **kwargs)
@@ -39,13 +39,14 @@ def test_exemplar_count_is_exact_and_nothing_comes_from_validation_cases(tiny_ms
     api.train(config, "unused")
     spec = load_dataset(tiny_msd)
     train_cases, val_cases = split_cases(spec, 1, seed)
-    real = [item for item in calls["train"] if "exemplar" not in item]  # synthetic items name their exemplar
+    real = list(calls["train"])
+    assert not any("exemplar" in item for item in real)  # synthetic items (they name their exemplar) go apart
     labelled = [item for item in real if np.isin(item["label"], [1, 2]).any()]
     assert len(labelled) == 4
     assert {item["case"] for item in real} <= set(train_cases)
     assert {calls["slices"].slices[i][0] for i in calls["backgrounds"]} <= set(train_cases)
     assert {item["case"] for item in calls["val"]} <= set(val_cases)
-    assert len(calls["train"]) == len(real) + 6  # the synthetic share asked for
+    assert len(calls["synthetic"]) == 6 and all("exemplar" in item for item in calls["synthetic"])
 
 
 def test_slice_index_queries_scale_linearly(tiny_msd):  # noqa: F811

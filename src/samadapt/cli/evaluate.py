@@ -12,6 +12,10 @@ from samadapt.cli.options import BACKEND_HELP, DEVICE_HELP
 def evaluate_command(args: argparse.Namespace) -> int:
     from samadapt.eval.evaluate import evaluate
 
+    if args.prompt == "text":  # a held-out phrase per class, then the plain class name (a report each)
+        for prompt, out in (("text:heldout", Path(args.out)), ("text:name", Path(args.out) / "text-name")):
+            evaluate_command(argparse.Namespace(**{**vars(args), "prompt": prompt, "out": str(out)}))
+        return 0
     metrics = evaluate(
         args.run,
         args.data,
@@ -36,7 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser("evaluate", help="score a run (or a bare model) on a dataset, with its baseline")
     evaluate.add_argument("--run", required=True, help="run directory, or a model name (e.g. lite_medsam)")
     evaluate.add_argument("--data", required=True, help="dataset directory")
-    evaluate.add_argument("--prompt", default="point:1", help="none | point:N | box | box:J (default point:1)")
+    evaluate.add_argument(
+        "--prompt",
+        default="point:1",
+        help="none | point:N | box | box:J | text (a held-out phrase per class, then the plain class name) | "
+        "text:heldout | text:name (default point:1)",
+    )
     evaluate.add_argument("--objects", choices=["class", "instance"], default="class")
     evaluate.add_argument("--baseline", action="store_true", help="also evaluate the un-adapted base model")
     evaluate.add_argument("--cases", nargs="*", help="only these case ids")

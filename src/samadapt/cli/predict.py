@@ -33,6 +33,7 @@ def predict_command(args: argparse.Namespace) -> int:
         volume,
         points=points,
         boxes=boxes,
+        text=args.text,
         preprocessing=args.preprocessing,
         device=args.device,
         backend=args.backend,
@@ -55,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="JSON [[x0, y0, x1, y1, z], ...] per slice, or [[x0, y0, z0, x1, y1, z1(, class)], ...] "
         "volume boxes, one object each, propagated from their middle slice",
     )
+    predict.add_argument("--text", help="a phrase naming the target (runs trained with prompt.kind=text)")
     predict.add_argument("--preprocessing", help="intensity preset (default: the run's)")
     predict.add_argument(
         "-o", "--out", required=True, help="output label file (.nii.gz, .nrrd, .mha, .png), or folder with -i"

@@ -2,7 +2,8 @@
 
 Protocols: ``none`` (semantic models: all classes at once), ``point:N`` (the centre click of each object, then N - 1
 corrective clicks in the largest error region of the prediction so far), ``box`` (tight box), ``box:J`` (each side
-jittered by up to J pixels). Objects are one per class per slice (``class``) or one per connected component
+jittered by up to J pixels), ``text`` / ``text:heldout`` (each class present named by a held-out phrase of the
+run's phrase book, one never used in training) and ``text:name`` (named by its plain class name). Objects are one per class per slice (``class``) or one per connected component
 (``instance``); their predictions are merged per class.
 
 Whole volumes are scored in 3D with the voxel spacing; a selection of slices (e.g. held-out slices of a volume) is
@@ -35,11 +36,14 @@ from samadapt.runs import baseline as un_adapted
 
 @dataclass(frozen=True)
 class Protocol:
-    kind: str  # none | point | box
+    kind: str  # none | point | box | text
     points: int = 1
     jitter: int = 0
+    phrase: str = ""  # text: heldout | name
 
     def __str__(self) -> str:
+        if self.kind == "text":
+            return f"text:{self.phrase}"
         if self.kind == "point":
             return f"point:{self.points}"
         if self.kind == "box" and self.jitter:
@@ -48,11 +52,13 @@ class Protocol:
 
 
 def parse_protocol(text: str) -> Protocol:
-    """``none``, ``point:N``, ``box`` or ``box:J``."""
+    """``none``, ``point:N``, ``box``, ``box:J``, ``text`` (= ``text:heldout``) or ``text:name``."""
     name, _, arg = text.partition(":")
     try:
         if name == "none" and not arg:
             return Protocol("none")
+        if name == "text" and arg in ("", "heldout", "name"):
+            return Protocol("text", phrase=arg or "heldout")
         if name == "point":
             count = int(arg or 1)
             if count >= 1:
@@ -61,7 +67,7 @@ def parse_protocol(text: str) -> Protocol:
             return Protocol("box", jitter=int(arg or 0))
     except ValueError:
         pass
-    raise ConfigError(f"unknown prompt protocol {text!r}: use none, point:N, box or box:J")
+    raise ConfigError(f"unknown prompt protocol {text!r}: use none, point:N, box, box:J, text or text:name")
 
 
 @dataclass
@@ -92,6 +98,10 @@ def predict_slice(
         return semantic_result(item, predictor.predict_semantic(), run, classes)
     if run.task == "semantic":
         raise ConfigError(f"a semantic model takes no prompts; evaluate it with --prompt none, not {protocol}")
+    if protocol.kind == "text":
+        from samadapt.eval.text_protocol import predict_text
+
+        return predict_text(predictor, run, item, classes, protocol.phrase, result)
     found = list(objects(label, list(classes), objects_mode))
     if protocol.kind == "box" and found:
         # every object of the slice in one decoder call
@@ -393,9 +403,10 @@ def evaluate(
     the run's) apply to both models.
 
     Under torchrun (``torchrun --nproc_per_node N -m -- samadapt.cli evaluate ...``) the volumes are shared out among
-    the ranks and gathered into one report, written by rank 0. The baseline gets the same prompts from the same seed; a semantic run's baseline (the base model cannot segment
-    without prompts) gets one centre click per object (``point:1``). With ``out``, writes metrics.json, metrics.csv,
-    overlays and report.md / report.html there. Returns the content of metrics.json (the baseline's under
+    the ranks and gathered into one report, written by rank 0. The baseline gets the same prompts from the same seed;
+    a semantic or text-prompted run's baseline (the base model cannot segment without prompts, nor read text) gets
+    one centre click per object (``point:1``). With ``out``, writes metrics.json, metrics.csv, overlays and
+    report.md / report.html there. Returns the content of metrics.json (the baseline's under
     ``"baseline"``). ``backend``: ``torch`` or ``onnxruntime`` (for both models; with onnxruntime ``run`` may be an
     export directory, and a run directory or model name is exported on the fly: ``samadapt.export.backend``).
     """
@@ -431,7 +442,8 @@ def evaluate(
     evaluation = _gathered(evaluation, case_ids, chosen, world)
     reference = None
     if baseline:
-        base_protocol = protocol if protocol.kind != "none" else parse_protocol("point:1")
+        # the base model reads no text and has no semantic head: it gets one centre click per object
+        base_protocol = protocol if protocol.kind not in ("none", "text") else parse_protocol("point:1")
         with _baseline(run, backend, device) as base:
             base_finished = _finished_dir(out, base, base_protocol, chosen, options) if out is not None else None
             reference = evaluate_volumes(

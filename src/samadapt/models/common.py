@@ -66,6 +66,9 @@ DECODER_BLOCK_SLOTS: dict[str, type[nn.Module]] = {
     "image_to_token_adapter": IdentitySlot,  # on the image tokens after image-to-token attention
 }
 
+# The model-level slot of ``Sam``: text_prompt(text (P, E)) -> (P, T, C) prompt tokens, appended to the sparse ones.
+MODEL_SLOTS: dict[str, type[nn.Module]] = {"text_prompt": IdentitySlot}
+
 
 def has_slots(module: nn.Module, slots: dict[str, type[nn.Module]]) -> bool:
     return all(hasattr(module, name) for name in slots)

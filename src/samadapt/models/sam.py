@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from samadapt.models.common import MODEL_SLOTS, is_empty_slot
+
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -36,6 +38,8 @@ class Sam(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        # slot: (P, E) text embeddings -> (P, T, C) prompt tokens; empty unless text prompting is applied (peft)
+        self.text_prompt: nn.Module = MODEL_SLOTS["text_prompt"]()
         self.input_scale = input_scale
         # not persistent: checkpoints do not carry them, the builder sets them
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
@@ -60,6 +64,7 @@ class Sam(nn.Module):
         boxes: torch.Tensor | None = None,
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = False,
+        text: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode masks for prompts on already encoded images.
 
@@ -69,11 +74,22 @@ class Sam(nn.Module):
             boxes: (P, 4) XYXY in model-input pixels.
             mask_inputs: (P, 1, 4h, 4w) low-res logits from a previous round.
             multimask_output: three masks per prompt set instead of one.
+            text: (P, E) sentence embeddings, turned into prompt tokens by the ``text_prompt`` slot and appended to
+                the sparse tokens (alone, or with points / boxes).
 
         Returns:
             low-res mask logits (P, K, 4h, 4w) and predicted IoU (P, K).
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
+        if text is not None:
+            if is_empty_slot(self.text_prompt):
+                raise ValueError("this model has no text projection: train it with prompt.kind=text first")
+            tokens = self.text_prompt(text).to(sparse.dtype)
+            if sparse.shape[0] == 1 and tokens.shape[0] > 1:
+                sparse, dense = sparse.expand(tokens.shape[0], -1, -1), dense.expand(tokens.shape[0], -1, -1, -1)
+            elif sparse.shape[0] != tokens.shape[0]:
+                raise ValueError(f"{tokens.shape[0]} texts for {sparse.shape[0]} prompt sets")
+            sparse = torch.cat([sparse, tokens], dim=1)
         images, prompts = image_embeddings.shape[0], sparse.shape[0]
         if prompts == 1 and images > 1:  # no prompt (semantic) or one prompt set for every image
             sparse, dense = sparse.expand(images, -1, -1), dense.expand(images, -1, -1, -1)
@@ -99,6 +115,7 @@ class Sam(nn.Module):
         boxes: torch.Tensor | None = None,
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = False,
+        text: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode (B, 3, S, S) images in [0, 1] and decode one prompt set per image (see ``decode``)."""
-        return self.decode(self.encode_image(images), points, boxes, mask_inputs, multimask_output)
+        return self.decode(self.encode_image(images), points, boxes, mask_inputs, multimask_output, text)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from samadapt.errors import ConfigError
 from samadapt.peft.adapter import AdapterConfig
 from samadapt.peft.lora import LoRAConfig
+from samadapt.peft.text_prompt import TextPromptConfig
 
 
 @dataclass
@@ -19,6 +20,8 @@ class PeftConfig:
         depth: add MSA's depth branch for 3D stacks (needs adapters' slots; works with any method).
         train_modules: module-path prefixes trained in full besides the PEFT weights, e.g. ``mask_decoder`` (SAMed)
             or ``mask_decoder.transformer.layers.1`` (MSA). None takes the method's default policy.
+        text: the text-prompt projection (``peft.text_prompt``), trained beside the method's parameters; None: no
+            text prompts.
     """
 
     method: str = "lora"
@@ -26,6 +29,7 @@ class PeftConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     depth: bool = False
     train_modules: list[str] | None = None
+    text: TextPromptConfig | None = None
 
     def __post_init__(self) -> None:
         from samadapt.peft.registry import METHODS
@@ -36,6 +40,8 @@ class PeftConfig:
             self.adapter = AdapterConfig(**self.adapter)
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**self.lora)
+        if isinstance(self.text, dict):
+            self.text = TextPromptConfig(**self.text)
 
     def to_dict(self) -> dict:
         data = asdict(self)

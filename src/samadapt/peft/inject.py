@@ -21,10 +21,11 @@ from samadapt.peft.config import DEFAULT_TRAIN_MODULES, PeftConfig
 from samadapt.peft.depth import inject_depth
 from samadapt.peft.lora import LoRALinear
 from samadapt.peft.registry import METHODS, PARTS
+from samadapt.peft.text_prompt import inject_text_prompt
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "adapter_config.json"
-PEFT_MARKERS = ("lora_A_", "lora_B_", "attn_adapter.", "mlp_adapter.", "depth_branch.", "_adapter.")
+PEFT_MARKERS = ("lora_A_", "lora_B_", "attn_adapter.", "mlp_adapter.", "depth_branch.", "_adapter.", "text_prompt.")
 
 
 def is_peft_key(key: str) -> bool:
@@ -44,6 +45,8 @@ def apply_peft(model: nn.Module, config: PeftConfig) -> nn.Module:
         PARTS[part](model, config)
     if config.depth:
         inject_depth(model, config.adapter.ratio)
+    if config.text is not None:  # beside any method: the text-prompt projection (peft.text_prompt)
+        inject_text_prompt(model, config.text)
     set_trainable(model, config)
     model.peft_base_values = {
         name: param.detach().to("cpu", copy=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ def fit_slices(
     resume: bool = False,
     verbose: bool = True,
     synthetic_items: Sequence[dict] = (),
+    modality: str | None = None,
 ) -> TrainResult:
     """Adapt the configured model on preprocessed slices (``SliceDataset`` items: ``image`` (H, W[, 3]) in [0, 1],
     ``label`` (H, W); validation items also ``case``, ``slice`` and ``spacing``).
@@ -38,6 +40,7 @@ def fit_slices(
 
     ``classes`` maps the dataset's class ids to names; they are the classes learned (semantic outputs in that order).
     ``synthetic_items`` (e.g. ``synthesize`` output) train too, drawn with probability ``data.synthetic_share``.
+    ``modality`` (dataset.json's; default: from the preset) words the generated text-prompt phrases.
     """
     if not train_items:
         raise TrainingError("no training slices")
@@ -57,6 +60,11 @@ def fit_slices(
         precision=config.train.precision,
         extra=init,
     )
+    if config.prompt.uses_text:
+        from samadapt.text.phrases import build_phrase_book, modality_from_preset
+
+        book = build_phrase_book(classes, modality or modality_from_preset(preprocessing), config.prompt.phrases)
+        manifest.text = {**asdict(config.peft.text), **book.to_dict()}
     if len(synthetic_items):  # lists stay a list: in-memory slices need no loader worker processes
         lazy = hasattr(train_items, "info") or hasattr(synthetic_items, "info")
         train_items = ItemChain(train_items, synthetic_items) if lazy else [*train_items, *synthetic_items]
@@ -122,7 +130,15 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Tra
     val_items = [slices[val_pool[i]] for i in sorted(set(val_pick))] if val_pool else []
     config.data.path = str(spec.root)
     return fit_slices(
-        config, train_items, val_items, classes, run_dir, spec.preprocessing, resume, synthetic_items=synthetic
+        config,
+        train_items,
+        val_items,
+        classes,
+        run_dir,
+        spec.preprocessing,
+        resume,
+        synthetic_items=synthetic,
+        modality=spec.modality,
     )
 
 

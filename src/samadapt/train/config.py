@@ -17,10 +17,11 @@ import yaml
 from samadapt.errors import ConfigError
 from samadapt.files import atomic_write_text
 from samadapt.peft.config import AdapterConfig, LoRAConfig, PeftConfig
+from samadapt.peft.text_prompt import TextPromptConfig
 from samadapt.precision import PRECISIONS
 
 TASKS = ("prompt", "semantic")
-PROMPTS = ("point", "box", "mixed")
+PROMPTS = ("point", "box", "mixed", "text", "text+point", "text+box", "text-mixed")
 
 
 @dataclass
@@ -72,7 +73,9 @@ class PromptConfig:
 
     Attributes:
         kind: ``point``, ``box`` or ``mixed`` (drawn per object per step: a box with probability ``box_share``,
-            else the clicks).
+            else the clicks); with text (``docs/text_prompts.md``): ``text`` (a phrase naming the target),
+            ``text+point`` / ``text+box`` (a phrase together with the clicks / box), ``text-mixed`` (each step one
+            of text, point, box, text+point).
         box_share: with ``mixed``, the probability that an object is prompted by its box.
         multimask: a prompt of one click alone trains SAM's three candidate masks, the loss on the best one per
             object and the IoU head on all three (SAM's practice), as ``Predictor`` answers one click with the
@@ -81,6 +84,8 @@ class PromptConfig:
         iterative_rounds: extra decoder-only rounds, each adding a click in the error region (MSA).
         box_jitter: maximum shift of each box side in pixels of the original slice.
         objects: ``class`` (one object per class per slice) or ``instance`` (per connected component).
+        phrases: a YAML file of the user's phrases per class (``samadapt.text.phrases``); None: generated ones.
+        text_groups: share of text draws that use a phrase naming several classes (target: the union).
     """
 
     kind: str = "point"
@@ -90,6 +95,12 @@ class PromptConfig:
     iterative_rounds: int = 0
     box_jitter: int = 5
     objects: str = "class"
+    phrases: str | None = None
+    text_groups: float = 0.25
+
+    @property
+    def uses_text(self) -> bool:
+        return self.kind.startswith("text")
 
 
 @dataclass
@@ -159,9 +170,14 @@ class TrainConfig:
         _check_choice("train.precision", self.train.precision, PRECISIONS)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
         if not 0.0 <= self.data.synthetic_share <= 1.0:
-            raise ValueError(f"data.synthetic_share must be in [0, 1], got {self.data.synthetic_share}")
+            raise ConfigError(f"data.synthetic_share must be in [0, 1], got {self.data.synthetic_share}")
         if not 0.0 <= self.prompt.box_share <= 1.0:
-            raise ValueError(f"prompt.box_share must be in [0, 1], got {self.prompt.box_share}")
+            raise ConfigError(f"prompt.box_share must be in [0, 1], got {self.prompt.box_share}")
+        if self.prompt.uses_text:
+            if self.task == "semantic":
+                raise ConfigError(f"prompt.kind={self.prompt.kind} needs the prompt task, not task=semantic")
+            if self.peft.text is None:  # text prompts train their projection beside the recipe's parameters
+                self.peft.text = TextPromptConfig()
         if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ConfigError("train.steps, train.batch_size and train.grad_accum must be >= 1")
 

@@ -130,6 +130,7 @@ class PromptBatch:
     points: (coords (B, N, 2) in (x, y) input pixels, labels (B, N)) or None; boxes (B, 4) XYXY or None.
     box_rows: for mixed prompts, (B,) bool: the samples prompted by their box (the others by their points); both
     ``points`` and ``boxes`` then hold every sample's. None: every sample takes every prompt given.
+    texts: one phrase per sample (text prompts, ``train.text_samples``) or None.
     """
 
     images: torch.Tensor
@@ -137,6 +138,7 @@ class PromptBatch:
     points: tuple[torch.Tensor, torch.Tensor] | None
     boxes: torch.Tensor | None
     box_rows: torch.Tensor | None = None
+    texts: list[str] | None = None
 
 
 def draw_prompt_batch(

@@ -134,6 +134,8 @@ class Trainer:
         self.layout = RunLayout(self.run_dir)
         self.checkpoints = self.layout.checkpoints
         self.semantic = config.task == "semantic"
+        # text prompts: the run's phrase book, written into the manifest by ``fit_slices``
+        self.phrase_book = _phrase_book(manifest) if config.prompt.uses_text else None
         self.loss_fn = SegmentationLoss(config.loss.ce, config.loss.dice, multiclass=self.semantic)
         iou_weight = 0.0 if self.semantic else config.loss.iou
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -297,16 +299,27 @@ class Trainer:
 
     def _prompt_loss(self, picks: list[PreparedSlice]) -> torch.Tensor:
         cfg = self.config
+        kind = cfg.prompt.kind
+        if kind == "text-mixed":
+            kind = ("text", "point", "box", "text+point")[int(self.rng.integers(4))]
         augment = cfg.data.augment and cfg.train.depth_slices == 1
-        batch = draw_prompt_batch(
-            picks, range(len(picks)), self.classes, cfg.prompt, cfg.prompt.kind, self.rng, augment
-        )
+        if kind.startswith("text"):
+            from samadapt.train.text_samples import draw_text_batch
+
+            book = self.phrase_book
+            batch = draw_text_batch(picks, range(len(picks)), self.classes, book, cfg.prompt, kind, self.rng, augment)
+        else:  # "mixed" is drawn per object inside (prompt.box_share)
+            batch = draw_prompt_batch(picks, range(len(picks)), self.classes, cfg.prompt, kind, self.rng, augment)
         points = tuple(t.to(self.device) for t in batch.points) if batch.points is not None else None
         boxes = batch.boxes.to(self.device) if batch.boxes is not None else None
+        text = None
+        if batch.texts:
+            from samadapt.text.encoder import embed_phrases
+
+            text = embed_phrases(batch.texts, self.device)  # frozen encoder, cached per phrase
         with self._autocast():
-            return self.forward(
-                batch.images.to(self.device), batch.targets.to(self.device), points, boxes, batch.box_rows
-            )
+            images, targets = batch.images.to(self.device), batch.targets.to(self.device)
+            return self.forward(images, targets, points, boxes, batch.box_rows, text)
 
     def train_step(self) -> dict:
         """One optimiser step over ``grad_accum`` micro-batches; returns the logged values."""
@@ -348,6 +361,8 @@ class Trainer:
         task = "semantic" if self.semantic else "prompt"
         run = Run(self.model, self.layout.root.name, task, classes, self.manifest)
         protocol = "none" if self.semantic else ("box" if self.config.prompt.kind == "box" else "point:1")
+        if self.config.prompt.uses_text:
+            protocol = "text:name"  # not the held-out phrases: they must not choose the best checkpoint
         evaluation = evaluate_slices(
             run,
             self.val_items,
@@ -596,10 +611,11 @@ class LossForward(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         boxes: torch.Tensor | None = None,
         box_rows: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         embeddings = self.model.encode_image(images)
         if box_rows is None:
-            return self._decode_loss(embeddings, targets, points, boxes)
+            return self._decode_loss(embeddings, targets, points, boxes, text)
         # mixed prompts: the box samples and the click samples decoded apart, the loss their sample-weighted mean
         loss = embeddings.new_zeros(())
         for rows, use_box in ((box_rows.nonzero()[:, 0], True), ((~box_rows).nonzero()[:, 0], False)):
@@ -617,12 +633,13 @@ class LossForward(nn.Module):
         targets: torch.Tensor,
         points: tuple[torch.Tensor, torch.Tensor] | None,
         boxes: torch.Tensor | None,
+        text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         size = targets.shape[-1]
         # one click alone is ambiguous: as SAM, train its three candidates (``Predictor`` keeps the best-rated one)
-        single = self.multimask and boxes is None and points is not None and points[1].shape[1] == 1
-        logits, iou_pred = self.model.decode(embeddings, points, boxes, multimask_output=single)
-        if points is None and boxes is None:
+        single = self.multimask and boxes is None and text is None and points is not None and points[1].shape[1] == 1
+        logits, iou_pred = self.model.decode(embeddings, points, boxes, multimask_output=single, text=text)
+        if points is None and boxes is None and text is None:
             return self.loss_fn(_upsample(logits, size), targets)
         if single:
             loss, logits = self._best_of_candidates(logits, iou_pred, targets)
@@ -635,9 +652,17 @@ class LossForward(nn.Module):
             points = tuple(
                 t.to(embeddings.device) for t in add_corrective_clicks(cpu_points, targets.cpu(), predictions, self.rng)
             )
-            logits, iou_pred = self.model.decode(embeddings, points, boxes, mask_inputs=logits.detach())
+            logits, iou_pred = self.model.decode(embeddings, points, boxes, mask_inputs=logits.detach(), text=text)
             loss = loss + self._loss(logits, iou_pred, targets)
         return loss / (1 + self.rounds)
+
+
+def _phrase_book(manifest: Manifest):
+    from samadapt.text.phrases import PhraseBook
+
+    if not manifest.text:
+        raise TrainingError("text prompts need the run's phrase book in the manifest (fit_slices writes it)")
+    return PhraseBook.from_dict(manifest.text)
 
 
 def _upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
@@ -721,7 +746,8 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
 
     - every validation Dice of the run is 0 (validation ran at least once);
     - on up to ``probe_slices`` training slices holding a learned class, the model predicts nothing: semantic, the
-      argmax is background everywhere; prompted, a centre click on each object gives an empty mask. The model fails
+      argmax is background everywhere; prompted, a centre click on each object (text runs: its class name) gives an
+      empty mask. The model fails
       on the very slices it was trained on: the run ended on the plateau, whatever the loss says.
     """
     from samadapt.predict import Predictor, best_candidate
@@ -747,6 +773,13 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
                     predicted += int((logits.argmax(1) > 0).sum())
                     continue
                 for class_id in sorted(wanted & set(item.classes)):
+                    if getattr(trainer, "phrase_book", None) is not None:  # a text run: named by its class name
+                        from samadapt.text.encoder import embed_phrases
+
+                        name = trainer.phrase_book.for_class(class_id).name
+                        logits, _ = trainer.model.decode(embedding, text=embed_phrases([name], trainer.device))
+                        predicted += int((logits > 0).sum())
+                        continue
                     click = centre_click(item.label == class_id)
                     coords = torch.tensor([[[click.x, click.y]]], dtype=torch.float32, device=trainer.device)
                     labels = torch.ones(1, 1, dtype=torch.long, device=trainer.device)
