@@ -638,10 +638,10 @@ def draw_balanced(
     return picks
 
 
-# why a prompt-free run may find nothing (docs/accuracy.md, "Is samed on lesions learnable"): said with its warnings
+# why a prompt-free run may find nothing (docs/accuracy.md, semantic half), said with its warnings
 SEMANTIC_HINT = (
-    "; prompt-free, a class is recognised by its look alone: a few slices cannot teach one whose look changes "
-    "between cases (organ, modality, scanner); label slices of those cases, or use a prompted recipe (cheap-lunch)"
+    "; prompt-free, a class is recognised by its look alone: where its look changes between cases (organ, modality, "
+    "scanner) or it covers a few pixels, label slices of more cases, or use a prompted recipe (cheap-lunch)"
 )
 
 
