@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from reference import reference_lite_medsam
     from samadapt.export.onnx import export_onnx
     from samadapt.export.runtime import OnnxPredictor
+    from samadapt.intensity import minmax
     from samadapt.predict import Predictor
     from samadapt.runs import load_run
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_reference():
         for z in range(args.slices):
-            image = (volume[z] - volume[z].min()) / (volume[z].max() - volume[z].min())
+            image = minmax(volume[z])
             predict_array(reference, image, box=scaled_box)
 
     def run_ours(predictor):

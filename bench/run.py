@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import Measurement, measure  # noqa: E402
+from samadapt.intensity import minmax
 from samadapt.precision import fast_bfloat16  # noqa: E402
 
 
@@ -232,7 +233,7 @@ def predict_volume_case(quick: bool) -> list[Row]:
 
     def run_reference():
         for z in range(slices):
-            image = (volume[z] - volume[z].min()) / (volume[z].max() - volume[z].min())
+            image = minmax(volume[z])
             predict_array(reference, image, box=scaled_box)
 
     predictor = Predictor(build_model("lite_medsam"), device="cpu", precision="bf16" if BF16 else "fp32")

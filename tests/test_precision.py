@@ -2,10 +2,10 @@
 
 import pytest
 
+from samadapt.errors import TrainingError
 from samadapt.precision import fast_bfloat16, resolve_precision
 from samadapt.train.config import TrainConfig, apply_overrides, from_dict
 from samadapt.train.recipes import recipe_defaults
-from samadapt.train.trainer import TrainingError
 from tests.train.test_trainer import make_trainer
 
 

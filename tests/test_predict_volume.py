@@ -9,7 +9,7 @@ from samadapt.data.io import Volume, read_volume
 from samadapt.eval.metrics import dice
 from samadapt.models.mask_decoder import make_semantic_decoder
 from samadapt.predict import Predictor, predict_folder, predict_volume
-from samadapt.runs import Run, load_run
+from samadapt.runs import Manifest, Run, load_run
 from tests.conftest import make_tiny_sam
 from tests.data.conftest import write_nifti
 
@@ -27,7 +27,7 @@ def two_objects(depth=9, side=96):
 
 def bare_run(preset="minmax", axis=0) -> Run:
     run = load_run("lite_medsam", device="cpu")
-    run.manifest = {"preprocessing": preset, "axis": axis}
+    run.manifest = Manifest("lite_medsam", "", {}, preprocessing=preset, axis=axis)
     run.classes = {1: "ball", 2: "box"}
     return run
 
@@ -60,7 +60,8 @@ def test_the_run_axis_decides_how_the_volume_is_sliced():
 def semantic_run(classes=2) -> Run:
     model = make_tiny_sam(64)
     make_semantic_decoder(model.mask_decoder, classes)
-    return Run(model.eval(), "tiny", "semantic", {1: "a", 2: "b"}, {"preprocessing": "minmax", "axis": 0})
+    facts = Manifest("tiny", "0" * 64, {}, task="semantic", preprocessing="minmax", axis=0)
+    return Run(model.eval(), "tiny", "semantic", {1: "a", 2: "b"}, facts)
 
 
 def test_batched_semantic_slices_equal_one_at_a_time():
@@ -99,7 +100,7 @@ def test_folder_prediction_skips_finished_cases_and_keeps_the_grid(tmp_path, mon
 
 
 def test_a_prompted_run_refuses_folder_prediction(tmp_path):
-    run = Run(make_tiny_sam(64), "tiny", "prompt", {1: "a"}, {})
+    run = Run(make_tiny_sam(64), "tiny", "prompt", {1: "a"})
     with pytest.raises(ValueError, match="semantic run"):
         predict_folder(run, tmp_path, tmp_path / "out")
 

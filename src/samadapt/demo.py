@@ -14,7 +14,6 @@ out of the test set, so neighbouring near-copies cannot leak.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -25,7 +24,9 @@ import numpy as np
 from samadapt.data.datasets import SliceDataset, load_dataset
 from samadapt.data.demo import fetch_demo
 from samadapt.eval.evaluate import Evaluation, evaluate_slices, evaluate_slices_under, slice_dice
-from samadapt.eval.report import Section, save_overlay, write_json, write_report
+from samadapt.eval.figures import save_overlay
+from samadapt.eval.render import ImageSection, TableSection, TextSection, write_report
+from samadapt.eval.results import write_json
 from samadapt.runs import load_run
 from samadapt.train.api import fit_slices
 from samadapt.train.config import TrainConfig, apply_overrides, from_dict
@@ -95,6 +96,10 @@ def _row(task: str, prompt: str, model: str, evaluation: Evaluation) -> list[str
     ]
 
 
+def _section(title: str, text: str, images: list[tuple[Path, str]]) -> list:
+    return [TextSection(title, text), ImageSection("", [p for p, _ in images], [c for _, c in images])]
+
+
 def _overlays(out: Path, name: str, evaluation: Evaluation, class_id: int, count: int = 3) -> list[tuple[Path, str]]:
     scored = sorted((r for r in evaluation.slices if (r.gt == class_id).any()), key=lambda r: slice_dice(r, class_id))
     picks = [scored[0], scored[len(scored) // 2], scored[-1]][:count] if scored else []
@@ -126,7 +131,7 @@ def run_demo(
     baseline = load_run("lite_medsam", device=device)
     same = dict(seed=seed, device=device, precision=TrainConfig().train.precision)
     rows: list[list[str]] = []
-    sections: list[Section] = []
+    sections: list = []
     timings: dict[str, float] = {}
 
     # -- lesions: prompted, Cheap Lunch -------------------------------------------------------------------
@@ -157,12 +162,10 @@ def run_demo(
     ]
     lesion_images = _overlays(figures, "lesion_baseline_point", base_point, 1)
     lesion_images += _overlays(figures, "lesion_adapted_point", ad_point, 1)
-    sections.append(
-        Section(
-            "Lesions: Cheap Lunch (LoRA in encoder and decoder, point prompts)",
-            f"Exemplars (case, slice): {[lesions.slices[i][:2] for i in exemplars]}. Trained {result.steps} steps.",
-            images=[(out / "lesions_run" / "loss_curve.png", "training loss"), *lesion_images],
-        )
+    sections += _section(
+        "Lesions: Cheap Lunch (LoRA in encoder and decoder, point prompts)",
+        f"Exemplars (case, slice): {[lesions.slices[i][:2] for i in exemplars]}. Trained {result.steps} steps.",
+        [(out / "lesions_run" / "loss_curve.png", "training loss"), *lesion_images],
     )
 
     # -- MNI152 grey / white matter: semantic, SAMed ----------------------------------------------------------
@@ -191,12 +194,10 @@ def run_demo(
     ]
     mni_images = _overlays(figures, "mni_baseline_box", mni_box, 2, count=1)
     mni_images += _overlays(figures, "mni_adapted_semantic", mni_semantic, 2)
-    sections.append(
-        Section(
-            "MNI152 grey / white matter: SAMed (LoRA on q/v, prompt-free, K + 1 outputs)",
-            f"Exemplar slices z = {[mni.slices[i][1] for i in exemplars_mni]}. Trained {mni_result.steps} steps.",
-            images=[(out / "mni152_run" / "loss_curve.png", "training loss"), *mni_images],
-        )
+    sections += _section(
+        "MNI152 grey / white matter: SAMed (LoRA on q/v, prompt-free, K + 1 outputs)",
+        f"Exemplar slices z = {[mni.slices[i][1] for i in exemplars_mni]}. Trained {mni_result.steps} steps.",
+        [(out / "mni152_run" / "loss_curve.png", "training loss"), *mni_images],
     )
 
     columns = ["task", "prompt", "model", "mean Dice", "mean HD95 (mm)", "per class Dice"]
@@ -206,7 +207,7 @@ def run_demo(
         f"Metrics per held-out slice in 2D with the pixel spacing, averaged over slices. "
         f"{'Quick smoke version. ' if quick else ''}Wall time {wall / 60:.1f} min on this machine."
     )
-    sections.insert(0, Section("Before and after", summary_text, columns, rows))
+    sections[:0] = [TextSection("Before and after", summary_text), TableSection("", columns, rows)]
     md, page = write_report(out, "samadapt demo: LiteMedSAM adapted with a few labelled slices", sections)
     summary = {
         "rows": [dict(zip(columns, r, strict=True)) for r in rows],
@@ -228,29 +229,3 @@ def run_demo(
     }
     write_json(out / "summary.json", summary)
     return summary
-
-
-def print_table(summary: dict) -> None:
-    rows = summary["rows"]
-    columns = list(rows[0])
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
-    print(f"wall time {summary['wall_seconds'] / 60:.1f} min; report: {summary['report']}")
-
-
-def run(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, quick=args.quick, cache=args.cache, seed=args.seed, device=args.device)
-    print_table(summary)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="adapt LiteMedSAM to real scans from a few slices; before/after report")
-    parser.add_argument("--out", default="runs/demo", help="output directory")
-    parser.add_argument("--quick", action="store_true", help="a smoke version (about 2 minutes)")
-    parser.add_argument("--cache", help="demo data cache (default $SAMADAPT_CACHE or ~/.cache/samadapt)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
-    parser.set_defaults(func=run)

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from samadapt.errors import ConfigError
 from samadapt.precision import resolve_precision
 
 
@@ -30,7 +31,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this machine has no usable CUDA GPU; use cpu or auto")
+        raise ConfigError(f"device {device!r} asked for, but this machine has no usable CUDA GPU; use cpu or auto")
     return resolved
 
 
@@ -50,6 +51,6 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        raise ConfigError("fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from samadapt.errors import ConfigError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -26,7 +28,7 @@ def fast_bfloat16(device: str | torch.device = "cpu") -> bool:
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
     """``auto`` -> ``bf16`` where it is fast on ``device``, else ``fp32``; any other choice is returned as given."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     return "bf16" if fast_bfloat16(device) else "fp32"

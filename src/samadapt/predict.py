@@ -19,8 +19,10 @@ import torch
 
 from samadapt.data.preprocess import preprocess_volume, volume_slice
 from samadapt.device import autocast, resolve_device
+from samadapt.errors import ConfigError, DataError, InputNotFoundError
+from samadapt.intensity import to_unit_range
 from samadapt.models.sam import Sam
-from samadapt.transforms import InputGeometry, model_input, to_unit_range
+from samadapt.transforms import InputGeometry, model_input
 
 __all__ = ["Prediction", "Predictor", "predict_folder", "predict_volume", "to_unit_range"]
 
@@ -180,8 +182,8 @@ def predict_volume(
     slice, so objects that share slices do not encode them twice. ``backend``: ``torch`` or ``onnxruntime``
     (``samadapt.export.backend``: ``run`` may then be an export directory's ``ExportedRun``).
     """
-    preset = preprocessing or run.manifest.get("preprocessing") or "mr"
-    axis = int(run.manifest.get("axis", 0) if axis is None else axis)
+    preset = preprocessing or run.preprocessing or "mr"
+    axis = int((run.axis or 0) if axis is None else axis)
     array = preprocess_volume(volume.array, preset)
     if backend == "torch":
         predictor = Predictor(run.model, device=device, precision=precision or run.precision, cache_size=16)
@@ -205,11 +207,11 @@ def predict_volume(
             planes[start:stop] = lookup[predictor.semantic_batch(images)]
         return labels
     if points is None and boxes is None:
-        raise ValueError("this model is prompted: give --points or --boxes (voxel coordinates)")
+        raise ConfigError("this model is prompted: give --points or --boxes (voxel coordinates)")
     if points is not None:
         points = np.atleast_2d(np.asarray(points, np.float32))
         if points.shape[1] not in (4, 5):
-            raise ValueError("points need 4 columns (x, y, z, label) or 5 (x, y, z, label, class)")
+            raise ConfigError("points need 4 columns (x, y, z, label) or 5 (x, y, z, label, class)")
         objects = points[:, 4].astype(int) if points.shape[1] == 5 else np.full(len(points), class_ids[0])
         planar = np.array([_to_plane(x, y, z, axis) for x, y, z in points[:, :3]])
         for value in dict.fromkeys(objects.tolist()):
@@ -226,12 +228,12 @@ def predict_volume(
                 _propagate_box(predictor, encode, planes, _box_to_plane(row[:6], axis), value)
         elif boxes.shape[1] == 5:
             if axis != 0:
-                raise ValueError("single-slice boxes (x0, y0, x1, y1, z) need slicing axis 0; give volume boxes")
+                raise ConfigError("single-slice boxes (x0, y0, x1, y1, z) need slicing axis 0; give volume boxes")
             for x0, y0, x1, y1, z in boxes:
                 encode(int(z))
                 planes[int(z)][predictor.predict(boxes=np.array([x0, y0, x1, y1])).masks[0, 0]] = class_ids[0]
         else:
-            raise ValueError("boxes need 5 columns (x0, y0, x1, y1, z), or 6 / 7 (x0, y0, z0, x1, y1, z1[, class])")
+            raise ConfigError("boxes need 5 columns (x0, y0, x1, y1, z), or 6 / 7 (x0, y0, z0, x1, y1, z1[, class])")
     return labels
 
 
@@ -296,10 +298,10 @@ def predict_folder(
         )
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
-        raise FileNotFoundError(f"{input_dir}: not a folder")
+        raise InputNotFoundError(f"{input_dir}: not a folder")
     images = sorted(p for p in input_dir.iterdir() if p.is_file() and suffix_of(p) in (*NIFTI, *ITK, ".png"))
     if not images:
-        raise ValueError(f"{input_dir}: no NIfTI / NRRD / MHA / PNG image in this folder")
+        raise DataError(f"{input_dir}: no NIfTI / NRRD / MHA / PNG image in this folder")
     written = []
     for path in tqdm(images, desc=f"predict {run.label}", disable=not progress, unit="case"):
         suffix = suffix_of(path)

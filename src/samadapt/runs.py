@@ -1,27 +1,124 @@
-"""A run directory is self-describing: ``load_run`` rebuilds the adapted model from it alone.
+"""The run directory: its layout, its typed manifest, and rebuilding the adapted model from it alone.
 
-Layout written by ``samadapt train``::
+Layout (``RunLayout``), written by ``samadapt train``::
 
     RUN_DIR/config.yaml                      the full TrainConfig
-    RUN_DIR/checkpoints/{best,last}/         adapter_model.safetensors + adapter_config.json (+ trainer_state.pt)
+    RUN_DIR/checkpoints/{best,last,previous}/ adapter_model.safetensors + adapter_config.json (the manifest)
+                                             (+ trainer_state.pt, checksums.json: train/checkpoints.py)
     RUN_DIR/metrics.csv, loss_curve.png      training log
+    RUN_DIR/warnings.json                    collapse warnings (all-background plateau), when any
 
-``load_run`` also accepts a bare model name (e.g. ``lite_medsam``): the un-adapted baseline.
+``load_run`` also accepts a bare model name (e.g. ``lite_medsam``): the un-adapted model. ``baseline`` gives the model
+a run was adapted from: the same model with its adapters off where that is exact, else the base checkpoint the
+manifest names (checksum verified).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from samadapt.device import resolve_device
+from samadapt.errors import InputNotFoundError, RunError
 from samadapt.models.checkpoint import file_sha256
 from samadapt.models.registry import MODELS, build_model, default_weights_path
 from samadapt.models.sam import Sam
-from samadapt.peft import PeftConfig, apply_peft, load_adapter_weights, read_manifest
+from samadapt.peft import PeftConfig, apply_peft, disable_adapters, load_adapter_weights, read_manifest
+
+MANIFEST_SCHEMA = 1  # bump when a field changes meaning; older manifests are upgraded by Manifest.from_dict
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each file of a run directory lives; the trainer writes and ``load_run`` reads through it."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, name: str) -> Path:
+        """``best``, ``last`` or ``previous``: an adapter folder (weights + manifest)."""
+        return self.checkpoints / name
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.root / "loss_curve.png"
+
+    @property
+    def warnings(self) -> Path:
+        return self.root / "warnings.json"
+
+
+@dataclass
+class Manifest:
+    """What a saved adapter needs to be used the way it was trained (``adapter_config.json``).
+
+    Attributes:
+        base_model / base_checkpoint / base_sha256: the base model; an adapter only loads onto the same weights.
+        peft: ``PeftConfig.to_dict()``.
+        task: ``prompt`` (a mask per prompted object) or ``semantic`` (K + 1 class masks, no prompt).
+        classes: class id -> name, for the classes the model segments.
+        preprocessing / axis: the dataset's intensity preset and slicing axis the model was trained on.
+        img_size: the model's input size. precision: the training precision (``auto`` resolves per device).
+        prompt: the prompt kind and objects mode of training. recipe: the recipe's name.
+        step / val_dice: of the checkpoint. extra: entries this version does not know (kept as they are).
+    """
+
+    base_model: str
+    base_sha256: str
+    peft: dict
+    base_checkpoint: str = ""
+    task: str = "prompt"
+    classes: dict[int, str] = field(default_factory=dict)
+    preprocessing: str = ""
+    axis: int | None = None
+    img_size: int | None = None
+    precision: str = "fp32"
+    prompt: dict = field(default_factory=dict)
+    recipe: str = ""
+    step: int | None = None
+    val_dice: float | None = None
+    schema_version: int = MANIFEST_SCHEMA
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["classes"] = {str(k): v for k, v in self.classes.items()}
+        return {**data.pop("extra"), **data}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str | Path = "manifest") -> Manifest:
+        """Read a manifest written by any version up to this one (schema 0: before versioning).
+
+        Raises:
+            RunError: a newer schema, or a required entry missing.
+        """
+        version = int(data.get("schema_version", 0))
+        if version > MANIFEST_SCHEMA:
+            raise RunError(f"{where}: manifest schema {version} is newer than this samadapt's ({MANIFEST_SCHEMA})")
+        missing = [key for key in ("base_model", "base_sha256", "peft") if key not in data]
+        if missing:
+            raise RunError(f"{where}: the manifest lacks {', '.join(missing)}")
+        known = {f.name for f in fields(cls)} - {"extra", "schema_version"}
+        values = {k: v for k, v in data.items() if k in known}
+        values["classes"] = {int(k): str(v) for k, v in (data.get("classes") or {}).items()}
+        extra = {k: v for k, v in data.items() if k not in known and k not in ("schema_version", "tensors")}
+        return cls(**values, extra=extra)
 
 
 @dataclass
@@ -32,25 +129,40 @@ class Run:
         model: the model, in eval mode.
         task: ``prompt`` (binary mask per prompted object) or ``semantic`` (K + 1 class masks, no prompt).
         classes: dataset class id -> name, for the classes the model segments.
-        manifest: the adapter manifest (empty for a bare model).
+        name: the run directory's name, or the bare model's.
+        manifest: the adapter's manifest (None for a bare model).
     """
 
     model: Sam
     name: str
     task: str = "prompt"
     classes: dict[int, str] = field(default_factory=dict)
-    manifest: dict = field(default_factory=dict)
+    manifest: Manifest | None = None
     path: Path | None = None
+
+    @property
+    def base_model(self) -> str:
+        return self.manifest.base_model if self.manifest else self.name
 
     @property
     def precision(self) -> str:
         """The precision the run was trained in (``auto`` resolves per device); a bare model computes in fp32."""
-        return self.manifest.get("precision", "fp32")
+        return self.manifest.precision if self.manifest else "fp32"
+
+    @property
+    def axis(self) -> int | None:
+        """The slicing axis the run was trained on (None: the dataset's)."""
+        return self.manifest.axis if self.manifest else None
+
+    @property
+    def preprocessing(self) -> str:
+        """The intensity preset the run was trained with ("" for a bare model: the dataset's or the caller's)."""
+        return self.manifest.preprocessing if self.manifest else ""
 
     @property
     def label(self) -> str:
-        """For progress bars: the run directory with its base model, or the bare model's name."""
-        return f"{self.path.name} ({self.name})" if self.path else self.name
+        """For progress bars and reports: the run directory with its base model, or the bare model's name."""
+        return f"{self.name} ({self.base_model})" if self.manifest else self.name
 
 
 @lru_cache(maxsize=8)
@@ -85,31 +197,71 @@ def load_run(path_or_model: str | Path, checkpoint: str = "best", device: str | 
     (None / "auto": CUDA when available).
 
     Raises:
-        FileNotFoundError: not a run directory and not a model name. ValueError: the adapter does not match its base.
+        InputNotFoundError: not a run directory and not a model name. RunError: the adapter does not match its base.
     """
     text = str(path_or_model)
     if text in MODELS and not Path(text).exists():
         model = build_model(text)
         return Run(model=model.to(resolve_device(device)).eval(), name=text, task="prompt")
     run_dir = Path(path_or_model)
-    adapter_dir = run_dir / "checkpoints" / checkpoint
+    adapter_dir = RunLayout(run_dir).checkpoint(checkpoint)
     if not adapter_dir.is_dir():
         adapter_dir = run_dir if (run_dir / "adapter_config.json").exists() else adapter_dir
     if not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{run_dir} is neither a run directory (no checkpoints/{checkpoint}/adapter_config.json) nor a model "
             f"name ({', '.join(MODELS)})"
         )
-    manifest = read_manifest(adapter_dir)
-    classes = {int(k): v for k, v in manifest.get("classes", {}).items()}
-    task = manifest.get("task", "prompt")
-    checkpoint_path = manifest.get("base_checkpoint")
-    if checkpoint_path and not Path(checkpoint_path).exists():
-        checkpoint_path = None  # moved machines: find the base weights by name, the checksum still guards them
+    manifest = Manifest.from_dict(read_manifest(adapter_dir), adapter_dir / "adapter_config.json")
+    checkpoint_path = _base_checkpoint(manifest)
+    semantic = manifest.task == "semantic"
     model = build_base(
-        manifest["base_model"], checkpoint_path, manifest.get("img_size"), len(classes) if task == "semantic" else None
+        manifest.base_model, checkpoint_path, manifest.img_size, len(manifest.classes) if semantic else None
     )
-    facts = base_model_facts(manifest["base_model"], checkpoint_path)
-    apply_peft(model, PeftConfig(**manifest["peft"]))
+    facts = base_model_facts(manifest.base_model, checkpoint_path)
+    apply_peft(model, PeftConfig(**manifest.peft))
     load_adapter_weights(model, adapter_dir, facts["base_sha256"])
-    return Run(model.to(resolve_device(device)).eval(), manifest["base_model"], task, classes, manifest, run_dir)
+    return Run(
+        model.to(resolve_device(device)).eval(), run_dir.name, manifest.task, manifest.classes, manifest, run_dir
+    )
+
+
+def _base_checkpoint(manifest: Manifest) -> str | None:
+    path = manifest.base_checkpoint
+    return path if path and Path(path).exists() else None  # moved machines: found by name, the checksum guards it
+
+
+def load_base(run: Run, device: str | torch.device | None = None) -> Run:
+    """The base model a run was adapted from, as a bare model: the checkpoint its manifest names, checksum verified.
+
+    Raises:
+        RunError: the weights found for the base model are not the ones the run was trained on.
+    """
+    if run.manifest is None:
+        return run
+    path = _base_checkpoint(run.manifest)
+    facts = base_model_facts(run.manifest.base_model, path)
+    if facts["base_sha256"] != run.manifest.base_sha256:
+        raise RunError(
+            f"{run.label}: trained on base weights {run.manifest.base_sha256[:12]}..., but {facts['base_checkpoint']} "
+            f"has {facts['base_sha256'][:12]}...; give the original weights (--checkpoint)"
+        )
+    model = build_model(run.manifest.base_model, checkpoint=path, img_size=run.manifest.img_size)
+    return Run(model.to(resolve_device(device)).eval(), run.manifest.base_model, "prompt")
+
+
+@contextmanager
+def baseline(run: Run, device: str | torch.device | None = None) -> Iterator[Run]:
+    """The un-adapted model of ``run``, to score beside it with the same prompts.
+
+    A prompted run yields its own model with the adapters off (``disable_adapters``: no second copy in memory); a
+    semantic run, whose decoder was rebuilt with K + 1 outputs, yields its base checkpoint loaded apart. A bare model
+    is its own baseline.
+    """
+    if run.manifest is None:
+        yield run
+    elif run.task == "prompt" and hasattr(run.model, "peft_base_values"):
+        with disable_adapters(run.model):
+            yield Run(run.model, run.manifest.base_model, "prompt", run.classes)
+    else:
+        yield load_base(run, device)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from samadapt.intensity import check_unit_range
+
 
 @dataclass(frozen=True)
 class InputGeometry:
@@ -72,15 +74,6 @@ class InputGeometry:
         return resize(masks[..., :crop_h, :crop_w], self.original, "bilinear")
 
 
-def to_unit_range(image: np.ndarray) -> np.ndarray:
-    """A raw (H, W) or (H, W, 3) image as float32 in [0, 1]: uint8 / 255, anything else min-max (constant -> 0)."""
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    image = np.asarray(image, dtype=np.float32)
-    low, high = float(image.min()), float(image.max())
-    return (image - low) / max(high - low, 1e-8)
-
-
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W) or (H, W, 3) array -> (1, 3, H, W) float32 tensor (grey repeated over three channels)."""
     if image.ndim == 2:
@@ -88,10 +81,6 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {image.shape}")
     return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
-
-
-# preprocessed slices may overshoot [0, 1] by rounding only; anything further is an image that skipped its preset
-_UNIT_TOLERANCE = 1e-3
 
 
 def model_input(image: np.ndarray, size: int) -> tuple[torch.Tensor, InputGeometry]:
@@ -105,11 +94,7 @@ def model_input(image: np.ndarray, size: int) -> tuple[torch.Tensor, InputGeomet
             ``Predictor.set_image`` as a raw image).
     """
     image = np.asarray(image)
-    if image.size and (float(image.min()) < -_UNIT_TOLERANCE or float(image.max()) > 1 + _UNIT_TOLERANCE):
-        raise ValueError(
-            f"a preprocessed slice must lie in [0, 1], this one spans [{float(image.min()):.4g}, "
-            f"{float(image.max()):.4g}]: apply a preprocessing preset first (samadapt.data.preprocess)"
-        )
+    check_unit_range(image)
     geometry = InputGeometry(original=tuple(image.shape[:2]), size=size)
     return geometry.image_to_input(image_to_tensor(image)).clamp_(0, 1), geometry
 

@@ -52,7 +52,7 @@ def msd(tmp_path):
 @pytest.fixture
 def data_cli():
     """Run ``samadapt data ...`` argv through the data sub-commands alone (the full CLI imports every area)."""
-    from samadapt.data.cli import register
+    from samadapt.cli.data import register
 
     def run(argv: list[str]) -> int:
         parser = argparse.ArgumentParser(prog="samadapt")

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samadapt.data import DataError, SliceDataset, load_dataset
+from samadapt.data import SliceDataset, load_dataset
 from samadapt.data.converters import SYNAPSE_CLASSES, convert_brats, convert_synapse
+from samadapt.errors import DataError
 
 
 def save(path, array):
@@ -91,7 +92,9 @@ def test_failed_conversion_leaves_nothing_and_output_must_be_new(tmp_path):
         convert_brats(tmp_path / "raw", tmp_path / "new")
 
 
-def test_isic_pairs_become_a_2d_dataset(tmp_path, data_cli):
+def test_isic_pairs_become_a_2d_dataset(tmp_path, data_cli, capsys):
+    from samadapt.cli import main
+
     src, gt = tmp_path / "ISIC_Input", tmp_path / "ISIC_GroundTruth"
     src.mkdir()
     gt.mkdir()
@@ -101,7 +104,11 @@ def test_isic_pairs_become_a_2d_dataset(tmp_path, data_cli):
     Image.fromarray(mask).save(gt / "ISIC_0001_segmentation.png")
     argv = ["data", "convert", "isic", str(src), str(tmp_path / "out"), "--masks", str(gt)]
     assert data_cli(argv) == 0
-    assert data_cli(argv) == 2  # the output exists now: refused, one line
+    capsys.readouterr()
+    assert main(argv) == 2  # the output exists now: refused, in one line
+    assert capsys.readouterr().err.strip() == f"samadapt data: error: {tmp_path / 'out'} exists and is not empty; " + (
+        "choose a new output directory"
+    )
     meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert meta["labels"]["1"] == "lesion"
     item = SliceDataset(load_dataset(tmp_path / "out"))[0]

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samadapt.data import DataError, SliceDataset, load_dataset, split_cases, split_dataset
+from samadapt.data import SliceDataset, load_dataset, split_cases, split_dataset
 from samadapt.data import datasets as datasets_module
+from samadapt.errors import DataError
 
 
 def test_msd_layout_loads_and_slices(msd):
@@ -132,7 +133,7 @@ def test_requested_classes_that_do_not_exist_are_an_error(msd):
     assert slices.indices([1], ["case0"], min_pixels=16) == []  # the lesion has 15 pixels per slice
     with pytest.raises(DataError, match="no slice of cases"):
         slices.indices([1], ["case0"], min_pixels=16, require=True)
-    with pytest.raises(KeyError, match="unknown cases"):
+    with pytest.raises(DataError, match="unknown cases"):
         SliceDataset(slices.spec, cases=["nope"])
 
 

@@ -8,7 +8,8 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from samadapt.data import DataError, read_label, read_volume, write_label
+from samadapt.data import read_label, read_volume, write_label
+from samadapt.errors import DataError
 
 
 def test_nifti_round_trip_keeps_array_spacing_affine_and_header(tmp_path, nifti):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from samadapt.data.datasets import SliceDataset, load_dataset
-from samadapt.data.io import DataError
 from samadapt.data.synthesis import (
     SynthesisConfig,
     background_slices,
@@ -17,6 +16,7 @@ from samadapt.data.synthesis import (
     synthesize,
     write_synthetic_dataset,
 )
+from samadapt.errors import DataError
 
 SIDE = 40
 
@@ -226,7 +226,7 @@ def test_written_dataset_loads_back(tmp_path):
 
 
 def test_synth_command(tiny_msd, tmp_path, capsys):
-    from samadapt.synth_cli import register
+    from samadapt.cli.synth import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

@@ -11,23 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from samadapt.eval.figures import OverlayItem, save_loss_curve, save_overlay, save_overlay_grid
 from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, MetricAccumulator, aggregate, compute_case_metrics
-from samadapt.eval.report import (
+from samadapt.eval.render import (
     ImageSection,
-    OverlayItem,
-    Section,
     TableSection,
     TextSection,
     comparison_section,
     markdown_table,
-    save_evaluation,
-    save_loss_curve,
-    save_overlay,
-    save_overlay_grid,
-    write_comparison_report,
-    write_metrics_files,
     write_report,
 )
+from samadapt.eval.report import save_evaluation
+from samadapt.eval.results import write_metrics_files
 
 
 def strict_loads(text: str):
@@ -177,7 +172,7 @@ def test_comparison_report_is_self_contained(tmp_path, slice_2d):
     adapted = accumulated().aggregate()
     baseline = {**adapted, "mean_dice": adapted["mean_dice"] - 0.1, "mean_hd95_mm": adapted["mean_hd95_mm"] + 2.0}
     table = comparison_section(adapted, baseline, adapted_name="LoRA", baseline_name="LiteMedSAM")
-    md_path, html_path = write_comparison_report(
+    md_path, html_path = write_report(
         out,
         "LiteMedSAM + LoRA <test>",
         [
@@ -197,19 +192,13 @@ def test_comparison_report_is_self_contained(tmp_path, slice_2d):
     assert '<td class="good">+0.100</td>' in page and '<td class="good">-2.00</td>' in page
     assert "<li>tumour</li>" in page
     with pytest.raises(FileNotFoundError):
-        write_comparison_report(out, "x", [ImageSection("missing", [tmp_path / "nope.png"])])
+        write_report(out, "x", [ImageSection("missing", [tmp_path / "nope.png"])])
     with pytest.raises(ValueError, match="captions"):
         ImageSection("x", [inside], ["a", "b"])
 
 
-def test_older_section_form_and_save_evaluation(tmp_path, slice_2d):
+def test_save_evaluation(tmp_path, slice_2d):
     image, gt, pred = slice_2d
-    overlay = save_overlay(image, gt, pred, tmp_path / "o.png", zoom=1)
-    md_path, html_path = write_report(
-        tmp_path, "demo", [Section("Table", "text", ["a", "b"], [["x", 1.0]], [(overlay, "c")])]
-    )
-    assert "| x | 1.000 |" in md_path.read_text(encoding="utf-8")
-    assert "data:image/png;base64," in html_path.read_text(encoding="utf-8")
 
     def evaluation(name, shift):
         labels = gt.astype(np.uint8)

@@ -31,7 +31,7 @@ def test_prompted_volume_on_onnxruntime_equals_torch():
 
 def test_semantic_volume_from_an_export_directory_equals_torch(tmp_path):
     run = tiny_run("lora", task="semantic")
-    run.manifest["preprocessing"] = "minmax"
+    run.manifest.preprocessing = "minmax"
     export_onnx(run, tmp_path)
     exported = load_for_backend(tmp_path, "onnxruntime")
     assert isinstance(exported, ExportedRun) and exported.task == "semantic"

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from samadapt.export.onnx import UnsupportedExportError, export_model, export_onnx
+from samadapt.errors import UnsupportedExportError
+from samadapt.export.onnx import export_model, export_onnx
 from samadapt.export.runtime import (
     ExportedRun,
     OnnxPredictor,
@@ -21,12 +22,12 @@ from samadapt.export.runtime import (
     read_export_manifest,
 )
 from samadapt.export.runtime import InputGeometry as NumpyGeometry
-from samadapt.export.runtime import to_unit_range as numpy_to_unit_range
+from samadapt.intensity import to_unit_range
 from samadapt.models.mask_decoder import make_semantic_decoder
 from samadapt.peft import AdapterConfig, LoRAConfig, PeftConfig, apply_peft
 from samadapt.predict import Predictor
-from samadapt.runs import Run
-from samadapt.transforms import InputGeometry, to_unit_range
+from samadapt.runs import Manifest, Run
+from samadapt.transforms import InputGeometry
 from samadapt.transforms import model_input as torch_model_input
 from tests.conftest import make_tiny_sam
 from tests.peft.test_peft import randomise_peft_weights
@@ -67,10 +68,8 @@ def tiny_run(method: str | None, task: str = "prompt", depth: bool = False) -> R
         )
         apply_peft(model, config)
         randomise_peft_weights(model)
-        manifest = {"base_model": "tiny", "base_sha256": "0" * 64, "peft": config.to_dict(), "task": task}
-    else:
-        manifest = {}
-    manifest.update(preprocessing="mr", axis=0)
+    peft = config.to_dict() if method else {}
+    manifest = Manifest("tiny", "0" * 64, peft, task=task, classes=classes, preprocessing="mr", axis=0)
     return Run(model=model.eval(), name="tiny", task=task, classes=classes, manifest=manifest)
 
 
@@ -113,13 +112,15 @@ def test_numpy_model_input_equals_torch_model_input(shape):
     np.testing.assert_allclose(got, expected.numpy(), atol=2e-6, rtol=0)
 
 
-def test_numpy_raw_image_rule_and_range_check_match_torch():
-    raw = (np.random.default_rng(2).random((90, 70)) * 255).astype(np.uint8)
-    np.testing.assert_array_equal(numpy_to_unit_range(raw), to_unit_range(raw))
-    floats = raw.astype(np.float32) * 3 - 7
-    np.testing.assert_array_equal(numpy_to_unit_range(floats), to_unit_range(floats))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        model_input(raw.astype(np.float32), 128)
+def test_the_raw_image_rule_by_hand_and_both_model_inputs_refuse_unpreprocessed_slices():
+    raw = np.array([[0, 51], [255, 102]], np.uint8)
+    np.testing.assert_allclose(to_unit_range(raw), [[0, 0.2], [1, 0.4]], atol=1e-7)
+    np.testing.assert_allclose(to_unit_range(np.array([[-7, 3], [13, 3]], np.float32)), [[0, 0.5], [1, 0.5]])
+    np.testing.assert_allclose(to_unit_range(np.array([[np.nan, 0], [1, 2]], np.float32)), [[0, 0], [0.5, 1]])
+    assert not to_unit_range(np.full((3, 3), 5.0, np.float32)).any()  # a constant image: zeros, not NaN
+    for make_input in (model_input, torch_model_input):  # the runtime's numpy input and the torch one
+        with pytest.raises(ValueError, match=r"must lie in \[0, 1\], this one spans \[0, 255\]"):
+            make_input(raw.astype(np.float32), 128)
 
 
 @pytest.mark.parametrize("original", [(100, 120), (300, 170), (256, 256), (40, 30)])

@@ -13,7 +13,8 @@ from segment_anything.modeling import PromptEncoder as RefPromptEncoder
 from segment_anything.modeling import TwoWayTransformer as RefTransformer
 from torch import nn
 
-from samadapt.models.checkpoint import CheckpointError, load_state_dict_strict
+from samadapt.errors import CheckpointError
+from samadapt.models.checkpoint import load_state_dict_strict
 from samadapt.models.common import IdentitySlot, ZeroSlot
 from samadapt.models.mask_decoder import (
     MaskDecoder,

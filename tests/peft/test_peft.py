@@ -90,9 +90,9 @@ def test_lora_parameter_count_on_vit_b_matches_hand_computation():
             super().__init__()
             self.image_encoder = encoder
 
-    from samadapt.peft.inject import _add_lora
+    from samadapt.peft.lora import inject_lora
 
-    _add_lora(Holder(), PeftConfig(method="lora", lora=LoRAConfig(rank=4)))
+    inject_lora(Holder(), LoRAConfig(rank=4))
     lora = sum(p.numel() for n, p in encoder.named_parameters() if "lora_" in n)
     # per block: q and v each get A (4 x 768) and B (768 x 4) -> 2 * 2 * 4 * 768; 12 blocks
     assert lora == 12 * 2 * 2 * 4 * 768 == 147_456
@@ -244,3 +244,68 @@ def test_an_adapter_file_missing_a_trained_tensor_is_refused(tmp_path):
     fresh = apply_peft(make_tiny_sam(), PeftConfig(**config.to_dict()))
     with pytest.raises(ValueError, match=rf"1 trained tensors .*missing \({dropped}\)"):
         load_adapter_weights(fresh, tmp_path, base_sha256="a" * 64)
+
+
+def randomise_trainable_weights(model, seed=2):
+    """Move every trainable tensor (PEFT and fully trained modules) off its base value, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PeftConfig(method="msa"),
+        PeftConfig(method="lora", lora=LoRAConfig(decoder=True)),  # SAMed-like: prompt encoder + decoder in full
+        PeftConfig(method="msa+lora", depth=True),
+    ],
+    ids=["msa", "lora", "msa+lora-depth"],
+)
+@pytest.mark.parametrize("merged", [False, True])
+def test_disable_adapters_gives_the_base_model_and_restores_the_adapted_one(config, merged):
+    from samadapt.peft import disable_adapters
+
+    base = make_tiny_sam()
+    adapted = apply_peft(copy.deepcopy(base), config)
+    randomise_trainable_weights(adapted)
+    if merged:
+        merge_lora(adapted)
+    images, points = inputs()
+    with torch.no_grad():
+        expected_base = run(base, images, points)
+        expected_adapted = run(adapted, images, points)
+        assert not torch.allclose(expected_adapted[0], expected_base[0], atol=1e-3)
+        with disable_adapters(adapted):
+            for a, b in zip(run(adapted, images, points), expected_base, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6 if merged else 0)
+        for a, b in zip(run(adapted, images, points), expected_adapted, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6 if merged else 0)
+    assert all(m.merged == merged for m in adapted.modules() if isinstance(m, LoRALinear))
+
+
+def test_disable_adapters_restores_the_adapted_model_after_an_error():
+    from samadapt.peft import disable_adapters
+
+    adapted = apply_peft(make_tiny_sam(), PeftConfig(method="lora"))
+    randomise_trainable_weights(adapted)
+    images, points = inputs()
+    with torch.no_grad():
+        expected = run(adapted, images, points)
+        with pytest.raises(RuntimeError, match="inside the block"), disable_adapters(adapted):
+            raise RuntimeError("inside the block")
+        torch.testing.assert_close(run(adapted, images, points)[0], expected[0], rtol=0, atol=0)
+
+
+def test_a_semantic_decoder_cannot_be_switched_back():
+    from samadapt.errors import RunError
+    from samadapt.models.mask_decoder import make_semantic_decoder
+    from samadapt.peft import disable_adapters
+
+    model = make_tiny_sam()
+    make_semantic_decoder(model.mask_decoder, 3)
+    apply_peft(model, PeftConfig(method="lora"))
+    with pytest.raises(RunError, match="semantic"), disable_adapters(model):
+        pass

@@ -51,7 +51,7 @@ def test_adapt_job_switches_the_model(demo_data, tmp_path):
     assert job["result"]["slices"] == 2 and job["done"] == job["total"] == 1
     info = client.get("/api/info").json()
     assert info["current"] == job["result"]["run"] and info["runs"] == ["lite_medsam", job["result"]["run"]]
-    assert workspace.run.manifest["base_model"] == "lite_medsam"
+    assert workspace.run.base_model == "lite_medsam" and workspace.run.manifest is not None
     back = client.post("/api/model", json={"run": "lite_medsam"}).json()
     assert back["current"] == "lite_medsam" and workspace.run.path is None
     workspace.close()

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
+from samadapt.errors import TrainingInterruptedError
 from samadapt.peft import apply_peft
+from samadapt.runs import Manifest
 from samadapt.train import checkpoints
 from samadapt.train.samples import prepare_slices
-from samadapt.train.trainer import LossForward, Trainer, TrainingInterruptedError
+from samadapt.train.trainer import LossForward, Trainer
 from tests.conftest import make_tiny_sam
 from tests.train.test_trainer import disc_items, make_config
 
@@ -44,7 +46,7 @@ def build(run_dir: Path) -> Trainer:
     model = make_tiny_sam(img_size=64)
     torch.manual_seed(0)
     apply_peft(model, config.peft)
-    manifest = {"base_model": "tiny", "base_sha256": "0" * 64, "peft": config.peft.to_dict()}
+    manifest = Manifest(base_model="tiny", base_sha256="0" * 64, peft=config.peft.to_dict())
     return Trainer(config, model, prepare_slices(disc_items(4, 64), 64), [], [1], run_dir, manifest)
 
 

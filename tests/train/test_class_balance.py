@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from samadapt.errors import TrainingError
 from samadapt.train.losses import SegmentationLoss, balanced_class_weights
-from samadapt.train.trainer import TrainingError, balanced_picks, collapse_warnings
+from samadapt.train.trainer import balanced_picks, collapse_warnings
 from tests.train.test_trainer import make_trainer
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from samadapt.errors import RunDirectoryBusyError, TrainingError
 from samadapt.train.checkpoints import CheckpointStore, sealed_step
-from samadapt.train.lock import RunDirectoryBusyError, RunLock
-from samadapt.train.trainer import TrainingError
+from samadapt.train.lock import RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
 

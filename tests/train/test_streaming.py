@@ -6,6 +6,7 @@ import torch
 
 from samadapt.data.datasets import SliceDataset, load_dataset
 from samadapt.peft import apply_peft
+from samadapt.runs import Manifest
 from samadapt.train.samples import ItemChain, TrainingSlices, prepare_slice
 from samadapt.train.trainer import Trainer
 from tests.conftest import make_tiny_sam
@@ -22,7 +23,7 @@ def trainer_on_disk(root, run_dir, workers: int) -> Trainer:
     )
     torch.manual_seed(0)
     model = apply_peft(make_tiny_sam(64), config.peft)
-    manifest = {"base_model": "tiny", "base_sha256": "0" * 64, "peft": config.peft.to_dict()}
+    manifest = Manifest(base_model="tiny", base_sha256="0" * 64, peft=config.peft.to_dict())
     return Trainer(config, model, TrainingSlices(items, 64), [], [1, 2], run_dir, manifest)
 
 

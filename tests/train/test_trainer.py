@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from samadapt.errors import TrainingError
 from samadapt.peft import PeftConfig, apply_peft
+from samadapt.runs import Manifest
 from samadapt.train.config import TrainConfig, apply_overrides, from_dict
 from samadapt.train.recipes import recipe_defaults
 from samadapt.train.samples import prepare_slices
-from samadapt.train.trainer import Trainer, TrainingError
+from samadapt.train.trainer import Trainer
 from tests.conftest import make_tiny_sam
 
 
@@ -48,7 +50,7 @@ def make_trainer(tmp_path, recipe="cheap-lunch", classes=(1,), seed=0, **overrid
     torch.manual_seed(seed)
     apply_peft(model, config.peft)
     items = disc_items()
-    manifest = {"base_model": "tiny", "base_sha256": "0" * 64, "peft": config.peft.to_dict()}
+    manifest = Manifest(base_model="tiny", base_sha256="0" * 64, peft=config.peft.to_dict())
     return Trainer(config, model, prepare_slices(items[:4], 128), items[4:], list(classes), tmp_path, manifest)
 
 

@@ -10,8 +10,9 @@ from samadapt.data.datasets import (
     split_dataset,
 )
 from samadapt.data.demo import fetch_demo
-from samadapt.data.io import DataError, Volume, read_label, read_volume, write_label
+from samadapt.data.io import Volume, read_label, read_volume, write_label
 from samadapt.data.preprocess import PRESETS, normalize, preset_for_modality
+from samadapt.errors import DataError
 
 __all__ = [
     "PRESETS",

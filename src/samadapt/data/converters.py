@@ -13,9 +13,7 @@ conversion leaves nothing half-written behind.
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +21,9 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from samadapt.data.io import DataError
+from samadapt.data.datasets import write_msd_dataset
+from samadapt.errors import DataError, InputNotFoundError, OutputExistsError
+from samadapt.files import atomic_folder
 
 # SAMed's Synapse protocol: BTCV label -> class id (the other organs become background)
 SYNAPSE_LABEL_MAP = {1: 1, 2: 2, 3: 3, 4: 4, 6: 5, 7: 6, 8: 7, 11: 8}
@@ -43,23 +43,10 @@ def _convert(out: str | Path, fill: Callable[[Path], None]) -> Path:
     """Run ``fill(tmp_dir)`` and move the result to ``out`` (which must not exist or be empty)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+        raise OutputExistsError(f"{out} exists and is not empty; choose a new output directory")
+    with atomic_folder(out) as tmp:
         fill(tmp)
-        tmp.chmod(0o755)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _write_json(out: Path, meta: dict) -> None:
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
 
 
 def _integer_labels(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -75,7 +62,9 @@ def convert_synapse(src: str | Path, out: str | Path) -> Path:
     src = Path(src)
     images = sorted((src / "img").glob("*.nii.gz"))
     if not images:
-        raise FileNotFoundError(f"{src / 'img'}: no *.nii.gz images (expected the Synapse / BTCV layout img/ + label/)")
+        raise InputNotFoundError(
+            f"{src / 'img'}: no *.nii.gz images (expected the Synapse / BTCV layout img/ + label/)"
+        )
     lookup = np.zeros(max(SYNAPSE_LABEL_MAP) + 1, np.uint8)
     for old, new in SYNAPSE_LABEL_MAP.items():
         lookup[old] = new
@@ -89,7 +78,7 @@ def convert_synapse(src: str | Path, out: str | Path) -> Path:
             candidates = [src / "label" / image.name.replace("img", "label", 1), src / "label" / image.name]
             label_path = next((p for p in candidates if p.exists()), None)
             if label_path is None:
-                raise FileNotFoundError(f"{image}: no label {candidates[0]}")
+                raise InputNotFoundError(f"{image}: no label {candidates[0]}")
             values, label = _integer_labels(label_path)
             if values.min() < 0 or values.max() > 255:
                 raise DataError(f"{label_path}: label values outside 0..255")
@@ -100,17 +89,14 @@ def convert_synapse(src: str | Path, out: str | Path) -> Path:
             shutil.copyfile(image, tmp / "imagesTr" / f"{case}.nii.gz")
             nib.save(mapped, str(tmp / "labelsTr" / f"{case}.nii.gz"))
             training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
-        _write_json(
+        write_msd_dataset(
             tmp,
-            {
-                "name": "Synapse",
-                "description": "BTCV abdomen CT, SAMed's 8 organs (BTCV labels 1, 2, 3, 4, 6, 7, 8, 11)",
-                "modality": {"0": "CT"},
-                "labels": {"0": "background", **{str(k): v for k, v in SYNAPSE_CLASSES.items()}},
-                "numTraining": len(training),
-                "training": training,
-                "samadapt": {"preprocessing": "ct_synapse", "axis": 0},
-            },
+            training,
+            SYNAPSE_CLASSES,
+            "CT",
+            "ct_synapse",
+            name="Synapse",
+            description="BTCV abdomen CT, SAMed's 8 organs (BTCV labels 1, 2, 3, 4, 6, 7, 8, 11)",
         )
 
     return _convert(out, fill)
@@ -129,7 +115,7 @@ def convert_brats(src: str | Path, out: str | Path) -> Path:
     src = Path(src)
     cases = sorted(p for p in src.iterdir() if p.is_dir() and _first(p, _FLAIR)) if src.is_dir() else []
     if not cases:
-        raise FileNotFoundError(f"{src}: no BraTS case folders with *_flair.nii.gz (or *-t2f.nii.gz)")
+        raise InputNotFoundError(f"{src}: no BraTS case folders with *_flair.nii.gz (or *-t2f.nii.gz)")
 
     def fill(tmp: Path) -> None:
         (tmp / "imagesTr").mkdir()
@@ -138,7 +124,7 @@ def convert_brats(src: str | Path, out: str | Path) -> Path:
         for folder in cases:
             flair, seg = _first(folder, _FLAIR), _first(folder, _SEG)
             if seg is None:
-                raise FileNotFoundError(f"{folder}: no *_seg.nii.gz next to {flair.name}")
+                raise InputNotFoundError(f"{folder}: no *_seg.nii.gz next to {flair.name}")
             values, label = _integer_labels(seg)
             if values.shape != nib.load(str(flair)).shape:
                 raise DataError(f"{seg}: shape {values.shape} differs from {flair.name}")
@@ -149,17 +135,14 @@ def convert_brats(src: str | Path, out: str | Path) -> Path:
             shutil.copyfile(flair, tmp / "imagesTr" / f"{folder.name}{suffix}")
             nib.save(whole, str(tmp / "labelsTr" / f"{folder.name}.nii.gz"))
             training.append({"image": f"./imagesTr/{folder.name}{suffix}", "label": f"./labelsTr/{folder.name}.nii.gz"})
-        _write_json(
+        write_msd_dataset(
             tmp,
-            {
-                "name": "BraTS-FLAIR-WT",
-                "description": "BraTS FLAIR, whole tumour (all tumour labels merged)",
-                "modality": {"0": "FLAIR"},
-                "labels": {"0": "background", "1": "whole tumour"},
-                "numTraining": len(training),
-                "training": training,
-                "samadapt": {"preprocessing": "mr", "axis": 0},
-            },
+            training,
+            {1: "whole tumour"},
+            "FLAIR",
+            "mr",
+            name="BraTS-FLAIR-WT",
+            description="BraTS FLAIR, whole tumour (all tumour labels merged)",
         )
 
     return _convert(out, fill)
@@ -176,14 +159,14 @@ def convert_isic(src: str | Path, out: str | Path, masks: str | Path | None = No
     image_dir = src / "images" if (src / "images").is_dir() else src
     mask_dir = Path(masks) if masks is not None else src / "masks" if (src / "masks").is_dir() else image_dir
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"{image_dir}: no such folder")
+        raise InputNotFoundError(f"{image_dir}: no such folder")
     pictures = sorted(
         p
         for p in image_dir.iterdir()
         if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp") and not p.stem.endswith(("_segmentation", "_mask"))
     )
     if not pictures:
-        raise FileNotFoundError(f"{image_dir}: no .jpg / .png images")
+        raise InputNotFoundError(f"{image_dir}: no .jpg / .png images")
 
     def fill(tmp: Path) -> None:
         (tmp / "images").mkdir()
@@ -192,7 +175,7 @@ def convert_isic(src: str | Path, out: str | Path, masks: str | Path | None = No
             names = (f"{picture.stem}_segmentation.png", f"{picture.stem}_mask.png", f"{picture.stem}.png")
             mask_path = next((mask_dir / n for n in names if (mask_dir / n).exists() and mask_dir / n != picture), None)
             if mask_path is None:
-                raise FileNotFoundError(f"{picture}: no mask {picture.stem}_segmentation.png in {mask_dir}")
+                raise InputNotFoundError(f"{picture}: no mask {picture.stem}_segmentation.png in {mask_dir}")
             with Image.open(mask_path) as mask_image:
                 mask = np.asarray(mask_image.convert("L")) > 127
             with Image.open(picture) as image:
@@ -200,16 +183,16 @@ def convert_isic(src: str | Path, out: str | Path, masks: str | Path | None = No
                     raise DataError(f"{mask_path}: mask size {mask.shape[::-1]} differs from image size {image.size}")
             shutil.copyfile(picture, tmp / "images" / picture.name)
             Image.fromarray(mask.astype(np.uint8)).save(tmp / "masks" / f"{picture.stem}.png")
-        _write_json(
+        write_msd_dataset(
             tmp,
-            {
-                "name": "ISIC",
-                "description": "dermoscopy lesions, masks thresholded at 128",
-                "modality": {"0": "RGB"},
-                "labels": {"0": "background", "1": "lesion"},
-                "numTraining": len(pictures),
-                "samadapt": {"preprocessing": "rgb"},
-            },
+            [],
+            {1: "lesion"},
+            "RGB",
+            "rgb",
+            axis=None,
+            name="ISIC",
+            description="dermoscopy lesions, masks thresholded at 128",
+            layout="folders",
         )
 
     return _convert(out, fill)

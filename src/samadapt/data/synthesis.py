@@ -11,7 +11,6 @@ image work (matplotlib and nibabel only to write the result).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from samadapt.data.io import DataError
+from samadapt.data.datasets import write_msd_dataset
+from samadapt.errors import ConfigError, DataError
+from samadapt.files import atomic_write
 
 STRATEGIES = ("auto", "random", "most_classes")
 MIN_SPACING = 2  # exemplars of one volume are kept more than this many slices apart (neighbours look alike)
@@ -55,12 +56,12 @@ def select_exemplars(
             slices than ``count``.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown exemplar strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise ConfigError(f"unknown exemplar strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if count < 1:
-        raise ValueError(f"the exemplar count must be at least 1, got {count}")
+        raise ConfigError(f"the exemplar count must be at least 1, got {count}")
     classes = [int(c) for c in classes]
     if not classes:
-        raise ValueError("select_exemplars needs at least one target class")
+        raise ConfigError("select_exemplars needs at least one target class")
     # raises DataError for classes the dataset does not define
     candidates = slices.indices(classes, list(cases) if cases is not None else None)
     if len(candidates) < count:
@@ -205,21 +206,21 @@ class SynthesisConfig:
         for name in ("scale", "rotation", "blur_sigma", "intensity_gain", "intensity_offset", "background_rotation"):
             value = tuple(float(v) for v in getattr(self, name))
             if len(value) != 2 or not all(math.isfinite(v) for v in value) or value[0] > value[1]:
-                raise ValueError(f"SynthesisConfig.{name} must be a finite (low, high) range, got {value}")
+                raise ConfigError(f"SynthesisConfig.{name} must be a finite (low, high) range, got {value}")
             setattr(self, name, value)
         if self.scale[0] <= 0:
-            raise ValueError(f"SynthesisConfig.scale must be positive, got {self.scale}")
+            raise ConfigError(f"SynthesisConfig.scale must be positive, got {self.scale}")
         if self.blur_sigma[0] < 0:
-            raise ValueError(f"SynthesisConfig.blur_sigma must be >= 0, got {self.blur_sigma}")
+            raise ConfigError(f"SynthesisConfig.blur_sigma must be >= 0, got {self.blur_sigma}")
         if self.intensity_gain[0] <= 0:
-            raise ValueError(f"SynthesisConfig.intensity_gain must be positive, got {self.intensity_gain}")
+            raise ConfigError(f"SynthesisConfig.intensity_gain must be positive, got {self.intensity_gain}")
         for name in ("flip_prob", "background_flip_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
-                raise ValueError(f"SynthesisConfig.{name} must be a probability in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"SynthesisConfig.{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= float(self.jitter) <= 0.5:
-            raise ValueError(f"SynthesisConfig.jitter must be a fraction in [0, 0.5], got {self.jitter}")
+            raise ConfigError(f"SynthesisConfig.jitter must be a fraction in [0, 0.5], got {self.jitter}")
         if self.exemplar_order not in ("round_robin", "random"):
-            raise ValueError(
+            raise ConfigError(
                 f"SynthesisConfig.exemplar_order must be 'round_robin' or 'random', got {self.exemplar_order!r}"
             )
 
@@ -430,20 +431,16 @@ def write_synthetic_dataset(
         if "exemplar" in item:
             entry["exemplar"] = int(item["exemplar"])
         training.append(entry)
-    meta = {
-        "name": name,
-        "description": "exemplar-guided synthetic slices (samadapt synth, Cheap Lunch 2.1)",
-        "tensorImageSize": "3D",
-        "modality": {"0": modality},
-        "labels": {"0": "background", **{str(int(c)): str(n) for c, n in sorted(classes.items())}},
-        "numTraining": len(training),
-        "numTest": 0,
-        "training": training,
-        "test": [],
-        "samadapt": {"preprocessing": "minmax", "axis": 0},
-    }
-    path = out_dir / "dataset.json"
-    path.write_text(json.dumps(meta, indent=2))
+    path = write_msd_dataset(
+        out_dir,
+        training,
+        classes,
+        modality,
+        "minmax",
+        name=name,
+        description="exemplar-guided synthetic slices (samadapt synth, Cheap Lunch 2.1)",
+        tensorImageSize="3D",
+    )
     if preview and items:
         save_preview_grid(items, out_dir / "preview.png")
     return path
@@ -470,8 +467,6 @@ def save_preview_grid(items: Sequence[dict], path: str | Path, n: int = 16) -> P
         title = f"ex {item['exemplar']}" if "exemplar" in item else ""
         ax.set_title(title, fontsize=7)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
+    path = atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=80))
     plt.close(figure)
     return path

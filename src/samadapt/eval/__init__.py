@@ -16,26 +16,26 @@ from samadapt.eval.metrics import (
     surface_distances,
 )
 
-# the report writer imports matplotlib: loaded on first use, so metrics stay cheap to import
-_REPORT = (
-    "ImageSection",
-    "TableSection",
-    "TextSection",
-    "comparison_section",
-    "markdown_table",
-    "save_loss_curve",
-    "save_overlay",
-    "save_overlay_grid",
-    "write_comparison_report",
-    "write_metrics_files",
-)
+# figures import matplotlib: loaded on first use, so metrics stay cheap to import
+_LAZY = {
+    "ImageSection": "render",
+    "TableSection": "render",
+    "TextSection": "render",
+    "comparison_section": "render",
+    "markdown_table": "render",
+    "write_report": "render",
+    "save_loss_curve": "figures",
+    "save_overlay": "figures",
+    "save_overlay_grid": "figures",
+    "write_metrics_files": "results",
+}
 
 
 def __getattr__(name: str):
-    if name in _REPORT:
-        from samadapt.eval import report
+    if name in _LAZY:
+        import importlib
 
-        return getattr(report, name)
+        return getattr(importlib.import_module(f"samadapt.eval.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'samadapt.eval' has no attribute {name!r}")
 
 
@@ -53,5 +53,5 @@ __all__ = [
     "iou",
     "nsd",
     "surface_distances",
-    *_REPORT,
+    *_LAZY,
 ]

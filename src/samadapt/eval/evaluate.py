@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import zlib
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +24,13 @@ import numpy as np
 import torch
 
 from samadapt.device import distributed_context
+from samadapt.errors import ConfigError, DataError
 from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, aggregate, binary_metrics, dice
+from samadapt.files import atomic_write_text
 from samadapt.predict import Predictor, default_batch_size
 from samadapt.prompts import box_from_mask, iterative_clicks, objects
 from samadapt.runs import Run
+from samadapt.runs import baseline as un_adapted
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def parse_protocol(text: str) -> Protocol:
             return Protocol("box", jitter=int(arg or 0))
     except ValueError:
         pass
-    raise ValueError(f"unknown prompt protocol {text!r}: use none, point:N, box or box:J")
+    raise ConfigError(f"unknown prompt protocol {text!r}: use none, point:N, box or box:J")
 
 
 @dataclass
@@ -88,7 +91,7 @@ def predict_slice(
         _check_semantic(run)
         return semantic_result(item, predictor.predict_semantic(), run, classes)
     if run.task == "semantic":
-        raise ValueError(f"a semantic model takes no prompts; evaluate it with --prompt none, not {protocol}")
+        raise ConfigError(f"a semantic model takes no prompts; evaluate it with --prompt none, not {protocol}")
     found = list(objects(label, list(classes), objects_mode))
     if protocol.kind == "box" and found:
         # every object of the slice in one decoder call
@@ -115,7 +118,7 @@ def predict_slice(
 
 def _check_semantic(run: Run) -> None:
     if run.task != "semantic":
-        raise ValueError("the 'none' protocol needs a semantic model (e.g. trained with the samed recipe)")
+        raise ConfigError("the 'none' protocol needs a semantic model (e.g. trained with the samed recipe)")
 
 
 def semantic_result(item: dict, labels: np.ndarray, run: Run, classes: Sequence[int]) -> SliceResult:
@@ -288,15 +291,8 @@ def evaluate_volumes(
             case_rows.append({"case": case_id, "slice": -1, "class": name, **metrics})
         rows.extend(case_rows)
         if done is not None:
-            _write_atomic(done, json.dumps(case_rows))
+            atomic_write_text(done, json.dumps(case_rows))
     return Evaluation(str(protocol), run.label, rows, aggregate(rows, list(classes.values())), kept.results())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _finished_dir(out: str | Path, run: Run, protocol: Protocol, chosen: dict, options: dict) -> Path:
@@ -304,8 +300,8 @@ def _finished_dir(out: str | Path, run: Run, protocol: Protocol, chosen: dict, o
     another model, checkpoint, protocol, seed or class set never reuses them."""
     key = {
         "run": str(run.path or run.name),
-        "step": run.manifest.get("step"),
-        "base": run.manifest.get("base_sha256"),
+        "step": run.manifest.step if run.manifest else None,
+        "base": run.manifest.base_sha256 if run.manifest else None,
         "protocol": str(protocol),
         "classes": sorted(chosen),
         **options,
@@ -414,7 +410,7 @@ def evaluate(
 
         run = load_for_backend(run, backend, device=device)
     protocol = parse_protocol(prompt) if isinstance(prompt, str) else prompt
-    axis = run.manifest.get("axis") if axis is None else axis
+    axis = run.axis if axis is None else axis
     precision = precision or run.precision
     spec = load_dataset(data)
     slices = SliceDataset(spec, axis=axis)
@@ -422,7 +418,7 @@ def evaluate(
     if classes:
         unknown = sorted(set(classes) - set(spec.classes))
         if unknown:
-            raise ValueError(f"{spec.root}: classes {unknown} are not in dataset.json (it has {sorted(spec.classes)})")
+            raise DataError(f"{spec.root}: classes {unknown} are not in dataset.json (it has {sorted(spec.classes)})")
         chosen = {c: spec.classes[c] for c in classes}
     case_ids = list(cases) if cases else [c.id for c in spec.cases]
     rank, world = distributed_context()  # under torchrun each rank scores every world-th volume
@@ -436,9 +432,11 @@ def evaluate(
     reference = None
     if baseline:
         base_protocol = protocol if protocol.kind != "none" else parse_protocol("point:1")
-        base = load_run(run.name, device=device)
-        base_finished = _finished_dir(out, base, base_protocol, chosen, options) if out is not None else None
-        reference = evaluate_volumes(base, slices, shard, chosen, base_protocol, finished_dir=base_finished, **kwargs)
+        with _baseline(run, backend, device) as base:
+            base_finished = _finished_dir(out, base, base_protocol, chosen, options) if out is not None else None
+            reference = evaluate_volumes(
+                base, slices, shard, chosen, base_protocol, finished_dir=base_finished, **kwargs
+            )
         reference = _gathered(reference, case_ids, chosen, world)
     if out is not None and rank == 0:
         return save_evaluation(out, evaluation, reference)
@@ -446,3 +444,16 @@ def evaluate(
     if reference is not None:
         metrics["baseline"] = reference.metrics_json()
     return metrics
+
+
+@contextmanager
+def _baseline(run, backend: str, device):
+    """The un-adapted model beside ``run``: ``runs.baseline`` (the same model, adapters off), or for an ONNX export
+    the base model exported on the fly."""
+    if backend == "torch":
+        with un_adapted(run, device) as base:
+            yield base
+    else:
+        from samadapt.export.backend import load_for_backend
+
+        yield load_for_backend(run.base_model, backend, device=device)

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from samadapt.errors import ConfigError, RunError
 from samadapt.export.runtime import ExportedRun, OnnxPredictor, is_export_dir, load_export
 
 BACKENDS = ("torch", "onnxruntime")
@@ -22,7 +23,7 @@ _exports: dict[int, tuple[object, Path]] = {}  # id(model) -> (model, export dir
 
 def _check(backend: str) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
 def load_for_backend(path_or_model, backend: str = "torch", device=None):
@@ -31,7 +32,7 @@ def load_for_backend(path_or_model, backend: str = "torch", device=None):
     if backend == "onnxruntime" and is_export_dir(path_or_model):
         return load_export(path_or_model)
     if is_export_dir(path_or_model):
-        raise ValueError(f"{path_or_model} is an ONNX export: use it with --backend onnxruntime")
+        raise RunError(f"{path_or_model} is an ONNX export: use it with --backend onnxruntime")
     from samadapt.runs import load_run
 
     return load_run(path_or_model, device=device)
@@ -58,7 +59,7 @@ def make_predictor(run, backend: str = "torch", device=None, precision: str | No
     if backend == "onnxruntime":
         return OnnxPredictor(export_dir_for(run), cache_size=cache_size)
     if isinstance(run, ExportedRun):
-        raise ValueError(f"{run.path} is an ONNX export: it runs on the onnxruntime backend only")
+        raise RunError(f"{run.path} is an ONNX export: it runs on the onnxruntime backend only")
     from samadapt.predict import Predictor
 
     return Predictor(run.model, device=device, precision=precision or run.precision, cache_size=cache_size)

@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from samadapt import __version__
-from samadapt.errors import SamadaptError
+from samadapt.errors import UnsupportedExportError
 from samadapt.export.runtime import DECODER, ENCODER, FORMAT, FORMAT_VERSION, MANIFEST
+from samadapt.files import atomic_write_text
 from samadapt.models.checkpoint import file_sha256
 from samadapt.models.common import ZeroSlot, is_empty_slot
 from samadapt.models.sam import Sam
@@ -49,10 +50,6 @@ from samadapt.peft.lora import LoRALinear
 __all__ = ["DEFAULT_OPSET", "UnsupportedExportError", "export_onnx", "export_model"]
 
 DEFAULT_OPSET = 17
-
-
-class UnsupportedExportError(SamadaptError, ValueError):
-    """The run holds something the ONNX export cannot represent (named in the message)."""
 
 
 class _Encoder(nn.Module):
@@ -287,7 +284,7 @@ def export_model(
         },
         "run_manifest": run_manifest,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
 
@@ -322,8 +319,8 @@ def export_onnx(
         out,
         task=run.task,
         classes=run.classes,
-        name=run.name,
-        run_manifest=run.manifest,
+        name=run.base_model,
+        run_manifest=run.manifest.to_dict() if run.manifest else {},
         drop_depth=drop_depth,
         opset=opset,
     )

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from samadapt.errors import InputNotFoundError, RunError
+from samadapt.intensity import check_unit_range, to_unit_range
+
 __all__ = [
     "ExportedRun",
     "InputGeometry",
@@ -41,9 +44,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ENCODER = "image_encoder.onnx"
 DECODER = "decoder.onnx"
-
-# preprocessed slices may overshoot [0, 1] by rounding only (as transforms._UNIT_TOLERANCE)
-_UNIT_TOLERANCE = 1e-3
 
 
 # -- resampling, as torch.nn.functional.interpolate(mode="bilinear", align_corners=False) -------------------------
@@ -137,15 +137,6 @@ class InputGeometry:
         return resize(masks[..., :crop_h, :crop_w], self.original)
 
 
-def to_unit_range(image: np.ndarray) -> np.ndarray:
-    """A raw (H, W) or (H, W, 3) image as float32 in [0, 1]: uint8 / 255, anything else min-max (constant -> 0)."""
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    image = np.asarray(image, dtype=np.float32)
-    low, high = float(image.min()), float(image.max())
-    return (image - low) / max(high - low, 1e-8)
-
-
 def model_input(image: np.ndarray, size: int) -> tuple[np.ndarray, InputGeometry]:
     """A preprocessed (H, W) or (H, W, 3) slice in [0, 1] -> (1, 3, size, size) float32 and its geometry.
 
@@ -155,11 +146,7 @@ def model_input(image: np.ndarray, size: int) -> tuple[np.ndarray, InputGeometry
         ValueError: the image is not in [0, 1], or not (H, W) / (H, W, 3).
     """
     image = np.asarray(image)
-    if image.size and (float(image.min()) < -_UNIT_TOLERANCE or float(image.max()) > 1 + _UNIT_TOLERANCE):
-        raise ValueError(
-            f"a preprocessed slice must lie in [0, 1], this one spans [{float(image.min()):.4g}, "
-            f"{float(image.max()):.4g}]: apply a preprocessing preset first (samadapt.data.preprocess)"
-        )
+    check_unit_range(image)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     if image.ndim != 3 or image.shape[-1] != 3:
@@ -191,15 +178,15 @@ def read_export_manifest(path: str | Path) -> dict:
     """
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found: not an export directory (samadapt export --format onnx)")
+        raise InputNotFoundError(f"{manifest_path} not found: not an export directory (samadapt export --format onnx)")
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{manifest_path} is not valid JSON: {error}") from error
+        raise RunError(f"{manifest_path} is not valid JSON: {error}") from error
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{manifest_path}: not a samadapt ONNX export (format {manifest.get('format')!r})")
+        raise RunError(f"{manifest_path}: not a samadapt ONNX export (format {manifest.get('format')!r})")
     if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(
+        raise RunError(
             f"{manifest_path}: export format {manifest['format_version']} is newer than this runtime's "
             f"{FORMAT_VERSION}; update samadapt"
         )
@@ -225,6 +212,18 @@ class ExportedRun:
     @property
     def label(self) -> str:
         return f"{self.path.name} (onnx, {self.name})"
+
+    @property
+    def base_model(self) -> str:
+        return self.name
+
+    @property
+    def axis(self) -> int | None:
+        return self.manifest.get("axis")
+
+    @property
+    def preprocessing(self) -> str:
+        return self.manifest.get("preprocessing") or ""
 
 
 def load_export(path: str | Path) -> ExportedRun:
@@ -426,4 +425,4 @@ def _check_sha256(folder: Path, files: dict) -> None:
             for block in iter(lambda h=handle: h.read(1 << 20), b""):
                 digest.update(block)
         if digest.hexdigest() != entry["sha256"]:
-            raise ValueError(f"{folder / entry['path']}: checksum differs from the manifest's ({role}); re-export")
+            raise RunError(f"{folder / entry['path']}: checksum differs from the manifest's ({role}); re-export")

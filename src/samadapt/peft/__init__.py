@@ -16,8 +16,11 @@ from samadapt.peft.inject import (
     unmerge_lora,
 )
 from samadapt.peft.lora import LoRALinear, add_lora
+from samadapt.peft.registry import METHODS, register_method
+from samadapt.peft.toggle import disable_adapters
 
 __all__ = [
+    "METHODS",
     "Adapter",
     "AdapterConfig",
     "DepthBranch",
@@ -27,12 +30,14 @@ __all__ = [
     "PromptConditionedAdapter",
     "add_lora",
     "apply_peft",
+    "disable_adapters",
     "format_parameter_report",
     "is_peft_key",
     "load_adapter_weights",
     "merge_lora",
     "parameter_report",
     "read_manifest",
+    "register_method",
     "save_adapter",
     "set_depth",
     "trainable_state_dict",

@@ -4,55 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("msa", "lora", "msa+lora")
-
-
-@dataclass
-class AdapterConfig:
-    """MSA adapters.
-
-    Attributes:
-        ratio: bottleneck width as a fraction of the token width (MSA: 0.25).
-        mlp_scale: factor on the adapter beside the MLP (MSA: 0.5).
-        encoder: adapters in every image-encoder block (space + MLP).
-        decoder: the three adapters in the FIRST two-way decoder block (the first one prompt-conditioned).
-    """
-
-    ratio: float = 0.25
-    mlp_scale: float = 0.5
-    encoder: bool = True
-    decoder: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0 < self.ratio <= 4:
-            raise ValueError(f"adapter ratio must be in (0, 4], got {self.ratio}")
-
-
-@dataclass
-class LoRAConfig:
-    """LoRA factors.
-
-    Attributes:
-        rank: r of the low-rank update (SAMed, Cheap Lunch: 4).
-        alpha: the update is scaled by alpha / rank; None means alpha = rank (scale 1, as SAMed).
-        dropout: dropout on the LoRA input path.
-        encoder_parts: parts of each encoder block's fused qkv projection to adapt (SAMed: q and v).
-        decoder: also adapt the mask decoder's attention q and v projections (Cheap Lunch).
-    """
-
-    rank: int = 4
-    alpha: float | None = None
-    dropout: float = 0.0
-    encoder_parts: tuple[str, ...] = ("q", "v")
-    decoder: bool = False
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        self.encoder_parts = tuple(self.encoder_parts)
-        unknown = set(self.encoder_parts) - {"q", "k", "v"}
-        if unknown:
-            raise ValueError(f"unknown LoRA parts {sorted(unknown)}: choose among q, k, v")
+from samadapt.errors import ConfigError
+from samadapt.peft.adapter import AdapterConfig
+from samadapt.peft.lora import LoRAConfig
 
 
 @dataclass
@@ -60,7 +14,7 @@ class PeftConfig:
     """One PEFT method applied to a SAM model.
 
     Attributes:
-        method: ``msa`` (adapters), ``lora`` or ``msa+lora``.
+        method: a name in ``samadapt.peft.registry.METHODS``: ``msa`` (adapters), ``lora`` or ``msa+lora``.
         adapter / lora: hyper-parameters of each part (used when the method includes it).
         depth: add MSA's depth branch for 3D stacks (needs adapters' slots; works with any method).
         train_modules: module-path prefixes trained in full besides the PEFT weights, e.g. ``mask_decoder`` (SAMed)
@@ -74,20 +28,14 @@ class PeftConfig:
     train_modules: list[str] | None = None
 
     def __post_init__(self) -> None:
+        from samadapt.peft.registry import METHODS
+
         if self.method not in METHODS:
-            raise ValueError(f"unknown PEFT method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise ConfigError(f"unknown PEFT method {self.method!r}; choose one of {', '.join(METHODS)}")
         if isinstance(self.adapter, dict):
             self.adapter = AdapterConfig(**self.adapter)
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**self.lora)
-
-    @property
-    def uses_adapters(self) -> bool:
-        return "msa" in self.method
-
-    @property
-    def uses_lora(self) -> bool:
-        return "lora" in self.method
 
     def to_dict(self) -> dict:
         data = asdict(self)

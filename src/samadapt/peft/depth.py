@@ -33,11 +33,12 @@ class DepthBranch(nn.Module):
         self.adapter = Adapter(attention.proj.out_features, ratio, skip=False)
         self.depth: int | None = None  # slices per volume; None: the whole batch is one volume
         self.in_dim = dim
+        self.enabled = True  # off: adds nothing (see disable_adapters)
 
     def forward(self, h: torch.Tensor, *context: torch.Tensor) -> torch.Tensor | float:
         batch = h.shape[0]
         depth = self.depth or batch
-        if depth == 1:
+        if depth == 1 or not self.enabled:
             return 0.0
         if batch % depth:
             raise ValueError(f"batch of {batch} slices is not a whole number of {depth}-slice volumes")
@@ -62,3 +63,11 @@ def set_depth(model: nn.Module, depth: int | None) -> None:
     for module in model.modules():
         if isinstance(module, DepthBranch):
             module.depth = depth
+
+
+def inject_depth(model: nn.Module, ratio: float) -> None:
+    """MSA's depth branch in every encoder block (attention across the slices of a stack)."""
+    from samadapt.peft.blocks import encoder_blocks
+
+    for block in encoder_blocks(model):
+        block.depth_branch = DepthBranch(block.attn, ratio)

@@ -7,8 +7,6 @@ keys stay the same and a plain checkpoint still loads.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,11 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from samadapt.errors import ConfigError, InputNotFoundError, RunError
+from samadapt.files import atomic_write, atomic_write_text
 from samadapt.models.common import is_empty_slot
-from samadapt.peft.adapter import Adapter, PromptConditionedAdapter
 from samadapt.peft.config import DEFAULT_TRAIN_MODULES, PeftConfig
-from samadapt.peft.depth import DepthBranch
-from samadapt.peft.lora import LoRALinear, add_lora
+from samadapt.peft.depth import inject_depth
+from samadapt.peft.lora import LoRALinear
+from samadapt.peft.registry import METHODS, PARTS
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "adapter_config.json"
@@ -32,56 +32,25 @@ def is_peft_key(key: str) -> bool:
     return any(marker in key for marker in PEFT_MARKERS)
 
 
-def encoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The image encoder's attention blocks (ViT blocks, or TinyViT's transformer blocks)."""
-    return [m for m in model.image_encoder.modules() if hasattr(m, "attn_adapter") and hasattr(m, "attn")]
-
-
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    return list(model.mask_decoder.transformer.layers)
-
-
 def apply_peft(model: nn.Module, config: PeftConfig) -> nn.Module:
-    """Insert the method's modules into ``model`` (in place), then freeze all but what the policy trains."""
+    """Insert the method's modules into ``model`` (in place), then freeze all but what the policy trains.
+
+    The base values of the modules trained in full are kept aside (on the CPU, ``model.peft_base_values``), so
+    ``disable_adapters`` gives the un-adapted model back without loading it a second time.
+    """
     if any(is_peft_key(k) for k in model.state_dict()):
-        raise ValueError("this model already carries PEFT modules; build a fresh base model")
-    if config.uses_adapters:
-        _add_adapters(model, config)
-    if config.uses_lora:
-        _add_lora(model, config)
+        raise ConfigError("this model already carries PEFT modules; build a fresh base model")
+    for part in METHODS[config.method]:
+        PARTS[part](model, config)
     if config.depth:
-        for block in encoder_blocks(model):
-            block.depth_branch = DepthBranch(block.attn, config.adapter.ratio)
+        inject_depth(model, config.adapter.ratio)
     set_trainable(model, config)
+    model.peft_base_values = {
+        name: param.detach().to("cpu", copy=True)
+        for name, param in model.named_parameters()
+        if param.requires_grad and not is_peft_key(name)
+    }
     return model
-
-
-def _add_adapters(model: nn.Module, config: PeftConfig) -> None:
-    cfg = config.adapter
-    if cfg.encoder:
-        for block in encoder_blocks(model):
-            dim = block.attn.proj.out_features
-            block.attn_adapter = Adapter(dim, cfg.ratio, skip=True)
-            block.mlp_adapter = Adapter(dim, cfg.ratio, skip=False, scale=cfg.mlp_scale)
-    if cfg.decoder:
-        first = decoder_blocks(model)[0]
-        dim = first.norm1.normalized_shape[0]
-        first.token_to_image_adapter = PromptConditionedAdapter(dim, cfg.ratio, skip=True)
-        first.mlp_adapter = Adapter(dim, cfg.ratio, skip=False, scale=cfg.mlp_scale)
-        first.image_to_token_adapter = Adapter(dim, cfg.ratio, skip=True)
-
-
-def _add_lora(model: nn.Module, config: PeftConfig) -> None:
-    cfg = config.lora
-    for block in encoder_blocks(model):
-        slices = block.attn.qkv_slices()
-        parts = {name: slices[name] for name in cfg.encoder_parts}
-        add_lora(block.attn, "qkv", parts, cfg.rank, cfg.alpha, cfg.dropout)
-    if cfg.decoder:
-        attentions = [m for m in model.mask_decoder.modules() if hasattr(m, "q_proj") and hasattr(m, "v_proj")]
-        for attention in attentions:
-            add_lora(attention, "q_proj", None, cfg.rank, cfg.alpha, cfg.dropout)
-            add_lora(attention, "v_proj", None, cfg.rank, cfg.alpha, cfg.dropout)
 
 
 def train_modules(config: PeftConfig) -> list[str]:
@@ -96,7 +65,7 @@ def set_trainable(model: nn.Module, config: PeftConfig) -> None:
     known = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
     for prefix in prefixes:
         if prefix not in known:
-            raise ValueError(f"train_modules names {prefix!r}, which is not a module of this model")
+            raise ConfigError(f"train_modules names {prefix!r}, which is not a module of this model")
     for name, param in model.named_parameters():
         param.requires_grad = is_peft_key(name) or name.startswith(prefixes)
 
@@ -165,20 +134,19 @@ def save_adapter(model: nn.Module, directory: str | Path, manifest: dict) -> Pat
     if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
         raise RuntimeError("un-merge LoRA before saving: merged weights would be saved twice")
     tensors = trainable_state_dict(model)
-    _atomic_write(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path)))
-    text = json.dumps({**manifest, "tensors": len(tensors)}, indent=2, sort_keys=True)
-    _atomic_write(directory / MANIFEST, lambda path: Path(path).write_text(text))
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path)))
+    atomic_write_text(directory / MANIFEST, json.dumps({**manifest, "tensors": len(tensors)}, indent=2, sort_keys=True))
     return directory
 
 
 def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not an adapter directory")
+        raise InputNotFoundError(f"{path} not found: not an adapter directory")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+        raise RunError(f"{path} is not valid JSON: {error}") from error
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path, base_sha256: str) -> dict:
@@ -191,7 +159,7 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, base_sha256: s
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest["base_sha256"] != base_sha256:
-        raise ValueError(
+        raise RunError(
             f"{directory / MANIFEST}: adapter was trained on base weights {manifest['base_sha256'][:12]}..., "
             f"the model given has {base_sha256[:12]}...; load it onto the same base model ({manifest['base_model']})"
         )
@@ -199,15 +167,15 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, base_sha256: s
     own = dict(model.named_parameters())
     for key, value in tensors.items():
         if key not in own:
-            raise ValueError(f"{directory / ADAPTER_WEIGHTS}: tensor {key} has no place in this model")
+            raise RunError(f"{directory / ADAPTER_WEIGHTS}: tensor {key} has no place in this model")
         if own[key].shape != value.shape:
-            raise ValueError(
+            raise RunError(
                 f"{directory / ADAPTER_WEIGHTS}: {key} is {tuple(value.shape)}, model has {tuple(own[key].shape)}"
             )
     missing = sorted(key for key, param in own.items() if param.requires_grad and key not in tensors)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ValueError(
+        raise RunError(
             f"{directory / ADAPTER_WEIGHTS}: {len(missing)} trained tensors of this PEFT configuration are missing "
             f"({', '.join(missing[:3])}{more}): the file is incomplete or belongs to another configuration"
         )
@@ -215,18 +183,6 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, base_sha256: s
         for key, value in tensors.items():
             own[key].copy_(value)
     return manifest
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def empty_slots(model: nn.Module) -> int:

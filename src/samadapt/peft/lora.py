@@ -8,10 +8,40 @@ state-dict keys of the base model do not change; the low-rank factors are extra 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from samadapt.errors import ConfigError
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA factors.
+
+    Attributes:
+        rank: r of the low-rank update (SAMed, Cheap Lunch: 4).
+        alpha: the update is scaled by alpha / rank; None means alpha = rank (scale 1, as SAMed).
+        dropout: dropout on the LoRA input path.
+        encoder_parts: parts of each encoder block's fused qkv projection to adapt (SAMed: q and v).
+        decoder: also adapt the mask decoder's attention q and v projections (Cheap Lunch).
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    encoder_parts: tuple[str, ...] = ("q", "v")
+    decoder: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"LoRA rank must be >= 1, got {self.rank}")
+        self.encoder_parts = tuple(self.encoder_parts)
+        unknown = set(self.encoder_parts) - {"q", "k", "v"}
+        if unknown:
+            raise ConfigError(f"unknown LoRA parts {sorted(unknown)}: choose among q, k, v")
 
 
 def rows_index(rows: slice | list[slice], out_features: int) -> torch.Tensor:
@@ -40,6 +70,7 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.part_names = list(parts)
         self.merged = False
+        self.enabled = True  # off: the base layer alone (see disable_adapters)
         device, dtype = base.weight.device, base.weight.dtype
         for name, rows in parts.items():
             index = rows_index(rows, base.out_features).to(device)
@@ -73,7 +104,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or not self.enabled:  # disable_adapters un-merges first
             return out
         # one low-rank product for all parts: two thin matmuls and one add, no scatter over the output
         a, b = self._stacked_factors()
@@ -113,3 +144,19 @@ def add_lora(
     wrapped = LoRALinear(base, parts, rank, alpha, dropout)
     setattr(parent, attribute, wrapped)
     return wrapped
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig) -> None:
+    """LoRA on the chosen parts of every encoder block's qkv projection, and (``config.decoder``) on the q and v
+    projections of every mask-decoder attention (Cheap Lunch)."""
+    from samadapt.peft.blocks import encoder_blocks
+
+    for block in encoder_blocks(model):
+        slices = block.attn.qkv_slices()
+        parts = {name: slices[name] for name in config.encoder_parts}
+        add_lora(block.attn, "qkv", parts, config.rank, config.alpha, config.dropout)
+    if config.decoder:
+        attentions = [m for m in model.mask_decoder.modules() if hasattr(m, "q_proj") and hasattr(m, "v_proj")]
+        for attention in attentions:
+            add_lora(attention, "q_proj", None, config.rank, config.alpha, config.dropout)
+            add_lora(attention, "v_proj", None, config.rank, config.alpha, config.dropout)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from samadapt.data.datasets import write_msd_dataset
 from samadapt.data.io import Volume, write_label
 from samadapt.data.preprocess import CT_WINDOWS, SLICE_WISE
 
@@ -49,16 +50,15 @@ def training_set(session, folder: Path) -> Path:
     if preset not in SLICE_WISE and preset not in CT_WINDOWS and preset != "rgb":
         preset = "percentile_slice"
     present = {int(v) for a, i in picked for v in np.unique(session.plane(a, i)) if v}
-    meta = {
-        "name": f"samadapt-serve {session.path.name}",
-        "modality": {"0": "CT" if preset in CT_WINDOWS else "MRI"},
-        "labels": {"0": "background", **{str(v): session.objects[v]["name"] for v in sorted(present)}},
-        "numTraining": len(training),
-        "training": training,
-        "test": [],
-        "samadapt": {"preprocessing": preset, "axis": 0, "source": str(session.path)},
-    }
-    (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+    write_msd_dataset(
+        folder,
+        training,
+        {v: session.objects[v]["name"] for v in sorted(present)},
+        "CT" if preset in CT_WINDOWS else "MRI",
+        preset,
+        name=f"samadapt-serve {session.path.name}",
+        samadapt_extra={"source": str(session.path)},
+    )
     return folder
 
 
@@ -85,7 +85,7 @@ def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
         data = training_set(session, base / "data")
     cases = len(json.loads((data / "dataset.json").read_text())["training"])
     config = recipe_defaults(recipe)
-    config["model"]["name"] = workspace.run.manifest.get("base_model", workspace.run.name)
+    config["model"]["name"] = workspace.run.base_model
     config["data"].update({"path": str(data), "val_cases": 1 if cases > 2 else 0, "workers": 0})
     config["train"].update(
         {"steps": int(steps), "log_every": 1, "val_every": 0, "checkpoint_every": 0, "device": "auto", "seed": 0}

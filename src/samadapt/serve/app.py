@@ -32,7 +32,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from samadapt.data.io import DataError
+from samadapt.errors import DataError
 from samadapt.serve.jobs import Jobs, propagate
 from samadapt.serve.session import Session, Workspace
 

@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from samadapt.data.datasets import load_dataset
-from samadapt.data.io import ITK, NIFTI, NPZ, PICTURES, DataError, Volume, read_volume, suffix_of, write_label
+from samadapt.data.io import ITK, NIFTI, NPZ, PICTURES, Volume, read_volume, suffix_of, write_label
 from samadapt.data.preprocess import PRESETS, preprocess_volume, volume_slice
+from samadapt.errors import DataError, InputNotFoundError
+from samadapt.files import atomic_write
 from samadapt.predict import Predictor
 
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4")
@@ -197,7 +199,7 @@ class Workspace:
         self.roots = [Path(r).resolve() for r in roots or []]
         for root in self.roots:
             if not root.is_dir():
-                raise FileNotFoundError(f"{root}: --root must be an existing folder")
+                raise InputNotFoundError(f"{root}: --root must be an existing folder")
         self.demo = {k: Path(v).resolve() for k, v in (demo or {}).items()}
         self.state_dir = Path(state_dir or cache_root() / "serve").resolve()
         default_labels = self.roots[0] / "labels" if self.roots else self.state_dir / "labels"
@@ -359,7 +361,7 @@ class Workspace:
         volume = read_volume(resolved)
         dataset, classes, axis = self._dataset_of(resolved)
         if preset is None:
-            preset = (dataset.preprocessing if dataset else None) or self.run.manifest.get("preprocessing")
+            preset = (dataset.preprocessing if dataset else None) or self.run.preprocessing
             preset = preset or ("rgb" if volume.array.ndim == 4 else "mr")
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -373,7 +375,7 @@ class Workspace:
             path=resolved,
             volume=volume,
             preset=preset,
-            axis=axis if dataset else int(self.run.manifest.get("axis", 0)),
+            axis=axis if dataset else int(self.run.axis or 0),
             array=preprocess_volume(volume.array, preset),
             labels=np.zeros(volume.array.shape[:3], np.int32),
             objects={},
@@ -508,12 +510,12 @@ class Workspace:
             }
             session.dirty = False
         target = self.autosave_path(session.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".partial-{os.getpid()}-{threading.get_ident()}-{target.name}")
-        with open(partial, "wb") as handle:
-            np.savez_compressed(handle, labels=labels, meta=np.array(json.dumps(meta)))
-        os.replace(partial, target)
-        return target
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as handle:  # a handle: given a name, numpy would append ".npz"
+                np.savez_compressed(handle, labels=labels, meta=np.array(json.dumps(meta)))
+
+        return atomic_write(target, write)
 
     def _restore(self, session: Session) -> None:
         target = self.autosave_path(session.path)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from samadapt.errors import TrainingError
 from samadapt.peft import apply_peft, format_parameter_report
-from samadapt.runs import base_model_facts, build_base
+from samadapt.runs import Manifest, base_model_facts, build_base
 from samadapt.train.config import TrainConfig
 from samadapt.train.samples import ItemChain, TrainingSlices
-from samadapt.train.trainer import Trainer, TrainingError, TrainResult
+from samadapt.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +45,18 @@ def fit_slices(
     apply_peft(model, config.peft)
     if verbose:
         print(format_parameter_report(model))
-    manifest = {
+    manifest = Manifest(
         **base_model_facts(config.model.name, config.model.checkpoint),
-        "peft": config.peft.to_dict(),
-        "recipe": config.recipe,
-        "task": config.task,
-        "img_size": model.img_size,
-        "classes": {str(k): v for k, v in classes.items()},
-        "preprocessing": preprocessing,
-        "axis": config.data.axis,
-        "prompt": {"kind": config.prompt.kind, "objects": config.prompt.objects},
-        "precision": config.train.precision,
-    }
+        peft=config.peft.to_dict(),
+        recipe=config.recipe,
+        task=config.task,
+        img_size=model.img_size,
+        classes=dict(classes),
+        preprocessing=preprocessing,
+        axis=config.data.axis,
+        prompt={"kind": config.prompt.kind, "objects": config.prompt.objects},
+        precision=config.train.precision,
+    )
     train_slices = TrainingSlices(train_items, model.img_size)
     trainer = Trainer(config, model, train_slices, val_items, list(classes), run_dir, manifest)
     return trainer.fit(resume=resume)

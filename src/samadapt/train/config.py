@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from samadapt.errors import ConfigError
+from samadapt.files import atomic_write_text
 from samadapt.peft.config import AdapterConfig, LoRAConfig, PeftConfig
 from samadapt.precision import PRECISIONS
 
@@ -145,31 +147,31 @@ class TrainConfig:
         _check_choice("train.precision", self.train.precision, PRECISIONS)
         _check_choice("optim.name", self.optim.name, ("adamw", "sgd"))
         if self.train.steps < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
-            raise ValueError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+            raise ConfigError("train.steps, train.batch_size and train.grad_accum must be >= 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def from_dict(cls: type, data: dict, where: str = "") -> typing.Any:
     """Build dataclass ``cls`` from nested dicts; unknown keys are errors naming the full key."""
     if not isinstance(data, dict):
-        raise ValueError(f"config section {where or '<root>'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"config section {where or '<root>'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{where}{key}"
         if key not in names:
-            raise ValueError(f"unknown config key {full!r}; known keys here: {', '.join(sorted(names))}")
+            raise ConfigError(f"unknown config key {full!r}; known keys here: {', '.join(sorted(names))}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value, f"{full}.")
@@ -190,7 +192,7 @@ def coerce(value: typing.Any, hint: typing.Any, key: str) -> typing.Any:
         if isinstance(value, str):
             value = yaml.safe_load(value)
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key {key!r} needs a list, got {value!r}")
+            raise ConfigError(f"config key {key!r} needs a list, got {value!r}")
         inner = typing.get_args(hint)[0]
         items = [coerce(v, inner, key) for v in value]
         return tuple(items) if origin is tuple else items
@@ -198,15 +200,15 @@ def coerce(value: typing.Any, hint: typing.Any, key: str) -> typing.Any:
         if isinstance(value, str):
             value = yaml.safe_load(value)
         if not isinstance(value, bool):
-            raise ValueError(f"config key {key!r} needs true or false, got {value!r}")
+            raise ConfigError(f"config key {key!r} needs true or false, got {value!r}")
         return value
     if hint in (int, float):
         try:
             converted = hint(yaml.safe_load(value) if isinstance(value, str) else value)
         except (TypeError, ValueError):
-            raise ValueError(f"config key {key!r} needs a number, got {value!r}") from None
+            raise ConfigError(f"config key {key!r} needs a number, got {value!r}") from None
         if hint is int and isinstance(value, float) and value != int(value):
-            raise ValueError(f"config key {key!r} needs an integer, got {value!r}")
+            raise ConfigError(f"config key {key!r} needs an integer, got {value!r}")
         return converted
     if hint is str:
         return str(value)
@@ -217,16 +219,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` strings to a nested dict (values parsed by YAML, checked later by type)."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"--set needs key=value, got {item!r}")
+            raise ConfigError(f"--set needs key=value, got {item!r}")
         key, raw = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
-                raise ValueError(f"unknown config key {key!r}: {part!r} is not a section")
+                raise ConfigError(f"unknown config key {key!r}: {part!r} is not a section")
             node = node[part]
         if parts[-1] not in node:
-            raise ValueError(f"unknown config key {key!r}")
+            raise ConfigError(f"unknown config key {key!r}")
         node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
     return data
 
@@ -235,7 +237,7 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
     """Recursively merge a YAML file's dict into the recipe defaults; unknown keys are errors."""
     for key, value in update.items():
         if key not in base:
-            raise ValueError(f"unknown config key {where + key!r}")
+            raise ConfigError(f"unknown config key {where + key!r}")
         if isinstance(base[key], dict) and isinstance(value, dict):
             merge(base[key], value, f"{where}{key}.")
         else:
@@ -249,7 +251,7 @@ def load_config(path: str | Path) -> TrainConfig:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from error
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
     return from_dict(TrainConfig, data)
 
 

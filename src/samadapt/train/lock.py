@@ -14,11 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from samadapt.errors import SamadaptError
-
-
-class RunDirectoryBusyError(SamadaptError, RuntimeError):
-    """Another live job holds the run directory."""
+from samadapt.errors import RunDirectoryBusyError
 
 
 class RunLock:

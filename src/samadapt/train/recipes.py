@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 
+from samadapt.errors import ConfigError
+
 RECIPES: dict[str, dict] = {
     "msa": {
         "task": "prompt",
@@ -61,7 +63,7 @@ def recipe_defaults(name: str) -> dict:
     from samadapt.train.config import TrainConfig, merge
 
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     data = TrainConfig().to_dict()
     data["recipe"] = name
     return merge(data, copy.deepcopy(RECIPES[name]))

@@ -7,6 +7,8 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from samadapt.errors import ConfigError
+
 SCHEDULES = ("poly", "exponential", "cosine", "constant")
 
 
@@ -19,7 +21,7 @@ def lr_factor(
     reaching ``final_ratio`` at the last step (Cheap Lunch), ``cosine`` down to ``final_ratio``, ``constant``.
     """
     if kind not in SCHEDULES:
-        raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
+        raise ConfigError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     decay_steps = max(total_steps - warmup_steps, 1)

@@ -31,10 +31,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from samadapt.device import autocast, distributed_context, resolve_device
-from samadapt.errors import SamadaptError
+from samadapt.errors import TrainingError, TrainingInterruptedError
+from samadapt.files import atomic_write_text
 from samadapt.peft import save_adapter, set_depth
 from samadapt.peft.inject import load_adapter_weights, train_mode
 from samadapt.precision import resolve_precision
+from samadapt.runs import Manifest, Run, RunLayout
 from samadapt.train.checkpoints import STATE, CheckpointStore
 from samadapt.train.config import TrainConfig
 from samadapt.train.lock import RunLock
@@ -43,14 +45,6 @@ from samadapt.train.samples import PreparedSlice, add_corrective_clicks, draw_pr
 from samadapt.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(SamadaptError, RuntimeError):
-    """Training cannot go on (non-finite loss, no usable data, a checkpoint that cannot be written)."""
-
-
-class TrainingInterruptedError(TrainingError):
-    """SIGINT / SIGTERM ended the run after a checkpoint was written."""
 
 
 class _StopSignals:
@@ -101,7 +95,7 @@ class Trainer:
             inputs, prompts and metric as ``samadapt evaluate``.
         classes: dataset class ids learned, in output order for the semantic task.
         run_dir: where config, logs, checkpoints and the loss curve go.
-        manifest: base-model facts for the adapter manifest (base_model, base_sha256, class names, preprocessing).
+        manifest: what the saved adapters will say of themselves (base model and checksum, classes, preprocessing).
     """
 
     def __init__(
@@ -112,7 +106,7 @@ class Trainer:
         val_items: Sequence[dict],
         classes: Sequence[int],
         run_dir: str | Path,
-        manifest: dict,
+        manifest: Manifest,
     ) -> None:
         if not len(train_slices):
             raise TrainingError("no training slices: the dataset or the exemplar selection is empty")
@@ -131,7 +125,8 @@ class Trainer:
         self.classes = list(classes)
         self.run_dir = Path(run_dir)
         self.manifest = manifest
-        self.checkpoints = self.run_dir / "checkpoints"
+        self.layout = RunLayout(self.run_dir)
+        self.checkpoints = self.layout.checkpoints
         self.semantic = config.task == "semantic"
         self.loss_fn = SegmentationLoss(config.loss.ce, config.loss.dice, multiclass=self.semantic)
         iou_weight = 0.0 if self.semantic else config.loss.iou
@@ -318,15 +313,13 @@ class Trainer:
         """Mean Dice on the held-out slices, computed by ``evaluate_slices`` (the number ``samadapt evaluate`` gives):
         centre click (or tight box) per object, or the semantic argmax; NaN without held-out slices."""
         from samadapt.eval.evaluate import evaluate_slices
-        from samadapt.runs import Run
 
         if not self.val_items:
             return float("nan")
         set_depth(self.model, None if self.config.train.depth_slices > 1 else 1)
-        names = self.manifest.get("classes", {})
-        classes = {c: names.get(str(c), str(c)) for c in self.classes}
+        classes = {c: self.manifest.classes.get(c, str(c)) for c in self.classes}
         task = "semantic" if self.semantic else "prompt"
-        run = Run(self.model, self.manifest.get("base_model", "model"), task, classes, self.manifest)
+        run = Run(self.model, self.layout.root.name, task, classes, self.manifest)
         protocol = "none" if self.semantic else ("box" if self.config.prompt.kind == "box" else "point:1")
         evaluation = evaluate_slices(
             run,
@@ -347,7 +340,7 @@ class Trainer:
         predecessor as ``previous``). A failed write stops the run with the earlier checkpoints intact."""
         if not self.is_writer:
             return
-        manifest = {**self.manifest, "step": self.step, "val_dice": _finite_or_none(val_dice)}
+        manifest = {**self.manifest.to_dict(), "step": self.step, "val_dice": _finite_or_none(val_dice)}
         state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -385,7 +378,7 @@ class Trainer:
         folder, step = found
         if folder.name != "last":
             log.warning("resuming from %s: the newest checkpoint was incomplete or damaged", folder)
-        load_adapter_weights(self.model, folder, self.manifest["base_sha256"])
+        load_adapter_weights(self.model, folder, self.manifest.base_sha256)
         state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -429,7 +422,7 @@ class Trainer:
             self.resume()
         if self.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.config.save(self.run_dir / "config.yaml")
+            self.config.save(self.layout.config)
         writer = self._tensorboard()
         last_dice = float("nan")
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_writer, desc="train", unit="step")
@@ -484,7 +477,7 @@ class Trainer:
     def _log_row(self, row: dict, writer) -> None:
         if not self.is_writer:
             return
-        path = self.run_dir / "metrics.csv"
+        path = self.layout.metrics_csv
         new = not path.exists() or self.step == 1
         with path.open("w" if new else "a", newline="") as handle:
             out = csv.DictWriter(handle, fieldnames=self._LOG_FIELDS, extrasaction="ignore")
@@ -499,17 +492,17 @@ class Trainer:
     def _rewrite_log(self) -> None:
         """metrics.csv as of the resumed step: rows logged after that checkpoint (by a killed job) are dropped."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with (self.run_dir / "metrics.csv").open("w", newline="") as handle:
+        with self.layout.metrics_csv.open("w", newline="") as handle:
             out = csv.DictWriter(handle, fieldnames=self._LOG_FIELDS, extrasaction="ignore")
             out.writeheader()
             out.writerows(self.history)
 
     def _plot(self) -> None:
         try:
-            from samadapt.eval.report import save_loss_curve
+            from samadapt.eval.figures import save_loss_curve
         except ImportError:
             return
-        save_loss_curve(self.history, self.run_dir / "loss_curve.png")
+        save_loss_curve(self.history, self.layout.loss_curve)
 
 
 class LossForward(nn.Module):
@@ -697,5 +690,5 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
     for message in found:
         log.warning("%s: %s", trainer.run_dir, message)
     if trainer.is_writer and trainer.run_dir.exists():
-        (trainer.run_dir / "warnings.json").write_text(json.dumps({"warnings": found, **facts}, indent=2))
+        atomic_write_text(trainer.layout.warnings, json.dumps({"warnings": found, **facts}, indent=2))
     return found

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from samadapt.errors import DataError
+
 
 def synth_command(args: argparse.Namespace) -> int:
     from samadapt.data.datasets import SliceDataset, load_dataset
@@ -21,7 +23,7 @@ def synth_command(args: argparse.Namespace) -> int:
     classes = [int(c) for c in args.classes] if args.classes else sorted(spec.classes)
     unknown = sorted(set(classes) - set(spec.classes))
     if unknown:
-        raise ValueError(f"{spec.root}: classes {unknown} are not in the dataset ({spec.classes})")
+        raise DataError(f"{spec.root}: classes {unknown} are not in the dataset ({spec.classes})")
 
     chosen = select_exemplars(slices, args.exemplars, classes, strategy=args.strategy, seed=args.seed)
     print(f"{len(chosen)} exemplars from {spec.root} (axis {slices.axis}, strategy {args.strategy}):")

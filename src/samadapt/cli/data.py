@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
+
+from samadapt.errors import ConfigError
 
 
 def fetch_demo_command(args: argparse.Namespace) -> int:
@@ -41,13 +42,8 @@ def convert_command(args: argparse.Namespace) -> int:
 
     extra = {"masks": args.masks} if args.masks else {}
     if extra and args.kind != "isic":
-        print("samadapt data convert: error: --masks is for isic only", file=sys.stderr)
-        return 2
-    try:
-        out = CONVERTERS[args.kind](args.src, args.dst, **extra)
-    except FileExistsError as error:
-        print(f"samadapt data convert: error: {error}", file=sys.stderr)
-        return 2
+        raise ConfigError("--masks is for isic only")
+    out = CONVERTERS[args.kind](args.src, args.dst, **extra)
     print(f"wrote {out}")
     return 0
 

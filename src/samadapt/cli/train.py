@@ -8,6 +8,9 @@ from pathlib import Path
 
 import yaml
 
+from samadapt.cli.options import DEVICE_HELP
+from samadapt.errors import ConfigError, InputNotFoundError
+
 
 def build_config(args: argparse.Namespace):
     """Recipe defaults, then the YAML file, then the flags, then ``--set`` (last wins); checked by type."""
@@ -18,11 +21,11 @@ def build_config(args: argparse.Namespace):
     if args.config:
         path = Path(args.config)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
+            raise InputNotFoundError(f"{path}: config file not found")
         try:
             merge(data, yaml.safe_load(path.read_text()) or {})
         except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML ({error})") from error
+            raise ConfigError(f"{path}: not valid YAML ({error})") from error
     flags = {
         "data.path": args.data,
         "model.name": args.model,
@@ -38,8 +41,8 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from samadapt.errors import TrainingInterruptedError
     from samadapt.train.api import train
-    from samadapt.train.trainer import TrainingInterruptedError
 
     config = build_config(args)
     try:
@@ -65,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--exemplars", type=int, help="train on this many labelled slices only (Cheap Lunch selection)")
     parser.add_argument("--steps", type=int, help="optimiser steps")
     parser.add_argument("--objects", choices=["class", "instance"], help="one prompt per class, or per component")
-    parser.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--config", help="YAML file with config values (e.g. configs/samed-paper.yaml)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config value, e.g. optim.lr=1e-3")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last")

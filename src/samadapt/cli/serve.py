@@ -8,6 +8,8 @@ import secrets
 import sys
 from pathlib import Path
 
+from samadapt.cli.options import DEVICE_HELP
+
 
 def _loopback(host: str) -> bool:
     if host == "localhost":
@@ -61,6 +63,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need a token)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--token", help="required on every request (generated when binding beyond loopback)")
-    parser.add_argument("--device", help="auto (default: CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--log-level", default="warning")
     parser.set_defaults(func=serve_command)

@@ -1,0 +1,10 @@
+"""Options shared by several commands, worded once."""
+
+from __future__ import annotations
+
+DEVICE_HELP = "auto (default: CUDA when available), cpu, cuda or cuda:N"
+
+BACKEND_HELP = (
+    "torch (default) or onnxruntime (fp32, CPU): --run is then an export directory (samadapt export), or a run / "
+    "model exported on the fly into a temporary folder"
+)

@@ -1,0 +1,64 @@
+"""``samadapt predict``: segment a volume or image (or a folder of them); labels are written on the input's grid."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from samadapt.cli.options import BACKEND_HELP, DEVICE_HELP
+from samadapt.errors import ConfigError
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from samadapt.data.io import read_volume, write_label
+    from samadapt.export.backend import load_for_backend
+    from samadapt.predict import predict_folder, predict_volume
+
+    if (args.image is None) == (args.input is None):
+        raise ConfigError("give one input: an IMAGE file, or a folder with -i/--input")
+    run = load_for_backend(args.run, args.backend, device=args.device)  # load_run, or an ONNX export's run
+    if args.input is not None:
+        written = predict_folder(
+            run, args.input, args.out, device=args.device, preprocessing=args.preprocessing, backend=args.backend
+        )
+        print(f"wrote {len(written)} predictions into {args.out} (existing ones kept)")
+        return 0
+    volume = read_volume(args.image)
+    points = np.asarray(json.loads(args.points), dtype=np.float32) if args.points else None
+    boxes = np.asarray(json.loads(args.boxes), dtype=np.float32) if args.boxes else None
+    labels = predict_volume(
+        run,
+        volume,
+        points=points,
+        boxes=boxes,
+        preprocessing=args.preprocessing,
+        device=args.device,
+        backend=args.backend,
+    )
+    path = write_label(volume, labels, args.out)
+    print(f"wrote {path} ({int((labels > 0).sum())} labelled voxels)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    predict = subparsers.add_parser("predict", help="segment a volume or image; writes labels on the input's grid")
+    predict.add_argument("image", nargs="?", help="NIfTI / NRRD / MHA / DICOM folder / PNG")
+    predict.add_argument(
+        "-i", "--input", help="a folder of images (semantic runs): every case predicted, finished ones skipped"
+    )
+    predict.add_argument("--run", required=True, help="run directory, or a model name")
+    predict.add_argument("--points", help="JSON [[x, y, z, label], ...] in voxel coordinates (label 1 fg, 0 bg)")
+    predict.add_argument(
+        "--boxes",
+        help="JSON [[x0, y0, x1, y1, z], ...] per slice, or [[x0, y0, z0, x1, y1, z1(, class)], ...] "
+        "volume boxes, one object each, propagated from their middle slice",
+    )
+    predict.add_argument("--preprocessing", help="intensity preset (default: the run's)")
+    predict.add_argument(
+        "-o", "--out", required=True, help="output label file (.nii.gz, .nrrd, .mha, .png), or folder with -i"
+    )
+    predict.add_argument("--device", help=DEVICE_HELP)
+    predict.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help=BACKEND_HELP)
+    predict.set_defaults(func=predict_command)

@@ -1,0 +1,103 @@
+"""The run directory: the typed manifest's round trip, loading a run alone, and its baseline (the same model with
+its adapters off, equal to the base checkpoint the manifest names)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from samadapt.errors import RunError
+from samadapt.models.registry import build_model
+from samadapt.peft import LoRAConfig, PeftConfig, apply_peft, save_adapter
+from samadapt.runs import MANIFEST_SCHEMA, Manifest, RunLayout, base_model_facts, baseline, load_base, load_run
+from samadapt.transforms import model_input
+
+
+def test_manifest_round_trip_keeps_every_field_and_unknown_entries(tmp_path):
+    manifest = Manifest(
+        "lite_medsam",
+        "ab" * 32,
+        PeftConfig(method="lora").to_dict(),
+        base_checkpoint="/weights/lite.pth",
+        task="semantic",
+        classes={1: "liver", 3: "spleen"},
+        preprocessing="ct_abdomen",
+        axis=2,
+        img_size=256,
+        precision="bf16",
+        prompt={"kind": "point", "objects": "class"},
+        recipe="samed",
+        step=40,
+        val_dice=0.5,
+        extra={"text_projection": {"dim": 384}},
+    )
+    data = json.loads(json.dumps(manifest.to_dict()))
+    assert data["schema_version"] == MANIFEST_SCHEMA and data["text_projection"] == {"dim": 384}
+    assert Manifest.from_dict(data) == manifest
+
+
+def test_an_old_manifest_is_read_and_a_newer_one_refused():
+    old = {"base_model": "lite_medsam", "base_sha256": "0" * 64, "peft": {}, "classes": {"1": "x"}, "tensors": 3}
+    manifest = Manifest.from_dict(old)
+    assert manifest.classes == {1: "x"} and manifest.schema_version == MANIFEST_SCHEMA and manifest.extra == {}
+    with pytest.raises(RunError, match="schema 99 is newer"):
+        Manifest.from_dict({**old, "schema_version": 99}, "run/adapter_config.json")
+    with pytest.raises(RunError, match="lacks base_sha256"):
+        Manifest.from_dict({"base_model": "lite_medsam", "peft": {}})
+
+
+@pytest.fixture(scope="module")
+def lite_run(tmp_path_factory):
+    """A LiteMedSAM LoRA run (encoder + decoder, IoU head trained in full) with moved weights, saved on axis 2."""
+    root = tmp_path_factory.mktemp("run")
+    model = build_model("lite_medsam")
+    config = PeftConfig(
+        method="lora", lora=LoRAConfig(decoder=True), train_modules=["mask_decoder.iou_prediction_head"]
+    )
+    apply_peft(model, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+    manifest = Manifest(
+        **base_model_facts("lite_medsam", None), peft=config.to_dict(), classes={1: "lesion"}, axis=2, img_size=256
+    )
+    save_adapter(model, RunLayout(root).checkpoint("best"), manifest.to_dict())
+    return root
+
+
+def outputs(model, image):
+    with torch.no_grad():
+        masks, iou = model(model_input(image, 256)[0], boxes=torch.tensor([[60.0, 60, 190, 190]]))
+    return masks, iou
+
+
+@pytest.mark.slow
+def test_a_run_loads_alone_and_its_baseline_is_the_base_checkpoint(lite_run):
+    run = load_run(lite_run, device="cpu")
+    assert run.name == lite_run.name and run.base_model == "lite_medsam" and run.axis == 2
+    assert run.label == f"{lite_run.name} (lite_medsam)"
+    image = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+    base = build_model("lite_medsam").eval()
+    expected = outputs(base, image)
+    adapted = outputs(run.model, image)
+    assert not torch.allclose(adapted[0], expected[0], atol=1e-3)
+    with baseline(run) as reference:
+        assert reference.model is run.model  # no second copy in memory
+        for ours, theirs in zip(outputs(reference.model, image), expected, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    for ours, theirs in zip(outputs(run.model, image), adapted, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    loaded = load_base(run, device="cpu")
+    assert loaded.name == "lite_medsam" and loaded.manifest is None
+    for (key, ours), (_, theirs) in zip(loaded.model.state_dict().items(), base.state_dict().items(), strict=True):
+        assert torch.equal(ours, theirs), key
+
+
+def test_the_baseline_refuses_other_base_weights(lite_run):
+    run = load_run(lite_run, device="cpu")
+    run.manifest.base_sha256 = "f" * 64
+    with pytest.raises(RunError, match="trained on base weights ffffffffffff"):
+        load_base(run)
