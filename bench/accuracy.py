@@ -163,11 +163,12 @@ def run_cell(task: Task, k: int, seed: int, grid: Grid, runs: Path, log: Callabl
     precision = TrainConfig().train.precision
     same = dict(seed=seed, precision=precision, progress=False)
     cell["results"]["copy nearest exemplar"] = {"none": _summary(copy_nearest(slices, exemplars, test_items, classes))}
-    tick = time.perf_counter()
-    base = load_run("lite_medsam")
-    evaluations = evaluate_slices_under(base, test_items, classes, list(PROMPTS), **same)
-    cell["results"]["un-adapted"] = {p: _summary(e.summary) for p, e in zip(PROMPTS, evaluations, strict=True)}
-    cell["seconds_baseline"] = time.perf_counter() - tick
+    if any(r not in SEMANTIC_RECIPES for r in grid.recipes):  # prompt-free recipes have no un-adapted baseline
+        tick = time.perf_counter()
+        base = load_run("lite_medsam")
+        evaluations = evaluate_slices_under(base, test_items, classes, list(PROMPTS), **same)
+        cell["results"]["un-adapted"] = {p: _summary(e.summary) for p, e in zip(PROMPTS, evaluations, strict=True)}
+        cell["seconds_baseline"] = time.perf_counter() - tick
     exemplar_items = [slices[i] for i in exemplars]
     with_target = set(slices.indices(list(classes)))
     empty = [i for i in slices.indices(None) if i not in with_target]
@@ -371,10 +372,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {message}", flush=True)
 
     cells = []
+    partial = args.runs / f"results-{args.section}.partial.json"
     for name in grid.tasks:
         for k in grid.ks:
             for seed in grid.seeds:
                 cells.append(run_cell(TASKS[name], k, seed, grid, runs, log))
+                # each finished cell is kept: a long grid stopped part-way still has its numbers
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps({"grid": grid.__dict__, "cells": cells}, indent=1))
     wall = time.perf_counter() - started
     command = "python bench/accuracy.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])

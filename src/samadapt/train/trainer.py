@@ -740,6 +740,13 @@ def draw_balanced(
     return picks
 
 
+# why a prompt-free run may find nothing (docs/accuracy.md, semantic half), said with its warnings
+SEMANTIC_HINT = (
+    "; prompt-free, a class is recognised by its look alone: where its look changes between cases (organ, modality, "
+    "scanner) or it covers a few pixels, label slices of more cases, or use a prompted recipe (cheap-lunch)"
+)
+
+
 def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
     """Loud checks at the end of a run for the all-background plateau; returns the warnings (also logged at WARNING
     and, on the writing rank, written to ``run_dir/warnings.json`` with the checks' numbers).
@@ -757,7 +764,9 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
     facts: dict = {}
     dices = [row["val_dice"] for row in trainer.history if "val_dice" in row and math.isfinite(row["val_dice"])]
     if dices and max(dices) == 0.0:
-        found.append(f"validation Dice stayed at 0 in all {len(dices)} validations")
+        found.append(
+            f"validation Dice stayed at 0 in all {len(dices)} validations" + (SEMANTIC_HINT if trainer.semantic else "")
+        )
     wanted = set(trainer.classes)
     holding = [i for i, s in enumerate(trainer.train_slices) if wanted & set(s.classes)][:probe_slices]
     source = getattr(trainer, "data", trainer.train_slices)  # prepared slices (``train_slices`` may be infos)
@@ -795,6 +804,7 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
             found.append(
                 f"the model predicts only background on {len(probes)} of its own training slices (all-background "
                 "plateau): try a lower optim.lr, more steps, or more exemplars"
+                + (SEMANTIC_HINT if trainer.semantic else "")
             )
     losses = [row["loss"] for row in trainer.history]
     if found and len(losses) >= 4:
