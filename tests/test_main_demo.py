@@ -16,8 +16,8 @@ def test_quick_demo_writes_the_report_and_adaptation_beats_the_baseline(tmp_path
     assert len(list((out / "figures").glob("*.png"))) >= 6
     summary = json.loads((out / "summary.json").read_text())
     lesions = summary["lesions"]
-    # LiteMedSAM was trained on boxes: a single click is what adaptation has to teach it
-    assert lesions["baseline_point_dice"] < 0.2
+    # LiteMedSAM was trained on boxes: even with SAM's best-of-three answer to one click, a click is far below a box
+    assert lesions["baseline_point_dice"] < lesions["baseline_box_dice"] - 0.2
     assert lesions["adapted_point_dice"] > lesions["baseline_point_dice"] + 0.15
     page = (out / "report.html").read_text()
     assert "data:image/png;base64" in page and "Cheap Lunch" in page  # self-contained, with the table

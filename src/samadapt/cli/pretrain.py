@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-import yaml
 
 from samadapt.cli.options import DEVICE_HELP
-from samadapt.errors import ConfigError, InputNotFoundError
 
 
 def build_config(args: argparse.Namespace):
-    """The recipe's PEFT slots and the defaults, then the YAML file, the flags, ``--set`` (last wins)."""
+    """The recipe's PEFT slots and the defaults, then the YAML file, the flags, ``--set`` (``layered_config``)."""
     from samadapt.pretrain.config import PretrainConfig, pretrain_defaults
-    from samadapt.train.config import apply_overrides, from_dict, merge
+    from samadapt.train.config import layered_config
 
-    data = pretrain_defaults(args.recipe)
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise InputNotFoundError(f"{path}: config file not found")
-        try:
-            merge(data, yaml.safe_load(path.read_text()) or {})
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from error
     flags = {
         "method": args.method,
         "data.path": args.data,
@@ -35,9 +22,7 @@ def build_config(args: argparse.Namespace):
         "train.steps": args.steps,
         "train.device": args.device,
     }
-    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    apply_overrides(data, overrides + list(args.set or []))
-    return from_dict(PretrainConfig, data)
+    return layered_config(PretrainConfig, pretrain_defaults(args.recipe), args.config, flags, args.set)
 
 
 def run(args: argparse.Namespace) -> int:

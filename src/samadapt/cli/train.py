@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-import yaml
 
 from samadapt.cli.options import DEVICE_HELP
-from samadapt.errors import ConfigError, InputNotFoundError
 
 
 def build_config(args: argparse.Namespace):
-    """Recipe defaults, then the YAML file, then the flags, then ``--set`` (last wins); checked by type."""
-    from samadapt.train.config import TrainConfig, apply_overrides, from_dict, merge
+    """Recipe defaults, then the YAML file, then the flags, then ``--set`` (``train.config.layered_config``)."""
+    from samadapt.train.config import TrainConfig, layered_config
     from samadapt.train.recipes import recipe_defaults
 
-    data = recipe_defaults(args.recipe)
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise InputNotFoundError(f"{path}: config file not found")
-        try:
-            merge(data, yaml.safe_load(path.read_text()) or {})
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from error
     flags = {
         "data.path": args.data,
         "model.name": args.model,
@@ -36,9 +23,7 @@ def build_config(args: argparse.Namespace):
         "train.device": args.device,
         "model.init": args.init,
     }
-    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    apply_overrides(data, overrides + list(args.set or []))
-    return from_dict(TrainConfig, data)
+    return layered_config(TrainConfig, recipe_defaults(args.recipe), args.config, flags, args.set)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from samadapt.errors import ConfigError
+from samadapt.errors import ConfigError, InputNotFoundError
 from samadapt.files import atomic_write_text
 from samadapt.peft.config import AdapterConfig, LoRAConfig, PeftConfig
 from samadapt.peft.text_prompt import TextPromptConfig
@@ -277,14 +277,35 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
     return base
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict (empty file: {}).
+
+    Raises:
+        InputNotFoundError: no such file. ConfigError: not valid YAML.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path}: config file not found")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+
+
+def layered_config(cls: type, defaults: dict, config_file: str | None, flags: dict, sets: list[str] | None):
+    """The one order of configuration: ``defaults`` (a recipe's), then the YAML ``config_file``, then the command's
+    ``flags`` (``section.key`` -> value, None skipped), then ``--set`` strings; last wins, checked by type."""
+    data = defaults
+    if config_file:
+        merge(data, read_yaml(config_file))
+    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    apply_overrides(data, overrides + list(sets or []))
+    return from_dict(cls, data)
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """Read a run's ``config.yaml``."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    return from_dict(TrainConfig, data)
+    return from_dict(TrainConfig, read_yaml(path))
 
 
 __all__ = [
