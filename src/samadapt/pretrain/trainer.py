@@ -32,9 +32,18 @@ from samadapt.pretrain.config import PretrainConfig
 from samadapt.pretrain.data import ModelInputs, collate
 from samadapt.pretrain.objectives import Objectives, PretrainHeads, objectives_of
 from samadapt.runs import RunLayout
-from samadapt.train.checkpoints import SEAL, STATE, CheckpointStore
+from samadapt.train.checkpoints import (
+    SEAL,
+    STATE,
+    CheckpointStore,
+    checkpoint_to_resume,
+    loop_state,
+    restore_loop_state,
+    write_checkpoint,
+)
 from samadapt.train.lock import RunLock
 from samadapt.train.schedule import build_scheduler
+from samadapt.train.step import optimizer_step
 from samadapt.train.trainer import _StopSignals
 
 HEADS = "pretrain_heads.safetensors"
@@ -154,28 +163,13 @@ class Pretrainer:
                 f"{self.checkpoints / 'last'} (lower optim.lr or use train.precision=fp32)"
             )
         self.scaler.scale(loss).backward()
-        if self.config.train.max_grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        self.step += 1
+        lr = optimizer_step(self, self.params, self.config.train.max_grad_norm)
         return {"step": self.step, "lr": lr, **{k: float(v.detach()) for k, v in losses.items()}}
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _save(self, name: str) -> None:
         manifest = {**self.manifest, "step": self.step}
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": self.rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "history": self.history,
-        }
+        state = loop_state(self)
         heads = {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
 
         def write(folder: Path) -> None:
@@ -183,33 +177,18 @@ class Pretrainer:
             save_file(heads, str(folder / HEADS))
             torch.save(state, folder / STATE)
 
-        try:
-            CheckpointStore(self.checkpoints).save(name, self.step, write)
-        except OSError as error:
-            raise TrainingError(
-                f"could not write the {name} checkpoint at step {self.step} into {self.checkpoints}: "
-                f"{error.strerror or error}; earlier checkpoints are intact (resume with --resume)"
-            ) from error
+        write_checkpoint(CheckpointStore(self.checkpoints), name, self.step, write)
         self._saved_at = time.monotonic()
 
     def resume(self) -> bool:
         """Continue from the newest intact checkpoint; returns whether there was one."""
-        found = CheckpointStore(self.checkpoints).newest_intact()
+        found = checkpoint_to_resume(CheckpointStore(self.checkpoints))
         if found is None:
-            if (self.checkpoints / "last").exists():
-                raise TrainingError(f"{self.checkpoints}: no intact checkpoint to resume from (all are damaged)")
             return False
         folder, _ = found
         load_adapter_weights(self.model, folder, self.manifest["base_sha256"])
         self.heads.load_state_dict(load_file(str(folder / HEADS), device=str(self.device)))
-        state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        self.step = state["step"]
-        self.history = state["history"]
+        restore_loop_state(self, folder)
         self._batches = None
         print(f"resumed from {folder} at step {self.step}", flush=True)
         self._write_log(self.history, rewrite=True)

@@ -22,6 +22,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from samadapt.errors import TrainingError
 from samadapt.models.checkpoint import file_sha256
 
 log = logging.getLogger(__name__)
@@ -113,3 +116,60 @@ class CheckpointStore:
             return None
         step, _, folder = max(found)
         return folder, step
+
+
+# -- what a training loop saves and restores (the fine-tuning trainer and the pre-training loop alike) ---------------
+
+
+def loop_state(loop, **extra) -> dict:
+    """Everything an exact resume needs of a loop (``step``, ``optimizer``, ``scheduler``, ``scaler``, ``rng``,
+    ``history`` attributes): optimiser moments, schedule position, random streams (numpy, torch, CUDA)."""
+    return {
+        "step": loop.step,
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "scaler": loop.scaler.state_dict(),
+        "rng": loop.rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "history": loop.history,
+        **extra,
+    }
+
+
+def restore_loop_state(loop, folder: Path) -> dict:
+    """Load ``folder``'s trainer state into ``loop`` (the inverse of ``loop_state``); returns the state read."""
+    state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    loop.scaler.load_state_dict(state["scaler"])
+    loop.rng.bit_generator.state = state["rng"]
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    loop.step = state["step"]
+    loop.history = state["history"]
+    return state
+
+
+def write_checkpoint(store: CheckpointStore, name: str, step: int, write: Callable[[Path], None]) -> Path:
+    """``CheckpointStore.save``, with a failed write (disk full, no permission) turned into a ``TrainingError`` that
+    says the earlier checkpoints are intact."""
+    try:
+        return store.save(name, step, write)
+    except OSError as error:
+        raise TrainingError(
+            f"could not write the {name} checkpoint at step {step} into {store.folder}: {error.strerror or error}; "
+            "the run stopped here, earlier checkpoints are intact (resume with --resume once there is room / "
+            "permission)"
+        ) from error
+
+
+def checkpoint_to_resume(store: CheckpointStore) -> tuple[Path, int] | None:
+    """The newest intact checkpoint, None for a fresh run; a run whose checkpoints are all damaged is an error."""
+    found = store.newest_intact()
+    if found is None and (store.folder / "last").exists():
+        raise TrainingError(f"{store.folder}: no intact checkpoint to resume from (all are damaged)")
+    if found is not None and found[0].name != "last":
+        log.warning("resuming from %s: the newest checkpoint was incomplete or damaged", found[0])
+    return found

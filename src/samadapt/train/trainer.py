@@ -37,12 +37,20 @@ from samadapt.peft import save_adapter, set_depth
 from samadapt.peft.inject import load_adapter_weights, train_mode
 from samadapt.precision import resolve_precision
 from samadapt.runs import Manifest, Run, RunLayout
-from samadapt.train.checkpoints import STATE, CheckpointStore
+from samadapt.train.checkpoints import (
+    STATE,
+    CheckpointStore,
+    checkpoint_to_resume,
+    loop_state,
+    restore_loop_state,
+    write_checkpoint,
+)
 from samadapt.train.config import TrainConfig
 from samadapt.train.lock import RunLock
 from samadapt.train.losses import SegmentationLoss
 from samadapt.train.samples import PreparedSlice, add_corrective_clicks, draw_prompt_batch, semantic_targets
 from samadapt.train.schedule import build_scheduler
+from samadapt.train.step import optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -338,14 +346,7 @@ class Trainer:
                     )
                 self.scaler.scale(loss / accum).backward()
             total += loss.item() / accum
-        if self.config.train.max_grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        self.step += 1
+        lr = optimizer_step(self, self.params, self.config.train.max_grad_norm)
         return {"step": self.step, "loss": total, "lr": lr}
 
     # -- validation -----------------------------------------------------------------------------------------
@@ -383,56 +384,26 @@ class Trainer:
         if not self.is_writer:
             return
         manifest = {**self.manifest.to_dict(), "step": self.step, "val_dice": _finite_or_none(val_dice)}
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": self.rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "best_dice": self.best_dice,
-            "history": self.history,
-        }
+        state = loop_state(self, best_dice=self.best_dice)
 
         def write(folder: Path) -> None:
             save_adapter(self.model, folder, manifest)
             torch.save(state, folder / STATE)
 
-        try:
-            CheckpointStore(self.checkpoints).save(name, self.step, write)
-        except OSError as error:
-            raise TrainingError(
-                f"could not write the {name} checkpoint at step {self.step} into {self.checkpoints}: "
-                f"{error.strerror or error}; the run stopped here, earlier checkpoints are intact (resume with "
-                "--resume once there is room / permission)"
-            ) from error
+        write_checkpoint(CheckpointStore(self.checkpoints), name, self.step, write)
         self._saved_at = time.monotonic()
 
     def resume(self) -> bool:
         """Continue from the newest intact checkpoint (``last``, else ``previous``, checked against their checksums);
         returns whether there was one. Prints where it resumed from."""
-        found = CheckpointStore(self.checkpoints).newest_intact()
+        found = checkpoint_to_resume(CheckpointStore(self.checkpoints))
         if found is None:
-            if (self.checkpoints / "last").exists():
-                raise TrainingError(f"{self.checkpoints}: no intact checkpoint to resume from (all are damaged)")
             return False
-        folder, step = found
-        if folder.name != "last":
-            log.warning("resuming from %s: the newest checkpoint was incomplete or damaged", folder)
+        folder, _ = found
         load_adapter_weights(self.model, folder, self.manifest.base_sha256)
-        state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step = state["step"]
+        state = restore_loop_state(self, folder)
         self._batches = None  # the loader starts again at the resumed step
         self.best_dice = state["best_dice"]
-        self.history = state["history"]
         if self.is_writer:
             print(f"resumed from {folder} at step {self.step}", flush=True)
             self._rewrite_log()
