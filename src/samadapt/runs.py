@@ -216,6 +216,11 @@ def load_run(path_or_model: str | Path, checkpoint: str = "best", device: str | 
             f"name ({', '.join(MODELS)})"
         )
     manifest = Manifest.from_dict(read_manifest(adapter_dir), adapter_dir / "adapter_config.json")
+    if manifest.task == "pretrain":  # encoder PEFT tensors only: no decoder was adapted to any task
+        raise RunError(
+            f"{run_dir} is a pre-training run (samadapt pretrain); start a fine-tuning run from it with "
+            f"samadapt train --init {run_dir}, then use that run"
+        )
     checkpoint_path = _base_checkpoint(manifest)
     semantic = manifest.task == "semantic"
     model = build_base(

@@ -144,6 +144,11 @@ def test_cli_pretrain_resume_then_train_init_loads_the_values(small_scans, tmp_p
     fine = json.loads((out / "checkpoints" / "last" / "adapter_config.json").read_text())
     assert fine["init"]["run"] == str(run)
 
+    # a pre-training run is no model to segment with: evaluate / predict refuse it in one line
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--data", str(small_scans), "--out", str(tmp_path / "ev")]) == 2
+    assert f"{run} is a pre-training run" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_init_refuses_another_base_model_or_other_slots(small_scans, tmp_path, capsys):
