@@ -46,7 +46,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from samadapt.data.datasets import SliceDataset, load_dataset
+from samadapt.data.datasets import DatasetSpec, SliceDataset, load_dataset
 from samadapt.data.demo import fetch_demo, fetch_regions
 from samadapt.data.synthesis import select_exemplars
 from samadapt.demo import held_out, recipe_config, spread
@@ -140,14 +140,42 @@ def _summary(summary: dict) -> dict:
     return {"dice": summary["mean_dice"], "hd95": summary["mean_hd95_mm"], "per_class_dice": per_class}
 
 
-def run_cell(task: Task, k: int, seed: int, grid: Grid, runs: Path, log: Callable[[str], None]) -> dict:
-    """Everything for one (task, k, seed): exemplars, held-out slices, baselines, each recipe trained and scored."""
+@dataclass
+class CellSlices:
+    """The slices of one (task, k, seed) cell: its classes, exemplars and held-out slices (indices into ``slices``)."""
+
+    spec: DatasetSpec
+    classes: dict[int, str]
+    slices: SliceDataset
+    k: int
+    exemplars: list[int]
+    test: list[int]
+
+    def training_items(self, prompted: bool) -> list[dict]:
+        """The exemplars; a prompted recipe also gets max(1, k / 4) target-free slices, as ``samadapt train`` adds."""
+        items = [self.slices[i] for i in self.exemplars]
+        if prompted:
+            with_target = set(self.slices.indices(list(self.classes)))
+            empty = [i for i in self.slices.indices(None) if i not in with_target]
+            items += [self.slices[i] for i in spread(empty, max(1, self.k // 4))]
+        return items
+
+
+def cell_slices(task: Task, k: int, seed: int, gap: int, max_test: int) -> CellSlices:
+    """Exemplars by the task's selection, and at most ``max_test`` held-out slices at least ``gap`` from them."""
     spec = load_dataset(task.dataset())
     classes = {c: spec.classes[c] for c in (task.classes or sorted(spec.classes))}
     slices = SliceDataset(spec)
     pool = candidates(slices, list(classes), task.selection)
     exemplars = choose_exemplars(slices, pool, list(classes), task, k, seed)
-    test = spread(held_out(slices, pool, exemplars, gap=grid.gap - 1), grid.max_test)
+    test = spread(held_out(slices, pool, exemplars, gap=gap - 1), max_test)
+    return CellSlices(spec, classes, slices, k, exemplars, test)
+
+
+def run_cell(task: Task, k: int, seed: int, grid: Grid, runs: Path, log: Callable[[str], None]) -> dict:
+    """Everything for one (task, k, seed): exemplars, held-out slices, baselines, each recipe trained and scored."""
+    data = cell_slices(task, k, seed, grid.gap, grid.max_test)
+    spec, classes, slices, exemplars, test = data.spec, data.classes, data.slices, data.exemplars, data.test
     cell = {
         "task": task.name,
         "k": k,
@@ -169,12 +197,9 @@ def run_cell(task: Task, k: int, seed: int, grid: Grid, runs: Path, log: Callabl
         evaluations = evaluate_slices_under(base, test_items, classes, list(PROMPTS), **same)
         cell["results"]["un-adapted"] = {p: _summary(e.summary) for p, e in zip(PROMPTS, evaluations, strict=True)}
         cell["seconds_baseline"] = time.perf_counter() - tick
-    exemplar_items = [slices[i] for i in exemplars]
-    with_target = set(slices.indices(list(classes)))
-    empty = [i for i in slices.indices(None) if i not in with_target]
     for recipe in grid.recipes:
         semantic = recipe in SEMANTIC_RECIPES
-        items = exemplar_items if semantic else exemplar_items + [slices[i] for i in spread(empty, max(1, k // 4))]
+        items = data.training_items(prompted=not semantic)
         config = recipe_config(recipe, grid.steps, grid.batch_size, seed, lr=grid.lr.get(recipe))
         if grid.overrides:
             from samadapt.train.config import apply_overrides, from_dict

@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.accuracy import TASKS, _ints, _stat, candidates, choose_exemplars, write_section
-from samadapt.data.datasets import SliceDataset, load_dataset
-from samadapt.demo import held_out, recipe_config, spread
+from bench.accuracy import TASKS, _ints, _stat, cell_slices, write_section
+from samadapt.demo import recipe_config
 from samadapt.eval.evaluate import evaluate_slices_under
 from samadapt.runs import load_run
 from samadapt.train.api import fit_slices
@@ -48,22 +47,15 @@ BASELINE = ("point:1", "box")
 
 
 def run_cell(task_name: str, k: int, seed: int, args, runs: Path, log) -> dict:
-    task = TASKS[task_name]
-    spec = load_dataset(task.dataset())
-    classes = {c: spec.classes[c] for c in (task.classes or sorted(spec.classes))}
-    slices = SliceDataset(spec)
-    pool = candidates(slices, list(classes), task.selection)
-    exemplars = choose_exemplars(slices, pool, list(classes), task, k, seed)
-    test = spread(held_out(slices, pool, exemplars, gap=args.gap - 1), args.max_test)
-    cell = {"task": task_name, "k": k, "seed": seed, "held_out": len(test), "results": {}}
-    test_items = [slices[i] for i in test]
+    cell_data = cell_slices(TASKS[task_name], k, seed, args.gap, args.max_test)
+    spec, classes, slices = cell_data.spec, cell_data.classes, cell_data.slices
+    cell = {"task": task_name, "k": k, "seed": seed, "held_out": len(cell_data.test), "results": {}}
+    test_items = [slices[i] for i in cell_data.test]
     same = dict(seed=seed, precision=TrainConfig().train.precision, progress=False)
     base = load_run("lite_medsam")
     evaluations = evaluate_slices_under(base, test_items, classes, list(BASELINE), **same)
     cell["results"]["un-adapted"] = {p: e.summary["mean_dice"] for p, e in zip(BASELINE, evaluations, strict=True)}
-    with_target = set(slices.indices(list(classes)))
-    empty = [i for i in slices.indices(None) if i not in with_target]
-    items = [slices[i] for i in exemplars] + [slices[i] for i in spread(empty, max(1, k // 4))]
+    items = cell_data.training_items(prompted=True)
     for kind in args.kinds:
         config = recipe_config(args.recipe, args.steps, args.batch_size, seed)
         config = from_dict(TrainConfig, apply_overrides(config.to_dict(), [f"prompt.kind={kind}", *args.set]))

@@ -20,9 +20,9 @@ import torch
 from samadapt.data.preprocess import preprocess_volume, volume_slice
 from samadapt.device import autocast, resolve_device
 from samadapt.errors import ConfigError, DataError, InputNotFoundError
-from samadapt.export.runtime import best_candidate, is_single_click
 from samadapt.intensity import to_unit_range
 from samadapt.models.sam import Sam
+from samadapt.selection import best_candidate, is_single_click
 from samadapt.transforms import InputGeometry, model_input
 
 __all__ = [

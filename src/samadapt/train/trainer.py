@@ -728,8 +728,9 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
       empty mask. The model fails
       on the very slices it was trained on: the run ended on the plateau, whatever the loss says.
     """
-    from samadapt.predict import Predictor, best_candidate
+    from samadapt.predict import Predictor
     from samadapt.prompts import centre_click
+    from samadapt.selection import best_candidate
 
     found: list[str] = []
     facts: dict = {}
