@@ -10,7 +10,16 @@ import torch
 from samadapt.errors import RunError
 from samadapt.models.registry import build_model
 from samadapt.peft import LoRAConfig, PeftConfig, apply_peft, save_adapter
-from samadapt.runs import MANIFEST_SCHEMA, Manifest, RunLayout, base_model_facts, baseline, load_base, load_run
+from samadapt.runs import (
+    MANIFEST_SCHEMA,
+    Manifest,
+    RunLayout,
+    base_model_facts,
+    baseline,
+    build_base,
+    load_base,
+    load_run,
+)
 from samadapt.transforms import model_input
 
 
@@ -101,3 +110,30 @@ def test_the_baseline_refuses_other_base_weights(lite_run):
     run.manifest.base_sha256 = "f" * 64
     with pytest.raises(RunError, match="trained on base weights ffffffffffff"):
         load_base(run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("position_prior", [True, False])
+def test_a_semantic_run_loads_with_or_without_the_position_prior_it_was_saved_with(tmp_path, position_prior):
+    """Semantic runs saved before the decoder's position map existed load without it, newer ones with it; both
+    give exactly the outputs of the model that saved them."""
+    model = build_base("lite_medsam", None, 256, 2, position_prior=position_prior)
+    config = PeftConfig(method="lora")
+    apply_peft(model, config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+    manifest = Manifest(
+        **base_model_facts("lite_medsam", None), peft=config.to_dict(), task="semantic", classes={1: "a", 2: "b"}
+    )
+    save_adapter(model, RunLayout(tmp_path).checkpoint("best"), manifest.to_dict())
+    run = load_run(tmp_path, device="cpu")
+    assert (run.model.mask_decoder.position_prior is not None) == position_prior
+    image = model_input(np.random.default_rng(0).random((256, 256), dtype=np.float32), 256)[0]
+    with torch.no_grad():
+        expected, _ = model.eval()(image)
+        loaded, _ = run.model(image)
+    assert expected.shape == (1, 3, 256, 256)
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=0)

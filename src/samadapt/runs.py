@@ -28,7 +28,14 @@ from samadapt.errors import InputNotFoundError, RunError
 from samadapt.models.checkpoint import file_sha256
 from samadapt.models.registry import MODELS, build_model, default_weights_path
 from samadapt.models.sam import Sam
-from samadapt.peft import PeftConfig, apply_peft, disable_adapters, load_adapter_weights, read_manifest
+from samadapt.peft import (
+    PeftConfig,
+    apply_peft,
+    disable_adapters,
+    load_adapter_weights,
+    read_manifest,
+    saved_position_prior,
+)
 
 MANIFEST_SCHEMA = 1  # bump when a field changes meaning; older manifests are upgraded by Manifest.from_dict
 
@@ -185,13 +192,20 @@ def base_model_facts(name: str, checkpoint: str | Path | None) -> dict:
     return {"base_model": name, "base_checkpoint": str(path), "base_sha256": weights_sha256(path)}
 
 
-def build_base(name: str, checkpoint: str | Path | None, img_size: int | None, num_classes: int | None) -> Sam:
-    """The base model, with a semantic decoder of ``num_classes`` + 1 outputs when given (SAMed)."""
+def build_base(
+    name: str,
+    checkpoint: str | Path | None,
+    img_size: int | None,
+    num_classes: int | None,
+    position_prior: bool = True,
+) -> Sam:
+    """The base model, with a semantic decoder of ``num_classes`` + 1 outputs when given (SAMed), and its position
+    map unless ``position_prior`` is False (runs saved before it existed)."""
     model = build_model(name, checkpoint=checkpoint, img_size=img_size)
     if num_classes:
         from samadapt.models.mask_decoder import make_semantic_decoder
 
-        make_semantic_decoder(model.mask_decoder, num_classes)
+        make_semantic_decoder(model.mask_decoder, num_classes, position_prior)
     return model
 
 
@@ -224,7 +238,11 @@ def load_run(path_or_model: str | Path, checkpoint: str = "best", device: str | 
     checkpoint_path = _base_checkpoint(manifest)
     semantic = manifest.task == "semantic"
     model = build_base(
-        manifest.base_model, checkpoint_path, manifest.img_size, len(manifest.classes) if semantic else None
+        manifest.base_model,
+        checkpoint_path,
+        manifest.img_size,
+        len(manifest.classes) if semantic else None,
+        position_prior=semantic and saved_position_prior(adapter_dir),
     )
     facts = base_model_facts(manifest.base_model, checkpoint_path)
     apply_peft(model, PeftConfig(**manifest.peft))

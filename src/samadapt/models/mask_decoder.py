@@ -96,6 +96,8 @@ class MaskDecoder(nn.Module):
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
         )
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+        # semantic decoders only (``make_semantic_decoder``): a map of where each image token lies, added to it
+        self.position_prior: nn.Module | None = None
 
     def forward(
         self,
@@ -145,6 +147,8 @@ class MaskDecoder(nn.Module):
                 )
             image_embeddings = image_embeddings.expand(batch, -1, -1, -1)
         src = image_embeddings + dense_prompt_embeddings
+        if self.position_prior is not None:
+            src = src + self.position_prior(image_pe)
         pos_src = image_pe.expand(src.shape[0], -1, -1, -1)
         b, c, h, w = src.shape
 
@@ -264,7 +268,7 @@ def resize_mask_token_state(
     return new_state, resized + added + removed
 
 
-def make_semantic_decoder(decoder: MaskDecoder, num_classes: int) -> list[str]:
+def make_semantic_decoder(decoder: MaskDecoder, num_classes: int, position_prior: bool = True) -> list[str]:
     """Turn a (pre-trained) prompted decoder into a semantic decoder with ``num_classes`` + 1 outputs, in place.
 
     Every weight is kept; the mask tokens, hypernetwork heads and IoU-head outputs become num_classes + 1, new
@@ -273,6 +277,9 @@ def make_semantic_decoder(decoder: MaskDecoder, num_classes: int) -> list[str]:
     everywhere at first. With num_classes = 3 channels 1..3 are exactly the pre-trained multimask masks; with more
     classes the extra tokens also join the transformer's self-attention, so the copies start close to, not equal to,
     them.
+
+    With ``position_prior`` the decoder also gets ``zero_position_prior``: position-dependent features, zero at
+    first (runs saved before it existed are rebuilt without it).
 
     Call it before PEFT wraps any layer of the decoder heads.
 
@@ -297,13 +304,33 @@ def make_semantic_decoder(decoder: MaskDecoder, num_classes: int) -> list[str]:
     decoder.num_multimask_outputs = num_classes
     decoder.num_mask_tokens = new_tokens
     decoder.semantic = True
+    if position_prior:
+        decoder.position_prior = zero_position_prior(decoder.transformer_dim).to(weight)
+        changed.extend(f"position_prior.{name}" for name, _ in decoder.position_prior.named_parameters())
     return changed
 
 
-def build_semantic_decoder(pretrained: MaskDecoder, num_classes: int) -> tuple[MaskDecoder, list[str]]:
+def zero_position_prior(dim: int) -> nn.Conv2d:
+    """A 1x1 convolution of the positional encoding, added to the image embedding of a semantic decoder; zero at
+    first, so the decoder starts as the pre-trained one.
+
+    Without prompts nothing tells SAM's decoder where an image token lies except the positional encoding mixed in by
+    attention, and its masks come from the image tokens alone: classes that differ only by their side (left / right
+    kidney, a hemisphere) were painted on both sides (issue 18, docs/accuracy.md). With this map added, the
+    upscaled features the class heads read carry their position.
+    """
+    prior = nn.Conv2d(dim, dim, kernel_size=1)
+    nn.init.zeros_(prior.weight)
+    nn.init.zeros_(prior.bias)
+    return prior
+
+
+def build_semantic_decoder(
+    pretrained: MaskDecoder, num_classes: int, position_prior: bool = True
+) -> tuple[MaskDecoder, list[str]]:
     """A new semantic decoder with ``num_classes`` + 1 outputs from a pre-trained prompted one (left untouched).
 
     Returns the decoder and the exact names of the tensors resized, added, removed (see ``make_semantic_decoder``).
     """
     decoder = copy.deepcopy(pretrained)
-    return decoder, make_semantic_decoder(decoder, num_classes)
+    return decoder, make_semantic_decoder(decoder, num_classes, position_prior)

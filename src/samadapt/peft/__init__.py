@@ -12,6 +12,7 @@ from samadapt.peft.inject import (
     parameter_report,
     read_manifest,
     save_adapter,
+    saved_position_prior,
     trainable_state_dict,
     unmerge_lora,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "read_manifest",
     "register_method",
     "save_adapter",
+    "saved_position_prior",
     "set_depth",
     "trainable_state_dict",
     "unmerge_lora",

@@ -25,6 +25,7 @@ from samadapt.peft.text_prompt import inject_text_prompt
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "adapter_config.json"
+POSITION_PRIOR = "mask_decoder.position_prior."  # a semantic decoder's position map (models.mask_decoder)
 PEFT_MARKERS = ("lora_A_", "lora_B_", "attn_adapter.", "mlp_adapter.", "depth_branch.", "_adapter.", "text_prompt.")
 
 
@@ -70,7 +71,8 @@ def set_trainable(model: nn.Module, config: PeftConfig) -> None:
         if prefix not in known:
             raise ConfigError(f"train_modules names {prefix!r}, which is not a module of this model")
     for name, param in model.named_parameters():
-        param.requires_grad = is_peft_key(name) or name.startswith(prefixes)
+        # a semantic decoder's position map is new (zero at first): it trains whatever the method
+        param.requires_grad = is_peft_key(name) or name.startswith(prefixes) or name.startswith(POSITION_PRIOR)
 
 
 def train_mode(model: nn.Module) -> nn.Module:
@@ -150,6 +152,15 @@ def read_manifest(directory: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise RunError(f"{path} is not valid JSON: {error}") from error
+
+
+def saved_position_prior(directory: str | Path) -> bool:
+    """Whether a saved semantic adapter holds the decoder's position map (runs saved before it existed do not)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), framework="pt") as file:
+        names = file.keys()  # a safetensors handle lists its tensors without reading them
+    return any(name.startswith(POSITION_PRIOR) for name in names)
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path, base_sha256: str) -> dict:
