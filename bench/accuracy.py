@@ -350,6 +350,37 @@ def _ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
 
+def merged_results(paths: list[Path]) -> tuple[Grid, list[dict], list[str], float, str]:
+    """One grid from the results files of several calls (e.g. one seed per core or per machine): their cells, the
+    union of their tasks, recipes, k and seeds, their commands, summed wall time and threads per run.
+
+    Raises:
+        SystemExit: the calls differ in steps, batch size, held-out rule, learning rates or overrides, so their
+            cells cannot share a table.
+    """
+    results = [json.loads(path.read_text()) for path in paths]
+    grids = [r["grid"] for r in results]
+    same = ("steps", "batch_size", "max_test", "gap", "lr", "overrides")
+    for path, other in zip(paths[1:], grids[1:], strict=True):
+        differ = [key for key in same if other[key] != grids[0][key]]
+        if differ:
+            raise SystemExit(f"--merge: {path} differs from {paths[0]} in {', '.join(differ)}")
+
+    def union(key: str) -> list:
+        return sorted({value for g in grids for value in g[key]}, key=[v for g in grids for v in g[key]].index)
+
+    grid = Grid(
+        tasks=union("tasks"),
+        recipes=union("recipes"),
+        ks=sorted(union("ks")),
+        seeds=sorted(union("seeds")),
+        **{key: grids[0][key] for key in same},
+    )
+    cells = sorted((c for r in results for c in r["cells"]), key=lambda c: (c["task"], c["k"], c["seed"]))
+    threads = "/".join(sorted({str(r.get("threads", "?")) for r in results}))
+    return grid, cells, [r["command"] for r in results], sum(r["wall_seconds"] for r in results), threads
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"a reduced grid (~10-20 min on 2 CPU cores): {QUICK}")
@@ -366,11 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reuse", type=Path, metavar="DIR", help="evaluate the runs an earlier call trained in DIR (RUNS/SECTION)"
     )
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", metavar="RESULTS", help="no training: one table from results-*.json files"
+    )
     parser.add_argument("--section", default="latest", help="name of this table in --out (others are kept)")
     parser.add_argument("--title", default="", help="heading of the section")
     parser.add_argument("--out", type=Path, default=Path("docs/accuracy.md"))
     parser.add_argument("--runs", type=Path, default=Path("runs/accuracy"))
     args = parser.parse_args(argv)
+    if args.merge:
+        return write_merged(args.merge, args.out, args.section, args.title)
     preset = QUICK if args.quick else FULL
     grid = Grid(
         tasks=(args.tasks or preset["tasks"]).split(","),
@@ -404,16 +440,44 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(run_cell(TASKS[name], k, seed, grid, runs, log))
                 # each finished cell is kept: a long grid stopped part-way still has its numbers
                 partial.parent.mkdir(parents=True, exist_ok=True)
-                partial.write_text(json.dumps({"grid": grid.__dict__, "cells": cells}, indent=1))
+                partial.write_text(json.dumps({"grid": grid.__dict__, "cells": cells}, indent=1, default=str))
     wall = time.perf_counter() - started
     command = "python bench/accuracy.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
+    threads = torch.get_num_threads()
+    header = section_header(grid, args.title or args.section, f"Command: `{command}`", wall, str(threads))
+    write_section(args.out, args.section, "\n".join(header + table(cells, grid)))
+    runs.mkdir(parents=True, exist_ok=True)
+    (args.runs / f"results-{args.section}.json").write_text(
+        json.dumps(
+            {"grid": grid.__dict__, "wall_seconds": wall, "threads": threads, "command": command, "cells": cells},
+            indent=1,
+            default=str,
+        )
+    )
+    print("\n".join(table(cells, grid)))
+    log(f"done; table in {args.out} (section {args.section})")
+    return 0
+
+
+def write_merged(paths: list[Path], out: Path, section: str, title: str) -> int:
+    grid, cells, commands, wall, threads = merged_results(paths)
+    source = "Merged from " + "; ".join(f"`{c}`" for c in commands)
+    write_section(
+        out, section, "\n".join(section_header(grid, title or section, source, wall, threads) + table(cells, grid))
+    )
+    print("\n".join(table(cells, grid)))
+    return 0
+
+
+def section_header(grid: Grid, title: str, source: str, wall: float, threads: str) -> list[str]:
+    """The lines above a table: where it came from, the wall time, and the grid it measured."""
     lr = ", ".join(f"{r} {v:g}" for r, v in grid.lr.items()) or "recipe defaults"
-    header = [
-        f"## {args.title or args.section}",
+    return [
+        f"## {title}",
         "",
-        f"Command: `{command}`. Wall time {wall / 60:.1f} min on this machine ({torch.get_num_threads()} threads).",
+        f"{source}. Wall time {wall / 60:.1f} min on this machine ({threads} threads per run).",
         f"Grid: tasks {', '.join(grid.tasks)}; recipes {', '.join(grid.recipes)}; k = {grid.ks}; seeds {grid.seeds}; "
         f"{grid.steps} steps of batch {grid.batch_size}; learning rates: {lr}; overrides: {grid.overrides or 'none'}; "
         f"held-out slices at least {grid.gap} slices from every exemplar, at most {grid.max_test} per cell."
@@ -422,16 +486,6 @@ def main(argv: list[str] | None = None) -> int:
         "slice count per seed. 'min class Dice' is the lowest per-class Dice of the adapted model.",
         "",
     ]
-    write_section(args.out, args.section, "\n".join(header + table(cells, grid)))
-    runs.mkdir(parents=True, exist_ok=True)
-    (args.runs / f"results-{args.section}.json").write_text(
-        json.dumps(
-            {"grid": grid.__dict__, "wall_seconds": wall, "command": command, "cells": cells}, indent=1, default=str
-        )
-    )
-    print("\n".join(table(cells, grid)))
-    log(f"done; table in {args.out} (section {args.section})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bench.accuracy import Task, candidates, choose_exemplars, copy_nearest, write_section
+from bench.accuracy import Task, candidates, choose_exemplars, copy_nearest, merged_results, table, write_section
 from samadapt.data.datasets import SliceDataset, load_dataset
 from samadapt.demo import held_out
 
@@ -75,3 +75,37 @@ def test_sections_are_replaced_and_kept(tmp_path):
     text = doc.read_text()
     assert "table one" not in text and "table three" in text and "table two" in text
     assert text.index("table three") < text.index("table two")
+
+
+def _results(path, seed, dice, copy, steps=40):
+    """A results file as one bench call writes it: one regions cell of a samed run."""
+    summary = {"dice": dice, "hd95": 10.0, "per_class_dice": {"a": dice}}
+    cell = {
+        "task": "regions",
+        "k": 3,
+        "seed": seed,
+        "held_out": 12,
+        "results": {
+            "copy nearest exemplar": {"none": {"dice": copy, "hd95": 20.0, "per_class_dice": {"a": copy}}},
+            "samed": {"none": summary, "train": {"warnings": []}},
+        },
+    }
+    grid = dict(
+        tasks=["regions"], recipes=["samed"], ks=[3], seeds=[seed], steps=steps, batch_size=2, max_test=12, gap=3
+    )
+    grid.update(lr={}, overrides=[], reuse=None)
+    path.write_text(
+        json.dumps({"grid": grid, "wall_seconds": 60.0, "threads": 1, "command": f"s{seed}", "cells": [cell]})
+    )
+    return path
+
+
+def test_results_of_calls_per_seed_merge_into_one_table_and_other_grids_are_refused(tmp_path):
+    first = _results(tmp_path / "a.json", 1, 0.5, 0.4)
+    second = _results(tmp_path / "b.json", 0, 0.3, 0.2)
+    grid, cells, commands, wall, threads = merged_results([first, second])
+    assert grid.seeds == [0, 1] and [c["seed"] for c in cells] == [0, 1] and wall == 120.0 and threads == "1"
+    row = table(cells, grid)[-1]
+    assert "| regions | 3 | samed | none | 0.400 ± 0.141 |" in row and "| 0.300 ± 0.141 |" in row
+    with pytest.raises(SystemExit, match="differs .* in steps"):
+        merged_results([first, _results(tmp_path / "c.json", 2, 0.3, 0.2, steps=80)])
