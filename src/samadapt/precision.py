@@ -13,6 +13,12 @@ from samadapt.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+# Inference precision where nothing else decides (a bare base model, ``Predictor``'s default): bf16 where the device
+# computes it natively, else fp32. Measured on the demo data (bench/precision_accuracy.py, docs/performance.md):
+# bf16 masks agree with fp32 masks at Dice >= 0.99 and move ground-truth Dice by < 0.005. An adapted run infers in
+# its training precision (``Run.precision``); ``--precision fp32`` / ``Predictor(precision="fp32")`` switch it off.
+INFERENCE_PRECISION = "auto"
+
 
 def fast_bfloat16(device: str | torch.device = "cpu") -> bool:
     """True when ``device`` has native bfloat16 kernels (oneDNN on the CPU, compute capability >= 8.0 on CUDA)."""

@@ -29,6 +29,7 @@ from samadapt.models.checkpoint import file_sha256
 from samadapt.models.registry import MODELS, build_model, default_weights_path
 from samadapt.models.sam import Sam
 from samadapt.peft import PeftConfig, apply_peft, disable_adapters, load_adapter_weights, read_manifest
+from samadapt.precision import INFERENCE_PRECISION
 
 MANIFEST_SCHEMA = 1  # bump when a field changes meaning; older manifests are upgraded by Manifest.from_dict
 
@@ -149,8 +150,9 @@ class Run:
 
     @property
     def precision(self) -> str:
-        """The precision the run was trained in (``auto`` resolves per device); a bare model computes in fp32."""
-        return self.manifest.precision if self.manifest else "fp32"
+        """The precision the run was trained in (``auto`` resolves per device); a bare model infers in
+        ``precision.INFERENCE_PRECISION`` (bf16 where the device has native bf16 kernels, else fp32)."""
+        return self.manifest.precision if self.manifest else INFERENCE_PRECISION
 
     @property
     def axis(self) -> int | None:

@@ -164,8 +164,9 @@ class MaskDecoder(nn.Module):
 
     def _upscale(self, x: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` applied to (B, C, h, w), its stride-2 transposed convolutions as matrix products."""
+        as_matmul = not torch.onnx.is_in_onnx_export()  # onnxruntime's own ConvTranspose is fast
         for layer in self.output_upscaling:
-            x = _conv_transpose_as_matmul(x, layer) if _is_block_conv_transpose(layer) else layer(x)
+            x = _conv_transpose_as_matmul(x, layer) if as_matmul and _is_block_conv_transpose(layer) else layer(x)
         return x
 
 
