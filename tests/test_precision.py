@@ -48,28 +48,29 @@ def test_trainer_resolves_auto_and_refuses_fp16_on_the_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_inference_default_is_bf16_only_where_the_device_computes_it_natively(monkeypatch, native):
-    """One place decides (``precision.INFERENCE_PRECISION``): a bare model's Run and ``Predictor``'s default both
-    resolve to bf16 autocast on native-bf16 hardware and to plain fp32 (no autocast) elsewhere; fp32 stays fp32."""
+def test_inference_precision_is_decided_in_one_place_and_auto_follows_the_hardware(monkeypatch, native):
+    """``precision.INFERENCE_PRECISION`` (fp32: bf16 masks moved too far on the demo data) is a bare model's
+    ``Run.precision`` and ``Predictor``'s default whatever the hardware; ``auto`` (the opt-in) is bf16 autocast on
+    native-bf16 hardware and plain fp32 (no autocast) elsewhere; an adapted run keeps its training precision."""
     import samadapt.precision as precision
 
     monkeypatch.setattr(precision, "fast_bfloat16", lambda device="cpu": native)
     cpu = torch.device("cpu")
     run = Run(model=make_tiny_sam(64), name="tiny")
-    assert run.precision == precision.INFERENCE_PRECISION == "auto"
-    predictor = Predictor(run.model, device="cpu")
-    expected = "bf16" if native else "fp32"
-    assert resolve_precision(predictor.precision, cpu) == resolve_precision(run.precision, cpu) == expected
-    context = autocast(cpu, predictor.precision)
+    assert run.precision == Predictor(run.model, device="cpu").precision == precision.INFERENCE_PRECISION == "fp32"
+    assert isinstance(autocast(cpu, run.precision), contextlib.nullcontext)
+    opted_in = Predictor(run.model, device="cpu", precision="auto")
+    context = autocast(cpu, opted_in.precision)
     if native:
+        assert resolve_precision(opted_in.precision, cpu) == "bf16"
         assert isinstance(context, torch.autocast) and context.fast_dtype == torch.bfloat16
     else:
+        assert resolve_precision(opted_in.precision, cpu) == "fp32"
         assert isinstance(context, contextlib.nullcontext)
-    assert isinstance(
-        autocast(cpu, Predictor(run.model, device="cpu", precision="fp32").precision), contextlib.nullcontext
+    manifest = Manifest("tiny", "0" * 64, {}, precision="auto")  # an adapted run keeps its training precision
+    assert resolve_precision(Run(model=run.model, name="tiny", manifest=manifest).precision, cpu) == (
+        "bf16" if native else "fp32"
     )
-    manifest = Manifest("tiny", "0" * 64, {}, precision="fp32")  # an adapted run keeps its training precision
-    assert Run(model=run.model, name="tiny", manifest=manifest).precision == "fp32"
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
@@ -96,12 +97,17 @@ def test_precision_switch_reaches_predict_and_evaluate(monkeypatch, tmp_path, co
     seen.clear()
     assert main(args) == 0
     assert seen["precision"] is None  # None: the run's (a bare model: INFERENCE_PRECISION)
+    assert main([*args, "--precision", "auto"]) == 0
+    assert seen["precision"] == "auto"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not fast_bfloat16("cpu"), reason="bf16 inference is the default only on native-bf16 CPUs")
-def test_bf16_inference_stays_close_to_fp32_on_real_slices(demo_data):
-    """The default's accuracy condition on real data: bf16 masks agree with fp32 masks (box prompts from the label)."""
+@pytest.mark.skipif(not fast_bfloat16("cpu"), reason="bf16 is slow (emulated) without native bf16 kernels")
+def test_bf16_inference_stays_close_to_fp32_on_real_lesion_slices(demo_data):
+    """The opt-in's accuracy on real lesions (box prompts from the label): bf16 masks close to fp32 masks, the same
+    ground-truth Dice. Measured on all 27 labelled slices: agreement 0.990 (lowest 0.966), ground-truth Dice
+    0.8177 -> 0.8176 (docs/performance.md, issue 14); MNI152 grey matter agrees less (0.963), so fp32 stays the
+    default."""
     slices = SliceDataset(load_dataset(demo_data["lesions"]))
     model = build_model("lite_medsam")
     fp32, bf16 = Predictor(model, device="cpu", precision="fp32"), Predictor(model, device="cpu", precision="bf16")
@@ -117,6 +123,5 @@ def test_bf16_inference_stays_close_to_fp32_on_real_slices(demo_data):
         assert predictions[1].low_res_logits.dtype == torch.float32  # bf16 computes, fp32 comes back
         agreement.append(dice(masks[1], masks[0]))
         gt_change.append(dice(masks[1], gt) - dice(masks[0], gt))
-    # measured on all 27 slices: mean agreement in docs/performance.md (issue 14 section)
-    assert np.mean(agreement) >= 0.99
-    assert abs(np.mean(gt_change)) < 0.005
+    assert min(agreement) >= 0.95 and np.mean(agreement) >= 0.98
+    assert abs(np.mean(gt_change)) < 0.01

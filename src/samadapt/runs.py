@@ -151,7 +151,7 @@ class Run:
     @property
     def precision(self) -> str:
         """The precision the run was trained in (``auto`` resolves per device); a bare model infers in
-        ``precision.INFERENCE_PRECISION`` (bf16 where the device has native bf16 kernels, else fp32)."""
+        ``precision.INFERENCE_PRECISION`` (fp32)."""
         return self.manifest.precision if self.manifest else INFERENCE_PRECISION
 
     @property

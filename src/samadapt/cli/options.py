@@ -11,5 +11,5 @@ BACKEND_HELP = (
 
 PRECISION_HELP = (
     "torch backend: auto (bf16 where the device has native bf16 kernels, else fp32), fp32, bf16 or fp16 (CUDA); "
-    "default: the run's training precision, auto for a bare model"
+    "default: the run's training precision, fp32 for a bare model"
 )
