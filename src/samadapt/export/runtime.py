@@ -109,7 +109,7 @@ def resize(array: np.ndarray, size: tuple[int, int], antialias: bool = False) ->
         return array[..., first] * w_first + array[..., second] * w_second
     rows = _linear_weights(array.shape[-2], size[0], antialias)
     cols = _linear_weights(array.shape[-1], size[1], antialias)
-    return np.matmul(np.matmul(rows, array.astype(np.float32, copy=False)), cols.T)
+    return np.matmul(np.matmul(rows, array), cols.T)
 
 
 # -- the model input and its geometry (samadapt.transforms in numpy) ----------------------------------------------

@@ -186,8 +186,8 @@ def _is_block_conv_transpose(layer: nn.Module) -> bool:
 def _conv_transpose_as_matmul(x: torch.Tensor, layer: nn.ConvTranspose2d) -> torch.Tensor:
     """``layer(x)`` for a block transposed convolution (``_is_block_conv_transpose``), (B, C, h, w) ->
     (B, C', kh * h, kw * w) with channels-last strides: the same sums as the convolution, as one (B h w, C) @
-    (C, C' kh kw) product (torch's CPU transposed convolution is several times slower than the product; see
-    docs/performance.md)."""
+    (C, C' kh kw) product (torch's CPU transposed convolution and its layout copies took ~1.7x longer on the
+    decoder's first one; docs/performance.md, issue 14)."""
     b, c, h, w = x.shape
     kh, kw = layer.kernel_size
     out = layer.out_channels
