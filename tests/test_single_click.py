@@ -49,7 +49,7 @@ def test_best_candidate_takes_the_highest_predicted_iou_per_prompt_set(as_torch)
 
 @pytest.mark.slow
 def test_one_click_returns_the_candidate_the_iou_head_rates_best(run, lesion_items):
-    predictor = Predictor(run.model, device="cpu")
+    predictor = Predictor(run.model, device="cpu", precision=run.precision)
     differed = 0
     for item in lesion_items:
         predictor.set_image(item["image"], preprocessed=True)
@@ -75,7 +75,7 @@ def test_the_switch_turns_the_selection_off(run, lesion_items, monkeypatch):
     click = centre_click(item["label"] == 1)
     prompt = dict(points=np.array([[click.x, click.y]]), labels=np.array([1]))
     monkeypatch.setattr(Predictor, "select_single_click", False)
-    predictor = Predictor(run.model, device="cpu")
+    predictor = Predictor(run.model, device="cpu", precision=run.precision)
     predictor.set_image(item["image"], preprocessed=True)
     assert np.array_equal(predictor.predict(**prompt).masks, predictor.predict(**prompt, multimask_output=False).masks)
 
@@ -85,7 +85,7 @@ def test_the_switch_turns_the_selection_off(run, lesion_items, monkeypatch):
 def test_evaluate_scores_the_masks_the_predictor_gives(run, lesion_items, protocol):
     evaluation = evaluate_slices(run, lesion_items, {1: "lesion"}, protocol, progress=False)
     scored = {(row["case"], row["slice"]): row["dice"] for row in evaluation.rows}
-    predictor = Predictor(run.model, device="cpu")
+    predictor = Predictor(run.model, device="cpu", precision=run.precision)
     for item in lesion_items:
         predictor.set_image(item["image"], preprocessed=True)
         target = item["label"] == 1

@@ -13,6 +13,13 @@ from samadapt.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+# Inference precision where nothing else decides (a bare base model's ``Run.precision``, ``Predictor``'s default).
+# fp32: bf16 inference (``--precision auto`` / ``Predictor(precision="auto")``) is 2x faster on native-bf16 CPUs but
+# moves masks too far for a default (bench/precision_accuracy.py on the demo data, docs/performance.md issue 14:
+# bf16 vs fp32 mask Dice 0.990 on lesions, 0.963 / 0.951 on MNI152 grey / white matter; goal >= 0.99). An
+# adapted run infers in its training precision (``Run.precision``).
+INFERENCE_PRECISION = "fp32"
+
 
 def fast_bfloat16(device: str | torch.device = "cpu") -> bool:
     """True when ``device`` has native bfloat16 kernels (oneDNN on the CPU, compute capability >= 8.0 on CUDA)."""

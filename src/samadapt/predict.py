@@ -22,6 +22,7 @@ from samadapt.device import autocast, resolve_device
 from samadapt.errors import ConfigError, DataError, InputNotFoundError
 from samadapt.intensity import to_unit_range
 from samadapt.models.sam import Sam
+from samadapt.precision import INFERENCE_PRECISION
 from samadapt.selection import best_candidate, is_single_click
 from samadapt.transforms import InputGeometry, model_input
 
@@ -58,11 +59,16 @@ class Predictor:
     select_single_click: bool = True
 
     def __init__(
-        self, model: Sam, device: str | torch.device | None = None, precision: str = "fp32", cache_size: int = 0
+        self,
+        model: Sam,
+        device: str | torch.device | None = None,
+        precision: str = INFERENCE_PRECISION,
+        cache_size: int = 0,
     ) -> None:
         """``device``: None / "auto" picks CUDA when available (``device.resolve_device``); ``precision``: fp32,
-        bf16, fp16 or auto (``precision.resolve_precision``), applied as autocast; ``cache_size``: how many
-        embeddings ``set_image(..., cache_key=...)`` keeps (least recently used dropped first)."""
+        bf16, fp16 or auto (``precision.resolve_precision``: bf16 where the device has native bf16 kernels),
+        applied as autocast; the default is ``precision.INFERENCE_PRECISION`` (fp32, no autocast); ``cache_size``: how many embeddings ``set_image(..., cache_key=...)`` keeps (least
+        recently used dropped first)."""
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision
@@ -326,12 +332,14 @@ def predict_folder(
     preprocessing: str | None = None,
     progress: bool = True,
     backend: str = "torch",
+    precision: str | None = None,
 ) -> list[Path]:
     """Segment every image of a folder with a semantic run (nnU-Net style: ``imagesTs/`` -> ``predictions/``).
 
     Input files are NIfTI / NRRD / MHA / PNG (``CASE_0000.nii.gz`` or ``CASE.nii.gz``); each prediction is written
     atomically as ``output_dir/CASE<same ending>`` on the input's grid. Cases whose prediction already exists are
-    skipped, so a killed run continues where it stopped. Returns the paths written now.
+    skipped, so a killed run continues where it stopped. ``precision``: the torch backend's (default: the run's).
+    Returns the paths written now.
 
     Raises:
         ValueError: the run is prompted (a folder has no prompts), or the folder holds no image.
@@ -359,6 +367,8 @@ def predict_folder(
         if target.exists():
             continue
         volume = read_volume(path)
-        labels = predict_volume(run, volume, preprocessing=preprocessing, device=device, backend=backend)
+        labels = predict_volume(
+            run, volume, preprocessing=preprocessing, device=device, precision=precision, backend=backend
+        )
         written.append(write_label(volume, labels, target))
     return written

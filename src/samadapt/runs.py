@@ -36,6 +36,7 @@ from samadapt.peft import (
     read_manifest,
     saved_position_prior,
 )
+from samadapt.precision import INFERENCE_PRECISION
 
 MANIFEST_SCHEMA = 1  # bump when a field changes meaning; older manifests are upgraded by Manifest.from_dict
 
@@ -156,8 +157,9 @@ class Run:
 
     @property
     def precision(self) -> str:
-        """The precision the run was trained in (``auto`` resolves per device); a bare model computes in fp32."""
-        return self.manifest.precision if self.manifest else "fp32"
+        """The precision the run was trained in (``auto`` resolves per device); a bare model infers in
+        ``precision.INFERENCE_PRECISION`` (fp32)."""
+        return self.manifest.precision if self.manifest else INFERENCE_PRECISION
 
     @property
     def axis(self) -> int | None:

@@ -96,6 +96,9 @@ def model_input(image: np.ndarray, size: int) -> tuple[torch.Tensor, InputGeomet
     image = np.asarray(image)
     check_unit_range(image)
     geometry = InputGeometry(original=tuple(image.shape[:2]), size=size)
+    if image.ndim == 2:  # grey: resample one plane and repeat it, the same values as resampling three copies
+        plane = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        return geometry.image_to_input(plane).clamp_(0, 1).repeat(1, 3, 1, 1), geometry
     return geometry.image_to_input(image_to_tensor(image)).clamp_(0, 1), geometry
 
 

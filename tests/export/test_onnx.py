@@ -147,7 +147,7 @@ def test_prompted_export_equals_torch(method, tmp_path):
         assert manifest["notes"]["lora_merged"] > 0
     if method and "msa" in method:
         assert manifest["notes"]["msa_adapters"] > 0
-    assert_same_predictions(Predictor(run.model, device="cpu"), OnnxPredictor(tmp_path), image())
+    assert_same_predictions(Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path), image())
 
 
 def test_export_leaves_the_model_untouched(tmp_path):
@@ -164,7 +164,7 @@ def test_semantic_export_equals_torch(tmp_path):
     manifest = export_onnx(run, tmp_path)
     assert manifest["task"] == "semantic" and manifest["num_mask_tokens"] == 5
     assert manifest["classes"] == {"1": "a", "2": "b", "3": "c", "4": "d"}
-    torch_predictor, onnx_predictor = Predictor(run.model, device="cpu"), OnnxPredictor(tmp_path)
+    torch_predictor, onnx_predictor = Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path)
     images = [image(seed=s) for s in range(3)]
     for img in images[:1]:
         torch_predictor.set_image(img, preprocessed=True)
@@ -191,7 +191,9 @@ def test_lite_medsam_export_equals_torch(tmp_path):
     assert manifest["base_model"] == "lite_medsam" and len(manifest["base_sha256"]) == 64
     assert manifest["img_size"] == 256
     raw = (image((180, 220)) * 200).astype(np.uint8)  # a raw uint8 image: the /255 rule on both sides
-    assert_same_predictions(Predictor(run.model, device="cpu"), OnnxPredictor(tmp_path), raw, preprocessed=False)
+    assert_same_predictions(
+        Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path), raw, preprocessed=False
+    )
 
 
 # -- manifest, refusals, CLI ---------------------------------------------------------------------------------------
@@ -229,7 +231,7 @@ def test_depth_branch_is_refused_unless_dropped(tmp_path):
     manifest = export_onnx(run, tmp_path, drop_depth=True)
     assert "excluded" in manifest["notes"]["depth_branch"]
     # one slice at a time, the torch model with its depth branch computes the same as the export without it
-    assert_same_predictions(Predictor(run.model, device="cpu"), OnnxPredictor(tmp_path), image())
+    assert_same_predictions(Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path), image())
 
 
 def test_task_and_decoder_must_agree(tmp_path):

@@ -165,7 +165,8 @@ def test_click_box_undo_propagate_save(server, page):
     volume = read_volume(image_path)
     preset = server["workspace"].session(page.evaluate("window.samadapt.sess.session")).preset
     plane = volume_slice(preprocess_volume(volume.array, preset), index, 0, preset)
-    predictor = Predictor(server["workspace"].run.model, device="cpu")
+    run = server["workspace"].run
+    predictor = Predictor(run.model, device="cpu", precision=run.precision)
     predictor.set_image(plane, preprocessed=True)
     click_mask = predictor.predict(points=np.array([[x, y]]), labels=np.array([1])).masks[0, 0]
 

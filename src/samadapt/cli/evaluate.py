@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from samadapt.cli.options import BACKEND_HELP, DEVICE_HELP
+from samadapt.cli.options import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP
+from samadapt.precision import PRECISIONS
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -29,6 +30,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         tolerance_mm=args.tolerance_mm,
         device=args.device,
+        precision=args.precision,
         backend=args.backend,
     )
     print(json.dumps({"mean_dice": metrics["mean_dice"], "prompt": metrics["prompt"], "cases": metrics["cases"]}))
@@ -55,5 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance")
     evaluate.add_argument("--out", required=True, help="report directory")
     evaluate.add_argument("--device", help=DEVICE_HELP)
+    evaluate.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     evaluate.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help=BACKEND_HELP)
     evaluate.set_defaults(func=evaluate_command)

@@ -8,3 +8,8 @@ BACKEND_HELP = (
     "torch (default) or onnxruntime (fp32, CPU): --run is then an export directory (samadapt export), or a run / "
     "model exported on the fly into a temporary folder"
 )
+
+PRECISION_HELP = (
+    "torch backend: auto (bf16 where the device has native bf16 kernels, else fp32), fp32, bf16 or fp16 (CUDA); "
+    "default: the run's training precision, fp32 for a bare model"
+)

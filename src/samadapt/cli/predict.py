@@ -7,8 +7,9 @@ import json
 
 import numpy as np
 
-from samadapt.cli.options import BACKEND_HELP, DEVICE_HELP
+from samadapt.cli.options import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP
 from samadapt.errors import ConfigError
+from samadapt.precision import PRECISIONS
 
 
 def predict_command(args: argparse.Namespace) -> int:
@@ -21,7 +22,13 @@ def predict_command(args: argparse.Namespace) -> int:
     run = load_for_backend(args.run, args.backend, device=args.device)  # load_run, or an ONNX export's run
     if args.input is not None:
         written = predict_folder(
-            run, args.input, args.out, device=args.device, preprocessing=args.preprocessing, backend=args.backend
+            run,
+            args.input,
+            args.out,
+            device=args.device,
+            precision=args.precision,
+            preprocessing=args.preprocessing,
+            backend=args.backend,
         )
         print(f"wrote {len(written)} predictions into {args.out} (existing ones kept)")
         return 0
@@ -36,6 +43,7 @@ def predict_command(args: argparse.Namespace) -> int:
         text=args.text,
         preprocessing=args.preprocessing,
         device=args.device,
+        precision=args.precision,
         backend=args.backend,
     )
     path = write_label(volume, labels, args.out)
@@ -62,5 +70,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-o", "--out", required=True, help="output label file (.nii.gz, .nrrd, .mha, .png), or folder with -i"
     )
     predict.add_argument("--device", help=DEVICE_HELP)
+    predict.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     predict.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help=BACKEND_HELP)
     predict.set_defaults(func=predict_command)

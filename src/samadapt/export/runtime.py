@@ -82,13 +82,34 @@ def _linear_weights(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
     return weights
 
 
+@lru_cache(maxsize=64)
+def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The two taps of every output of torch's 1-D bilinear resize without antialiasing: the columns and weights of
+    the non-zero entries of ``_linear_weights(in_size, out_size, False)``, (first, second, w_first, w_second)."""
+    weights = _linear_weights(in_size, out_size, False)
+    first = np.argmax(weights > 0, axis=1)
+    second = np.minimum(first + 1, in_size - 1)
+    rows = np.arange(out_size)
+    w_first = weights[rows, first].copy()
+    w_second = np.where(second != first, weights[rows, second], np.float32(0.0)).astype(np.float32)
+    return first, second, w_first, w_second
+
+
 def resize(array: np.ndarray, size: tuple[int, int], antialias: bool = False) -> np.ndarray:
     """Bilinear resize of (..., H, W) float32 to (..., *size); a no-op when the size already matches."""
     if tuple(array.shape[-2:]) == tuple(size):
         return array
+    array = array.astype(np.float32, copy=False)
+    if not antialias:
+        # two taps per output (as torch computes it), not a product with a mostly-zero matrix: 10x fewer operations
+        # on the masks' 256 -> original resize
+        first, second, w_first, w_second = _linear_taps(array.shape[-2], size[0])
+        array = array[..., first, :] * w_first[:, None] + array[..., second, :] * w_second[:, None]
+        first, second, w_first, w_second = _linear_taps(array.shape[-1], size[1])
+        return array[..., first] * w_first + array[..., second] * w_second
     rows = _linear_weights(array.shape[-2], size[0], antialias)
     cols = _linear_weights(array.shape[-1], size[1], antialias)
-    return np.matmul(np.matmul(rows, array.astype(np.float32, copy=False)), cols.T)
+    return np.matmul(np.matmul(rows, array), cols.T)
 
 
 # -- the model input and its geometry (samadapt.transforms in numpy) ----------------------------------------------
@@ -148,13 +169,15 @@ def model_input(image: np.ndarray, size: int) -> tuple[np.ndarray, InputGeometry
     """
     image = np.asarray(image)
     check_unit_range(image)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    if image.ndim != 3 or image.shape[-1] != 3:
+    grey = image.ndim == 2
+    if grey:  # resample one plane and repeat it (the same values as three copies, a third of the work)
+        image = image[..., None]
+    elif image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {image.shape}")
     geometry = InputGeometry(original=tuple(image.shape[:2]), size=size)
     tensor = np.ascontiguousarray(image, dtype=np.float32).transpose(2, 0, 1)[None]
-    return np.clip(geometry.image_to_input(tensor), 0.0, 1.0).astype(np.float32, copy=False), geometry
+    tensor = np.clip(geometry.image_to_input(tensor), 0.0, 1.0).astype(np.float32, copy=False)
+    return (np.repeat(tensor, 3, axis=1) if grey else tensor), geometry
 
 
 # -- the export directory ----------------------------------------------------------------------------------------

@@ -156,12 +156,50 @@ class MaskDecoder(nn.Module):
         iou_token_out = tokens_out[:, 0]
         mask_tokens_out = tokens_out[:, 1 : 1 + self.num_mask_tokens]
 
-        upscaled = self.output_upscaling(image_tokens.transpose(1, 2).reshape(b, c, h, w))  # (B, C/8, 4h, 4w)
+        # (B, h, w, C) is a view of the image tokens: the upscaler runs channels-last without a copy
+        upscaled = self._upscale(image_tokens.reshape(b, h, w, c).permute(0, 3, 1, 2))  # (B, C/8, 4h, 4w)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )  # (B, num_mask_tokens, C/8)
-        masks = (hyper_in @ upscaled.flatten(2)).reshape(b, -1, *upscaled.shape[-2:])
+        # (B, 4h * 4w, C/8) @ (B, C/8, K): reads the channels-last upscaled map as it lies
+        pixels = upscaled.permute(0, 2, 3, 1).reshape(b, -1, upscaled.shape[1])
+        masks = (pixels @ hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, *upscaled.shape[-2:])
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def _upscale(self, x: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling`` applied to (B, C, h, w), its stride-2 transposed convolutions as matrix products."""
+        as_matmul = not torch.onnx.is_in_onnx_export()  # onnxruntime's own ConvTranspose is fast
+        for layer in self.output_upscaling:
+            x = _conv_transpose_as_matmul(x, layer) if as_matmul and _is_block_conv_transpose(layer) else layer(x)
+        return x
+
+
+def _is_block_conv_transpose(layer: nn.Module) -> bool:
+    """A plain ConvTranspose2d whose kernel equals its stride (no padding, dilation or groups): every input pixel
+    paints its own kernel-sized output block, so the layer is one matrix product and a pixel shuffle."""
+    return (
+        type(layer) is nn.ConvTranspose2d
+        and layer.kernel_size == layer.stride
+        and layer.padding == (0, 0)
+        and layer.output_padding == (0, 0)
+        and layer.dilation == (1, 1)
+        and layer.groups == 1
+    )
+
+
+def _conv_transpose_as_matmul(x: torch.Tensor, layer: nn.ConvTranspose2d) -> torch.Tensor:
+    """``layer(x)`` for a block transposed convolution (``_is_block_conv_transpose``), (B, C, h, w) ->
+    (B, C', kh * h, kw * w) with channels-last strides: the same sums as the convolution, as one (B h w, C) @
+    (C, C' kh kw) product (torch's CPU transposed convolution and its layout copies took ~1.7x longer on the
+    decoder's first one; docs/performance.md, issue 14)."""
+    b, c, h, w = x.shape
+    kh, kw = layer.kernel_size
+    out = layer.out_channels
+    weight = layer.weight.reshape(c, out * kh * kw).t()  # (C, C', kh, kw) -> rows ordered (C', kh, kw)
+    bias = layer.bias.repeat_interleave(kh * kw) if layer.bias is not None else None
+    y = F.linear(x.permute(0, 2, 3, 1).reshape(-1, c), weight, bias)
+    y = y.reshape(b, h, w, out, kh, kw).permute(0, 1, 4, 2, 5, 3).reshape(b, h * kh, w * kw, out)
+    return y.permute(0, 3, 1, 2)
 
 
 # -- semantic (SAMed) decoders from pre-trained prompted ones ---------------------------------------------------------

@@ -134,8 +134,21 @@ class PromptEncoder(nn.Module):
     # -- embeddings -------------------------------------------------------------------------------------------------
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of every image-embedding cell: (1, C, h, w)."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """Positional encoding of every image-embedding cell: (1, C, h, w).
+
+        It depends only on the grid size and the fixed Gaussian matrix, so inference (``torch.inference_mode``)
+        computes it once and reuses it until either changes (a new size, a load, a move to another device or
+        dtype); with autograd on it is computed on every call, as before.
+        """
+        if not torch.is_inference_mode_enabled():
+            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        gaussian = self.pe_layer.positional_encoding_gaussian_matrix
+        key = (self.image_embedding_size, gaussian.device, gaussian.dtype, gaussian.data_ptr(), gaussian._version)
+        cached = getattr(self, "_dense_pe_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.pe_layer(self.image_embedding_size).unsqueeze(0))
+            self._dense_pe_cache = cached
+        return cached[1]
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         """(B, N, 2) (x, y) pixels and (B, N) labels -> (B, N (+1 if pad), C)."""

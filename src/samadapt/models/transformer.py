@@ -98,8 +98,9 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        # 2. tokens attend to the image
-        attn_out = self.cross_attn_token_to_image(queries + query_pe, keys + key_pe, keys)
+        # 2. tokens attend to the image (the image keys with their position serve steps 2 and 4: computed once)
+        keys_with_pe = keys + key_pe
+        attn_out = self.cross_attn_token_to_image(queries + query_pe, keys_with_pe, keys)
         attn_out = self.token_to_image_adapter(attn_out, query_pe)
         queries = self.norm2(queries + attn_out)
 
@@ -108,7 +109,7 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm3(queries + mlp_out + self.mlp_adapter(queries))
 
         # 4. the image attends to the tokens
-        attn_out = self.cross_attn_image_to_token(keys + key_pe, queries + query_pe, queries)
+        attn_out = self.cross_attn_image_to_token(keys_with_pe, queries + query_pe, queries)
         keys = self.norm4(self.image_to_token_adapter(keys + attn_out))
         return queries, keys
 
