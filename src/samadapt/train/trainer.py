@@ -631,9 +631,6 @@ class LossForward(nn.Module):
         rows = torch.tensor(rows, device=images.device)
         with disable_adapters(self.model) as base:
             logits, _ = base.decode(base.encode_image(images[rows]), None, tight)
-        # autocast caches its low-precision copies of trainable weights until the outermost region ends: drop the
-        # copies of the base values just swapped out, or the adapted forward that follows would compute with them
-        torch.clear_autocast_cache()
         return rows, tight, logits
 
     def _decode_loss(
