@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from samadapt.errors import ConfigError, TrainingError
+from samadapt.errors import TrainingError
 from samadapt.peft import PeftConfig, apply_peft
 from samadapt.runs import Manifest
 from samadapt.train.config import TrainConfig, apply_overrides, from_dict
 from samadapt.train.recipes import recipe_defaults
-from samadapt.train.samples import draw_prompt_batch, prepare_slices
+from samadapt.train.samples import prepare_slices
 from samadapt.train.trainer import Trainer
 from tests.conftest import make_tiny_sam
 
@@ -167,42 +167,3 @@ def test_the_iou_head_learns_the_true_iou_of_its_mask(tmp_path):
     without = make_trainer(tmp_path / "no_iou", **{"loss.iou": 0.0})
     without.train_step()
     assert all(p.grad is None or not p.grad.any() for p in without.model.mask_decoder.iou_prediction_head.parameters())
-
-
-def test_keep_base_pulls_the_box_answer_back_to_the_base_model_and_nothing_else(tmp_path):
-    """loss.keep_base: its gradient is zero while the adapted model answers a box as the base does (LoRA at zero),
-    and once the adapter has moved, a step on that term alone brings the box answer back toward the base's."""
-    trainer = make_trainer(tmp_path, **{"loss.keep_base": 1.0, "prompt.kind": "point"})
-    forward, model = trainer.forward, trainer.model
-    picks = prepare_slices(disc_items()[:2], 128)
-    batch = draw_prompt_batch(picks, [0, 1], [1], trainer.config.prompt, "point", np.random.default_rng(0), False)
-    images, targets = batch.images, batch.targets
-    kept = forward._base_box_answers(images, targets)
-    rows, tight, base_logits = kept
-    assert len(rows) == 2 and tight.shape == (2, 4)
-
-    def keep_term():
-        logits, _ = model.decode(model.encode_image(images[rows]), None, tight)
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.sigmoid(base_logits)), logits
-
-    trained = [p for p in model.parameters() if p.requires_grad]
-    model.zero_grad()
-    keep_term()[0].backward()
-    assert max(p.grad.abs().max().item() for p in trained if p.grad is not None) < 1e-6  # adapted == base
-    with torch.no_grad():  # move the adapter away from the base
-        generator = torch.Generator().manual_seed(0)
-        for p in trained:
-            p.add_(torch.randn(p.shape, generator=generator) * 0.5)
-    before = (keep_term()[1] - base_logits).abs().mean().item()
-    optimizer = torch.optim.Adam(trained, lr=1e-2)
-    for _ in range(5):
-        optimizer.zero_grad()
-        keep_term()[0].backward()
-        optimizer.step()
-    after = (keep_term()[1] - base_logits).abs().mean().item()
-    assert before > 0.05 and after < 0.8 * before
-    # the whole step with the term runs and is finite
-    loss = forward(images, targets, batch.points, None)
-    assert torch.isfinite(loss)
-    with pytest.raises(ConfigError, match="keep_base"):
-        make_config("samed", **{"loss.keep_base": 0.5})

@@ -118,15 +118,11 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     """ce / dice: weights of the mask loss terms; iou: weight of the IoU head's MSE against the true IoU of the
-    predicted mask (prompted task, as SAM trains it), so that ``Prediction.scores`` keep their meaning;
-    keep_base (prompted task): weight of a term that keeps the adapted model's answer to each object's tight box
-    close to the base model's (adapters off) on the same slice, so that adapting to clicks does not lose what the
-    base model already did with boxes (issue 18; one more encoder pass per step)."""
+    predicted mask (prompted task, as SAM trains it), so that ``Prediction.scores`` keep their meaning."""
 
     ce: float = 1.0
     dice: float = 1.0
     iou: float = 1.0
-    keep_base: float = 0.0
 
 
 @dataclass
@@ -177,11 +173,6 @@ class TrainConfig:
             raise ConfigError(f"data.synthetic_share must be in [0, 1], got {self.data.synthetic_share}")
         if not 0.0 <= self.prompt.box_share <= 1.0:
             raise ConfigError(f"prompt.box_share must be in [0, 1], got {self.prompt.box_share}")
-        if self.loss.keep_base < 0 or (self.loss.keep_base and self.task == "semantic"):
-            raise ConfigError(
-                f"loss.keep_base must be >= 0 and needs the prompt task (a semantic decoder has no base answer to "
-                f"keep), got {self.loss.keep_base} with task={self.task}"
-            )
         if self.prompt.uses_text:
             if self.task == "semantic":
                 raise ConfigError(f"prompt.kind={self.prompt.kind} needs the prompt task, not task=semantic")

@@ -168,13 +168,7 @@ class Trainer:
         # each rank draws its own samples from its own stream; together they form the global batch
         self.rng = np.random.default_rng([config.train.seed, self.rank])
         self.forward: nn.Module = LossForward(
-            self.model,
-            self.loss_fn,
-            config.prompt.iterative_rounds,
-            self.rng,
-            iou_weight,
-            config.prompt.multimask,
-            keep_base=0.0 if self.semantic else config.loss.keep_base,
+            self.model, self.loss_fn, config.prompt.iterative_rounds, self.rng, iou_weight, config.prompt.multimask
         )
         if self.world > 1:
             self.forward = nn.parallel.DistributedDataParallel(
@@ -540,11 +534,9 @@ class LossForward(nn.Module):
         rng: np.random.Generator,
         iou_weight: float = 0.0,
         multimask: bool = False,
-        keep_base: float = 0.0,
     ) -> None:
         super().__init__()
         self.multimask = multimask
-        self.keep_base = keep_base
         self.model = model
         self.loss_fn = loss_fn
         self.rounds = rounds
@@ -592,46 +584,19 @@ class LossForward(nn.Module):
         box_rows: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # before the adapted forward: the base model's values are swapped in and out in place
-        kept = self._base_box_answers(images, targets) if self.keep_base else None
         embeddings = self.model.encode_image(images)
         if box_rows is None:
-            loss = self._decode_loss(embeddings, targets, points, boxes, text)
-        else:  # mixed prompts: box and click samples decoded apart, the loss their sample-weighted mean
-            loss = embeddings.new_zeros(())
-            for rows, use_box in ((box_rows.nonzero()[:, 0], True), ((~box_rows).nonzero()[:, 0], False)):
-                if len(rows):
-                    rows = rows.to(images.device)
-                    group_points = None if use_box else tuple(t[rows] for t in points)
-                    group_boxes = boxes[rows] if use_box else None
-                    part = self._decode_loss(embeddings[rows], targets[rows], group_points, group_boxes)
-                    loss = loss + part * len(rows) / len(box_rows)
-        if kept is not None:
-            rows, tight, base_logits = kept
-            logits, _ = self.model.decode(embeddings[rows], None, tight)
-            # the base model's box answer as a soft target: stay where it was confident, free where it was not
-            keep = F.binary_cross_entropy_with_logits(logits.float(), torch.sigmoid(base_logits.float()))
-            loss = loss + self.keep_base * keep
+            return self._decode_loss(embeddings, targets, points, boxes, text)
+        # mixed prompts: the box samples and the click samples decoded apart, the loss their sample-weighted mean
+        loss = embeddings.new_zeros(())
+        for rows, use_box in ((box_rows.nonzero()[:, 0], True), ((~box_rows).nonzero()[:, 0], False)):
+            if len(rows):
+                rows = rows.to(images.device)
+                group_points = None if use_box else tuple(t[rows] for t in points)
+                group_boxes = boxes[rows] if use_box else None
+                part = self._decode_loss(embeddings[rows], targets[rows], group_points, group_boxes)
+                loss = loss + part * len(rows) / len(box_rows)
         return loss
-
-    @torch.no_grad()
-    def _base_box_answers(
-        self, images: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The base model's logits for the tight box of each sample's object (rows with an object, their boxes in
-        input pixels, logits), or None when no sample holds an object."""
-        from samadapt.peft.toggle import disable_adapters
-        from samadapt.prompts import box_from_mask
-
-        masks = (targets[:, 0] > 0.5).cpu().numpy()
-        rows = [i for i, mask in enumerate(masks) if mask.any()]
-        if not rows:
-            return None
-        tight = torch.from_numpy(np.stack([box_from_mask(masks[i]) for i in rows])).to(images.device)
-        rows = torch.tensor(rows, device=images.device)
-        with disable_adapters(self.model) as base:
-            logits, _ = base.decode(base.encode_image(images[rows]), None, tight)
-        return rows, tight, logits
 
     def _decode_loss(
         self,
