@@ -24,7 +24,7 @@ def run(path: str, dtype: torch.dtype, shape: tuple[int, int, int]) -> tuple[flo
     bias, upstream = torch.randn(1, shape[1], shape[2], shape[2], generator=g), torch.randn(*shape, 32, generator=g)
     best = float("inf")
     for _ in range(3):
-        q, k, v = (t.to(dtype).requires_grad_() for t in (q0, k0, v0))
+        q, k, v = (t.to(dtype).clone().requires_grad_() for t in (q0, k0, v0))
         start = time.perf_counter()
         out = biased_attention(q, k, v, bias.to(dtype), 32**-0.5, path)
         out.backward(upstream.to(dtype))
