@@ -412,3 +412,86 @@ def test_frozen_leading_stages_run_without_autograd_and_gradients_are_unchanged(
     assert saved == [False, True]
     for name in lora:
         torch.testing.assert_close(fast[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- attention paths (fused kernel vs explicit form)
+
+
+def _attention_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(6, 4, 49, 32, generator=g).mul(1.5).to(dtype).requires_grad_() for _ in range(3))
+    return q, k, v, torch.randn(1, 4, 49, 49, generator=g).to(dtype)
+
+
+def _attention_and_grads(path: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    from samadapt.models.common import biased_attention
+
+    q, k, v, bias = _attention_inputs(dtype)
+    out = biased_attention(q, k, v, bias, 32**-0.5, path)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype))
+    return [t.float() for t in (out, q.grad, k.grad, v.grad)]
+
+
+def test_explicit_attention_is_the_fused_function():
+    fused = _attention_and_grads("fused", torch.float32)
+    for a, b in zip(_attention_and_grads("explicit", torch.float32), fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # in bf16 the explicit form rounds the scores to bf16: about twice the fused kernel's error against float32
+    for path in ("fused", "explicit"):
+        for a, b in zip(_attention_and_grads(path, torch.bfloat16), fused, strict=True):
+            assert ((a - b).norm() / b.norm()).item() < 2e-2, path
+
+
+def test_auto_attention_takes_the_explicit_form_only_for_reduced_precision_training_on_cpu(monkeypatch):
+    from samadapt.models import common
+
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(common.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    q, k, v, bias = _attention_inputs(torch.bfloat16)
+    common.biased_attention(q, k, v, bias, 0.1)
+    assert calls == []  # bf16, autograd: explicit
+    with torch.no_grad():
+        common.biased_attention(q, k, v, bias, 0.1)
+    assert calls == [1]  # no autograd: fused
+    q, k, v, bias = _attention_inputs(torch.float32)
+    common.biased_attention(q, k, v, bias, 0.1)
+    assert calls == [1, 1]  # float32: fused
+    with pytest.raises(ValueError, match="attention path"):
+        common.biased_attention(q, k, v, bias, 0.1, "flash")
+
+
+def test_lora_gradients_under_bf16_autocast_stay_close_on_both_attention_paths():
+    """A LoRA step's gradients on the LoRA tensors: bf16 autocast (either path) against float32."""
+    from samadapt.models.registry import build_model
+    from samadapt.peft import PeftConfig, apply_peft
+
+    torch.manual_seed(0)
+    model = build_model("lite_medsam", img_size=128)
+    apply_peft(model, PeftConfig(method="lora", train_modules=[]))
+    encoder = model.image_encoder.eval()
+    randomize(encoder, 2)
+    lora = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, param in lora.items():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    target = torch.randn(2, 256, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def lora_grads(bf16: bool) -> torch.Tensor:
+        encoder.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = encoder(image)
+        (out.float() * target).sum().backward()
+        return torch.cat([p.grad.flatten() for p in lora.values()])
+
+    full = lora_grads(False)
+    encoder.set_attention_path("explicit")
+    torch.testing.assert_close(lora_grads(False), full, rtol=1e-5, atol=1e-5)  # float32: the same function
+    for path in ("fused", "explicit"):
+        encoder.set_attention_path(path)
+        error = ((lora_grads(True) - full).norm() / full.norm()).item()
+        assert error < 5e-2, (path, error)
+    with pytest.raises(ValueError, match="attention path"):
+        encoder.set_attention_path("flash")

@@ -309,3 +309,36 @@ def test_a_semantic_decoder_cannot_be_switched_back():
     apply_peft(model, PeftConfig(method="lora"))
     with pytest.raises(RunError, match="semantic"), disable_adapters(model):
         pass
+
+
+def test_lora_linear_is_the_written_out_formula_with_its_gradients():
+    """y = W x + b + (alpha / r) B_q A_q x on the q rows and B_v A_v x on the v rows (the addmm path)."""
+    from samadapt.peft.lora import LoRALinear
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(16, 12)
+    parts = {"q": [slice(0, 2), slice(6, 8)], "v": [slice(4, 6), slice(10, 12)]}
+    layer = LoRALinear(base, parts, rank=3, alpha=6.0)
+    with torch.no_grad():
+        for name in ("lora_B_q", "lora_B_v"):
+            getattr(layer, name).normal_(generator=g)
+    x = torch.randn(2, 5, 16, generator=g)
+    rows = {"q": [0, 1, 6, 7], "v": [4, 5, 10, 11]}
+    factors = [layer.lora_A_q, layer.lora_B_q, layer.lora_A_v, layer.lora_B_v]
+
+    def written_out() -> torch.Tensor:
+        out = x @ base.weight.T + base.bias
+        for name, index in rows.items():
+            a, b = getattr(layer, f"lora_A_{name}"), getattr(layer, f"lora_B_{name}")
+            update = torch.zeros_like(out)
+            update[..., index] = 2.0 * (x @ a.T @ b.T)
+            out = out + update
+        return out
+
+    upstream = torch.randn(2, 5, 12, generator=g)
+    expected = written_out()
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), factors)
+    got = layer(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad((got * upstream).sum(), factors), expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

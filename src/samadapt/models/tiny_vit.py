@@ -16,7 +16,8 @@ tile the grid are padded like the reference. Parameter names and shapes are thos
 unused classification head) load with ``strict=True``.
 
 Faster than the reference for the same numbers (float tolerance): attention through ``scaled_dot_product_attention``
-with the learned biases as its additive mask, convolutions in channels-last layout, batch norm folded into the
+with the learned biases as its additive mask (the explicit form when training in bf16 on the CPU, where the fused
+kernel's backward is slow: ``common.biased_attention``, switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch norm folded into the
 convolution in eval mode, and no ``norm`` / ``qkv`` / ``proj`` work on window padding (bench/tiny_vit_forward.py).
 """
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from samadapt.models.common import IdentitySlot, LayerNorm2d, ZeroSlot, frozen_prefix
+from samadapt.models.common import ATTENTION_PATHS, IdentitySlot, LayerNorm2d, ZeroSlot, biased_attention, frozen_prefix
 
 
 def drop_path(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
@@ -212,6 +213,7 @@ class Attention(nn.Module):
         self.dh = self.d * num_heads
         self.scale = key_dim**-0.5
         self.window_size = window_size
+        self.attention_path = "auto"  # see common.biased_attention; TinyViT.set_attention_path
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + self.d))
         self.proj = nn.Linear(self.dh, dim)
@@ -251,18 +253,25 @@ class Attention(nn.Module):
             # the reference pads the tokens with zeros before the attention: a zero token normalises to norm.bias
             # and so carries qkv(norm(0)). Fill the padding with that row rather than run norm and qkv on it.
             fill = self.qkv(self.norm(x.new_zeros(1, C)))[0]
-            padded = qkv.new_empty(B, H + pad_b, W + pad_r, qkv.shape[-1])
-            padded[:, :H, :W] = qkv
-            padded[:, H:] = fill
-            padded[:, :H, W:] = fill
-            qkv = padded
+            P = qkv.shape[-1]
+            if qkv.requires_grad:
+                # concatenation: its backward hands out views of the gradient, where the slice assignments below
+                # would copy the whole padded gradient once per assignment (CopySlices)
+                qkv = torch.cat([qkv, fill.expand(B, H, pad_r, P)], dim=2)
+                qkv = torch.cat([qkv, fill.expand(B, pad_b, W + pad_r, P)], dim=1)
+            else:
+                padded = qkv.new_empty(B, H + pad_b, W + pad_r, P)
+                padded[:, :H, :W] = qkv
+                padded[:, H:] = fill
+                padded[:, :H, W:] = fill
+                qkv = padded
         Hp, Wp = H + pad_b, W + pad_r
         nh, nw = Hp // w, Wp // w
         windows = qkv.view(B, nh, w, nw, w, -1).transpose(2, 3).reshape(B * nh * nw, w * w, self.num_heads, -1)
         q, k, v = windows.split([self.key_dim, self.key_dim, self.d], dim=3)
         bias = self.attention_bias().to(q.dtype)[None]  # 4-D (1, heads, N, N): the fused CPU kernel needs 4-D
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=self.scale
+        out = biased_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, self.scale, self.attention_path
         )  # (B * nh * nw, heads, N, d)
         out = out.view(B, nh, nw, self.num_heads, w, w, self.d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, self.dh)
         if pad_b or pad_r:
@@ -464,6 +473,14 @@ class TinyViT(nn.Module):
         """Recompute each block's activations in the backward pass: less memory, about one more forward of time."""
         for layer in self.layers:
             layer.grad_checkpointing = enabled
+
+    def set_attention_path(self, path: str = "auto") -> None:
+        """``auto`` (default), ``fused`` or ``explicit`` for every window attention (``common.biased_attention``)."""
+        if path not in ATTENTION_PATHS:
+            raise ValueError(f"unknown attention path {path!r}; choose one of {', '.join(ATTENTION_PATHS)}")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.attention_path = path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels-last convolutions are 2-3x faster on CPU (oneDNN), and token grids are channels-last already

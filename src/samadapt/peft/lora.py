@@ -106,9 +106,15 @@ class LoRALinear(nn.Linear):
         out = F.linear(x, self.weight, self.bias)
         if self.merged or not self.enabled:  # disable_adapters un-merges first
             return out
-        # one low-rank product for all parts: two thin matmuls and one add, no scatter over the output
+        # one low-rank product for all parts: a thin matmul, then the second one accumulated into the base output by
+        # addmm (the scaling folded into the small B): no separate passes over the output to scale and add
         a, b = self._stacked_factors()
-        return out + F.linear(F.linear(self.lora_dropout(x), a), b).to(out.dtype) * self.scaling
+        low = F.linear(self.lora_dropout(x), a)
+        b = (b * self.scaling).to(low.dtype)
+        if out.dtype != low.dtype:  # a base layer in another dtype than the factors: keep the base's dtype
+            return out + F.linear(low, b).to(out.dtype)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), b.t())
+        return flat.view(out.shape)
 
     @torch.no_grad()
     def merge(self) -> None:
