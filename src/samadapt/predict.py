@@ -67,8 +67,8 @@ class Predictor:
     ) -> None:
         """``device``: None / "auto" picks CUDA when available (``device.resolve_device``); ``precision``: fp32,
         bf16, fp16 or auto (``precision.resolve_precision``: bf16 where the device has native bf16 kernels),
-        applied as autocast; the default is ``precision.INFERENCE_PRECISION`` (fp32, no autocast); ``cache_size``: how many embeddings ``set_image(..., cache_key=...)`` keeps (least
-        recently used dropped first)."""
+        applied as autocast; the default is ``precision.INFERENCE_PRECISION`` (fp32, no autocast); ``cache_size``:
+        how many embeddings ``set_image(..., cache_key=...)`` keeps (least recently used dropped first)."""
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision

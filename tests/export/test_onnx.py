@@ -59,6 +59,9 @@ def tiny_run(method: str | None, task: str = "prompt", depth: bool = False) -> R
         with torch.no_grad():  # class 4 starts as a copy of token 0 (background): trained heads differ, ties do not
             tokens = model.mask_decoder.mask_tokens.weight
             tokens.add_(torch.randn(tokens.shape, generator=torch.Generator().manual_seed(5)))
+            # a trained position map (it starts at zero): the graph must carry it for the outputs to agree
+            prior = model.mask_decoder.position_prior.weight
+            prior.add_(torch.randn(prior.shape, generator=torch.Generator().manual_seed(6)) * 0.05)
     if method:
         config = PeftConfig(
             method=method,

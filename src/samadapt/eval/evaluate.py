@@ -3,8 +3,8 @@
 Protocols: ``none`` (semantic models: all classes at once), ``point:N`` (the centre click of each object, then N - 1
 corrective clicks in the largest error region of the prediction so far), ``box`` (tight box), ``box:J`` (each side
 jittered by up to J pixels), ``text`` / ``text:heldout`` (each class present named by a held-out phrase of the
-run's phrase book, one never used in training) and ``text:name`` (named by its plain class name). Objects are one per class per slice (``class``) or one per connected component
-(``instance``); their predictions are merged per class.
+run's phrase book, one never used in training) and ``text:name`` (named by its plain class name). Objects are one
+per class per slice (``class``) or one per connected component (``instance``); their predictions are merged per class.
 
 Whole volumes are scored in 3D with the voxel spacing; a selection of slices (e.g. held-out slices of a volume) is
 scored slice by slice in 2D, each slice counting as one unit of the mean.

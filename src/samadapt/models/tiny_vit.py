@@ -17,8 +17,9 @@ unused classification head) load with ``strict=True``.
 
 Faster than the reference for the same numbers (float tolerance): attention through ``scaled_dot_product_attention``
 with the learned biases as its additive mask (the explicit form when training in bf16 on the CPU, where the fused
-kernel's backward is slow: ``common.biased_attention``, switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch norm folded into the
-convolution in eval mode, and no ``norm`` / ``qkv`` / ``proj`` work on window padding (bench/tiny_vit_forward.py).
+kernel's backward is slow: ``common.biased_attention``, switch ``TinyViT.set_attention_path``), convolutions in
+channels-last layout, batch norm folded into the convolution in eval mode, and no ``norm`` / ``qkv`` / ``proj`` work
+on window padding (bench/tiny_vit_forward.py).
 """
 
 from __future__ import annotations
