@@ -112,6 +112,11 @@ def test_evaluate_and_predict_from_the_run_directory_alone(tmp_path, dataset):
     assert metrics["baseline"]["prompt"] == "point:2"
     assert (report / "metrics.csv").exists() and (report / "report.md").exists()
     assert "data:image/png;base64" in (report / "report.html").read_text()
+    as_base = tmp_path / "report-blend0"  # peft.blend 0: the run computes its base model, scored as its baseline
+    args = ["evaluate", "--run", str(run), "--data", str(dataset), "--prompt", "point:2", "--baseline"]
+    assert main([*args, "--cases", "c0", "--blend", "0", "--out", str(as_base)]) == 0
+    blended = json.loads((as_base / "metrics.json").read_text())
+    assert blended["per_class"] == blended["baseline"]["per_class"] == metrics["baseline"]["per_class"]
     out = tmp_path / "mask.nii.gz"
     assert (
         main(

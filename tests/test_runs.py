@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from samadapt.errors import RunError
+from samadapt.errors import ConfigError, RunError
 from samadapt.models.registry import build_model
 from samadapt.peft import LoRAConfig, PeftConfig, apply_peft, save_adapter
 from samadapt.runs import (
@@ -103,6 +103,34 @@ def test_a_run_loads_alone_and_its_baseline_is_the_base_checkpoint(lite_run):
     assert loaded.name == "lite_medsam" and loaded.manifest is None
     for (key, ours), (_, theirs) in zip(loaded.model.state_dict().items(), base.state_dict().items(), strict=True):
         assert torch.equal(ours, theirs), key
+
+
+def test_a_run_loads_at_its_own_blend_or_at_the_one_asked_for(lite_run, tmp_path):
+    """load_run applies the manifest's peft.blend, and an explicit blend overrides it: 0 is the base model."""
+    import shutil
+
+    image = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+    trained = outputs(load_run(lite_run, device="cpu").model, image)
+    as_base = load_run(lite_run, device="cpu", blend=0.0)
+    assert as_base.blend == 0.0
+    base_outputs = outputs(build_model("lite_medsam").eval(), image)
+    for ours, theirs in zip(outputs(as_base.model, image), base_outputs, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    halfway_dir = tmp_path / "halfway"
+    shutil.copytree(lite_run, halfway_dir)
+    adapter = RunLayout(halfway_dir).checkpoint("best")
+    manifest = json.loads((adapter / "adapter_config.json").read_text())
+    manifest["peft"]["blend"] = 0.5
+    (adapter / "adapter_config.json").write_text(json.dumps(manifest))
+    halfway = load_run(halfway_dir, device="cpu")
+    assert halfway.blend == 0.5 and halfway.label == "halfway (lite_medsam, blend 0.5)"
+    assert not torch.allclose(outputs(halfway.model, image)[0], trained[0], atol=1e-4)
+    as_trained = load_run(halfway_dir, device="cpu", blend=1.0)
+    for ours, theirs in zip(outputs(as_trained.model, image), trained, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert load_run("lite_medsam").blend == 1.0
+    with pytest.raises(ConfigError, match="bare model"):
+        load_run("lite_medsam", blend=0.5)
 
 
 def test_the_baseline_refuses_other_base_weights(lite_run):

@@ -24,17 +24,19 @@ from pathlib import Path
 import torch
 
 from samadapt.device import resolve_device
-from samadapt.errors import InputNotFoundError, RunError
+from samadapt.errors import ConfigError, InputNotFoundError, RunError
 from samadapt.models.checkpoint import file_sha256
 from samadapt.models.registry import MODELS, build_model, default_weights_path
 from samadapt.models.sam import Sam
 from samadapt.peft import (
     PeftConfig,
     apply_peft,
+    current_blend,
     disable_adapters,
     load_adapter_weights,
     read_manifest,
     saved_position_prior,
+    set_blend,
 )
 from samadapt.precision import INFERENCE_PRECISION
 
@@ -162,6 +164,11 @@ class Run:
         return self.manifest.precision if self.manifest else INFERENCE_PRECISION
 
     @property
+    def blend(self) -> float:
+        """The weight the trained update is used at (``peft.blend``; 1.0: as trained, or a bare model)."""
+        return current_blend(self.model)
+
+    @property
     def axis(self) -> int | None:
         """The slicing axis the run was trained on (None: the dataset's)."""
         return self.manifest.axis if self.manifest else None
@@ -173,8 +180,12 @@ class Run:
 
     @property
     def label(self) -> str:
-        """For progress bars and reports: the run directory with its base model, or the bare model's name."""
-        return f"{self.name} ({self.base_model})" if self.manifest else self.name
+        """For progress bars and reports: the run directory with its base model (and its blend when it is not 1),
+        or the bare model's name."""
+        if not self.manifest:
+            return self.name
+        blend = f", blend {self.blend:g}" if self.blend != 1.0 else ""
+        return f"{self.name} ({self.base_model}{blend})"
 
 
 @lru_cache(maxsize=8)
@@ -211,15 +222,22 @@ def build_base(
     return model
 
 
-def load_run(path_or_model: str | Path, checkpoint: str = "best", device: str | torch.device | None = None) -> Run:
+def load_run(
+    path_or_model: str | Path,
+    checkpoint: str = "best",
+    device: str | torch.device | None = None,
+    blend: float | None = None,
+) -> Run:
     """Rebuild the model of a run directory (``checkpoint``: best or last), or a bare model by name, on ``device``
-    (None / "auto": CUDA when available).
+    (None / "auto": CUDA when available), computing with ``blend`` (``peft.blend``; None: the run's own).
 
     Raises:
         InputNotFoundError: not a run directory and not a model name. RunError: the adapter does not match its base.
     """
     text = str(path_or_model)
     if text in MODELS and not Path(text).exists():
+        if blend not in (None, 1.0):
+            raise ConfigError(f"{text} is a bare model: there is no trained update to blend")
         model = build_model(text)
         return Run(model=model.to(resolve_device(device)).eval(), name=text, task="prompt")
     run_dir = Path(path_or_model)
@@ -249,6 +267,7 @@ def load_run(path_or_model: str | Path, checkpoint: str = "best", device: str | 
     facts = base_model_facts(manifest.base_model, checkpoint_path)
     apply_peft(model, PeftConfig(**manifest.peft))
     load_adapter_weights(model, adapter_dir, facts["base_sha256"])
+    set_blend(model, manifest.peft.get("blend", 1.0) if blend is None else blend)
     return Run(
         model.to(resolve_device(device)).eval(), run_dir.name, manifest.task, manifest.classes, manifest, run_dir
     )

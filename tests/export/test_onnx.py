@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from samadapt.errors import UnsupportedExportError
+from samadapt.errors import ConfigError, UnsupportedExportError
 from samadapt.export.onnx import export_model, export_onnx
 from samadapt.export.runtime import (
     ExportedRun,
@@ -225,6 +225,19 @@ def test_manifest_round_trip(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "format": "other"}))
     with pytest.raises(ValueError, match="not a samadapt ONNX export"):
         load_export(tmp_path)
+
+
+def test_a_blended_run_exports_at_its_blend(tmp_path):
+    """The graphs compute the run at the blend it is used at, and the manifest says which (peft.blend)."""
+    from samadapt.peft import set_blend
+
+    run = tiny_run("msa+lora")
+    set_blend(run.model, 0.5)
+    written = export_onnx(run, tmp_path)
+    assert written["peft"]["blend"] == 0.5 and load_export(tmp_path).blend == 0.5
+    assert_same_predictions(Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path), image())
+    with pytest.raises(ConfigError, match="load_run"):
+        export_onnx(run, tmp_path / "again", blend=1.0)
 
 
 def test_depth_branch_is_refused_unless_dropped(tmp_path):

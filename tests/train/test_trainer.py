@@ -167,3 +167,23 @@ def test_the_iou_head_learns_the_true_iou_of_its_mask(tmp_path):
     without = make_trainer(tmp_path / "no_iou", **{"loss.iou": 0.0})
     without.train_step()
     assert all(p.grad is None or not p.grad.any() for p in without.model.mask_decoder.iou_prediction_head.parameters())
+
+
+def test_validation_scores_the_run_at_its_blend_and_training_keeps_the_full_update(tmp_path):
+    """peft.blend 0: every validation scores the base model, while the weights trained and saved move freely."""
+    from safetensors.torch import load_file
+
+    from samadapt.peft import current_blend, disable_adapters
+
+    trainer = make_trainer(tmp_path, "msa", **{"peft.blend": 0.0, "optim.lr": 3e-3, "optim.warmup_steps": 0})
+    result = trainer.fit()
+    assert current_blend(trainer.model) == 1.0
+    trainer.config.peft.blend = 1.0
+    with disable_adapters(trainer.model):
+        base_dice = trainer.validate()
+    assert result.last_val_dice == base_dice
+    saved = load_file(tmp_path / "checkpoints" / "last" / "adapter_model.safetensors")
+    params = dict(trainer.model.named_parameters())
+    assert any(name.endswith("up.weight") and value.abs().max() > 0 for name, value in saved.items())
+    for name, value in saved.items():
+        torch.testing.assert_close(value, params[name].detach(), rtol=0, atol=0, msg=name)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from samadapt.cli.options import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP
+from samadapt.cli.options import BACKEND_HELP, BLEND_HELP, DEVICE_HELP, PRECISION_HELP
 from samadapt.precision import PRECISIONS
 
 
@@ -32,6 +32,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         backend=args.backend,
+        blend=args.blend,
     )
     print(json.dumps({"mean_dice": metrics["mean_dice"], "prompt": metrics["prompt"], "cases": metrics["cases"]}))
     print(f"report: {Path(args.out) / 'report.html'}")
@@ -59,4 +60,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--device", help=DEVICE_HELP)
     evaluate.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     evaluate.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help=BACKEND_HELP)
+    evaluate.add_argument("--blend", type=float, help=BLEND_HELP)
     evaluate.set_defaults(func=evaluate_command)

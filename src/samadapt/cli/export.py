@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from samadapt.cli.options import DEVICE_HELP
+from samadapt.cli.options import BLEND_HELP, DEVICE_HELP
 from samadapt.errors import ConfigError
 
 
@@ -14,7 +14,9 @@ def export_command(args: argparse.Namespace) -> int:
 
     if args.format != "onnx":
         raise ConfigError(f"unknown export format {args.format!r}: onnx")
-    manifest = export_onnx(args.run, args.out, drop_depth=args.drop_depth, opset=args.opset, device=args.device)
+    manifest = export_onnx(
+        args.run, args.out, drop_depth=args.drop_depth, opset=args.opset, device=args.device, blend=args.blend
+    )
     summary = {key: manifest[key] for key in ("task", "img_size", "base_model", "opset")}
     print(json.dumps({**summary, "notes": manifest["notes"], "out": str(args.out)}))
     return 0
@@ -34,5 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="export a run with MSA's 3D depth branch without it (the graphs encode slices one at a time, where the "
         "branch adds nothing); without this flag such a run is refused",
     )
+    export.add_argument("--blend", type=float, help=BLEND_HELP)
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     export.set_defaults(func=export_command)

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from samadapt.cli.options import BACKEND_HELP, DEVICE_HELP, PRECISION_HELP
+from samadapt.cli.options import BACKEND_HELP, BLEND_HELP, DEVICE_HELP, PRECISION_HELP
 from samadapt.errors import ConfigError
 from samadapt.precision import PRECISIONS
 
@@ -19,7 +19,9 @@ def predict_command(args: argparse.Namespace) -> int:
 
     if (args.image is None) == (args.input is None):
         raise ConfigError("give one input: an IMAGE file, or a folder with -i/--input")
-    run = load_for_backend(args.run, args.backend, device=args.device)  # load_run, or an ONNX export's run
+    run = load_for_backend(
+        args.run, args.backend, device=args.device, blend=args.blend
+    )  # load_run, or an ONNX export's run
     if args.input is not None:
         written = predict_folder(
             run,
@@ -72,4 +74,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--device", help=DEVICE_HELP)
     predict.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     predict.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help=BACKEND_HELP)
+    predict.add_argument("--blend", type=float, help=BLEND_HELP)
     predict.set_defaults(func=predict_command)

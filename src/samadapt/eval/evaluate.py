@@ -312,6 +312,7 @@ def _finished_dir(out: str | Path, run: Run, protocol: Protocol, chosen: dict, o
         "run": str(run.path or run.name),
         "step": run.manifest.step if run.manifest else None,
         "base": run.manifest.base_sha256 if run.manifest else None,
+        "blend": getattr(run, "blend", 1.0),
         "protocol": str(protocol),
         "classes": sorted(chosen),
         **options,
@@ -395,6 +396,7 @@ def evaluate(
     precision: str | None = None,
     progress: bool = True,
     backend: str = "torch",
+    blend: float | None = None,
 ) -> dict:
     """Score a run (or a bare model name) on whole volumes of a dataset, optionally beside its un-adapted base model.
 
@@ -409,17 +411,20 @@ def evaluate(
     report.md / report.html there. Returns the content of metrics.json (the baseline's under
     ``"baseline"``). ``backend``: ``torch`` or ``onnxruntime`` (for both models; with onnxruntime ``run`` may be an
     export directory, and a run directory or model name is exported on the fly: ``samadapt.export.backend``).
+    ``blend``: the weight of the trained update when ``run`` is a path (``peft.blend``; None: the run's own).
     """
     from samadapt.data.datasets import SliceDataset, load_dataset
     from samadapt.eval.report import save_evaluation
     from samadapt.runs import load_run
 
+    if isinstance(run, Run) and blend is not None:
+        raise ConfigError("blend applies to a run loaded here; for a loaded Run use load_run(..., blend=)")
     if backend == "torch":
-        run = run if isinstance(run, Run) else load_run(run, device=device)
+        run = run if isinstance(run, Run) else load_run(run, device=device, blend=blend)
     elif isinstance(run, (str, Path)):
         from samadapt.export.backend import load_for_backend
 
-        run = load_for_backend(run, backend, device=device)
+        run = load_for_backend(run, backend, device=device, blend=blend)
     protocol = parse_protocol(prompt) if isinstance(prompt, str) else prompt
     axis = run.axis if axis is None else axis
     precision = precision or run.precision

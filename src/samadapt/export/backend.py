@@ -26,16 +26,19 @@ def _check(backend: str) -> None:
         raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
-def load_for_backend(path_or_model, backend: str = "torch", device=None):
-    """A ``Run`` (``load_run``), or for onnxruntime and an export directory an ``ExportedRun``."""
+def load_for_backend(path_or_model, backend: str = "torch", device=None, blend: float | None = None):
+    """A ``Run`` (``load_run``, at ``blend``: None the run's own), or for onnxruntime and an export directory an
+    ``ExportedRun`` (its blend was fixed at export)."""
     _check(backend)
     if backend == "onnxruntime" and is_export_dir(path_or_model):
+        if blend is not None:
+            raise ConfigError(f"{path_or_model} is an ONNX export: its blend was fixed at export (samadapt export)")
         return load_export(path_or_model)
     if is_export_dir(path_or_model):
         raise RunError(f"{path_or_model} is an ONNX export: use it with --backend onnxruntime")
     from samadapt.runs import load_run
 
-    return load_run(path_or_model, device=device)
+    return load_run(path_or_model, device=device, blend=blend)
 
 
 def export_dir_for(run) -> Path:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from samadapt import __version__
-from samadapt.errors import UnsupportedExportError
+from samadapt.errors import ConfigError, UnsupportedExportError
 from samadapt.export.runtime import DECODER, ENCODER, FORMAT, FORMAT_VERSION, MANIFEST
 from samadapt.files import atomic_write_text
 from samadapt.models.checkpoint import file_sha256
@@ -303,24 +303,34 @@ def _bare_model_facts(name: str) -> dict:
 
 
 def export_onnx(
-    run, out: str | Path, drop_depth: bool = False, opset: int = DEFAULT_OPSET, device: str | None = None
+    run,
+    out: str | Path,
+    drop_depth: bool = False,
+    opset: int = DEFAULT_OPSET,
+    device: str | None = None,
+    blend: float | None = None,
 ) -> dict:
-    """Export a ``Run`` (or a run directory / model name, loaded with ``load_run`` on ``device``) into ``out``;
-    returns the manifest.
+    """Export a ``Run`` (or a run directory / model name, loaded with ``load_run`` on ``device`` at ``blend``) into
+    ``out``; returns the manifest.
 
     See ``export_model`` for what is written and what is refused.
     """
     from samadapt.runs import Run, load_run
 
     if not isinstance(run, Run):
-        run = load_run(run, device=device)
+        run = load_run(run, device=device, blend=blend)
+    elif blend is not None:
+        raise ConfigError("blend applies to a run loaded here; for a loaded Run use load_run(..., blend=)")
+    run_manifest = run.manifest.to_dict() if run.manifest else {}
+    if run_manifest:  # the blend the graphs were traced at, which may differ from the run's own (load_run(blend=))
+        run_manifest["peft"] = {**run_manifest["peft"], "blend": run.blend}
     return export_model(
         run.model,
         out,
         task=run.task,
         classes=run.classes,
         name=run.base_model,
-        run_manifest=run.manifest.to_dict() if run.manifest else {},
+        run_manifest=run_manifest,
         drop_depth=drop_depth,
         opset=opset,
     )

@@ -246,6 +246,11 @@ class ExportedRun:
         return self.manifest.get("axis")
 
     @property
+    def blend(self) -> float:
+        """The blend the graphs were exported at (``peft.blend``)."""
+        return float((self.manifest.get("peft") or {}).get("blend", 1.0))
+
+    @property
     def preprocessing(self) -> str:
         return self.manifest.get("preprocessing") or ""
 

@@ -1,6 +1,7 @@
 """Parameter-efficient fine-tuning of SAM: MSA adapters, LoRA (SAMed, Cheap Lunch), MSA's 3D depth branch."""
 
 from samadapt.peft.adapter import Adapter, PromptConditionedAdapter
+from samadapt.peft.blend import blended, current_blend, set_blend
 from samadapt.peft.config import AdapterConfig, LoRAConfig, PeftConfig
 from samadapt.peft.depth import DepthBranch, set_depth
 from samadapt.peft.inject import (
@@ -31,6 +32,8 @@ __all__ = [
     "PromptConditionedAdapter",
     "add_lora",
     "apply_peft",
+    "blended",
+    "current_blend",
     "disable_adapters",
     "format_parameter_report",
     "is_peft_key",
@@ -41,6 +44,7 @@ __all__ = [
     "register_method",
     "save_adapter",
     "saved_position_prior",
+    "set_blend",
     "set_depth",
     "trainable_state_dict",
     "unmerge_lora",

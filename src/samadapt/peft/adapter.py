@@ -53,11 +53,12 @@ class Adapter(nn.Module):
         self.skip = skip
         self.scale = scale
         self.enabled = True  # off: the slot's empty behaviour (identity, or nothing added); see disable_adapters
+        self.blend = 1.0  # weight of the trained update (peft.blend, WiSE-FT); 1: as trained
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
     def bottleneck(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(self.act(hidden))
+        return (self.scale * self.blend) * self.up(self.act(hidden))
 
     def forward(self, x: torch.Tensor, *context: torch.Tensor) -> torch.Tensor | float:
         if not self.enabled:

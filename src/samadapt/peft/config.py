@@ -22,6 +22,9 @@ class PeftConfig:
             or ``mask_decoder.transformer.layers.1`` (MSA). None takes the method's default policy.
         text: the text-prompt projection (``peft.text_prompt``), trained beside the method's parameters; None: no
             text prompts.
+        blend: the weight the trained update is used at, after training (``peft.blend``, WiSE-FT): 1 the trained
+            model, 0 the base model, 0.5 halfway in weight space. Training always trains the full update;
+            validation, evaluation, prediction and export use the blend. Prompted runs only.
     """
 
     method: str = "lora"
@@ -30,10 +33,13 @@ class PeftConfig:
     depth: bool = False
     train_modules: list[str] | None = None
     text: TextPromptConfig | None = None
+    blend: float = 1.0
 
     def __post_init__(self) -> None:
+        from samadapt.peft.blend import check_blend
         from samadapt.peft.registry import METHODS
 
+        self.blend = check_blend(self.blend)
         if self.method not in METHODS:
             raise ConfigError(f"unknown PEFT method {self.method!r}; choose one of {', '.join(METHODS)}")
         if isinstance(self.adapter, dict):

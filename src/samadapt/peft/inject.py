@@ -138,6 +138,8 @@ def save_adapter(model: nn.Module, directory: str | Path, manifest: dict) -> Pat
     directory.mkdir(parents=True, exist_ok=True)
     if any(isinstance(m, LoRALinear) and m.merged for m in model.modules()):
         raise RuntimeError("un-merge LoRA before saving: merged weights would be saved twice")
+    if getattr(model, "peft_blend", 1.0) != 1.0:
+        raise RuntimeError("set_blend(model, 1.0) before saving: a blended model would save blended weights")
     tensors = trainable_state_dict(model)
     atomic_write(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path)))
     atomic_write_text(directory / MANIFEST, json.dumps({**manifest, "tensors": len(tensors)}, indent=2, sort_keys=True))

@@ -71,6 +71,7 @@ class LoRALinear(nn.Linear):
         self.part_names = list(parts)
         self.merged = False
         self.enabled = True  # off: the base layer alone (see disable_adapters)
+        self.blend = 1.0  # weight of the update (peft.blend, WiSE-FT); change it un-merged (peft.blend.set_blend)
         device, dtype = base.weight.device, base.weight.dtype
         for name, rows in parts.items():
             index = rows_index(rows, base.out_features).to(device)
@@ -85,7 +86,7 @@ class LoRALinear(nn.Linear):
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) update the LoRA factors add to ``weight``."""
         a, b = self._stacked_factors()
-        return (b @ a) * self.scaling
+        return (b @ a) * (self.scaling * self.blend)
 
     def _stacked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All parts' A stacked (P*r, in) and their B placed on the output rows (out, P*r)."""
@@ -110,7 +111,7 @@ class LoRALinear(nn.Linear):
         # addmm (the scaling folded into the small B): no separate passes over the output to scale and add
         a, b = self._stacked_factors()
         low = F.linear(self.lora_dropout(x), a)
-        b = (b * self.scaling).to(low.dtype)
+        b = (b * (self.scaling * self.blend)).to(low.dtype)
         if out.dtype != low.dtype:  # a base layer in another dtype than the factors: keep the base's dtype
             return out + F.linear(low, b).to(out.dtype)
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), b.t())

@@ -173,6 +173,8 @@ class TrainConfig:
             raise ConfigError(f"data.synthetic_share must be in [0, 1], got {self.data.synthetic_share}")
         if not 0.0 <= self.prompt.box_share <= 1.0:
             raise ConfigError(f"prompt.box_share must be in [0, 1], got {self.prompt.box_share}")
+        if self.task == "semantic" and self.peft.blend != 1.0:
+            raise ConfigError("peft.blend applies to prompted runs; a semantic decoder has no base to blend with")
         if self.prompt.uses_text:
             if self.task == "semantic":
                 raise ConfigError(f"prompt.kind={self.prompt.kind} needs the prompt task, not task=semantic")

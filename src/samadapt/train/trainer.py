@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from samadapt.device import autocast, distributed_context, resolve_device
 from samadapt.errors import TrainingError, TrainingInterruptedError
 from samadapt.files import atomic_write_text
-from samadapt.peft import save_adapter, set_depth
+from samadapt.peft import blended, save_adapter, set_depth
 from samadapt.peft.inject import load_adapter_weights, train_mode
 from samadapt.precision import resolve_precision
 from samadapt.runs import Manifest, Run, RunLayout
@@ -364,17 +364,18 @@ class Trainer:
         protocol = "none" if self.semantic else ("box" if self.config.prompt.kind == "box" else "point:1")
         if self.config.prompt.uses_text:
             protocol = "text:name"  # not the held-out phrases: they must not choose the best checkpoint
-        evaluation = evaluate_slices(
-            run,
-            self.val_items,
-            classes,
-            protocol,
-            objects_mode=self.config.prompt.objects,
-            seed=self.config.train.seed,
-            device=self.device,
-            precision=self.precision,
-            progress=False,
-        )
+        with blended(self.model, self.config.peft.blend):  # the model a user of this run gets (peft.blend)
+            evaluation = evaluate_slices(
+                run,
+                self.val_items,
+                classes,
+                protocol,
+                objects_mode=self.config.prompt.objects,
+                seed=self.config.train.seed,
+                device=self.device,
+                precision=self.precision,
+                progress=False,
+            )
         return float(evaluation.summary["mean_dice"])
 
     # -- checkpoints ----------------------------------------------------------------------------------------
