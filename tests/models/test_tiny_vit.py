@@ -379,6 +379,7 @@ def test_bfloat16_autocast_stays_close():
 
 def test_frozen_leading_stages_run_without_autograd_and_gradients_are_unchanged():
     from samadapt.models.common import frozen_prefix
+    from samadapt.models.cpu_kernels import set_fused_cpu_kernels
     from samadapt.models.registry import build_model
     from samadapt.peft import PeftConfig, apply_peft
 
@@ -407,11 +408,18 @@ def test_frozen_leading_stages_run_without_autograd_and_gradients_are_unchanged(
 
     saved = []
     encoder.layers[0].register_forward_hook(lambda m, args, out: saved.append(out.requires_grad))
-    fast = lora_grads(image)
-    full = lora_grads(image.clone().requires_grad_())  # an input needing gradients: every stage under autograd
-    assert saved == [False, True]
+    with_kernels = lora_grads(image)  # the frozen stages run oneDNN's inference kernels (cpu_kernels): no autograd
+    set_fused_cpu_kernels(False)
+    try:
+        fast = lora_grads(image)
+        full = lora_grads(image.clone().requires_grad_())  # an input needing gradients: every stage under autograd
+    finally:
+        set_fused_cpu_kernels(True)
+    assert saved == [False, False, True]
     for name in lora:
         torch.testing.assert_close(fast[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
+        # another matrix-product kernel in the frozen stages: the same gradients within float rounding
+        assert (with_kernels[name] - full[name]).abs().max() <= 1e-5 * full[name].abs().max(), name
 
 
 # ---------------------------------------------------------------- attention paths (fused kernel vs explicit form)
