@@ -131,3 +131,10 @@ def test_flop_counting_sees_the_plain_ops(plain):
                     ours(image)
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
+
+
+def test_torch_compile_traces_the_encoder_in_one_graph():
+    ours, _ = reference_pair(64, SLIM, seed=3)
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(ours)(torch.rand(1, 3, 64, 64))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)

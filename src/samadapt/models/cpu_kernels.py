@@ -46,11 +46,13 @@ def _available() -> bool:
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype the fused kernels would compute ``x``'s op in, or None where they must not be used."""
+    if torch.compiler.is_compiling():  # first: torch.compile then traces none of the checks below (no graph breaks)
+        return None
     if not _enabled or x.device.type != "cpu" or torch.is_grad_enabled() or not _available():
         return None
     if _get_current_dispatch_mode() is not None or torch.jit.is_tracing() or torch.jit.is_scripting():
         return None
-    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+    if torch.onnx.is_in_onnx_export():
         return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     if dtype == torch.float32 and x.dtype == torch.float32:
