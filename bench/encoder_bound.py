@@ -17,11 +17,16 @@ counted on the matrix-product side (the optimistic bound) and, in a second figur
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import matmul_peaks  # noqa: E402
 
 CONV_OPS = {"aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d",
             "aten::_conv_depthwise2d", "aten::thnn_conv2d", "aten::_slow_conv2d_forward",
@@ -54,17 +59,6 @@ NAMED = {
 }
 CAST = "dtype casts (autocast)"
 MATRIX = ("matrix products (linear, dense conv)", "fused window attention")
-
-
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 def category(name: str, shapes: list) -> str:
@@ -160,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument(
+        "--kernels", default="plain,fused", help="plain (torch's ops), fused (samadapt.models.cpu_kernels) or both"
+    )
     args = parser.parse_args(argv)
 
     from samadapt.models.registry import build_model
@@ -172,15 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; encoder {flops['total'] / 1e9:.2f} GFLOP "
           f"(dense matrix products {flops[MATRIX[0]] / 1e9:.2f}, attention {flops[MATRIX[1]] / 1e9:.2f}, "
           f"depthwise {flops['depthwise conv'] / 1e9:.2f})")  # fmt: skip
-    for name, dtype in precisions:
-        peak = matmul_gflops(dtype) * 1e9
+    from samadapt.models.cpu_kernels import set_fused_cpu_kernels
+
+    for (precision, dtype), kernels in itertools.product(precisions, args.kernels.split(",")):
+        set_fused_cpu_kernels(kernels == "fused")
+        name = f"{precision}, {kernels} kernels"
+        peaks = matmul_peaks(dtype)
+        peak = max(peaks.values()) * 1e9
         call = encoder_call(encoder, image, dtype)
         wall = best_time(call, args.repeats)
         seconds, profiled = profile_by_category(call, args.repeats)
         # the profiler's own cost per op inflates every category alike: scale them to the unprofiled time
         scale = wall / profiled
         rows = sorted(seconds.items(), key=lambda kv: -kv[1])
-        print(f"\n{name}: matmul peak {peak / 1e9:.0f} GFLOP/s; encoder {wall * 1e3:.1f} ms (best of {args.repeats}); "
+        peak_text = ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+        print(f"\n{name}: matmul peak {peak / 1e9:.0f} GFLOP/s ({peak_text}); encoder {wall * 1e3:.1f} ms (best of {args.repeats}); "
               f"profiled sum {profiled * 1e3:.1f} ms (mean of {args.repeats}; the table is scaled to the best)")  # fmt: skip
         table = [("category", "ms", "share", "GFLOP", "GFLOP/s (of peak)")]
         for key, value in rows:
