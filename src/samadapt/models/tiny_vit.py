@@ -16,10 +16,10 @@ tile the grid are padded like the reference. Parameter names and shapes are thos
 unused classification head) load with ``strict=True``.
 
 Faster than the reference for the same numbers (float tolerance): attention through ``scaled_dot_product_attention``
-with the learned biases as its additive mask (the explicit form when training in bf16 on the CPU, where the fused
-kernel's backward is slow: ``common.biased_attention``, switch ``TinyViT.set_attention_path``), convolutions in
-channels-last layout, batch norm folded into the convolution in eval mode, and no ``norm`` / ``qkv`` / ``proj`` work
-on window padding (bench/tiny_vit_forward.py).
+with the learned biases as its additive mask (the explicit form in bf16 on the CPU, where the fused kernel is slow:
+``common.biased_attention``, switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch norm
+folded into the convolution in eval mode, oneDNN's fused convolution / linear + GELU kernels for CPU inference
+(``cpu_kernels``), and no ``norm`` / ``qkv`` / ``proj`` work on window padding (bench/tiny_vit_forward.py).
 """
 
 from __future__ import annotations
