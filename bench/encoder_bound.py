@@ -58,7 +58,7 @@ NAMED = {
     "empty_strided": "allocation",
 }
 CAST = "dtype casts (autocast)"
-MATRIX = ("matrix products (linear, dense conv)", "fused window attention")
+MATRIX = ("matrix products (linear, dense conv)", "window attention (its matmuls, or the fused kernel)")
 
 
 def category(name: str, shapes: list) -> str:
@@ -106,15 +106,21 @@ def flops_by_category(encoder, image: torch.Tensor) -> dict[str, float]:
 
 def attributed_category(event) -> str:
     """An op's category, or that of the matrix-product op it runs inside (the bias copy of a float32 ``addmm``, the
-    bias of a slow 1x1 convolution); autocast's dtype casts stay casts wherever they run."""
-    node = event
+    bias of a slow 1x1 convolution); autocast's dtype casts stay casts wherever they run. A bare ``matmul`` (not
+    inside a linear) is the explicit window attention's (``common.biased_attention``), TinyViT's only one."""
+    nodes, node = [], event
     while node is not None:
         if node.name in ("aten::_to_copy", "aten::to"):
             return CAST
-        kind = category(node.name, node.input_shapes)
+        nodes.append(node)
+        node = node.cpu_parent
+    names = {n.name for n in nodes}
+    if "aten::matmul" in names and not names & {"aten::linear", "mkldnn::_linear_pointwise"}:
+        return MATRIX[1]
+    for n in nodes:
+        kind = category(n.name, n.input_shapes)
         if kind in MATRIX or kind == "depthwise conv":
             return kind
-        node = node.cpu_parent
     return category(event.name, event.input_shapes)
 
 
