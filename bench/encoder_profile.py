@@ -2,7 +2,8 @@
 
 For each stage (patch embedding, the four TinyViT stages, the neck) of one 256 x 256 slice: its FLOPs (torch's
 FlopCounterMode), its time (best of N after a warm-up), and its achieved GFLOP/s as a fraction of the machine's own
-matrix-product peak measured in the same run (2048 x 2048, fp32; bf16 where native). Run it on an idle machine:
+matrix-product peak measured in the same run (2048 x 2048, fp32; bf16 where native; ``measure.matmul_peak``). Run it
+on an idle machine:
 
     python bench/encoder_profile.py [--batch 1] [--repeats 5] [--markdown]
 """
@@ -17,15 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+from measure import matmul_peak  # noqa: E402
 
 
 def stage_inputs(encoder, image: torch.Tensor) -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
@@ -75,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = model.image_encoder
     image = torch.rand(args.batch, 3, model.img_size, model.img_size)
     precisions = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if fast_bfloat16("cpu") else [])
-    peaks = {name: matmul_gflops(dtype) for name, dtype in precisions}
+    peaks = {name: matmul_peak(dtype) for name, dtype in precisions}
     rows = []
     for name, module, x in stage_inputs(encoder, image):
         flops = flops_of(module, x)

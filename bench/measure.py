@@ -74,3 +74,30 @@ def measure(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> Meas
         sampler.join()
         peak = sampler.peak - base
     return Measurement(statistics.median(times), max(peak, 0))
+
+
+def matmul_peaks(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a size x size matrix product (best of ``repeats``) through ``a @ b`` (MKL for float32) and through
+    oneDNN directly, where torch has it. The machine's peak is the larger: on the AMD EPYC of issue 14 MKL's float32
+    sgemm ran at less than half of oneDNN's (116 vs 256 GFLOP/s, one thread)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    calls = {"matmul": lambda: a @ b}
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        b_t = b.t().contiguous()
+        calls["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+    rates = {}
+    with torch.inference_mode():
+        for name, call in calls.items():
+            call()
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                best = min(best, time.perf_counter() - start)
+            rates[name] = 2 * size**3 / best / 1e9
+    return rates
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048) -> float:
+    """The larger of ``matmul_peaks``: the machine's measured matrix-product peak in GFLOP/s."""
+    return max(matmul_peaks(dtype, size).values())

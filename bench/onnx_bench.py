@@ -1,7 +1,8 @@
 """Deployment speed on this machine, in one run: LiteMedSAM on torch, on onnxruntime (our export) and the reference.
 
 Rows:
-- the machine's own limit: GFLOP/s of a large fp32 matrix product (2048 x 2048, torch, all threads);
+- the machine's own limit: GFLOP/s of a large fp32 matrix product (2048 x 2048, all threads; the faster of torch's
+  matmul and oneDNN, `measure.matmul_peaks`: MKL's sgemm ran at less than half of oneDNN on an AMD EPYC);
 - the LiteMedSAM image encoder alone (one 256 x 256 slice): seconds, achieved GFLOP/s (FLOPs counted by torch's
   FlopCounterMode) and its fraction of the matrix-product peak, for torch fp32, torch at ``--precision`` (default
   auto: bf16 where the CPU has native bf16 kernels, ``samadapt.precision``) and onnxruntime fp32;
@@ -24,15 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+from measure import matmul_peak  # noqa: E402
 
 
 def encoder_flops(model) -> float:
@@ -80,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     onnx_predictor = OnnxPredictor(folder)
     reference = reference_lite_medsam()
 
-    peak = matmul_gflops()
+    peak = matmul_peak(torch.float32)
     flops = encoder_flops(run.model)
     image = torch.rand(1, 3, 256, 256)
     with torch.inference_mode():

@@ -379,6 +379,7 @@ def test_bfloat16_autocast_stays_close():
 
 def test_frozen_leading_stages_run_without_autograd_and_gradients_are_unchanged():
     from samadapt.models.common import frozen_prefix
+    from samadapt.models.cpu_kernels import set_fused_cpu_kernels
     from samadapt.models.registry import build_model
     from samadapt.peft import PeftConfig, apply_peft
 
@@ -407,11 +408,18 @@ def test_frozen_leading_stages_run_without_autograd_and_gradients_are_unchanged(
 
     saved = []
     encoder.layers[0].register_forward_hook(lambda m, args, out: saved.append(out.requires_grad))
-    fast = lora_grads(image)
-    full = lora_grads(image.clone().requires_grad_())  # an input needing gradients: every stage under autograd
-    assert saved == [False, True]
+    with_kernels = lora_grads(image)  # the frozen stages run oneDNN's inference kernels (cpu_kernels): no autograd
+    set_fused_cpu_kernels(False)
+    try:
+        fast = lora_grads(image)
+        full = lora_grads(image.clone().requires_grad_())  # an input needing gradients: every stage under autograd
+    finally:
+        set_fused_cpu_kernels(True)
+    assert saved == [False, False, True]
     for name in lora:
         torch.testing.assert_close(fast[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
+        # another matrix-product kernel in the frozen stages: the same gradients within float rounding
+        assert (with_kernels[name] - full[name]).abs().max() <= 1e-5 * full[name].abs().max(), name
 
 
 # ---------------------------------------------------------------- attention paths (fused kernel vs explicit form)
@@ -442,7 +450,7 @@ def test_explicit_attention_is_the_fused_function():
             assert ((a - b).norm() / b.norm()).item() < 2e-2, path
 
 
-def test_auto_attention_takes_the_explicit_form_only_for_reduced_precision_training_on_cpu(monkeypatch):
+def test_auto_attention_takes_the_explicit_form_only_for_reduced_precision_on_cpu(monkeypatch):
     from samadapt.models import common
 
     calls = []
@@ -450,12 +458,13 @@ def test_auto_attention_takes_the_explicit_form_only_for_reduced_precision_train
     monkeypatch.setattr(common.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
     q, k, v, bias = _attention_inputs(torch.bfloat16)
     common.biased_attention(q, k, v, bias, 0.1)
-    assert calls == []  # bf16, autograd: explicit
     with torch.no_grad():
         common.biased_attention(q, k, v, bias, 0.1)
-    assert calls == [1]  # no autograd: fused
+    assert calls == []  # bf16, with and without autograd: explicit
     q, k, v, bias = _attention_inputs(torch.float32)
     common.biased_attention(q, k, v, bias, 0.1)
+    with torch.no_grad():
+        common.biased_attention(q, k, v, bias, 0.1)
     assert calls == [1, 1]  # float32: fused
     with pytest.raises(ValueError, match="attention path"):
         common.biased_attention(q, k, v, bias, 0.1, "flash")
@@ -495,3 +504,18 @@ def test_lora_gradients_under_bf16_autocast_stay_close_on_both_attention_paths()
         assert error < 5e-2, (path, error)
     with pytest.raises(ValueError, match="attention path"):
         encoder.set_attention_path("flash")
+
+
+def test_bf16_inference_stays_as_close_to_float32_on_both_attention_paths():
+    ours, _ = reference_pair(128, SLIM, seed=13)
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(6))
+    errors = {}
+    with torch.inference_mode():
+        full = ours(image)
+        for path in ("auto", "fused"):  # auto: explicit here (bf16 on the CPU)
+            ours.set_attention_path(path)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = ours(image).float()
+            errors[path] = ((low - full).norm() / full.norm()).item()
+    ours.set_attention_path("auto")
+    assert errors["auto"] < 5e-2 and errors["auto"] < 1.5 * errors["fused"], errors

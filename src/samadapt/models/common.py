@@ -46,19 +46,20 @@ def biased_attention(
     """softmax(q k^T * scale + bias) v for (..., N, d) q, k, v and a broadcastable (..., N, N) additive bias.
 
     ``fused``: ``scaled_dot_product_attention``. ``explicit``: two batched matmuls and a softmax, all in q's dtype.
-    ``auto`` takes ``explicit`` only when autograd will differentiate a reduced-precision (bf16 / fp16) attention on
-    the CPU: torch's fused CPU kernel has a slow backward there (bf16, TinyViT's 49- and 196-token windows: 3-5x the
-    explicit form's forward + backward, bench/attention_paths.py), while in float32, without autograd, and on CUDA
-    the fused kernel is as fast or faster. The explicit form rounds the scores to q's dtype before the softmax
-    (the fused kernel keeps them in float32): in bf16 about twice the fused kernel's error against float32
-    (~1 % vs ~0.5 % relative on outputs and gradients), so ``fused`` is the switch that keeps the fused numbers.
+    ``auto`` takes ``explicit`` for a reduced-precision (bf16 / fp16) attention on the CPU: torch's fused CPU kernel
+    is slow there, for the backward most (bf16, TinyViT's 49- and 196-token windows: 3-5x the explicit form's
+    forward + backward, bench/attention_paths.py) and for inference too (LiteMedSAM's bf16 encoder: 325 vs 360 ms
+    per slice, one thread, docs/performance.md), while in float32 and on CUDA the fused kernel is as fast or faster.
+    The explicit form rounds the scores to q's dtype before the softmax (the fused kernel keeps them in float32): in
+    bf16 about twice the fused kernel's error against float32 on one attention (~1 % vs ~0.5 % relative on outputs
+    and gradients; on the whole bf16 encoder the same, 6.4 %, as the other bf16 roundings dominate), so ``fused``
+    is the switch that keeps the fused numbers.
     """
     if path not in ATTENTION_PATHS:
         raise ValueError(f"unknown attention path {path!r}; choose one of {', '.join(ATTENTION_PATHS)}")
     if path == "auto":
         reduced = q.dtype in (torch.bfloat16, torch.float16)
-        differentiated = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        path = "explicit" if reduced and differentiated and q.device.type == "cpu" else "fused"
+        path = "explicit" if reduced and q.device.type == "cpu" else "fused"
     if path == "fused":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     return torch.softmax((q * scale) @ k.transpose(-1, -2) + bias, dim=-1) @ v

@@ -16,10 +16,10 @@ tile the grid are padded like the reference. Parameter names and shapes are thos
 unused classification head) load with ``strict=True``.
 
 Faster than the reference for the same numbers (float tolerance): attention through ``scaled_dot_product_attention``
-with the learned biases as its additive mask (the explicit form when training in bf16 on the CPU, where the fused
-kernel's backward is slow: ``common.biased_attention``, switch ``TinyViT.set_attention_path``), convolutions in
-channels-last layout, batch norm folded into the convolution in eval mode, and no ``norm`` / ``qkv`` / ``proj`` work
-on window padding (bench/tiny_vit_forward.py).
+with the learned biases as its additive mask (the explicit form in bf16 on the CPU, where the fused kernel is slow:
+``common.biased_attention``, switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch norm
+folded into the convolution in eval mode, oneDNN's fused convolution / linear + GELU kernels for CPU inference
+(``cpu_kernels``), and no ``norm`` / ``qkv`` / ``proj`` work on window padding (bench/tiny_vit_forward.py).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from samadapt.models import cpu_kernels
 from samadapt.models.common import ATTENTION_PATHS, IdentitySlot, LayerNorm2d, ZeroSlot, biased_attention, frozen_prefix
 
 
@@ -67,7 +68,8 @@ class Conv2dBN(nn.Sequential):
     """Convolution without bias, then batch norm (keys ``c`` and ``bn``). (B, C_in, H, W) -> (B, C_out, H', W').
 
     In eval mode the batch norm is an affine map, folded into the convolution: one pass over the activations instead
-    of two, and gradients still reach ``c`` and ``bn`` through the fold.
+    of two, and gradients still reach ``c`` and ``bn`` through the fold. ``gelu``: a GELU follows (fused into the
+    convolution by oneDNN for CPU inference, ``cpu_kernels``).
     """
 
     def __init__(
@@ -78,13 +80,14 @@ class Conv2dBN(nn.Sequential):
         self.add_module("bn", nn.BatchNorm2d(cout))
         nn.init.constant_(self.bn.weight, bn_init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if self.bn.training:
-            return self.bn(self.c(x))
+            out = self.bn(self.c(x))
+            return gelu_fresh(out) if gelu else out
         scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
         bias = self.bn.bias - self.bn.running_mean * scale
         weight = self.c.weight * scale[:, None, None, None]
-        return F.conv2d(x, weight, bias, self.c.stride, self.c.padding, self.c.dilation, self.c.groups)
+        return cpu_kernels.conv2d(x, weight, bias, self.c, gelu)
 
 
 class PatchEmbed(nn.Module):
@@ -106,7 +109,7 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq[2](gelu_fresh(self.seq[0](x)))
+        return self.seq[2](self.seq[0](x, gelu=True))
 
 
 class MBConv(nn.Module):
@@ -121,7 +124,7 @@ class MBConv(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv3(gelu_fresh(self.conv2(gelu_fresh(self.conv1(x)))))
+        out = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return gelu_fresh(add_fresh(x, drop_path(out, self.drop_path, self.training)))
 
 
@@ -142,7 +145,7 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
             x = x.view(x.shape[0], *self.resolution, x.shape[2]).permute(0, 3, 1, 2)
-        x = self.conv3(gelu_fresh(self.conv2(gelu_fresh(self.conv1(x)))))
+        x = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
 
@@ -180,7 +183,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward_normed(self, m: torch.Tensor) -> torch.Tensor:
-        return self.fc2(gelu_fresh(self.fc1(m)))
+        return cpu_kernels.linear(cpu_kernels.linear(m, self.fc1, gelu=True), self.fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_normed(self.norm(x))
@@ -248,12 +251,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         w = self.window_size
-        qkv = self.qkv(self.norm(x))  # (B, H, W, P * heads)
+        qkv = cpu_kernels.linear(self.norm(x), self.qkv)  # (B, H, W, P * heads)
         pad_b, pad_r = -H % w, -W % w
         if pad_b or pad_r:
             # the reference pads the tokens with zeros before the attention: a zero token normalises to norm.bias
             # and so carries qkv(norm(0)). Fill the padding with that row rather than run norm and qkv on it.
-            fill = self.qkv(self.norm(x.new_zeros(1, C)))[0]
+            fill = cpu_kernels.linear(self.norm(x.new_zeros(1, C)), self.qkv)[0]
             P = qkv.shape[-1]
             if qkv.requires_grad:
                 # concatenation: its backward hands out views of the gradient, where the slice assignments below
@@ -277,7 +280,7 @@ class Attention(nn.Module):
         out = out.view(B, nh, nw, self.num_heads, w, w, self.d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, self.dh)
         if pad_b or pad_r:
             out = out[:, :H, :W]  # proj is per token: crop first, no work on the padding
-        return self.proj(out)
+        return cpu_kernels.linear(out, self.proj)
 
 
 class TinyViTBlock(nn.Module):

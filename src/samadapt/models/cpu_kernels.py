@@ -1,0 +1,90 @@
+"""oneDNN's convolution and linear kernels, with GELU fused, for CPU inference: the same function, faster.
+
+Eager torch leaves speed on the table on the CPU in two places (bench/encoder_bound.py, docs/performance.md):
+
+- float32 ``Linear`` goes through MKL's sgemm and a one-thread 1x1 convolution through THNN + sgemm; on the AMD
+  EPYC these benches ran on, MKL reached 116 GFLOP/s on a 2048 x 2048 product and oneDNN 256 GFLOP/s (one thread,
+  the same numbers within float rounding). bfloat16 already goes through oneDNN.
+- a GELU after a convolution or linear is a second pass over a fresh activation; oneDNN applies it as a post-op
+  while the output is still in cache (erf GELU, the function of ``F.gelu``).
+
+Taken only where nothing else can see the difference: a CPU tensor, no autograd (the fused ops have no backward),
+float32 or bfloat16 autocast on a CPU with native bf16 kernels, no dispatch mode (FLOP counting, fake tensors,
+export) and no tracing, scripting, compiling or ONNX export; everywhere else the ordinary modules run. Switch:
+``set_fused_cpu_kernels(False)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from samadapt.precision import fast_bfloat16
+
+_enabled = True
+
+
+def set_fused_cpu_kernels(enabled: bool = True) -> None:
+    """Turn the oneDNN inference kernels on (default) or off, process-wide (off: plain torch ops everywhere)."""
+    global _enabled
+    _enabled = enabled
+
+
+@functools.cache
+def _available() -> bool:
+    ops = torch.ops.mkldnn
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_linear_pointwise")
+        and hasattr(ops, "_convolution_pointwise")
+    )
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the fused kernels would compute ``x``'s op in, or None where they must not be used."""
+    if torch.compiler.is_compiling():  # first: torch.compile then traces none of the checks below (no graph breaks)
+        return None
+    if not _enabled or x.device.type != "cpu" or torch.is_grad_enabled() or not _available():
+        return None
+    if _get_current_dispatch_mode() is not None or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return None
+    if torch.onnx.is_in_onnx_export():
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype == torch.float32 and x.dtype == torch.float32:
+        return dtype
+    if dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16) and fast_bfloat16("cpu"):
+        return dtype
+    return None
+
+
+def _gelu_args(gelu: bool) -> tuple[str, list, str]:
+    return ("gelu", [], "none") if gelu else ("none", [], "")
+
+
+def conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d, gelu: bool = False
+) -> torch.Tensor:
+    """``F.conv2d`` with ``conv``'s stride, padding, dilation and groups, then GELU if ``gelu``; fused where it may."""
+    dtype = compute_dtype(x)
+    if dtype is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return (torch.ops.aten.gelu_(out) if not out.requires_grad else F.gelu(out)) if gelu else out
+    bias = bias.to(dtype) if bias is not None else None
+    return torch.ops.mkldnn._convolution_pointwise(
+        x.to(dtype), weight.to(dtype), bias, conv.padding, conv.stride, conv.dilation, conv.groups, *_gelu_args(gelu)
+    )
+
+
+def linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False) -> torch.Tensor:
+    """``layer(x)``, then GELU if ``gelu``; fused when ``layer`` is a plain ``nn.Linear`` (not LoRA or an adapter)."""
+    dtype = compute_dtype(x) if type(layer) is nn.Linear else None
+    if dtype is None:
+        out = layer(x)
+        return (torch.ops.aten.gelu_(out) if not out.requires_grad else F.gelu(out)) if gelu else out
+    bias = layer.bias.to(dtype) if layer.bias is not None else None
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), layer.weight.to(dtype), bias, *_gelu_args(gelu))
