@@ -80,7 +80,9 @@ def test_precision_switch_reaches_predict_and_evaluate(monkeypatch, tmp_path, co
     import samadapt.predict as predict_module
 
     seen = {}
-    monkeypatch.setattr(backend, "load_for_backend", lambda run, backend, device=None: Run(model=None, name=run))
+    monkeypatch.setattr(
+        backend, "load_for_backend", lambda run, backend, device=None, blend=None: Run(model=None, name=run)
+    )
     monkeypatch.setattr(predict_module, "predict_folder", lambda *a, **kw: seen.update(kw) or [])
 
     def fake_evaluate(*args, **kwargs):

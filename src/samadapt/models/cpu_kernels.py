@@ -81,10 +81,21 @@ def conv2d(
 
 
 def linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False) -> torch.Tensor:
-    """``layer(x)``, then GELU if ``gelu``; fused when ``layer`` is a plain ``nn.Linear`` (not LoRA or an adapter)."""
-    dtype = compute_dtype(x) if type(layer) is nn.Linear else None
+    """``layer(x)``, then GELU if ``gelu``; fused when ``layer`` is a plain ``nn.Linear``. A layer that
+    ``accepts_base_product`` (LoRA) gets ``dense`` for its base product, so with LoRA off it computes the plain
+    layer's numbers exactly."""
+    fused = compute_dtype(x) is not None
+    if fused and type(layer) is nn.Linear:
+        return dense(x, layer.weight, layer.bias, gelu)
+    out = layer(x, base_product=dense) if fused and getattr(layer, "accepts_base_product", False) else layer(x)
+    return (torch.ops.aten.gelu_(out) if not out.requires_grad else F.gelu(out)) if gelu else out
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, then GELU if ``gelu``; by oneDNN where it may (``compute_dtype``)."""
+    dtype = compute_dtype(x)
     if dtype is None:
-        out = layer(x)
+        out = F.linear(x, weight, bias)
         return (torch.ops.aten.gelu_(out) if not out.requires_grad else F.gelu(out)) if gelu else out
-    bias = layer.bias.to(dtype) if layer.bias is not None else None
-    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), layer.weight.to(dtype), bias, *_gelu_args(gelu))
+    bias = bias.to(dtype) if bias is not None else None
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight.to(dtype), bias, *_gelu_args(gelu))

@@ -8,6 +8,7 @@ state-dict keys of the base model do not change; the low-rank factors are extra 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -103,8 +104,12 @@ class LoRALinear(nn.Linear):
             )
         return a, b
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+    accepts_base_product = True  # cpu_kernels.linear hands in the kernel the plain layer would take at its call site
+
+    def forward(self, x: torch.Tensor, base_product: Callable | None = None) -> torch.Tensor:
+        # the base layer's own kernel at this call site (F.linear, or oneDNN's for TinyViT's CPU inference), so LoRA
+        # switched off computes the base model's numbers exactly
+        out = (base_product or F.linear)(x, self.weight, self.bias)
         if self.merged or not self.enabled:  # disable_adapters un-merges first
             return out
         # one low-rank product for all parts: a thin matmul, then the second one accumulated into the base output by
