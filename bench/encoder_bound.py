@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import matmul_peaks  # noqa: E402
+from measure import best_time, matmul_peaks  # noqa: E402
 
 CONV_OPS = {"aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d",
             "aten::_conv_depthwise2d", "aten::thnn_conv2d", "aten::_slow_conv2d_forward",
@@ -136,16 +135,6 @@ def profile_by_category(call, repeats: int) -> tuple[dict[str, float], float]:
     for event in prof.events():
         seconds[attributed_category(event)] += event.self_cpu_time_total / 1e6 / repeats
     return dict(seconds), sum(seconds.values())
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def encoder_call(encoder, image: torch.Tensor, dtype: torch.dtype):

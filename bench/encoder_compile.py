@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import matmul_peak  # noqa: E402
+from measure import matmul_peak, print_table  # noqa: E402
 
 ENCODER_GFLOP = 67.11  # bench/encoder_profile.py's count for one 256 x 256 slice (fused attention not counted)
 
@@ -109,13 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{precision}: matmul peak {peak:.0f} GFLOP/s", flush=True)
     header = ["precision", "compile", "first call s", "best ms", "of peak", "vs eager", "max abs diff", "rel. diff"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if args.markdown:
-        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-    else:
-        for row in [header, *rows]:
-            print("  ".join(f"{c:>14s}" for c in row))
+    print_table(header, rows, args.markdown)
     return 0
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import matmul_peak  # noqa: E402
+from measure import best_time, matmul_peak, print_table  # noqa: E402
 
 
 def stage_inputs(encoder, image: torch.Tensor) -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
@@ -42,16 +41,6 @@ def flops_of(module, x) -> float:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         module(x)
     return float(counter.get_total_flops())
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,14 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         header += [f"{precision} ms", f"{precision} GFLOP/s (of peak)"]
     peak_text = ", ".join(f"{p} matmul peak {v:.0f} GFLOP/s" for p, v in peaks.items())
     print(f"batch {args.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads; {peak_text}")
-    if args.markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-    else:
-        for row in [header, *rows]:
-            print("  ".join(f"{c:>22s}" for c in row))
+    print_table(header, rows, args.markdown, width=22)
     return 0
 
 

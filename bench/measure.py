@@ -85,17 +85,30 @@ def matmul_peaks(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: 
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         b_t = b.t().contiguous()
         calls["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
-    rates = {}
     with torch.inference_mode():
-        for name, call in calls.items():
-            call()
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                call()
-                best = min(best, time.perf_counter() - start)
-            rates[name] = 2 * size**3 / best / 1e9
-    return rates
+        return {name: 2 * size**3 / best_time(call, repeats) / 1e9 for name, call in calls.items()}
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``fn``, in seconds, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def print_table(header: list[str], rows: list[list[str]], markdown: bool, width: int = 14) -> None:
+    """Rows as a markdown table, or as right-aligned columns of ``width`` characters."""
+    if markdown:
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        for row in [header, *rows]:
+            print("  ".join(f"{c:>{width}s}" for c in row))
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048) -> float:
