@@ -5,7 +5,7 @@
 Faults: ``kill_in_step`` (SIGKILL during the forward pass of step STEP), ``kill_in_save`` (SIGKILL while the
 checkpoint of step STEP is half written), ``kill_between_renames`` (SIGKILL after ``last`` became ``previous`` and
 before the new ``last`` is in place), ``sigterm_in_step`` (SIGTERM during step STEP: a graceful stop), ``hold``
-(sleep STEP seconds inside the first step, holding the run directory). On success the trained tensors are saved to
+(wait inside the first step, holding the run directory, until RUN_DIR/release exists or STEP seconds passed). On success the trained tensors are saved to
 RUN_DIR/final.pt.
 """
 
@@ -59,8 +59,10 @@ def inject(trainer: Trainer, kind: str, step: int) -> None:
 
         def faulty(self, *args, **kwargs):
             if kind == "hold":
-                if at(1):
-                    time.sleep(step)
+                release = trainer.layout.root / "release"
+                deadline = time.monotonic() + step
+                while at(1) and not release.exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
             elif at(step):
                 os.kill(os.getpid(), signal.SIGKILL if kind == "kill_in_step" else signal.SIGTERM)
             return forward(self, *args, **kwargs)

@@ -81,7 +81,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, uninterrupted):
 
 @pytest.mark.slow
 def test_a_second_job_on_the_same_directory_is_refused_while_the_first_runs(tmp_path):
-    first = job(tmp_path, "--fault", "hold:8", wait=False)
+    first = job(tmp_path, "--fault", "hold:240", wait=False)  # holds until released below, however slow the machine
     deadline = time.time() + 60
     while not (tmp_path / ".lock").exists() or not (tmp_path / ".lock").read_text():
         assert time.time() < deadline and first.poll() is None
@@ -89,6 +89,7 @@ def test_a_second_job_on_the_same_directory_is_refused_while_the_first_runs(tmp_
     second = job(tmp_path, check=False)
     assert second.returncode != 0
     assert f"in use by process {first.pid}" in second.stderr
+    (tmp_path / "release").touch()
     first.wait(timeout=300)
     assert first.returncode == 0
     job(tmp_path, "--resume")  # the lock went with the first job: a new one takes the directory
