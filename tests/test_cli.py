@@ -198,3 +198,26 @@ def test_a_bad_input_file_is_one_line_and_an_internal_error_keeps_its_traceback(
     argv[1] = str(image)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         main(argv)
+
+
+@pytest.mark.slow
+def test_a_semantic_run_with_the_slice_position_trains_evaluates_and_predicts(tmp_path, dataset):
+    """model.slice_position end to end: the run saves its slice prior (trained, no longer zero), loads with it, and
+    evaluation and volume prediction feed it positions (without them its decoder would refuse)."""
+    run = tmp_path / "run"
+    args = ["train", "--recipe", "samed", "--data", str(dataset), "--out", str(run), "--steps", "4"]
+    args += ["--set", "model.img_size=128", "--set", "train.batch_size=2", "--set", "train.val_every=2"]
+    args += ["--set", "train.val_slices=2", "--set", "train.precision=fp32", "--set", "model.slice_position=true"]
+    assert main(args) == 0
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(run / "checkpoints" / "last" / "adapter_model.safetensors"))
+    assert tensors["mask_decoder.slice_prior.proj.weight"].abs().sum() > 0  # it trained
+    report = tmp_path / "report"
+    args = ["evaluate", "--run", str(run), "--data", str(dataset), "--prompt", "none", "--cases", "c0"]
+    assert main([*args, "--out", str(report)]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["prompt"] == "none" and set(metrics["per_class"]) == {"disc", "bar"}
+    out = tmp_path / "mask.nii.gz"
+    assert main(["predict", str(dataset / "imagesTr" / "c1.nii.gz"), "--run", str(run), "--out", str(out)]) == 0
+    assert nib.load(str(out)).shape == nib.load(str(dataset / "imagesTr" / "c1.nii.gz")).shape

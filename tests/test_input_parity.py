@@ -119,3 +119,48 @@ def test_a_preprocessed_slice_is_never_rescaled_but_a_raw_image_is():
 def test_a_slice_outside_the_unit_range_is_refused_with_its_range():
     with pytest.raises(ValueError, match=r"\[0, 1\].*-100"):
         model_input(np.array([[-100.0, 200.0]], np.float32), SIZE)
+
+
+def test_training_evaluation_and_prediction_feed_the_same_slice_position(tmp_path):
+    """model.slice_position: the position training feeds the decoder for a slice is the one validation, evaluation
+    (slices and whole volumes) and volume prediction feed it; predict_volume gives slice z of D the position
+    z / (D - 1) (``data.position``)."""
+    from samadapt.data.position import slice_position
+    from samadapt.models.mask_decoder import make_semantic_decoder
+    from samadapt.peft import apply_peft
+
+    axis = 2
+    spec = load_dataset(ct_like_dataset(tmp_path / "data", "ct_abdomen", axis))
+    slices = SliceDataset(spec)
+    index = slices.indices([1])[1]
+    case_id, z, _ = slices.slices[index]
+    item = slices[index]
+    depth = slices.depths[case_id]
+    assert depth > 2 and 0 < z < depth - 1 and item["position"] == slice_position(z, depth) == z / (depth - 1)
+
+    overrides = ["train.steps=1", "train.batch_size=1", "data.augment=true", "model.slice_position=true"]
+    config = from_dict(TrainConfig, apply_overrides(recipe_defaults("samed"), overrides))
+    model = make_tiny_sam(SIZE)
+    make_semantic_decoder(model.mask_decoder, 1, slice_position=True)
+    apply_peft(model, config.peft)
+    seen: list[float] = []
+    model.mask_decoder.slice_prior.register_forward_hook(lambda module, args, out: seen.extend(args[0].tolist()))
+    manifest = Manifest(base_model="tiny", base_sha256="0" * 64, peft=config.peft.to_dict(), task="semantic")
+    trainer = Trainer(config, model, prepare_slices([item], SIZE), [item], [1], tmp_path / "run", manifest)
+    trainer.train_step()  # augmented: the position stays the slice's
+    trained = list(seen)
+    assert trained == [pytest.approx(z / (depth - 1))]
+    trainer.validate()
+    assert seen[1:] == trained
+    seen.clear()
+
+    facts = Manifest("tiny", "0" * 64, {}, task="semantic", preprocessing="ct_abdomen", axis=axis, precision="fp32")
+    run = Run(model.eval(), "tiny", "semantic", {1: "lesion"}, facts)
+    evaluate_slices(run, [item], {1: "lesion"}, "none", progress=False)
+    assert seen == trained
+    seen.clear()
+    evaluate_volumes(run, slices, [case_id], {1: "lesion"}, "none", progress=False)
+    assert seen == pytest.approx([k / (depth - 1) for k in range(depth)]) and seen[z] == trained[0]
+    seen.clear()
+    predict_volume(run, read_volume(spec.case(case_id).image), batch_size=4)
+    assert seen == pytest.approx([k / (depth - 1) for k in range(depth)]) and seen[z] == trained[0]

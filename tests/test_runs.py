@@ -141,11 +141,14 @@ def test_the_baseline_refuses_other_base_weights(lite_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("position_prior", [True, False])
-def test_a_semantic_run_loads_with_or_without_the_position_prior_it_was_saved_with(tmp_path, position_prior):
-    """Semantic runs saved before the decoder's position map existed load without it, newer ones with it; both
-    give exactly the outputs of the model that saved them."""
-    model = build_base("lite_medsam", None, 256, 2, position_prior=position_prior)
+@pytest.mark.parametrize(("position_prior", "slice_position"), [(True, False), (False, False), (True, True)])
+def test_a_semantic_run_loads_with_or_without_the_position_prior_it_was_saved_with(
+    tmp_path, position_prior, slice_position
+):
+    """Semantic runs saved before the decoder's position map existed load without it, newer ones with it, runs
+    trained with model.slice_position with their slice prior; all give exactly the outputs of the model that saved
+    them."""
+    model = build_base("lite_medsam", None, 256, 2, position_prior=position_prior, slice_position=slice_position)
     config = PeftConfig(method="lora")
     apply_peft(model, config)
     generator = torch.Generator().manual_seed(1)
@@ -159,9 +162,11 @@ def test_a_semantic_run_loads_with_or_without_the_position_prior_it_was_saved_wi
     save_adapter(model, RunLayout(tmp_path).checkpoint("best"), manifest.to_dict())
     run = load_run(tmp_path, device="cpu")
     assert (run.model.mask_decoder.position_prior is not None) == position_prior
+    assert (run.model.mask_decoder.slice_prior is not None) == slice_position
     image = model_input(np.random.default_rng(0).random((256, 256), dtype=np.float32), 256)[0]
+    position = torch.tensor([0.3]) if slice_position else None
     with torch.no_grad():
-        expected, _ = model.eval()(image)
-        loaded, _ = run.model(image)
+        expected, _ = model.eval()(image, slice_position=position)
+        loaded, _ = run.model(image, slice_position=position)
     assert expected.shape == (1, 3, 256, 256)
     torch.testing.assert_close(loaded, expected, rtol=0, atol=0)

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from samadapt.data.position import slice_position
 from samadapt.data.preprocess import preprocess_volume, volume_slice
 from samadapt.device import autocast, resolve_device
 from samadapt.errors import ConfigError, DataError, InputNotFoundError
 from samadapt.intensity import to_unit_range
-from samadapt.models.sam import Sam
+from samadapt.models.sam import Sam, takes_slice_position
 from samadapt.precision import INFERENCE_PRECISION
 from samadapt.selection import best_candidate, is_single_click
 from samadapt.transforms import InputGeometry, model_input
@@ -101,12 +102,25 @@ class Predictor:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 
+    def _slice_positions(self, positions: Sequence[float] | None) -> torch.Tensor | None:
+        """The positions a model trained with ``model.slice_position`` reads, as (B,); None for any other model
+        (callers give positions whenever they know them; such a model never saw one). Missing for a model that
+        needs them: None, and the decoder says so."""
+        if positions is None or not takes_slice_position(self.model):
+            return None
+        return torch.tensor([float(p) for p in positions], dtype=torch.float32, device=self.device)
+
     @torch.inference_mode()
-    def semantic_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Prompt-free class maps of several preprocessed slices of one size, in one encoder call: (B, H, W) int."""
+    def semantic_batch(self, images: Sequence[np.ndarray], positions: Sequence[float] | None = None) -> np.ndarray:
+        """Prompt-free class maps of several preprocessed slices of one size, in one encoder call: (B, H, W) int.
+
+        ``positions``: each slice's position along its volume's axis (``data.position.slice_position``), read by
+        runs trained with ``model.slice_position`` (required there) and ignored by others.
+        """
         tensors, geometries = zip(*(model_input(image, self.model.img_size) for image in images), strict=True)
         with self._autocast():
-            logits, _ = self.model.decode(self.model.encode_image(torch.cat(tensors).to(self.device)))
+            embeddings = self.model.encode_image(torch.cat(tensors).to(self.device))
+            logits, _ = self.model.decode(embeddings, slice_position=self._slice_positions(positions))
         logits = geometries[0].masks_to_original(logits.float(), from_size=logits.shape[-1])
         return logits.argmax(1).cpu().numpy()
 
@@ -180,12 +194,16 @@ class Predictor:
         return Prediction(masks=masks.cpu().numpy(), scores=scores.cpu().numpy(), low_res_logits=logits)
 
     @torch.inference_mode()
-    def predict_semantic(self) -> np.ndarray:
-        """Prompt-free class map of the current image (semantic models): (H, W) int, 0 = background, k = class k."""
+    def predict_semantic(self, position: float | None = None) -> np.ndarray:
+        """Prompt-free class map of the current image (semantic models): (H, W) int, 0 = background, k = class k.
+
+        ``position``: the slice's position along its volume's axis, as in ``semantic_batch``.
+        """
         if self.embedding is None or self.geometry is None:
             raise RuntimeError("call set_image() before predict_semantic()")
+        slice_position = self._slice_positions(None if position is None else [position])
         with self._autocast():
-            logits, _ = self.model.decode(self.embedding)
+            logits, _ = self.model.decode(self.embedding, slice_position=slice_position)
         logits = self.geometry.masks_to_original(logits.float(), from_size=logits.shape[-1])
         return logits.argmax(1)[0].cpu().numpy()
 
@@ -249,7 +267,8 @@ def predict_volume(
         for start in range(0, planes.shape[0], step):
             stop = min(start + step, planes.shape[0])
             images = [volume_slice(array, i, axis, preset) for i in range(start, stop)]
-            planes[start:stop] = lookup[predictor.semantic_batch(images)]
+            positions = [slice_position(i, planes.shape[0]) for i in range(start, stop)]
+            planes[start:stop] = lookup[predictor.semantic_batch(images, positions)]
         return labels
     if text is not None:
         if points is not None or boxes is not None:

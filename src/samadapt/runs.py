@@ -35,7 +35,7 @@ from samadapt.peft import (
     disable_adapters,
     load_adapter_weights,
     read_manifest,
-    saved_position_prior,
+    saved_decoder_priors,
     set_blend,
 )
 from samadapt.precision import INFERENCE_PRECISION
@@ -211,14 +211,18 @@ def build_base(
     img_size: int | None,
     num_classes: int | None,
     position_prior: bool = True,
+    slice_position: bool = False,
 ) -> Sam:
-    """The base model, with a semantic decoder of ``num_classes`` + 1 outputs when given (SAMed), and its position
-    map unless ``position_prior`` is False (runs saved before it existed)."""
+    """The base model, with a semantic decoder of ``num_classes`` + 1 outputs when given (SAMed), its position
+    map unless ``position_prior`` is False (runs saved before it existed), and with ``slice_position`` the slice
+    position input (``model.slice_position``)."""
+    if slice_position and not num_classes:
+        raise ConfigError("model.slice_position needs a semantic decoder (task=semantic)")
     model = build_model(name, checkpoint=checkpoint, img_size=img_size)
     if num_classes:
         from samadapt.models.mask_decoder import make_semantic_decoder
 
-        make_semantic_decoder(model.mask_decoder, num_classes, position_prior)
+        make_semantic_decoder(model.mask_decoder, num_classes, position_prior, slice_position)
     return model
 
 
@@ -257,12 +261,14 @@ def load_run(
         )
     checkpoint_path = _base_checkpoint(manifest)
     semantic = manifest.task == "semantic"
+    priors = saved_decoder_priors(adapter_dir) if semantic else set()
     model = build_base(
         manifest.base_model,
         checkpoint_path,
         manifest.img_size,
         len(manifest.classes) if semantic else None,
-        position_prior=semantic and saved_position_prior(adapter_dir),
+        position_prior="position_prior" in priors,
+        slice_position="slice_prior" in priors,
     )
     facts = base_model_facts(manifest.base_model, checkpoint_path)
     apply_peft(model, PeftConfig(**manifest.peft))

@@ -23,7 +23,7 @@ from samadapt.export.runtime import (
 )
 from samadapt.export.runtime import InputGeometry as NumpyGeometry
 from samadapt.intensity import to_unit_range
-from samadapt.models.mask_decoder import make_semantic_decoder
+from samadapt.models.mask_decoder import SlicePrior, make_semantic_decoder
 from samadapt.peft import AdapterConfig, LoRAConfig, PeftConfig, apply_peft
 from samadapt.predict import Predictor
 from samadapt.runs import Manifest, Run
@@ -299,3 +299,12 @@ def test_runtime_needs_no_torch(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
+
+
+def test_a_run_with_the_slice_position_is_refused(tmp_path):
+    """The exported decoder has no position input: such a run is refused, not exported without it."""
+    run = tiny_run(None, task="semantic")
+    run.model.mask_decoder.slice_prior = SlicePrior(run.model.mask_decoder.transformer_dim)
+    with pytest.raises(UnsupportedExportError, match="model.slice_position"):
+        export_onnx(run, tmp_path)
+    assert not (tmp_path / "decoder.onnx").exists()

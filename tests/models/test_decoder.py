@@ -514,3 +514,60 @@ def test_the_position_prior_starts_as_the_pretrained_decoder_and_carries_positio
     with torch.no_grad():
         after = (with_prior(flat, pe, sparse, dense, False)[0].argmax(1) == target).float().mean()
     assert before < 0.7 and after > 0.95
+
+
+@pytest.mark.slow
+def test_the_slice_prior_starts_as_the_decoder_without_it_and_learns_superior_from_inferior(lite_medsam):
+    """Zero at first: the same logits as without it. Trained alone (all else frozen) on slices that look the same
+    at every position, it paints class 1 on slices above p = 0.5 and class 2 below, which no image token can tell
+    (superior / inferior regions of issue 18)."""
+    prompt_encoder, decoder, _, _ = lite_medsam
+    with_slice, changed = build_semantic_decoder(decoder, num_classes=2, slice_position=True)
+    assert changed[-2:] == ["slice_prior.proj.weight", "slice_prior.proj.bias"]
+    without, _ = build_semantic_decoder(decoder, num_classes=2)
+    pe = prompt_encoder.get_dense_pe()
+    embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(3))
+    flat = embedding.mean(dim=(2, 3), keepdim=True).expand(4, 256, 64, 64)  # the same slice at every position
+    positions = torch.tensor([0.0, 0.3, 0.7, 1.0])
+    sparse, dense = _no_prompt(prompt_encoder, 4)
+    with torch.no_grad():
+        a, _ = with_slice(flat, pe, sparse, dense, False, slice_position=positions)
+        b, _ = without(flat, pe, sparse, dense, False)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+    target = torch.where(positions > 0.5, 1, 2)[:, None, None].expand(4, 256, 256).contiguous()
+    for param in with_slice.parameters():
+        param.requires_grad = False
+    for param in with_slice.slice_prior.parameters():
+        param.requires_grad = True
+    optimizer = torch.optim.Adam(with_slice.slice_prior.parameters(), lr=1e-2)
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            logits, _ = with_slice(flat, pe, sparse, dense, False, slice_position=positions)
+        return (logits.argmax(1) == target).float().mean().item()
+
+    before = accuracy()
+    for _ in range(40):
+        logits, _ = with_slice(flat, pe, sparse, dense, False, slice_position=positions)
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before <= 0.5 and accuracy() > 0.95
+
+
+def test_a_missing_or_unexpected_slice_position_is_refused():
+    prompt_encoder, decoder = our_modules(embed=16, img=256)
+    with_slice, _ = build_semantic_decoder(decoder, num_classes=2, slice_position=True)
+    without, _ = build_semantic_decoder(decoder, num_classes=2)
+    embedding = torch.randn(2, 256, 16, 16)
+    pe = prompt_encoder.get_dense_pe()
+    with pytest.raises(ValueError, match="trained with model.slice_position"):
+        with_slice(embedding, pe, *_no_prompt(prompt_encoder, 2), False)
+    with pytest.raises(ValueError, match="without model.slice_position"):
+        without(embedding, pe, *_no_prompt(prompt_encoder, 2), False, slice_position=torch.tensor([0.0, 1.0]))
+    logits, _ = with_slice(
+        embedding, pe, *_no_prompt(prompt_encoder, 2), False, slice_position=torch.tensor([0.0, 1.0])
+    )
+    assert logits.shape == (2, 3, 64, 64)

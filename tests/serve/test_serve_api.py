@@ -216,18 +216,23 @@ def test_serve_command_starts_and_serves_the_page(root):
         process.wait(30)
 
 
-def test_semantic_run_fills_the_slice(root, tmp_path):
+@pytest.mark.parametrize("slice_position", [False, True])
+def test_semantic_run_fills_the_slice(root, tmp_path, slice_position):
     from samadapt.models.mask_decoder import make_semantic_decoder
     from samadapt.runs import Run
     from tests.conftest import make_tiny_sam
 
     model = make_tiny_sam(img_size=128)
-    make_semantic_decoder(model.mask_decoder, 2)
+    make_semantic_decoder(model.mask_decoder, 2, slice_position=slice_position)
+    seen: list[float] = []
+    if slice_position:  # a run with model.slice_position reads the slice's position: index 2 of 6 along axis 0
+        model.mask_decoder.slice_prior.register_forward_hook(lambda module, args, out: seen.extend(args[0].tolist()))
     run = Run(model=model.eval(), name="tiny", task="semantic", classes={3: "liver", 5: "spleen"})
     workspace = Workspace(run, roots=[root], state_dir=tmp_path / "state", device="cpu")
     client = TestClient(create_app(workspace))
     sid = open_disc(client, root)["session"]
     answer = client.post("/api/semantic", json={"session": sid, "axis": 0, "index": 2}).json()
+    assert seen == ([pytest.approx(0.4)] if slice_position else [])
     assert set(np.unique(labels_of(answer))) <= {0, 3, 5}
     assert answer["objects"] == {
         "3": {"name": "liver", "color": "#4363d8"},

@@ -33,6 +33,7 @@ from samadapt.data.io import (
     read_volume,
     suffix_of,
 )
+from samadapt.data.position import slice_position
 from samadapt.data.preprocess import PRESETS, preprocess_volume, preset_for_modality, volume_slice
 from samadapt.errors import ConfigError, DataError, InputNotFoundError
 from samadapt.files import atomic_write, atomic_write_text
@@ -296,7 +297,8 @@ class SliceDataset:
     operating system's page cache; a small LRU keeps the last ``cache_size`` volumes open.
 
     Items are dicts: ``image`` float32 (H, W) or (H, W, 3) in [0, 1], ``label`` int64 (H, W), ``case``, ``slice``,
-    ``spacing`` (row, column) in mm. ``slices[i]`` is (case id, slice position, classes present).
+    ``position`` (where the slice lies along the axis, in [0, 1]: ``data.position.slice_position``), ``spacing``
+    (row, column) in mm. ``slices[i]`` is (case id, slice position, classes present).
     """
 
     def __init__(
@@ -324,6 +326,7 @@ class SliceDataset:
         index = self._load_index()
         self.slices: list[tuple[str, int, tuple[int, ...]]] = []
         self.areas: list[dict[int, int]] = []  # pixels of each class per slice
+        self.depths = {case.id: len(index[case.id]) for case in self.cases}  # slices of each case along the axis
         for case in self.cases:
             for z, counts in enumerate(index[case.id]):
                 self.slices.append((case.id, z, tuple(c for c, _ in counts)))
@@ -348,6 +351,7 @@ class SliceDataset:
             else np.take(label, z, axis=self.axis).astype(np.int64),
             "case": case_id,
             "slice": z,
+            "position": slice_position(z, self.depths[case_id]),
             "spacing": tuple(s for k, s in enumerate(spacing) if k != self.axis),
         }
 

@@ -297,7 +297,7 @@ def synthesize(
         for c in sorted(present, key=lambda c: (-areas[c], c)):
             _paste_object(image, label, ex_image, ex_label == c, c, config, rng)
         item = {"image": np.clip(image, 0.0, 1.0).astype(np.float32), "label": label, "exemplar": e, "background": b}
-        for key in ("case", "slice"):
+        for key in ("case", "slice", "position"):  # the exemplar's: its objects keep their place
             if key in exemplar:
                 item[key] = exemplar[key]
         items.append(item)

@@ -95,7 +95,8 @@ def predict_slice(
     )
     if protocol.kind == "none":
         _check_semantic(run)
-        return semantic_result(item, predictor.predict_semantic(), run, classes)
+        # the position training fed this slice (``data.position``): read by runs with model.slice_position only
+        return semantic_result(item, predictor.predict_semantic(item.get("position")), run, classes)
     if run.task == "semantic":
         raise ConfigError(f"a semantic model takes no prompts; evaluate it with --prompt none, not {protocol}")
     if protocol.kind == "text":
@@ -281,7 +282,8 @@ def evaluate_volumes(
                 items = [slices[by_case[case_id][z]] for z in positions[start : start + step]]
                 if protocol.kind == "none":
                     _check_semantic(run)
-                    outputs = predictor.semantic_batch([item["image"] for item in items])
+                    along = [item["position"] for item in items]  # the slices' positions, as training's
+                    outputs = predictor.semantic_batch([item["image"] for item in items], along)
                     results = [
                         semantic_result(it, out, run, list(classes)) for it, out in zip(items, outputs, strict=True)
                     ]

@@ -43,7 +43,7 @@ from samadapt.export.runtime import DECODER, ENCODER, FORMAT, FORMAT_VERSION, MA
 from samadapt.files import atomic_write_text
 from samadapt.models.checkpoint import file_sha256
 from samadapt.models.common import ZeroSlot, is_empty_slot
-from samadapt.models.sam import Sam
+from samadapt.models.sam import Sam, takes_slice_position
 from samadapt.peft.depth import DepthBranch
 from samadapt.peft.lora import LoRALinear
 
@@ -189,10 +189,16 @@ def export_model(
         opset: ONNX opset.
 
     Raises:
-        UnsupportedExportError: a depth branch without ``drop_depth``, or a task that is neither prompt nor semantic.
+        UnsupportedExportError: a depth branch without ``drop_depth``, a task that is neither prompt nor semantic,
+            or a run trained with ``model.slice_position`` (not exported yet).
     """
     if task not in ("prompt", "semantic"):
         raise UnsupportedExportError(f"unknown task {task!r}: prompt or semantic")
+    if takes_slice_position(model):
+        raise UnsupportedExportError(
+            "this run was trained with model.slice_position: its decoder reads each slice's position along the "
+            "volume's axis, which the exported decoder has no input for. Use it with the torch backend"
+        )
     semantic_decoder = bool(getattr(model.mask_decoder, "semantic", False))
     if (task == "semantic") != semantic_decoder:
         raise UnsupportedExportError(

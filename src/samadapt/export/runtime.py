@@ -362,14 +362,16 @@ class OnnxPredictor:
             raise ValueError("this export is prompted: give points or boxes to predict()")
         return self.decoder.run(None, {"image_embeddings": embeddings})[0]
 
-    def semantic_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Prompt-free class maps of several preprocessed slices of one size, in one encoder call: (B, H, W) int."""
+    def semantic_batch(self, images: Sequence[np.ndarray], positions: Sequence[float] | None = None) -> np.ndarray:
+        """Prompt-free class maps of several preprocessed slices of one size, in one encoder call: (B, H, W) int.
+        ``positions`` is ignored: no export reads one (``export_onnx`` refuses runs with ``model.slice_position``)."""
         tensors, geometries = zip(*(model_input(image, self.img_size) for image in images), strict=True)
         logits = self._semantic_logits(self.encode(np.concatenate(tensors)))
         return geometries[0].masks_to_original(logits, from_size=logits.shape[-1]).argmax(1)
 
-    def predict_semantic(self) -> np.ndarray:
-        """Prompt-free class map of the current image (semantic exports): (H, W) int, 0 = background."""
+    def predict_semantic(self, position: float | None = None) -> np.ndarray:
+        """Prompt-free class map of the current image (semantic exports): (H, W) int, 0 = background; ``position``
+        is ignored, as in ``semantic_batch``."""
         if self.embedding is None or self.geometry is None:
             raise RuntimeError("call set_image() before predict_semantic()")
         logits = self._semantic_logits(self.embedding)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 from collections.abc import Mapping
 
@@ -98,6 +99,8 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
         # semantic decoders only (``make_semantic_decoder``): a map of where each image token lies, added to it
         self.position_prior: nn.Module | None = None
+        # opt-in (``make_semantic_decoder(slice_position=True)``): where the slice lies along its volume's axis
+        self.slice_prior: nn.Module | None = None
 
     def forward(
         self,
@@ -106,6 +109,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        slice_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode masks.
 
@@ -115,13 +119,19 @@ class MaskDecoder(nn.Module):
             sparse_prompt_embeddings: (B, T, C) point / box tokens (T may be 0).
             dense_prompt_embeddings: (B, C, h, w) mask-prompt or "no mask" embedding.
             multimask_output: prompted mode: masks of tokens 1.. instead of token 0's. Ignored in semantic mode.
+            slice_position: (B,) or (1,) positions in [0, 1] of the slices along their volume's axis
+                (``data.position.slice_position``); required by, and only accepted by, a decoder with a
+                ``slice_prior``.
+
+        Raises:
+            ValueError: a position given to a decoder without a slice prior, or missing for one with it.
 
         Returns:
             mask logits (B, K, 4h, 4w) and IoU predictions (B, K): K = 1, num_multimask_outputs, or (semantic)
             num_multimask_outputs + 1.
         """
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, slice_position
         )
         if self.semantic:
             return masks, iou_pred
@@ -134,8 +144,16 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        slice_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every mask token's logits (B, num_mask_tokens, 4h, 4w) and IoU predictions (B, num_mask_tokens)."""
+        # checked first: a model fed without (or with an unexpected) position must fail, never guess (issue 18)
+        if self.slice_prior is not None and slice_position is None:
+            raise ValueError(
+                "this decoder was trained with model.slice_position: give each slice's position along its axis"
+            )
+        if self.slice_prior is None and slice_position is not None:
+            raise ValueError("a slice position was given to a decoder without model.slice_position")
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
@@ -149,6 +167,8 @@ class MaskDecoder(nn.Module):
         src = image_embeddings + dense_prompt_embeddings
         if self.position_prior is not None:
             src = src + self.position_prior(image_pe)
+        if self.slice_prior is not None:
+            src = src + self.slice_prior(slice_position.to(src.device, src.dtype).reshape(-1))
         pos_src = image_pe.expand(src.shape[0], -1, -1, -1)
         b, c, h, w = src.shape
 
@@ -306,7 +326,9 @@ def resize_mask_token_state(
     return new_state, resized + added + removed
 
 
-def make_semantic_decoder(decoder: MaskDecoder, num_classes: int, position_prior: bool = True) -> list[str]:
+def make_semantic_decoder(
+    decoder: MaskDecoder, num_classes: int, position_prior: bool = True, slice_position: bool = False
+) -> list[str]:
     """Turn a (pre-trained) prompted decoder into a semantic decoder with ``num_classes`` + 1 outputs, in place.
 
     Every weight is kept; the mask tokens, hypernetwork heads and IoU-head outputs become num_classes + 1, new
@@ -317,7 +339,8 @@ def make_semantic_decoder(decoder: MaskDecoder, num_classes: int, position_prior
     them.
 
     With ``position_prior`` the decoder also gets ``zero_position_prior``: position-dependent features, zero at
-    first (runs saved before it existed are rebuilt without it).
+    first (runs saved before it existed are rebuilt without it). With ``slice_position`` (opt-in) it gets a
+    ``SlicePrior``: a bias from the slice's position along its volume's axis, zero at first.
 
     Call it before PEFT wraps any layer of the decoder heads.
 
@@ -345,7 +368,34 @@ def make_semantic_decoder(decoder: MaskDecoder, num_classes: int, position_prior
     if position_prior:
         decoder.position_prior = zero_position_prior(decoder.transformer_dim).to(weight)
         changed.extend(f"position_prior.{name}" for name, _ in decoder.position_prior.named_parameters())
+    if slice_position:
+        decoder.slice_prior = SlicePrior(decoder.transformer_dim).to(weight)
+        changed.extend(f"slice_prior.{name}" for name, _ in decoder.slice_prior.named_parameters())
     return changed
+
+
+class SlicePrior(nn.Module):
+    """A slice's position p in [0, 1] along its volume's axis -> a per-channel bias (B, D, 1, 1) for the image
+    embedding of a semantic decoder; zero at first, so the decoder starts as without it.
+
+    A whole axial slice is superior or inferior: a 2D prompt-free model must guess it from anatomy, while copying
+    the nearest labelled slice knows it from z (issue 18, docs/accuracy.md). Only for data where z means the same
+    anatomy in every scan (atlas-aligned, or the rest of a partly labelled volume): ``model.slice_position``.
+    Features: p and sin / cos(pi 2^j p) for j < ``frequencies``, then a Linear to D channels.
+    """
+
+    def __init__(self, dim: int, frequencies: int = 4) -> None:
+        super().__init__()
+        self.register_buffer("scales", math.pi * 2.0 ** torch.arange(frequencies), persistent=False)
+        self.proj = nn.Linear(1 + 2 * frequencies, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, position: torch.Tensor) -> torch.Tensor:
+        """(B,) positions in [0, 1] -> (B, D, 1, 1)."""
+        angles = position[:, None] * self.scales.to(position.dtype)
+        features = torch.cat([position[:, None], angles.sin(), angles.cos()], dim=1)
+        return self.proj(features)[:, :, None, None]
 
 
 def zero_position_prior(dim: int) -> nn.Conv2d:
@@ -364,11 +414,11 @@ def zero_position_prior(dim: int) -> nn.Conv2d:
 
 
 def build_semantic_decoder(
-    pretrained: MaskDecoder, num_classes: int, position_prior: bool = True
+    pretrained: MaskDecoder, num_classes: int, position_prior: bool = True, slice_position: bool = False
 ) -> tuple[MaskDecoder, list[str]]:
     """A new semantic decoder with ``num_classes`` + 1 outputs from a pre-trained prompted one (left untouched).
 
     Returns the decoder and the exact names of the tensors resized, added, removed (see ``make_semantic_decoder``).
     """
     decoder = copy.deepcopy(pretrained)
-    return decoder, make_semantic_decoder(decoder, num_classes, position_prior)
+    return decoder, make_semantic_decoder(decoder, num_classes, position_prior, slice_position)

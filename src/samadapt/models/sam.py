@@ -65,6 +65,7 @@ class Sam(nn.Module):
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = False,
         text: torch.Tensor | None = None,
+        slice_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode masks for prompts on already encoded images.
 
@@ -76,6 +77,8 @@ class Sam(nn.Module):
             multimask_output: three masks per prompt set instead of one.
             text: (P, E) sentence embeddings, turned into prompt tokens by the ``text_prompt`` slot and appended to
                 the sparse tokens (alone, or with points / boxes).
+            slice_position: (B,) positions in [0, 1] of the slices along their volume's axis, for (and only for) a
+                semantic decoder built with ``slice_position`` (``takes_slice_position``).
 
         Returns:
             low-res mask logits (P, K, 4h, 4w) and predicted IoU (P, K).
@@ -106,6 +109,7 @@ class Sam(nn.Module):
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
+            slice_position=slice_position,
         )
 
     def forward(
@@ -116,6 +120,13 @@ class Sam(nn.Module):
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = False,
         text: torch.Tensor | None = None,
+        slice_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode (B, 3, S, S) images in [0, 1] and decode one prompt set per image (see ``decode``)."""
-        return self.decode(self.encode_image(images), points, boxes, mask_inputs, multimask_output, text)
+        embeddings = self.encode_image(images)
+        return self.decode(embeddings, points, boxes, mask_inputs, multimask_output, text, slice_position)
+
+
+def takes_slice_position(model: nn.Module) -> bool:
+    """Whether a model's decoder reads the slice position (a semantic run built with ``model.slice_position``)."""
+    return getattr(getattr(model, "mask_decoder", None), "slice_prior", None) is not None

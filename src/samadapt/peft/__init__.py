@@ -13,7 +13,7 @@ from samadapt.peft.inject import (
     parameter_report,
     read_manifest,
     save_adapter,
-    saved_position_prior,
+    saved_decoder_priors,
     trainable_state_dict,
     unmerge_lora,
 )
@@ -43,7 +43,7 @@ __all__ = [
     "read_manifest",
     "register_method",
     "save_adapter",
-    "saved_position_prior",
+    "saved_decoder_priors",
     "set_blend",
     "set_depth",
     "trainable_state_dict",

@@ -25,7 +25,12 @@ from samadapt.peft.text_prompt import inject_text_prompt
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "adapter_config.json"
-POSITION_PRIOR = "mask_decoder.position_prior."  # a semantic decoder's position map (models.mask_decoder)
+# a semantic decoder's new modules (models.mask_decoder), zero at first: they train whatever the method
+DECODER_PRIORS = (
+    "position_prior",
+    "slice_prior",
+)  # in-plane position map; opt-in slice position (model.slice_position)
+_PRIOR_PREFIXES = tuple(f"mask_decoder.{name}." for name in DECODER_PRIORS)
 PEFT_MARKERS = ("lora_A_", "lora_B_", "attn_adapter.", "mlp_adapter.", "depth_branch.", "_adapter.", "text_prompt.")
 
 
@@ -71,8 +76,7 @@ def set_trainable(model: nn.Module, config: PeftConfig) -> None:
         if prefix not in known:
             raise ConfigError(f"train_modules names {prefix!r}, which is not a module of this model")
     for name, param in model.named_parameters():
-        # a semantic decoder's position map is new (zero at first): it trains whatever the method
-        param.requires_grad = is_peft_key(name) or name.startswith(prefixes) or name.startswith(POSITION_PRIOR)
+        param.requires_grad = is_peft_key(name) or name.startswith(prefixes) or name.startswith(_PRIOR_PREFIXES)
 
 
 def train_mode(model: nn.Module) -> nn.Module:
@@ -156,13 +160,14 @@ def read_manifest(directory: str | Path) -> dict:
         raise RunError(f"{path} is not valid JSON: {error}") from error
 
 
-def saved_position_prior(directory: str | Path) -> bool:
-    """Whether a saved semantic adapter holds the decoder's position map (runs saved before it existed do not)."""
+def saved_decoder_priors(directory: str | Path) -> set[str]:
+    """Which of ``DECODER_PRIORS`` a saved semantic adapter holds: runs saved before the position map have none,
+    runs without ``model.slice_position`` no ``slice_prior``; the model is rebuilt with exactly those."""
     from safetensors import safe_open
 
     with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), framework="pt") as file:
         names = file.keys()  # a safetensors handle lists its tensors without reading them
-    return any(name.startswith(POSITION_PRIOR) for name in names)
+    return {prior for prior in DECODER_PRIORS if any(n.startswith(f"mask_decoder.{prior}.") for n in names)}
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path, base_sha256: str) -> dict:

@@ -29,6 +29,7 @@ import numpy as np
 
 from samadapt.data.datasets import load_dataset
 from samadapt.data.io import ITK, NIFTI, NPZ, PICTURES, Volume, read_volume, suffix_of, write_label
+from samadapt.data.position import slice_position
 from samadapt.data.preprocess import PRESETS, preprocess_volume, volume_slice
 from samadapt.errors import DataError, InputNotFoundError
 from samadapt.files import atomic_write
@@ -459,7 +460,8 @@ class Workspace:
         with session.lock:
             with self.foreground():
                 self.encode(session, axis, index)
-                classes = self.predictor.predict_semantic()
+                position = slice_position(index, session.labels.shape[axis])  # as training's (data.position)
+                classes = self.predictor.predict_semantic(position)
             lookup = np.array([0, *(list(self.run.classes) or [1])])
             for value, name in self.run.classes.items():
                 if value not in session.objects:

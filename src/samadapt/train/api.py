@@ -84,7 +84,11 @@ def adapted_model(config: TrainConfig, classes: dict[int, str]) -> tuple[nn.Modu
     """
     semantic = config.task == "semantic"
     model = build_base(
-        config.model.name, config.model.checkpoint, config.model.img_size, len(classes) if semantic else None
+        config.model.name,
+        config.model.checkpoint,
+        config.model.img_size,
+        len(classes) if semantic else None,
+        slice_position=config.model.slice_position,
     )
     apply_peft(model, config.peft)
     if not config.model.init:

@@ -27,12 +27,16 @@ PROMPTS = ("point", "box", "mixed", "text", "text+point", "text+box", "text-mixe
 @dataclass
 class ModelConfig:
     """name: a model of ``samadapt info``; checkpoint: weights file (default: found by name); img_size: input side;
-    init: a pre-training run (``samadapt pretrain``) whose encoder PEFT parameters this run starts from."""
+    init: a pre-training run (``samadapt pretrain``) whose encoder PEFT parameters this run starts from;
+    slice_position: semantic task only, the decoder also reads each slice's position along its volume's axis
+    (``data.position``): for atlas-aligned or same-field-of-view data only (off: across scans with other fields of
+    view a position means other anatomy)."""
 
     name: str = "lite_medsam"
     checkpoint: str | None = None
     img_size: int | None = None
     init: str | None = None
+    slice_position: bool = False
 
 
 @dataclass
@@ -175,6 +179,8 @@ class TrainConfig:
             raise ConfigError(f"prompt.box_share must be in [0, 1], got {self.prompt.box_share}")
         if self.task == "semantic" and self.peft.blend != 1.0:
             raise ConfigError("peft.blend applies to prompted runs; a semantic decoder has no base to blend with")
+        if self.model.slice_position and self.task != "semantic":
+            raise ConfigError("model.slice_position needs task=semantic: a prompted run reads no slice position")
         if self.prompt.uses_text:
             if self.task == "semantic":
                 raise ConfigError(f"prompt.kind={self.prompt.kind} needs the prompt task, not task=semantic")

@@ -21,13 +21,15 @@ from samadapt.transforms import model_input
 
 @dataclass
 class PreparedSlice:
-    """A slice on the model-input grid: image (3, S, S) in [0, 1], label (S, S) int64 (0 in the padding)."""
+    """A slice on the model-input grid: image (3, S, S) in [0, 1], label (S, S) int64 (0 in the padding); position
+    along its volume's axis in [0, 1] (``data.position``), None for an item that carries none."""
 
     image: torch.Tensor
     label: np.ndarray
     case: str
     index: int
     classes: tuple[int, ...]
+    position: float | None = None
 
 
 def prepare_slice(item: dict, img_size: int) -> PreparedSlice:
@@ -37,7 +39,8 @@ def prepare_slice(item: dict, img_size: int) -> PreparedSlice:
     label = torch.from_numpy(np.asarray(item["label"], dtype=np.int64))[None, None].float()
     label = geometry.image_to_input(label, mode="nearest")[0, 0].round().long().numpy()
     classes = tuple(int(c) for c in np.unique(label) if c != 0)
-    return PreparedSlice(tensor[0], label, str(item.get("case", "")), int(item.get("slice", 0)), classes)
+    position = None if item.get("position") is None else float(item["position"])
+    return PreparedSlice(tensor[0], label, str(item.get("case", "")), int(item.get("slice", 0)), classes, position)
 
 
 def prepare_slices(items: Sequence[dict], img_size: int) -> list[PreparedSlice]:

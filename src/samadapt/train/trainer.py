@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from samadapt.device import autocast, distributed_context, resolve_device
 from samadapt.errors import TrainingError, TrainingInterruptedError
 from samadapt.files import atomic_write_text
+from samadapt.models.sam import takes_slice_position
 from samadapt.peft import blended, save_adapter, set_depth
 from samadapt.peft.inject import load_adapter_weights, train_mode
 from samadapt.precision import resolve_precision
@@ -302,8 +303,9 @@ class Trainer:
             pairs = [augment_slice(image, label, self.rng) for image, label in pairs]
         images = torch.stack([image for image, _ in pairs]).to(self.device)
         targets = semantic_targets([label for _, label in pairs], self.classes).to(self.device)
+        positions = slice_positions(batch) if takes_slice_position(self.model) else None
         with self._autocast():
-            return self.forward(images, targets)
+            return self.forward(images, targets, slice_position=positions)
 
     def _prompt_loss(self, picks: list[PreparedSlice]) -> torch.Tensor:
         cfg = self.config
@@ -584,10 +586,11 @@ class LossForward(nn.Module):
         boxes: torch.Tensor | None = None,
         box_rows: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
+        slice_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         embeddings = self.model.encode_image(images)
         if box_rows is None:
-            return self._decode_loss(embeddings, targets, points, boxes, text)
+            return self._decode_loss(embeddings, targets, points, boxes, text, slice_position)
         # mixed prompts: the box samples and the click samples decoded apart, the loss their sample-weighted mean
         loss = embeddings.new_zeros(())
         for rows, use_box in ((box_rows.nonzero()[:, 0], True), ((~box_rows).nonzero()[:, 0], False)):
@@ -606,11 +609,14 @@ class LossForward(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None,
         boxes: torch.Tensor | None,
         text: torch.Tensor | None = None,
+        slice_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         size = targets.shape[-1]
         # one click alone is ambiguous: as SAM, train its three candidates (``Predictor`` keeps the best-rated one)
         single = self.multimask and boxes is None and text is None and points is not None and points[1].shape[1] == 1
-        logits, iou_pred = self.model.decode(embeddings, points, boxes, multimask_output=single, text=text)
+        logits, iou_pred = self.model.decode(
+            embeddings, points, boxes, multimask_output=single, text=text, slice_position=slice_position
+        )
         if points is None and boxes is None and text is None:
             return self.loss_fn(_upsample(logits, size), targets)
         if single:
@@ -627,6 +633,21 @@ class LossForward(nn.Module):
             logits, iou_pred = self.model.decode(embeddings, points, boxes, mask_inputs=logits.detach(), text=text)
             loss = loss + self._loss(logits, iou_pred, targets)
         return loss / (1 + self.rounds)
+
+
+def slice_positions(batch: Sequence[PreparedSlice]) -> torch.Tensor:
+    """(B,) float32 positions of a batch's slices along their axes, for a model with ``model.slice_position``.
+
+    Raises:
+        TrainingError: a slice carries no position (an item without ``position``: give ``SliceDataset`` items).
+    """
+    missing = [s.case or "?" for s in batch if s.position is None]
+    if missing:
+        raise TrainingError(
+            f"model.slice_position needs each slice's position, and slices of {sorted(set(missing))} carry none "
+            "(items need a 'position', as SliceDataset items have)"
+        )
+    return torch.tensor([s.position for s in batch], dtype=torch.float32)
 
 
 def _phrase_book(manifest: Manifest):
@@ -751,7 +772,8 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
             for item in probes:
                 embedding = trainer.model.encode_image(item.image[None].to(trainer.device))
                 if trainer.semantic:
-                    logits, _ = trainer.model.decode(embedding)
+                    position = slice_positions([item]) if takes_slice_position(trainer.model) else None
+                    logits, _ = trainer.model.decode(embedding, slice_position=position)
                     predicted += int((logits.argmax(1) > 0).sum())
                     continue
                 for class_id in sorted(wanted & set(item.classes)):
