@@ -11,7 +11,7 @@ from samadapt.data.datasets import SliceDataset, load_dataset
 from samadapt.data.io import read_volume
 from samadapt.data.preprocess import PRESETS
 from samadapt.eval.evaluate import evaluate_slices, evaluate_volumes
-from samadapt.predict import Predictor, predict_volume
+from samadapt.predict import Predictor, predict_folder, predict_volume
 from samadapt.runs import Manifest, Run
 from samadapt.train.config import TrainConfig, apply_overrides, from_dict
 from samadapt.train.recipes import recipe_defaults
@@ -164,3 +164,7 @@ def test_training_evaluation_and_prediction_feed_the_same_slice_position(tmp_pat
     seen.clear()
     predict_volume(run, read_volume(spec.case(case_id).image), batch_size=4)
     assert seen == pytest.approx([k / (depth - 1) for k in range(depth)]) and seen[z] == trained[0]
+    seen.clear()
+    predict_folder(run, spec.root / "imagesTr", tmp_path / "predictions", progress=False)  # every case, its own depth
+    expected = [k / (d - 1) for d in slices.depths.values() for k in range(d)]
+    assert sorted(seen) == pytest.approx(sorted(expected))
