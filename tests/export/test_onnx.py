@@ -301,10 +301,36 @@ def test_runtime_needs_no_torch(tmp_path):
     assert result.stdout.startswith("ok")
 
 
-def test_a_run_with_the_slice_position_is_refused(tmp_path):
-    """The exported decoder has no position input: such a run is refused, not exported without it."""
+def test_a_run_with_the_slice_position_exports_it_as_a_decoder_input(tmp_path):
+    """model.slice_position: the semantic decoder graph takes each slice's position, and agrees with torch on it;
+    without a position it refuses, as the torch decoder does."""
     run = tiny_run(None, task="semantic")
-    run.model.mask_decoder.slice_prior = SlicePrior(run.model.mask_decoder.transformer_dim)
-    with pytest.raises(UnsupportedExportError, match="model.slice_position"):
-        export_onnx(run, tmp_path)
-    assert not (tmp_path / "decoder.onnx").exists()
+    prior = SlicePrior(run.model.mask_decoder.transformer_dim)
+    with torch.no_grad():  # trained (it starts at zero): the position must change the outputs
+        prior.proj.weight.normal_(generator=torch.Generator().manual_seed(7))
+    run.model.mask_decoder.slice_prior = prior
+    manifest = export_onnx(run, tmp_path)
+    assert manifest["slice_position"] is True
+    torch_predictor, onnx_predictor = Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path)
+    images, positions = [image(seed=s) for s in range(3)], [0.0, 0.4, 1.0]
+    with torch.inference_mode():
+        embeddings = run.model.encode_image(torch.cat([torch_model_input(i, 128)[0] for i in images]))
+        expected, _ = run.model.decode(embeddings, slice_position=torch.tensor(positions))
+        elsewhere, _ = run.model.decode(embeddings, slice_position=torch.tensor([0.9, 0.1, 0.5]))
+    assert not torch.allclose(expected, elsewhere, atol=1e-2)
+    feeds = {"image_embeddings": embeddings.numpy(), "slice_position": np.array(positions, np.float32)}
+    np.testing.assert_allclose(onnx_predictor.decoder.run(None, feeds)[0], expected.numpy(), atol=ATOL, rtol=0)
+    labels = onnx_predictor.semantic_batch(images, positions)
+    assert (labels == torch_predictor.semantic_batch(images, positions)).mean() >= MIN_DICE
+    onnx_predictor.set_image(images[1], preprocessed=True)
+    torch_predictor.set_image(images[1], preprocessed=True)
+    agree = onnx_predictor.predict_semantic(0.4) == torch_predictor.predict_semantic(0.4)
+    assert agree.mean() >= MIN_DICE
+    with pytest.raises(ValueError, match="model.slice_position"):
+        onnx_predictor.semantic_batch(images)
+    plain = tiny_run(None, task="semantic")  # a graph without the input ignores positions, as Predictor does
+    export_onnx(plain, tmp_path / "plain")
+    np.testing.assert_array_equal(
+        OnnxPredictor(tmp_path / "plain").semantic_batch(images, positions),
+        OnnxPredictor(tmp_path / "plain").semantic_batch(images),
+    )

@@ -6,7 +6,8 @@ An export directory holds::
                              normalisation is inside the graph, PEFT is part of it (LoRA merged into the weights,
                              MSA adapters as nodes)
     DIR/decoder.onnx         prompted runs: prompt encoder + mask decoder (below); semantic runs: the prompt-free
-                             K + 1 class head, embeddings (B, 256, h, w) -> masks (B, K + 1, 4h, 4w), iou (B, K + 1)
+                             K + 1 class head, embeddings (B, 256, h, w) -> masks (B, K + 1, 4h, 4w), iou (B, K + 1);
+                             a run trained with ``model.slice_position`` also takes ``slice_position`` (B,) in [0, 1]
     DIR/manifest.json        what the graphs need and came from (``runtime.MANIFEST`` keys, see ``export_onnx``)
 
 The prompted decoder takes prompts the way SAM's own ONNX export does, so any number of points and boxes goes
@@ -39,7 +40,7 @@ from torch import nn
 
 from samadapt import __version__
 from samadapt.errors import ConfigError, UnsupportedExportError
-from samadapt.export.runtime import DECODER, ENCODER, FORMAT, FORMAT_VERSION, MANIFEST
+from samadapt.export.runtime import DECODER, ENCODER, FORMAT, FORMAT_VERSION, MANIFEST, SLICE_POSITION
 from samadapt.files import atomic_write_text
 from samadapt.models.checkpoint import file_sha256
 from samadapt.models.common import ZeroSlot, is_empty_slot
@@ -103,12 +104,16 @@ class _SemanticDecoder(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, image_embeddings: torch.Tensor, slice_position: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.model.prompt_encoder
         # (B, 0, C): no prompt token, with the batch taken from the input so that it stays dynamic
         sparse = image_embeddings.flatten(2)[:, :, :0].transpose(1, 2)
         dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(image_embeddings)
-        return self.model.mask_decoder.predict_masks(image_embeddings, encoder.get_dense_pe(), sparse, dense)
+        return self.model.mask_decoder.predict_masks(
+            image_embeddings, encoder.get_dense_pe(), sparse, dense, slice_position
+        )
 
 
 def deployable_copy(model: Sam, drop_depth: bool = False) -> tuple[Sam, dict]:
@@ -189,16 +194,10 @@ def export_model(
         opset: ONNX opset.
 
     Raises:
-        UnsupportedExportError: a depth branch without ``drop_depth``, a task that is neither prompt nor semantic,
-            or a run trained with ``model.slice_position`` (not exported yet).
+        UnsupportedExportError: a depth branch without ``drop_depth``, or a task that is neither prompt nor semantic.
     """
     if task not in ("prompt", "semantic"):
         raise UnsupportedExportError(f"unknown task {task!r}: prompt or semantic")
-    if takes_slice_position(model):
-        raise UnsupportedExportError(
-            "this run was trained with model.slice_position: its decoder reads each slice's position along the "
-            "volume's axis, which the exported decoder has no input for. Use it with the torch backend"
-        )
     semantic_decoder = bool(getattr(model.mask_decoder, "semantic", False))
     if (task == "semantic") != semantic_decoder:
         raise UnsupportedExportError(
@@ -222,13 +221,18 @@ def export_model(
     )
     embeddings = torch.randn(1, channels, h, w)
     if task == "semantic":
+        inputs = (embeddings.expand(2, -1, -1, -1).contiguous(),)
+        names, dynamic = ["image_embeddings"], {"image_embeddings": {0: "batch"}}
+        if takes_slice_position(deployable):  # model.slice_position: each slice's position is a graph input too
+            inputs, names = (*inputs, torch.tensor([0.25, 0.75])), [*names, SLICE_POSITION]
+            dynamic[SLICE_POSITION] = {0: "batch"}
         _export(
             _SemanticDecoder(deployable),
-            (embeddings.expand(2, -1, -1, -1).contiguous(),),
+            inputs,
             out / DECODER,
-            ["image_embeddings"],
+            names,
             ["masks", "iou_predictions"],
-            {"image_embeddings": {0: "batch"}, "masks": {0: "batch"}, "iou_predictions": {0: "batch"}},
+            {**dynamic, "masks": {0: "batch"}, "iou_predictions": {0: "batch"}},
             opset,
         )
     else:
@@ -271,6 +275,7 @@ def export_model(
         "embed_dim": channels,
         "mask_input_size": list(prompt_encoder.mask_input_size),
         "num_mask_tokens": deployable.mask_decoder.num_mask_tokens,
+        "slice_position": takes_slice_position(deployable),  # decoder.onnx takes each slice's position (data.position)
         "preprocessing": {
             "model_input": "slice in [0, 1] (preset applied, or raw: uint8 / 255, else min-max), grey repeated to 3 "
             "channels, longest side resized to img_size (bilinear, antialiased), zero-padded bottom / right, "

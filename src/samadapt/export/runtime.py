@@ -45,6 +45,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ENCODER = "image_encoder.onnx"
 DECODER = "decoder.onnx"
+SLICE_POSITION = "slice_position"  # the semantic decoder's input of runs trained with model.slice_position
 
 
 # -- resampling, as torch.nn.functional.interpolate(mode="bilinear", align_corners=False) -------------------------
@@ -357,24 +358,32 @@ class OnnxPredictor:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 
-    def _semantic_logits(self, embeddings: np.ndarray) -> np.ndarray:
+    def _semantic_logits(self, embeddings: np.ndarray, positions: Sequence[float] | None) -> np.ndarray:
         if self.task != "semantic":
             raise ValueError("this export is prompted: give points or boxes to predict()")
-        return self.decoder.run(None, {"image_embeddings": embeddings})[0]
+        feeds = {"image_embeddings": embeddings}
+        if SLICE_POSITION in {node.name for node in self.decoder.get_inputs()}:  # as Predictor: only graphs reading it
+            if positions is None:
+                raise ValueError(
+                    "this export was trained with model.slice_position: give each slice's position along its axis"
+                )
+            feeds[SLICE_POSITION] = np.asarray(positions, dtype=np.float32).reshape(len(embeddings))
+        return self.decoder.run(None, feeds)[0]
 
     def semantic_batch(self, images: Sequence[np.ndarray], positions: Sequence[float] | None = None) -> np.ndarray:
         """Prompt-free class maps of several preprocessed slices of one size, in one encoder call: (B, H, W) int.
-        ``positions`` is ignored: no export reads one (``export_onnx`` refuses runs with ``model.slice_position``)."""
+        ``positions``: each slice's position along its axis (``data.position``), read by exports of runs trained with
+        ``model.slice_position`` (required there) and ignored by others."""
         tensors, geometries = zip(*(model_input(image, self.img_size) for image in images), strict=True)
-        logits = self._semantic_logits(self.encode(np.concatenate(tensors)))
+        logits = self._semantic_logits(self.encode(np.concatenate(tensors)), positions)
         return geometries[0].masks_to_original(logits, from_size=logits.shape[-1]).argmax(1)
 
     def predict_semantic(self, position: float | None = None) -> np.ndarray:
         """Prompt-free class map of the current image (semantic exports): (H, W) int, 0 = background; ``position``
-        is ignored, as in ``semantic_batch``."""
+        as in ``semantic_batch``."""
         if self.embedding is None or self.geometry is None:
             raise RuntimeError("call set_image() before predict_semantic()")
-        logits = self._semantic_logits(self.embedding)
+        logits = self._semantic_logits(self.embedding, None if position is None else [position])
         return self.geometry.masks_to_original(logits, from_size=logits.shape[-1]).argmax(1)[0]
 
     def predict(
