@@ -19,9 +19,8 @@ def predict_command(args: argparse.Namespace) -> int:
 
     if (args.image is None) == (args.input is None):
         raise ConfigError("give one input: an IMAGE file, or a folder with -i/--input")
-    run = load_for_backend(
-        args.run, args.backend, device=args.device, blend=args.blend
-    )  # load_run, or an ONNX export's run
+    # load_run, or an ONNX export's run
+    run = load_for_backend(args.run, args.backend, device=args.device, blend=args.blend)
     if args.input is not None:
         written = predict_folder(
             run,

@@ -314,7 +314,7 @@ def _finished_dir(out: str | Path, run: Run, protocol: Protocol, chosen: dict, o
         "run": str(run.path or run.name),
         "step": run.manifest.step if run.manifest else None,
         "base": run.manifest.base_sha256 if run.manifest else None,
-        "blend": getattr(run, "blend", 1.0),
+        "blend": run.blend,
         "protocol": str(protocol),
         "classes": sorted(chosen),
         **options,

@@ -334,6 +334,8 @@ class OnnxPredictor:
         self.decoder = ort.InferenceSession(
             str(self.export_dir / files["decoder"]["path"]), options, providers=providers
         )
+        # a semantic graph of a run trained with model.slice_position reads each slice's position too
+        self.takes_slice_position = SLICE_POSITION in {node.name for node in self.decoder.get_inputs()}
         self.geometry: InputGeometry | None = None
         self.embedding: np.ndarray | None = None
         self.cache_size = cache_size
@@ -362,7 +364,7 @@ class OnnxPredictor:
         if self.task != "semantic":
             raise ValueError("this export is prompted: give points or boxes to predict()")
         feeds = {"image_embeddings": embeddings}
-        if SLICE_POSITION in {node.name for node in self.decoder.get_inputs()}:  # as Predictor: only graphs reading it
+        if self.takes_slice_position:  # as Predictor: positions go only to a graph that reads them
             if positions is None:
                 raise ValueError(
                     "this export was trained with model.slice_position: give each slice's position along its axis"

@@ -25,12 +25,9 @@ from samadapt.peft.text_prompt import inject_text_prompt
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "adapter_config.json"
-# a semantic decoder's new modules (models.mask_decoder), zero at first: they train whatever the method
-DECODER_PRIORS = (
-    "position_prior",
-    "slice_prior",
-)  # in-plane position map; opt-in slice position (model.slice_position)
-_PRIOR_PREFIXES = tuple(f"mask_decoder.{name}." for name in DECODER_PRIORS)
+# a semantic decoder's new modules (models.mask_decoder), zero at first, training whatever the method: the in-plane
+# position map and the opt-in slice position (model.slice_position), by their parameters' name prefix
+DECODER_PRIORS = {name: f"mask_decoder.{name}." for name in ("position_prior", "slice_prior")}
 PEFT_MARKERS = ("lora_A_", "lora_B_", "attn_adapter.", "mlp_adapter.", "depth_branch.", "_adapter.", "text_prompt.")
 
 
@@ -76,7 +73,9 @@ def set_trainable(model: nn.Module, config: PeftConfig) -> None:
         if prefix not in known:
             raise ConfigError(f"train_modules names {prefix!r}, which is not a module of this model")
     for name, param in model.named_parameters():
-        param.requires_grad = is_peft_key(name) or name.startswith(prefixes) or name.startswith(_PRIOR_PREFIXES)
+        param.requires_grad = (
+            is_peft_key(name) or name.startswith(prefixes) or name.startswith(tuple(DECODER_PRIORS.values()))
+        )
 
 
 def train_mode(model: nn.Module) -> nn.Module:
@@ -167,7 +166,7 @@ def saved_decoder_priors(directory: str | Path) -> set[str]:
 
     with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), framework="pt") as file:
         names = file.keys()  # a safetensors handle lists its tensors without reading them
-    return {prior for prior in DECODER_PRIORS if any(n.startswith(f"mask_decoder.{prior}.") for n in names)}
+    return {prior for prior, prefix in DECODER_PRIORS.items() if any(n.startswith(prefix) for n in names)}
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path, base_sha256: str) -> dict:
