@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -197,6 +198,9 @@ def test_lite_medsam_export_equals_torch(tmp_path):
     assert_same_predictions(
         Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path), raw, preprocessed=False
     )
+    # TinyViT pads its 128- and 64-token grids to whole windows: by concatenation, not by ScatterND over the grid
+    ops = {node.op_type for node in onnx.load(str(tmp_path / manifest["files"]["image_encoder"]["path"])).graph.node}
+    assert "Concat" in ops and "ScatterND" not in ops
 
 
 # -- manifest, refusals, CLI ---------------------------------------------------------------------------------------
@@ -273,6 +277,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, Block())
 import numpy as np
+import onnx
 from samadapt.export.runtime import OnnxPredictor
 p = OnnxPredictor(sys.argv[1])
 img = np.random.default_rng(0).random((100, 120)).astype(np.float32)

@@ -258,9 +258,10 @@ class Attention(nn.Module):
             # and so carries qkv(norm(0)). Fill the padding with that row rather than run norm and qkv on it.
             fill = cpu_kernels.linear(self.norm(x.new_zeros(1, C)), self.qkv)[0]
             P = qkv.shape[-1]
-            if qkv.requires_grad:
+            if qkv.requires_grad or torch.onnx.is_in_onnx_export():
                 # concatenation: its backward hands out views of the gradient, where the slice assignments below
-                # would copy the whole padded gradient once per assignment (CopySlices)
+                # would copy the whole padded gradient once per assignment (CopySlices); in an ONNX graph the
+                # assignments become ScatterND over the whole grid, where Concat is one copy
                 qkv = torch.cat([qkv, fill.expand(B, H, pad_r, P)], dim=2)
                 qkv = torch.cat([qkv, fill.expand(B, pad_b, W + pad_r, P)], dim=1)
             else:
