@@ -33,6 +33,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py --out docs/benchmarks.md
 	$(PY) bench/scale.py --out docs/benchmarks.md
+	THP_MEM_ALLOC_ENABLE=1 $(PY) bench/onnx_bench.py --out docs/benchmarks.md
 
 # the accuracy protocol (docs/accuracy.md); the full grid is hours on 2 CPU cores: ACCURACY_ARGS=--quick for ~15 min
 ACCURACY_ARGS ?=

@@ -46,6 +46,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import write_section  # noqa: E402
 from samadapt.data.datasets import DatasetSpec, SliceDataset, load_dataset
 from samadapt.data.demo import fetch_demo, fetch_regions
 from samadapt.data.synthesis import select_exemplars
@@ -327,18 +329,9 @@ def table(cells: list[dict], grid: Grid) -> list[str]:
     return lines
 
 
-def write_section(path: Path, section: str, text: str) -> None:
-    """Replace (or append) the block between the section's markers, keeping the rest of the file."""
-    begin, end = f"<!-- accuracy:{section} -->", f"<!-- /accuracy:{section} -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    old = path.read_text() if path.exists() else "# Accuracy from few labels\n"
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        new = head + block + rest.split(end, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+def write_accuracy_section(path: Path, section: str, text: str) -> None:
+    """``measure.write_section`` for docs/accuracy.md: its sections are marked ``accuracy:<section>``."""
+    write_section(path, f"accuracy:{section}", text, title="# Accuracy from few labels\n")
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -447,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     threads = torch.get_num_threads()
     header = section_header(grid, args.title or args.section, f"Command: `{command}`", wall, str(threads))
-    write_section(args.out, args.section, "\n".join(header + table(cells, grid)))
+    write_accuracy_section(args.out, args.section, "\n".join(header + table(cells, grid)))
     runs.mkdir(parents=True, exist_ok=True)
     (args.runs / f"results-{args.section}.json").write_text(
         json.dumps(
@@ -464,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_merged(paths: list[Path], out: Path, section: str, title: str) -> int:
     grid, cells, commands, wall, threads = merged_results(paths)
     source = "Merged from " + "; ".join(f"`{c}`" for c in commands)
-    write_section(
+    write_accuracy_section(
         out, section, "\n".join(section_header(grid, title or section, source, wall, threads) + table(cells, grid))
     )
     print("\n".join(table(cells, grid)))

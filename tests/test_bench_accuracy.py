@@ -6,7 +6,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bench.accuracy import Task, candidates, choose_exemplars, copy_nearest, merged_results, table, write_section
+from bench.accuracy import (
+    Task,
+    candidates,
+    choose_exemplars,
+    copy_nearest,
+    merged_results,
+    table,
+    write_accuracy_section,
+)
 from samadapt.data.datasets import SliceDataset, load_dataset
 from samadapt.demo import held_out
 
@@ -69,9 +77,9 @@ def test_copy_nearest_uses_the_nearest_exemplar_label_of_the_same_case(volume_da
 
 def test_sections_are_replaced_and_kept(tmp_path):
     doc = tmp_path / "accuracy.md"
-    write_section(doc, "before", "table one")
-    write_section(doc, "after", "table two")
-    write_section(doc, "before", "table three")
+    write_accuracy_section(doc, "before", "table one")
+    write_accuracy_section(doc, "after", "table two")
+    write_accuracy_section(doc, "before", "table three")
     text = doc.read_text()
     assert "table one" not in text and "table three" in text and "table two" in text
     assert text.index("table three") < text.index("table two")
