@@ -1,6 +1,6 @@
 """oneDNN's fused convolution / linear (+ GELU) kernels for CPU inference (``models.cpu_kernels``) compute the function
 of the plain torch ops, are taken only for inference on the CPU, and leave autograd, FLOP counting and wrapped layers
-(LoRA) on the plain path."""
+(LoRA) on the plain path. So does the MBConv run in strips of rows (``cpu_kernels.mbconv``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from samadapt.models import cpu_kernels
+from samadapt.models.tiny_vit import MBConv
 from samadapt.precision import fast_bfloat16
 from tests.models.test_tiny_vit import SLIM, reference_pair
 
@@ -31,6 +32,35 @@ def plain():
 
     yield Switch()
     cpu_kernels.set_fused_cpu_kernels(True)
+
+
+@pytest.fixture
+def untiled():
+    """Run a block with the MBConv strips off (the fused kernels on), and turn them back on afterwards."""
+
+    class Switch:
+        def __enter__(self):
+            cpu_kernels.set_tiled_mbconv(False)
+
+        def __exit__(self, *exc):
+            cpu_kernels.set_tiled_mbconv(True)
+
+    yield Switch()
+    cpu_kernels.set_tiled_mbconv(True)
+
+
+@pytest.fixture
+def strips(monkeypatch):
+    """The (top, bottom) rows of every strip ``cpu_kernels.mbconv`` computes, in order."""
+    calls = []
+    compute = cpu_kernels._mbconv_strip
+
+    def counted(x, top, bottom, *weights):
+        calls.append((top, bottom))
+        return compute(x, top, bottom, *weights)
+
+    monkeypatch.setattr(cpu_kernels, "_mbconv_strip", counted)
+    return calls
 
 
 def fused_ops_run(fn) -> set[str]:
@@ -138,3 +168,92 @@ def test_torch_compile_traces_the_encoder_in_one_graph():
     with torch.inference_mode():
         explained = torch._dynamo.explain(ours)(torch.rand(1, 3, 64, 64))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+def mbconv_with_statistics(dim: int = 8, seed: int = 0) -> MBConv:
+    """An MBConv in eval mode with random batch-norm affine maps and statistics (the zero-initialised last one would
+    make the block GELU(x), blind to the depthwise convolution's halo)."""
+    torch.manual_seed(seed)
+    block = MBConv(dim, 4.0).eval()
+    with torch.no_grad():
+        for bn in (block.conv1.bn, block.conv2.bn, block.conv3.bn):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    return block
+
+
+def channels_last(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 4, 5, 13, 20])
+def test_tiled_mbconv_is_the_whole_block_in_float32(rows, monkeypatch, strips, plain, untiled):
+    block = mbconv_with_statistics()
+    x = channels_last(3, 8, 13, 11)  # 13 rows: strips of 4 and 5 leave a shorter last one; 13 and 20 are one strip
+    monkeypatch.setattr(cpu_kernels, "STRIP_BYTES", rows * 11 * 32 * 4)  # hidden 32 channels of float32, 11 wide
+    with torch.inference_mode():
+        with plain:
+            expected = block(x)
+        with untiled:
+            whole = block(x)
+        assert not strips
+        got = block(x)
+    tops = list(range(0, 13, rows))
+    assert strips == [(top, min(top + rows, 13)) for top in tops] * 3  # each image of the batch, top to bottom
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    for reference in (expected, whole):
+        assert relative(got, reference) < 1e-5
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+        # the border rows and columns, where the depthwise convolution pads, and the rows around each strip's edge
+        edges = sorted({0, 12} | {t for t in tops} | {max(t - 1, 0) for t in tops})
+        torch.testing.assert_close(got[:, :, edges], reference[:, :, edges], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[..., [0, 10]], reference[..., [0, 10]], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_switches_training_autograd_and_other_inputs_keep_the_whole_mbconv(strips, plain, untiled):
+    block = mbconv_with_statistics()
+    x = channels_last(2, 8, 9, 7)
+    with torch.inference_mode():
+        with untiled:
+            block(x)
+        with plain:
+            block(x)
+        block(x.contiguous())  # not channels-last: its strips of rows would not be contiguous
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            block(x)  # float32 only: in bf16 the block whole was as fast
+    block(x).sum().backward()  # autograd: the fused ops have no backward
+    assert block.conv1.c.weight.grad is not None
+    block.conv2.bn.train()  # batch statistics: nothing to fold
+    with torch.inference_mode():
+        block(x)
+    assert not strips
+    block.eval()
+    with torch.inference_mode():
+        block(x)
+    assert strips == [(0, 9), (0, 9)]  # on by default: one strip per image at this size
+
+
+@needs_kernels
+def test_tiny_vit_with_mbconv_strips_is_the_plain_function_in_float32(monkeypatch, strips, plain, untiled):
+    ours, _ = reference_pair(128, SLIM, seed=3)
+    for block in ours.layers[0].blocks:  # random statistics: the zero-initialised last batch norm hides the halo
+        with torch.no_grad():
+            block.conv3.bn.weight.uniform_(0.5, 1.5)
+            block.conv3.bn.running_var.uniform_(0.5, 2.0)
+    monkeypatch.setattr(cpu_kernels, "STRIP_BYTES", 24 * 128 * 64 * 4)  # 24 of 128 rows: the last strip has 8
+    image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        with plain:
+            expected = ours(image)
+        with untiled:
+            whole = ours(image)
+        got = ours(image)
+    assert len(strips) == 2 * 6 * len(ours.layers[0].blocks)
+    assert relative(got, expected) < 1e-5 and relative(got, whole) < 1e-5
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

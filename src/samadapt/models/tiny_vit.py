@@ -84,10 +84,12 @@ class Conv2dBN(nn.Sequential):
         if self.bn.training:
             out = self.bn(self.c(x))
             return gelu_fresh(out) if gelu else out
+        return cpu_kernels.conv2d(x, *self.folded(), self.c, gelu)
+
+    def folded(self) -> cpu_kernels.Folded:
+        """The convolution's (weight, bias) with the batch norm's eval-mode affine map folded in."""
         scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
-        bias = self.bn.bias - self.bn.running_mean * scale
-        weight = self.c.weight * scale[:, None, None, None]
-        return cpu_kernels.conv2d(x, weight, bias, self.c, gelu)
+        return self.c.weight * scale[:, None, None, None], self.bn.bias - self.bn.running_mean * scale
 
 
 class PatchEmbed(nn.Module):
@@ -113,7 +115,10 @@ class PatchEmbed(nn.Module):
 
 
 class MBConv(nn.Module):
-    """Inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, residual add, GELU. (B, C, H, W) -> same."""
+    """Inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, residual add, GELU. (B, C, H, W) -> same.
+
+    For float32 CPU inference the block runs in strips of rows that stay in cache (``cpu_kernels.mbconv``).
+    """
 
     def __init__(self, dim: int, expand_ratio: float, drop_path: float = 0.0) -> None:
         super().__init__()
@@ -124,6 +129,8 @@ class MBConv(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.mbconv_tiles(x) and not any(m.training for m in self.modules()):
+            return cpu_kernels.mbconv(x, self.conv1.folded(), self.conv2.folded(), self.conv3.folded())
         out = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return gelu_fresh(add_fresh(x, drop_path(out, self.drop_path, self.training)))
 
