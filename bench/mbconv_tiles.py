@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], nargs="*", default=["fp32", "bf16"])
     parser.add_argument("--strip-mb", type=float, nargs="*", default=[], help="strip sizes (MiB) to sweep")
     args = parser.parse_args(argv)
 
@@ -30,10 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
     encoder = build_model("lite_medsam").eval().image_encoder
     image = torch.rand(1, 3, 256, 256)
-    with torch.inference_mode():
-        stage0 = encoder.patch_embed(image.contiguous(memory_format=torch.channels_last))
     block = encoder.layers[0].blocks[0]
     precisions = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if fast_bfloat16("cpu") else [])
+    precisions = [(name, dtype) for name, dtype in precisions if name in args.precision]
     default = cpu_kernels.STRIP_BYTES
     settings = [("whole", False, default)] + [("strips", True, default)]
     settings += [(f"strips {mb:g} MiB", True, int(mb * 2**20)) for mb in args.strip_mb]
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[tuple[str, str, str], float] = {}
     for _ in range(args.rounds):
         for name, dtype in precisions:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                # the block's input as the encoder gives it (bf16 under autocast)
+                stage0 = encoder.patch_embed(image.contiguous(memory_format=torch.channels_last))
             for label, tiled, strip_bytes in settings:
                 for part, module, x in (("MBConv", block, stage0), ("encoder", encoder, image)):
                     if part == "encoder" and strip_bytes != default:

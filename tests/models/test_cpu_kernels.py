@@ -225,8 +225,8 @@ def test_switches_training_autograd_and_other_inputs_keep_the_whole_mbconv(strip
         with plain:
             block(x)
         block(x.contiguous())  # not channels-last: its strips of rows would not be contiguous
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            block(x)  # float32 only: in bf16 the block whole was as fast
+        with torch.autocast("cpu", dtype=torch.float16):
+            block(x)  # float32 and native bf16 only (compute_dtype)
     block(x).sum().backward()  # autograd: the fused ops have no backward
     assert block.conv1.c.weight.grad is not None
     block.conv2.bn.train()  # batch statistics: nothing to fold
@@ -237,6 +237,27 @@ def test_switches_training_autograd_and_other_inputs_keep_the_whole_mbconv(strip
     with torch.inference_mode():
         block(x)
     assert strips == [(0, 9), (0, 9)]  # on by default: one strip per image at this size
+
+
+@needs_kernels
+@pytest.mark.skipif(not fast_bfloat16("cpu"), reason="no native bf16 kernels on this CPU")
+@pytest.mark.parametrize("stream", [torch.float32, torch.bfloat16])
+def test_tiled_mbconv_under_bf16_autocast_stays_with_the_whole_block(stream, monkeypatch, strips, untiled):
+    block = mbconv_with_statistics()
+    x = channels_last(2, 8, 13, 11).to(stream)  # the encoder's stage 0 gets bf16 under autocast, a lone block float32
+    monkeypatch.setattr(cpu_kernels, "STRIP_BYTES", 4 * 11 * 32 * 2)  # 4 rows of bf16
+    with torch.inference_mode():
+        with untiled:
+            full = block(x.float())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                whole = block(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = block(x)
+    assert strips == [(0, 4), (4, 8), (8, 12), (12, 13)] * 2
+    assert got.dtype == whole.dtype == stream
+    # both round the same bf16 products; the tiled GELU rounds once where aten's rounds the bf16 stream's twice
+    assert relative(got, whole) < 1e-2
+    assert relative(got, full) < 1.5 * relative(whole, full) + 1e-3
 
 
 @needs_kernels

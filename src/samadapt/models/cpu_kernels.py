@@ -14,7 +14,8 @@ export) and no tracing, scripting, compiling or ONNX export; everywhere else the
 ``set_fused_cpu_kernels(False)``.
 
 ``mbconv`` runs a whole inverted-residual block (TinyViT's stage 0) in strips of rows, so that its 4x wider hidden
-activations stay in cache instead of making two round trips to memory (float32 only; switch ``set_tiled_mbconv``).
+activations stay in cache instead of making two round trips to memory (float32 and bf16 autocast; switch
+``set_tiled_mbconv``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from samadapt.precision import fast_bfloat16
 _enabled = True
 _tiled = True
 
-# hidden activation per strip of ``mbconv``: 16 rows of LiteMedSAM's 256 x 256 x 256 float32 stage 0. Best of 2 to 64
-# rows (one thread, AMD EPYC with 1 MiB of L2 per core and 32 MiB of L3): fewer rows recompute more halo rows and pay
-# more per-call overhead, more rows fall out of cache.
+# hidden activation per strip of ``mbconv``: 16 rows of LiteMedSAM's 256 x 256 x 256 stage 0 in float32, 32 in bf16.
+# Best of 1 to 8 MiB (one thread, AMD EPYC with 1 MiB of L2 per core and 32 MiB of L3): smaller strips recompute more
+# halo rows and pay more per-call overhead, larger ones fall out of cache.
 STRIP_BYTES = 4 * 2**20
 
 
@@ -120,11 +121,11 @@ Folded = tuple[torch.Tensor, torch.Tensor]  # a convolution's (weight, bias) wit
 
 
 def mbconv_tiles(x: torch.Tensor) -> bool:
-    """Whether ``mbconv`` may run on ``x``: float32 inference where the fused kernels may (``compute_dtype``), on a
-    channels-last (B, C, H, W) tensor (its strips of rows are then contiguous), with tiling on."""
+    """Whether ``mbconv`` may run on ``x``: a channels-last (B, C, H, W) tensor (its strips of rows are then
+    contiguous), for inference where the fused kernels may (``compute_dtype``: float32 or bf16), tiling on."""
     return (
-        compute_dtype(x) == torch.float32
-        and _tiled
+        _tiled
+        and compute_dtype(x) is not None
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
         and hasattr(torch.ops.mkldnn._convolution_pointwise, "binary")
@@ -136,10 +137,14 @@ def mbconv(x: torch.Tensor, expand: Folded, depthwise: Folded, project: Folded) 
     (C -> hidden) and ``project`` (hidden -> C) and a 3x3 depthwise convolution of padding 1, each (weight, bias).
 
     The same function as the three convolutions run whole, computed for ``STRIP_BYTES`` of hidden activation at a
-    time: each strip of rows goes through all of them while it is in cache. Call only where ``mbconv_tiles(x)``.
+    time: each strip of rows goes through all of them while it is in cache. The convolutions compute in
+    ``compute_dtype(x)`` (bf16 under autocast), the residual add and the last GELU in ``x``'s dtype, as the whole
+    block does. Call only where ``mbconv_tiles(x)``.
     """
+    dtype = compute_dtype(x)
+    expand, depthwise, project = ((w.to(dtype), b.to(dtype)) for w, b in (expand, depthwise, project))
     batch, _, height, width = x.shape
-    rows = max(1, STRIP_BYTES // (width * expand[0].shape[0] * x.element_size()))
+    rows = max(1, STRIP_BYTES // (width * expand[0].shape[0] * expand[0].element_size()))
     out = torch.empty_like(x)
     for image in range(batch):
         for top in range(0, height, rows):
@@ -153,18 +158,21 @@ def mbconv(x: torch.Tensor, expand: Folded, depthwise: Folded, project: Folded) 
 def _mbconv_strip(
     x: torch.Tensor, top: int, bottom: int, expand: Folded, depthwise: Folded, project: Folded
 ) -> torch.Tensor:
-    """Rows [top, bottom) of ``mbconv`` for one image ``x`` (1, C, H, W)."""
+    """Rows [top, bottom) of ``mbconv`` for one image ``x`` (1, C, H, W), the convolutions in their weights' dtype."""
     # the 3x3 convolution needs one row of hidden activation above and below the strip: recomputed (a 16-row strip
     # costs 2 / 16 more expansion, cheaper than stitching the neighbours' rows in). At the image border the
     # depthwise convolution's own zero padding stands for the missing row, as it does for the whole image.
     low, high = max(top - 1, 0), min(bottom + 1, x.shape[2])
-    hidden = _conv(x[:, :, low:high], *expand, padding=0, groups=1, gelu=True)
+    hidden = _conv(x[:, :, low:high].to(expand[0].dtype), *expand, padding=0, groups=1, gelu=True)
     hidden = _conv(hidden, *depthwise, padding=1, groups=hidden.shape[1], gelu=True)
     hidden = hidden[:, :, top - low : bottom - low]
     residual = x[:, :, top:bottom]
-    out = torch.ops.mkldnn._convolution_pointwise.binary(
-        hidden, residual, *project, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], ""
-    )
+    if hidden.dtype == residual.dtype:  # the residual added by oneDNN as the projection's post-op
+        out = torch.ops.mkldnn._convolution_pointwise.binary(
+            hidden, residual, *project, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], ""
+        )
+    else:  # bf16 autocast on a float32 input: added in float32, as the whole block adds its bf16 branch
+        out = residual + _conv(hidden, *project, padding=0, groups=1, gelu=False)
     # oneDNN takes no GELU after the residual add; as the post-op of an identity (1x1, one weight per channel)
     # convolution it costs a third of aten's gelu_ on this strip
     identity = out.new_ones(out.shape[1], 1, 1, 1)
