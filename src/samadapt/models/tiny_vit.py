@@ -129,7 +129,7 @@ class MBConv(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.mbconv_tiles(x) and not any(m.training for m in self.modules()):
+        if cpu_kernels.strips_apply(x, self.conv1.c.out_channels) and not any(m.training for m in self.modules()):
             return cpu_kernels.mbconv(x, self.conv1.folded(), self.conv2.folded(), self.conv3.folded())
         out = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return gelu_fresh(add_fresh(x, drop_path(out, self.drop_path, self.training)))
@@ -139,7 +139,8 @@ class PatchMerging(nn.Module):
     """1x1 conv, 3x3 depthwise conv of ``stride``, 1x1 conv (GELU between), to tokens.
 
     Input (B, C, H, W), or tokens (B, H * W, C) on the ``resolution`` (H, W) grid; output (B, H' * W', out_dim)
-    with H' = H / stride. Token grids are handed to the convolutions as channels-last views (no copy).
+    with H' = H / stride. Token grids are handed to the convolutions as channels-last views (no copy). For CPU
+    inference the convolutions run in strips of rows that stay in cache (``cpu_kernels.patch_merging``).
     """
 
     def __init__(self, resolution: tuple[int, int], dim: int, out_dim: int, stride: int) -> None:
@@ -152,7 +153,11 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
             x = x.view(x.shape[0], *self.resolution, x.shape[2]).permute(0, 3, 1, 2)
-        x = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
+        if cpu_kernels.strips_apply(x, self.conv1.c.out_channels) and not any(m.training for m in self.modules()):
+            folded = self.conv1.folded(), self.conv2.folded(), self.conv3.folded()
+            x = cpu_kernels.patch_merging(x, *folded, stride=self.conv2.c.stride[0])
+        else:
+            x = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
 
