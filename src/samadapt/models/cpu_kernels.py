@@ -187,11 +187,12 @@ def _strip(
     residual: bool,
 ) -> torch.Tensor:
     """Output rows [top, bottom) of ``_in_strips`` for one image ``x`` (1, C, H, W)."""
-    # output row r of the 3x3 convolution reads input rows stride * r - 1 to stride * r + 1: the strip's hidden
-    # activation is recomputed on the rows it shares with its neighbours (a 16-row strip costs 2 / 16 more expansion,
-    # cheaper than stitching the neighbours' rows in). Starting one output row early (stride rows, as the padding is
-    # one row) keeps the rows aligned; that row reads the padding and is dropped. At the image border the
-    # convolution's own zero padding stands for the missing rows, as it does for the whole image.
+    # output row r of the 3x3 convolution (padding 1) reads input rows stride * r - 1 to stride * r + 1, so a strip's
+    # hidden activation overlaps its neighbours' by a row or two: recomputed (a 16-row strip costs 2 / 16 more
+    # expansion; stitching the neighbours' rows in was slower). The strip starts one output row early, on an input
+    # row that is a multiple of stride, so that its rows line up with the whole image's; that extra row reads the
+    # convolution's zero padding and is dropped. At the image border the padding stands for the missing rows, as it
+    # does for the whole image.
     low, high = stride * max(top - 1, 0), min(stride * (bottom - 1) + 2, x.shape[2])
     hidden = _conv(x[:, :, low:high].to(expand[0].dtype), *expand, padding=0, stride=1, groups=1, gelu=True)
     hidden = _conv(hidden, *depthwise, padding=1, stride=stride, groups=hidden.shape[1], gelu=True)

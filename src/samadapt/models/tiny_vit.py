@@ -19,7 +19,8 @@ Faster than the reference for the same numbers (float tolerance): attention thro
 with the learned biases as its additive mask (the explicit form in bf16 on the CPU, where the fused kernel is slow:
 ``common.biased_attention``, switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch norm
 folded into the convolution in eval mode, oneDNN's fused convolution / linear + GELU kernels for CPU inference
-(``cpu_kernels``), and no ``norm`` / ``qkv`` / ``proj`` work on window padding (bench/tiny_vit_forward.py).
+(``cpu_kernels``; stage 0's MBConv and patch merging in strips of rows that stay in cache), and no ``norm`` /
+``qkv`` / ``proj`` work on window padding (bench/tiny_vit_forward.py).
 """
 
 from __future__ import annotations
