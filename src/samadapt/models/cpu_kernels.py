@@ -14,8 +14,10 @@ export) and no tracing, scripting, compiling or ONNX export; everywhere else the
 ``set_fused_cpu_kernels(False)``.
 
 ``mbconv`` runs a whole inverted-residual block (TinyViT's stage 0) in strips of rows, so that its 4x wider hidden
-activations stay in cache instead of making two round trips to memory; ``patch_merging`` does the same for the patch
-merging after it (float32 and bf16; switch ``set_conv_strips``).
+activations stay in cache and are never allocated whole; ``patch_merging`` does the same for the patch merging after
+it (float32 and bf16; switch ``set_conv_strips``). Most of what this saved on the EPYC of issue 14 was the page faults
+of the fresh 32 and 64 MiB buffers the whole blocks ask for on every call: with glibc told to keep freed memory
+(MALLOC_MMAP_MAX_=0 and a large MALLOC_TRIM_THRESHOLD_) the whole blocks ran as fast.
 """
 
 from __future__ import annotations
