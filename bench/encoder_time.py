@@ -7,6 +7,7 @@ Run it once per setting, each in a fresh process, e.g.:
     THP_MEM_ALLOC_ENABLE=1 python bench/encoder_time.py
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 python bench/encoder_time.py
     python bench/encoder_time.py --kernels plain --attention fused
+    python bench/encoder_time.py --strips off
 """
 
 from __future__ import annotations
@@ -23,20 +24,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kernels", choices=["fused", "plain"], default="fused", help="models.cpu_kernels on / off")
+    parser.add_argument("--strips", choices=["on", "off"], default="on", help="cpu_kernels.set_conv_strips")
     parser.add_argument("--attention", choices=["auto", "fused", "explicit"], default="auto")
     args = parser.parse_args(argv)
 
-    from samadapt.models.cpu_kernels import set_fused_cpu_kernels
+    from samadapt.models.cpu_kernels import set_conv_strips, set_fused_cpu_kernels
     from samadapt.models.registry import build_model
     from samadapt.precision import fast_bfloat16
 
     set_fused_cpu_kernels(args.kernels == "fused")
+    set_conv_strips(args.strips == "on")
     encoder = build_model("lite_medsam").eval().image_encoder
     encoder.set_attention_path(args.attention)
     image = torch.rand(1, 3, 256, 256)
     precisions = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if fast_bfloat16("cpu") else [])
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; kernels {args.kernels}, attention {args.attention}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; kernels {args.kernels}, strips {args.strips}, "
+        f"attention {args.attention}"
     )
     for name, dtype in precisions:
 

@@ -1,6 +1,6 @@
 """oneDNN's fused convolution / linear (+ GELU) kernels for CPU inference (``models.cpu_kernels``) compute the function
 of the plain torch ops, are taken only for inference on the CPU, and leave autograd, FLOP counting and wrapped layers
-(LoRA) on the plain path."""
+(LoRA) on the plain path. So does the MBConv run in strips of rows (``cpu_kernels.mbconv``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from samadapt.models import cpu_kernels
+from samadapt.models.tiny_vit import MBConv, PatchMerging
 from samadapt.precision import fast_bfloat16
 from tests.models.test_tiny_vit import SLIM, reference_pair
 
@@ -31,6 +32,43 @@ def plain():
 
     yield Switch()
     cpu_kernels.set_fused_cpu_kernels(True)
+
+
+@pytest.fixture
+def untiled():
+    """Run a block with the convolution strips off (the fused kernels on), and turn them back on afterwards."""
+
+    class Switch:
+        def __enter__(self):
+            cpu_kernels.set_conv_strips(False)
+
+        def __exit__(self, *exc):
+            cpu_kernels.set_conv_strips(True)
+
+    yield Switch()
+    cpu_kernels.set_conv_strips(True)
+
+
+class Strips(list):
+    def __init__(self) -> None:
+        super().__init__()
+        self.merging: list[tuple[int, int]] = []
+
+
+@pytest.fixture
+def strips(monkeypatch):
+    """The output rows (top, bottom) of every strip ``cpu_kernels.mbconv`` computes, in order; ``strips.merging``:
+    those of ``cpu_kernels.patch_merging``. Blocks of any size run in strips (the test blocks are small)."""
+    monkeypatch.setattr(cpu_kernels, "WHOLE_BYTES", 0)
+    calls = Strips()
+    compute = cpu_kernels._strip
+
+    def counted(x, top, bottom, expand, depthwise, project, stride, residual):
+        (calls if residual else calls.merging).append((top, bottom))
+        return compute(x, top, bottom, expand, depthwise, project, stride, residual)
+
+    monkeypatch.setattr(cpu_kernels, "_strip", counted)
+    return calls
 
 
 def fused_ops_run(fn) -> set[str]:
@@ -138,3 +176,170 @@ def test_torch_compile_traces_the_encoder_in_one_graph():
     with torch.inference_mode():
         explained = torch._dynamo.explain(ours)(torch.rand(1, 3, 64, 64))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+def with_statistics(block: nn.Module, seed: int = 0) -> nn.Module:
+    """``block`` in eval mode with random weights and batch-norm affine maps and statistics (MBConv's
+    zero-initialised last one would make the block GELU(x), blind to the depthwise convolution's halo)."""
+    torch.manual_seed(seed)
+    block.eval()
+    with torch.no_grad():
+        for conv in (block.conv1, block.conv2, block.conv3):
+            conv.c.weight.normal_(std=0.5)
+            conv.bn.weight.uniform_(0.5, 1.5)
+            conv.bn.bias.normal_()
+            conv.bn.running_mean.normal_()
+            conv.bn.running_var.uniform_(0.5, 2.0)
+    return block
+
+
+def mbconv_with_statistics(dim: int = 8, seed: int = 0) -> MBConv:
+    return with_statistics(MBConv(dim, 4.0), seed)
+
+
+def channels_last(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 4, 5, 13, 20])
+def test_tiled_mbconv_is_the_whole_block_in_float32(rows, monkeypatch, strips, plain, untiled):
+    block = mbconv_with_statistics()
+    x = channels_last(3, 8, 13, 11)  # 13 rows: strips of 4 and 5 leave a shorter last one; 13 and 20 are one strip
+    monkeypatch.setattr(cpu_kernels, "STRIP_BYTES", rows * 11 * 32 * 4)  # hidden 32 channels of float32, 11 wide
+    with torch.inference_mode():
+        with plain:
+            expected = block(x)
+        with untiled:
+            whole = block(x)
+        assert not strips
+        got = block(x)
+    tops = list(range(0, 13, rows))
+    assert strips == [(top, min(top + rows, 13)) for top in tops] * 3  # each image of the batch, top to bottom
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    for reference in (expected, whole):
+        assert relative(got, reference) < 1e-5
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+        # the border rows and columns, where the depthwise convolution pads, and the rows around each strip's edge
+        edges = sorted({0, 12} | {t for t in tops} | {max(t - 1, 0) for t in tops})
+        torch.testing.assert_close(got[:, :, edges], reference[:, :, edges], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[..., [0, 10]], reference[..., [0, 10]], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["mbconv", "merging"])
+def test_switches_training_autograd_small_and_other_inputs_keep_the_whole_blocks(
+    kind, monkeypatch, strips, plain, untiled
+):
+    block = mbconv_with_statistics() if kind == "mbconv" else with_statistics(PatchMerging((9, 7), 8, 12, 2))
+    calls = strips if kind == "mbconv" else strips.merging
+    x = channels_last(2, 8, 9, 7)
+    with torch.inference_mode():
+        with untiled:
+            block(x)
+        with plain:
+            block(x)
+        block(x.contiguous())  # not channels-last: its strips of rows would not be contiguous
+        with torch.autocast("cpu", dtype=torch.float16):
+            block(x)  # float32 and native bf16 only (compute_dtype)
+    block(x).sum().backward()  # autograd: the fused ops have no backward
+    assert block.conv1.c.weight.grad is not None
+    block.conv2.bn.train()  # batch statistics: nothing to fold
+    with torch.inference_mode():
+        block(x)
+    block.eval()
+    monkeypatch.setattr(cpu_kernels, "WHOLE_BYTES", 2 * 9 * 7 * 32 * 4)  # more than this block's hidden activation
+    with torch.inference_mode():
+        block(x)
+    assert not strips and not strips.merging
+    monkeypatch.setattr(cpu_kernels, "WHOLE_BYTES", 9 * 7 * 12 * 4 - 1)  # less than either's (12: merging's hidden)
+    with torch.inference_mode():
+        block(x)
+    rows = 9 if kind == "mbconv" else 5
+    assert calls == [(0, rows), (0, rows)]  # on by default: one strip per image at this size
+
+
+@needs_kernels
+@pytest.mark.skipif(not fast_bfloat16("cpu"), reason="no native bf16 kernels on this CPU")
+@pytest.mark.parametrize("stream", [torch.float32, torch.bfloat16])
+def test_tiled_mbconv_under_bf16_autocast_stays_with_the_whole_block(stream, monkeypatch, strips, untiled):
+    block = mbconv_with_statistics()
+    x = channels_last(2, 8, 13, 11).to(stream)  # the encoder's stage 0 gets bf16 under autocast, a lone block float32
+    monkeypatch.setattr(cpu_kernels, "STRIP_BYTES", 4 * 11 * 32 * 2)  # 4 rows of bf16
+    with torch.inference_mode():
+        with untiled:
+            full = block(x.float())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                whole = block(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = block(x)
+    assert strips == [(0, 4), (4, 8), (8, 12), (12, 13)] * 2
+    assert got.dtype == whole.dtype == stream
+    # both round the same bf16 products; the tiled GELU rounds once where aten's rounds the bf16 stream's twice
+    assert relative(got, whole) < 1e-2
+    assert relative(got, full) < 1.5 * relative(whole, full) + 1e-3
+
+
+@needs_kernels
+def test_tiny_vit_with_strips_is_the_plain_function_in_float32(monkeypatch, strips, plain, untiled):
+    ours, _ = reference_pair(128, SLIM, seed=3)
+    for block in ours.layers[0].blocks:  # random statistics: the zero-initialised last batch norm hides the halo
+        with torch.no_grad():
+            block.conv3.bn.weight.uniform_(0.5, 1.5)
+            block.conv3.bn.running_var.uniform_(0.5, 2.0)
+    monkeypatch.setattr(cpu_kernels, "STRIP_BYTES", 24 * 128 * 64 * 4)  # 24 of 128 rows: the last strip has 8
+    image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        with plain:
+            expected = ours(image)
+        with untiled:
+            whole = ours(image)
+        got = ours(image)
+    assert len(strips) == 2 * 6 * len(ours.layers[0].blocks)
+    assert strips.merging[:3] == [(0, 24), (24, 48), (48, 64)]  # stage 0's: 24 of its 64 output rows of 32 channels
+    assert relative(got, expected) < 1e-5 and relative(got, whole) < 1e-5
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("stride", [2, 1])
+@pytest.mark.parametrize("rows", [1, 3, 7])
+@pytest.mark.parametrize("tokens", [False, True])
+def test_patch_merging_in_strips_is_the_whole_block_in_float32(
+    stride, rows, tokens, monkeypatch, strips, plain, untiled
+):
+    merging = with_statistics(PatchMerging((13, 11), 8, 12, stride))
+    x = channels_last(3, 8, 13, 11)  # odd sizes: the bottom row and right column of stride 2 read the padding
+    if tokens:  # as the later stages hand it over: (B, H * W, C)
+        x = x.permute(0, 2, 3, 1).reshape(3, 13 * 11, 8)
+    monkeypatch.setattr(cpu_kernels, "STRIP_BYTES", rows * stride * 11 * 12 * 4)  # output rows of 12 channels
+    with torch.inference_mode():
+        with plain:
+            expected = merging(x)
+        with untiled:
+            whole = merging(x)
+        assert not strips.merging
+        got = merging(x)
+    height = 7 if stride == 2 else 13
+    assert strips.merging == [(top, min(top + rows, height)) for top in range(0, height, rows)] * 3
+    assert got.shape == expected.shape == (3, height * (6 if stride == 2 else 11), 12)
+    for reference in (expected, whole):
+        assert relative(got, reference) < 1e-5
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.skipif(not fast_bfloat16("cpu"), reason="no native bf16 kernels on this CPU")
+def test_patch_merging_in_strips_under_bf16_autocast_is_the_whole_block(monkeypatch, strips, untiled):
+    merging = with_statistics(PatchMerging((13, 11), 8, 12, 2))
+    x = channels_last(2, 8, 13, 11).to(torch.bfloat16)
+    monkeypatch.setattr(cpu_kernels, "STRIP_BYTES", 3 * 2 * 11 * 12 * 2)  # 3 output rows of bf16
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with untiled:
+            whole = merging(x)
+        got = merging(x)
+    assert strips.merging == [(0, 3), (3, 6), (6, 7)] * 2
+    assert got.dtype == whole.dtype == torch.bfloat16
+    assert relative(got, whole) < 1e-3  # the same bf16 kernels, row by row (equal on the CPU they were written on)

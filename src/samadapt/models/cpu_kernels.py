@@ -12,6 +12,12 @@ Taken only where nothing else can see the difference: a CPU tensor, no autograd 
 float32 or bfloat16 autocast on a CPU with native bf16 kernels, no dispatch mode (FLOP counting, fake tensors,
 export) and no tracing, scripting, compiling or ONNX export; everywhere else the ordinary modules run. Switch:
 ``set_fused_cpu_kernels(False)``.
+
+``mbconv`` runs a whole inverted-residual block (TinyViT's stage 0) in strips of rows, so that its 4x wider hidden
+activations stay in cache and are never allocated whole; ``patch_merging`` does the same for the patch merging after
+it (float32 and bf16; switch ``set_conv_strips``). Most of what this saved on the EPYC of issue 14 was the page faults
+of the fresh 32 and 64 MiB buffers the whole blocks ask for on every call: with glibc told to keep freed memory
+(MALLOC_MMAP_MAX_=0 and a large MALLOC_TRIM_THRESHOLD_) the whole blocks ran as fast.
 """
 
 from __future__ import annotations
@@ -26,12 +32,28 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from samadapt.precision import fast_bfloat16
 
 _enabled = True
+_strips = True
+
+# hidden activation per strip of ``mbconv`` and ``patch_merging``: 16 rows of LiteMedSAM's 256 x 256 x 256 stage 0
+# in float32, 32 in bf16. Best of 1 to 8 MiB (one thread, AMD EPYC with 1 MiB of L2 per core and 32 MiB of L3):
+# smaller strips recompute more halo rows and pay more per-call overhead, larger ones fall out of cache.
+STRIP_BYTES = 4 * 2**20
+# blocks whose hidden activation (one image) is at most this run whole: strips were slower there (LiteMedSAM's later
+# patch mergings, 10 and 5 MiB in float32: 5.4 -> 5.7 and 6.0 -> 6.5 ms, one thread); its stage 0 has 32 and 64 MiB
+WHOLE_BYTES = 16 * 2**20
 
 
 def set_fused_cpu_kernels(enabled: bool = True) -> None:
     """Turn the oneDNN inference kernels on (default) or off, process-wide (off: plain torch ops everywhere)."""
     global _enabled
     _enabled = enabled
+
+
+def set_conv_strips(enabled: bool = True) -> None:
+    """Run TinyViT's MBConv and patch merging in strips of rows (on, default; only where ``strips_apply``) or whole
+    (off), process-wide."""
+    global _strips
+    _strips = enabled
 
 
 @functools.cache
@@ -99,3 +121,107 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu
         return (torch.ops.aten.gelu_(out) if not out.requires_grad else F.gelu(out)) if gelu else out
     bias = bias.to(dtype) if bias is not None else None
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight.to(dtype), bias, *_gelu_args(gelu))
+
+
+Folded = tuple[torch.Tensor, torch.Tensor]  # a convolution's (weight, bias) with its batch norm folded in
+
+
+def strips_apply(x: torch.Tensor, hidden: int) -> bool:
+    """Whether ``mbconv`` and ``patch_merging`` with ``hidden`` channels after the expansion should run on ``x``: a
+    channels-last (B, C, H, W) tensor (its strips of rows are then contiguous), for inference where the fused kernels
+    may (``compute_dtype``: float32 or bf16), a hidden activation over ``WHOLE_BYTES`` per image, strips on."""
+    dtype = compute_dtype(x)
+    return (
+        _strips
+        and dtype is not None
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and x.shape[2] * x.shape[3] * hidden * dtype.itemsize > WHOLE_BYTES
+        and hasattr(torch.ops.mkldnn._convolution_pointwise, "binary")
+    )
+
+
+def mbconv(x: torch.Tensor, expand: Folded, depthwise: Folded, project: Folded) -> torch.Tensor:
+    """GELU(x + project(GELU(depthwise(GELU(expand(x)))))) on channels-last (B, C, H, W) ``x``, for 1x1 ``expand``
+    (C -> hidden) and ``project`` (hidden -> C) and a 3x3 depthwise convolution of padding 1, each (weight, bias).
+
+    The same function as the three convolutions run whole, computed for ``STRIP_BYTES`` of hidden activation at a
+    time: each strip of rows goes through all of them while it is in cache. The convolutions compute in
+    ``compute_dtype(x)`` (bf16 under autocast), the residual add and the last GELU in ``x``'s dtype, as the whole
+    block does. Call only where ``strips_apply``.
+    """
+    return _in_strips(x, expand, depthwise, project, stride=1, residual=True)
+
+
+def patch_merging(x: torch.Tensor, expand: Folded, depthwise: Folded, project: Folded, stride: int) -> torch.Tensor:
+    """project(GELU(depthwise(GELU(expand(x))))) on channels-last (B, C, H, W) ``x`` -> (B, C', H', W'), channels-last,
+    in ``compute_dtype(x)``: 1x1 ``expand`` and ``project``, a 3x3 depthwise convolution of ``stride`` and padding 1,
+    in strips of rows as ``mbconv``. Call only where ``strips_apply``."""
+    return _in_strips(x, expand, depthwise, project, stride, residual=False)
+
+
+def _in_strips(
+    x: torch.Tensor, expand: Folded, depthwise: Folded, project: Folded, stride: int, residual: bool
+) -> torch.Tensor:
+    dtype = compute_dtype(x)
+    expand, depthwise, project = ((w.to(dtype), b.to(dtype)) for w, b in (expand, depthwise, project))
+    batch, _, height, width = x.shape
+    out_height, out_width = (height - 1) // stride + 1, (width - 1) // stride + 1  # 3x3, padding 1
+    rows = max(1, STRIP_BYTES // (width * expand[0].shape[0] * expand[0].element_size() * stride))
+    shape = (batch, project[0].shape[0], out_height, out_width)
+    out = torch.empty(shape, dtype=x.dtype if residual else dtype, device=x.device, memory_format=torch.channels_last)
+    for image in range(batch):
+        for top in range(0, out_height, rows):
+            bottom = min(top + rows, out_height)
+            strip = _strip(x[image : image + 1], top, bottom, expand, depthwise, project, stride, residual)
+            out[image : image + 1, :, top:bottom].copy_(strip)
+    return out
+
+
+def _strip(
+    x: torch.Tensor,
+    top: int,
+    bottom: int,
+    expand: Folded,
+    depthwise: Folded,
+    project: Folded,
+    stride: int,
+    residual: bool,
+) -> torch.Tensor:
+    """Output rows [top, bottom) of ``_in_strips`` for one image ``x`` (1, C, H, W)."""
+    # output row r of the 3x3 convolution (padding 1) reads input rows stride * r - 1 to stride * r + 1, so a strip's
+    # hidden activation overlaps its neighbours' by a row or two: recomputed (a 16-row strip costs 2 / 16 more
+    # expansion; stitching the neighbours' rows in was slower). The strip starts one output row early, on an input
+    # row that is a multiple of stride, so that its rows line up with the whole image's; that extra row reads the
+    # convolution's zero padding and is dropped. At the image border the padding stands for the missing rows, as it
+    # does for the whole image.
+    low, high = stride * max(top - 1, 0), min(stride * (bottom - 1) + 2, x.shape[2])
+    hidden = _conv(x[:, :, low:high].to(expand[0].dtype), *expand, padding=0, stride=1, groups=1, gelu=True)
+    hidden = _conv(hidden, *depthwise, padding=1, stride=stride, groups=hidden.shape[1], gelu=True)
+    hidden = hidden[:, :, top - low // stride : bottom - low // stride]
+    if not residual:
+        return _conv(hidden, *project, padding=0, stride=1, groups=1, gelu=False)
+    shortcut = x[:, :, top:bottom]
+    if hidden.dtype == shortcut.dtype:  # the residual added by oneDNN as the projection's post-op
+        out = torch.ops.mkldnn._convolution_pointwise.binary(
+            hidden, shortcut, *project, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], ""
+        )
+    else:  # bf16 autocast on a float32 input: added in float32, as the whole block adds its bf16 branch
+        out = shortcut + _conv(hidden, *project, padding=0, stride=1, groups=1, gelu=False)
+    # oneDNN takes no GELU after the residual add; as the post-op of an identity (1x1, one weight per channel)
+    # convolution it costs a third of aten's gelu_ on this strip
+    identity = out.new_ones(out.shape[1], 1, 1, 1)
+    return _conv(out, identity, None, padding=0, stride=1, groups=out.shape[1], gelu=True)
+
+
+def _conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: int,
+    stride: int,
+    groups: int,
+    gelu: bool,
+) -> torch.Tensor:
+    pad, step = [padding, padding], [stride, stride]
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, pad, step, [1, 1], groups, *_gelu_args(gelu))

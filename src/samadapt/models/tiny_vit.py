@@ -19,7 +19,8 @@ Faster than the reference for the same numbers (float tolerance): attention thro
 with the learned biases as its additive mask (the explicit form in bf16 on the CPU, where the fused kernel is slow:
 ``common.biased_attention``, switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch norm
 folded into the convolution in eval mode, oneDNN's fused convolution / linear + GELU kernels for CPU inference
-(``cpu_kernels``), and no ``norm`` / ``qkv`` / ``proj`` work on window padding (bench/tiny_vit_forward.py).
+(``cpu_kernels``; stage 0's MBConv and patch merging in strips of rows that stay in cache), and no ``norm`` /
+``qkv`` / ``proj`` work on window padding (bench/tiny_vit_forward.py).
 """
 
 from __future__ import annotations
@@ -84,10 +85,12 @@ class Conv2dBN(nn.Sequential):
         if self.bn.training:
             out = self.bn(self.c(x))
             return gelu_fresh(out) if gelu else out
+        return cpu_kernels.conv2d(x, *self.folded(), self.c, gelu)
+
+    def folded(self) -> cpu_kernels.Folded:
+        """The convolution's (weight, bias) with the batch norm's eval-mode affine map folded in."""
         scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
-        bias = self.bn.bias - self.bn.running_mean * scale
-        weight = self.c.weight * scale[:, None, None, None]
-        return cpu_kernels.conv2d(x, weight, bias, self.c, gelu)
+        return self.c.weight * scale[:, None, None, None], self.bn.bias - self.bn.running_mean * scale
 
 
 class PatchEmbed(nn.Module):
@@ -113,7 +116,10 @@ class PatchEmbed(nn.Module):
 
 
 class MBConv(nn.Module):
-    """Inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, residual add, GELU. (B, C, H, W) -> same."""
+    """Inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, residual add, GELU. (B, C, H, W) -> same.
+
+    For float32 CPU inference the block runs in strips of rows that stay in cache (``cpu_kernels.mbconv``).
+    """
 
     def __init__(self, dim: int, expand_ratio: float, drop_path: float = 0.0) -> None:
         super().__init__()
@@ -124,6 +130,8 @@ class MBConv(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.strips_apply(x, self.conv1.c.out_channels) and not any(m.training for m in self.modules()):
+            return cpu_kernels.mbconv(x, self.conv1.folded(), self.conv2.folded(), self.conv3.folded())
         out = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return gelu_fresh(add_fresh(x, drop_path(out, self.drop_path, self.training)))
 
@@ -132,7 +140,8 @@ class PatchMerging(nn.Module):
     """1x1 conv, 3x3 depthwise conv of ``stride``, 1x1 conv (GELU between), to tokens.
 
     Input (B, C, H, W), or tokens (B, H * W, C) on the ``resolution`` (H, W) grid; output (B, H' * W', out_dim)
-    with H' = H / stride. Token grids are handed to the convolutions as channels-last views (no copy).
+    with H' = H / stride. Token grids are handed to the convolutions as channels-last views (no copy). For CPU
+    inference the convolutions run in strips of rows that stay in cache (``cpu_kernels.patch_merging``).
     """
 
     def __init__(self, resolution: tuple[int, int], dim: int, out_dim: int, stride: int) -> None:
@@ -145,7 +154,11 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
             x = x.view(x.shape[0], *self.resolution, x.shape[2]).permute(0, 3, 1, 2)
-        x = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
+        if cpu_kernels.strips_apply(x, self.conv1.c.out_channels) and not any(m.training for m in self.modules()):
+            folded = self.conv1.folded(), self.conv2.folded(), self.conv3.folded()
+            x = cpu_kernels.patch_merging(x, *folded, stride=self.conv2.c.stride[0])
+        else:
+            x = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
 
