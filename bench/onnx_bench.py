@@ -11,7 +11,9 @@ Rows:
   ``predict_array``).
 
 ``THP_MEM_ALLOC_ENABLE=1`` in the environment (what the ``samadapt`` command sets) gives the whole process, the
-reference included, transparent huge pages; the table says which it ran with.
+reference included, transparent huge pages; the table says which it ran with. With them on, the reference is timed
+once more in a process of its own with torch's defaults (as its users run it), and the volume ratios are given
+against both.
 
     .venv/bin/python bench/onnx_bench.py [--slices 100] [--precision auto] [--markdown] [--out docs/benchmarks.md]
 """
