@@ -1,4 +1,4 @@
-"""TinyViT's window attention, fused kernel against the explicit form: time and error, for training or inference.
+"""TinyViT's window attention paths (common.biased_attention): time and error, for training or inference.
 
     python bench/attention_paths.py                 # forward + backward, batch 4
     python bench/attention_paths.py --inference     # forward only, no autograd, batch 1 (one 256 x 256 slice)
@@ -6,6 +6,7 @@
 For each attention stage of LiteMedSAM at 256 (q, k, v (windows, heads, N, 32), as strided views of the windowed
 qkv, the layout the encoder hands over): seconds (best of ``--repeats``, the paths interleaved), GFLOP/s of the
 two products, and the relative error of the output (and, training, of q's gradient) against float32 fused.
+Inference adds the ``graph`` path (oneDNN Graph's fused attention; float32 CPU inference only, fused elsewhere).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from samadapt.models.common import biased_attention
 
 # (windows, heads, tokens per window) of stages 1-3 for one 256 x 256 slice
 SHAPES = {"stage 1 (7x7)": (361, 4, 49), "stage 2 (14x14)": (25, 5, 196), "stage 3 (7x7)": (100, 10, 49)}
-PATHS = ("fused", "explicit")
 
 
 def inputs(shape: tuple[int, int, int], batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     batch = 1 if args.inference else 4
+    paths = ("fused", "explicit", "graph") if args.inference else ("fused", "explicit")
     mode = "forward (inference)" if args.inference else "fwd + bwd"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}")
     print(
@@ -62,14 +63,14 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in (torch.float32, torch.bfloat16):
             qkv, bias, upstream = inputs(shape, batch, dtype)
             upstream = None if args.inference else upstream
-            best, results = dict.fromkeys(PATHS, float("inf")), {}
+            best, results = dict.fromkeys(paths, float("inf")), {}
             with torch.inference_mode(args.inference):
                 for repeat in range(args.repeats + 1):  # the first round warms up; interleaved against drift
-                    for path in PATHS:
+                    for path in paths:
                         seconds, results[path] = run(path, qkv, bias, upstream)
                         best[path] = min(best[path], seconds) if repeat else best[path]
             reference = reference or results["fused"]
-            for path in PATHS:
+            for path in paths:
                 errors = [((a - b).norm() / b.norm()).item() for a, b in zip(results[path], reference, strict=True)]
                 name = str(dtype).removeprefix("torch.")
                 cells = [stage, path, name, f"{best[path] * 1e3:.2f}", f"{flops / best[path] / 1e9:.0f}"]

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kernels", choices=["fused", "plain"], default="fused", help="models.cpu_kernels on / off")
-    parser.add_argument("--attention", choices=["auto", "fused", "explicit"], default="auto")
+    parser.add_argument("--attention", choices=["auto", "fused", "explicit", "graph"], default="auto")
     parser.add_argument("--windows", choices=["copy", "reshape"], default="copy", help="tiny_vit.set_window_copies")
     args = parser.parse_args(argv)
 

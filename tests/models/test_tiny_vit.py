@@ -567,3 +567,20 @@ def test_window_copies_are_taken_for_cpu_inference_only(monkeypatch):
     with torch.inference_mode():
         ours(image)
     assert len(calls) == sum(len(layer.blocks) for layer in ours.layers[1:])
+
+
+def test_auto_attention_takes_onednn_graph_for_float32_cpu_inference_on_large_windows(monkeypatch):
+    from samadapt.models import common, cpu_kernels
+
+    if not cpu_kernels.graph_attention_available():
+        pytest.skip("no oneDNN Graph in this torch")
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "graph_attention", lambda *a: calls.append(a[0].shape[-2]))
+    g = torch.Generator().manual_seed(0)
+    for tokens in (49, 196):
+        q, k, v = (torch.randn(2, 3, tokens, 32, generator=g) for _ in range(3))
+        bias = torch.randn(1, 3, tokens, tokens, generator=g)
+        with torch.inference_mode():
+            common.biased_attention(q, k, v, bias, 0.1)
+        common.biased_attention(q, k, v, bias, 0.1)  # autograd on: fused
+    assert calls == [196]  # 7 x 7 windows stay on the fused kernel (faster there)

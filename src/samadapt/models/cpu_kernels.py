@@ -8,6 +8,10 @@ Eager torch leaves speed on the table on the CPU in two places (bench/encoder_bo
 - a GELU after a convolution or linear is a second pass over a fresh activation; oneDNN applies it as a post-op
   while the output is still in cache (erf GELU, the function of ``F.gelu``).
 
+A third kernel, for the window attention: oneDNN Graph's fused float32 attention (``graph_attention``), reached
+through torch.jit's oneDNN Graph (LLGA) bridge, the one route to it from Python; torch's fused CPU attention and
+``bmm`` go through MKL's sgemm in float32.
+
 Taken only where nothing else can see the difference: a CPU tensor, no autograd (the fused ops have no backward),
 float32 or bfloat16 autocast on a CPU with native bf16 kernels, no dispatch mode (FLOP counting, fake tensors,
 export) and no tracing, scripting, compiling or ONNX export; everywhere else the ordinary modules run. Switch:
@@ -17,6 +21,7 @@ export) and no tracing, scripting, compiling or ONNX export; everywhere else the
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -99,3 +104,58 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu
         return (torch.ops.aten.gelu_(out) if not out.requires_grad else F.gelu(out)) if gelu else out
     bias = bias.to(dtype) if bias is not None else None
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight.to(dtype), bias, *_gelu_args(gelu))
+
+
+@functools.cache
+def graph_attention_available() -> bool:
+    """Whether oneDNN Graph can be reached: torch.jit's LLGA bridge in a torch built with oneDNN."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch._C, "_jit_set_llga_enabled")
+
+
+class _BiasedAttention(nn.Module):
+    """softmax(q k^T * scale + bias) v, written out for oneDNN Graph to find its fused attention pattern."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale + bias, dim=-1), v)
+
+
+_Signature = tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+
+
+@functools.lru_cache(maxsize=32)
+def _attention_graph(signature: _Signature, scale: float) -> torch.jit.ScriptModule:
+    """The attention traced for inputs of these (shape, stride) pairs and compiled with oneDNN Graph fusion on.
+
+    The fusion runs while the traced graph is optimised (its first calls), so the process-wide switch is on only for
+    those calls; other inputs than the traced ones fall back to the plain ops (the graph's own guard).
+    """
+    examples = [torch.empty_strided(shape, stride).zero_() for shape, stride in signature]
+    was_enabled = torch._C._jit_llga_enabled()
+    torch._C._jit_set_llga_enabled(True)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; no other route to oneDNN Graph
+            graph = torch.jit.freeze(torch.jit.trace(_BiasedAttention(scale).eval(), tuple(examples)))
+            for _ in range(2):  # profile, then optimise: the fused partition is built here
+                graph(*examples)
+    finally:
+        torch._C._jit_set_llga_enabled(was_enabled)
+    return graph
+
+
+def graph_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v by oneDNN Graph's fused float32 attention (``common.biased_attention``).
+
+    Compiled once per input layout (about 0.2 s); for CPU inference only (``compute_dtype``), where it must not be
+    used it is ``scaled_dot_product_attention``.
+    """
+    if compute_dtype(q) != torch.float32 or not graph_attention_available():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    signature = tuple((tuple(t.shape), tuple(t.stride())) for t in (q, k, v, bias))
+    return _attention_graph(signature, scale)(q, k, v, bias)

@@ -16,8 +16,9 @@ tile the grid are padded like the reference. Parameter names and shapes are thos
 unused classification head) load with ``strict=True``.
 
 Faster than the reference for the same numbers (float tolerance): attention through ``scaled_dot_product_attention``
-with the learned biases as its additive mask (the explicit form in bf16 on the CPU, where the fused kernel is slow:
-``common.biased_attention``, switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch norm
+with the learned biases as its additive mask (the explicit form in bf16 on the CPU, where the fused kernel is slow,
+and oneDNN Graph's fused attention for float32 CPU inference on the 14 x 14 windows: ``common.biased_attention``,
+switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch norm
 folded into the convolution in eval mode, oneDNN's fused convolution / linear + GELU kernels for CPU inference
 (``cpu_kernels``), no ``norm`` / ``qkv`` / ``proj`` work on window padding (bench/tiny_vit_forward.py), and, for CPU
 inference, windows cut (padding included) and merged back (padding dropped) by one copy each way
@@ -545,7 +546,8 @@ class TinyViT(nn.Module):
             layer.grad_checkpointing = enabled
 
     def set_attention_path(self, path: str = "auto") -> None:
-        """``auto`` (default), ``fused`` or ``explicit`` for every window attention (``common.biased_attention``)."""
+        """``auto`` (default), ``fused``, ``explicit`` or ``graph`` for every window attention
+        (``common.biased_attention``)."""
         if path not in ATTENTION_PATHS:
             raise ValueError(f"unknown attention path {path!r}; choose one of {', '.join(ATTENTION_PATHS)}")
         for module in self.modules():
