@@ -140,6 +140,7 @@ def test_torch_compile_traces_the_encoder_in_one_graph():
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
 
 
+PATHS_BF16 = ("fused", "explicit", "graph")
 needs_graph = pytest.mark.skipif(not cpu_kernels.graph_attention_available(), reason="no oneDNN Graph in this torch")
 
 
@@ -167,13 +168,29 @@ def test_graph_attention_is_the_fused_function(shape):
 
 
 @needs_graph
-def test_graph_attention_runs_one_fused_onednn_partition():
-    q, k, v, bias = _window_qkv(2, 3, 196)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_attention_runs_one_fused_onednn_partition(dtype):
+    if dtype == torch.bfloat16 and not fast_bfloat16("cpu"):
+        pytest.skip("no native bf16 kernels on this CPU")
+    q, k, v, bias = (t.to(dtype) for t in _window_qkv(2, 3, 196))
     with torch.inference_mode():
         cpu_kernels.graph_attention(q, k, v, bias, 0.2)
-        signature = tuple((tuple(t.shape), tuple(t.stride())) for t in (q, k, v, bias))
+        signature = tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (q, k, v, bias))
         graph = cpu_kernels._attention_graph(signature, 0.2).graph_for(q, k, v, bias)
     assert "oneDNNFusionGroup" in str(graph)
+
+
+@needs_graph
+@pytest.mark.skipif(not fast_bfloat16("cpu"), reason="no native bf16 kernels on this CPU")
+def test_graph_attention_in_bf16_is_closer_to_float32_than_the_explicit_form():
+    from samadapt.models.common import biased_attention
+
+    q, k, v, bias = _window_qkv(25, 5, 196)
+    with torch.inference_mode():
+        full = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=32**-0.5)
+        low = [t.to(torch.bfloat16) for t in (q, k, v, bias)]
+        errors = {path: relative(biased_attention(*low, 32**-0.5, path).float(), full) for path in PATHS_BF16}
+    assert errors["graph"] < 1e-2 and errors["graph"] <= errors["explicit"], errors
 
 
 @needs_graph

@@ -569,8 +569,9 @@ def test_window_copies_are_taken_for_cpu_inference_only(monkeypatch):
     assert len(calls) == sum(len(layer.blocks) for layer in ours.layers[1:])
 
 
-def test_auto_attention_takes_onednn_graph_for_float32_cpu_inference_on_large_windows(monkeypatch):
+def test_auto_attention_takes_onednn_graph_for_cpu_inference_on_large_windows(monkeypatch):
     from samadapt.models import common, cpu_kernels
+    from samadapt.precision import fast_bfloat16
 
     if not cpu_kernels.graph_attention_available():
         pytest.skip("no oneDNN Graph in this torch")
@@ -584,3 +585,7 @@ def test_auto_attention_takes_onednn_graph_for_float32_cpu_inference_on_large_wi
             common.biased_attention(q, k, v, bias, 0.1)
         common.biased_attention(q, k, v, bias, 0.1)  # autograd on: fused
     assert calls == [196]  # 7 x 7 windows stay on the fused kernel (faster there)
+    if fast_bfloat16("cpu"):
+        with torch.inference_mode():
+            common.biased_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias.bfloat16(), 0.1)
+        assert calls == [196, 196]  # bf16 inference too

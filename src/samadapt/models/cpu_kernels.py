@@ -8,9 +8,9 @@ Eager torch leaves speed on the table on the CPU in two places (bench/encoder_bo
 - a GELU after a convolution or linear is a second pass over a fresh activation; oneDNN applies it as a post-op
   while the output is still in cache (erf GELU, the function of ``F.gelu``).
 
-A third kernel, for the window attention: oneDNN Graph's fused float32 attention (``graph_attention``), reached
-through torch.jit's oneDNN Graph (LLGA) bridge, the one route to it from Python; torch's fused CPU attention and
-``bmm`` go through MKL's sgemm in float32.
+A third kernel, for the window attention: oneDNN Graph's fused attention (``graph_attention``), reached through
+torch.jit's oneDNN Graph (LLGA) bridge, the one route to it from Python (in float32 torch's fused CPU attention and
+``bmm`` call MKL's sgemm: MKL_VERBOSE).
 
 Taken only where nothing else can see the difference: a CPU tensor, no autograd (the fused ops have no backward),
 float32 or bfloat16 autocast on a CPU with native bf16 kernels, no dispatch mode (FLOP counting, fake tensors,
@@ -112,6 +112,12 @@ def graph_attention_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch._C, "_jit_set_llga_enabled")
 
 
+def graph_attention_takes(q: torch.Tensor) -> bool:
+    """Whether ``graph_attention`` runs oneDNN Graph for this q: CPU inference (``compute_dtype``) in q's own dtype,
+    float32 or native bfloat16."""
+    return compute_dtype(q) == q.dtype and graph_attention_available()
+
+
 class _BiasedAttention(nn.Module):
     """softmax(q k^T * scale + bias) v, written out for oneDNN Graph to find its fused attention pattern."""
 
@@ -123,21 +129,21 @@ class _BiasedAttention(nn.Module):
         return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale + bias, dim=-1), v)
 
 
-_Signature = tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+_Signature = tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype], ...]
 
 
 @functools.lru_cache(maxsize=32)
 def _attention_graph(signature: _Signature, scale: float) -> torch.jit.ScriptModule:
-    """The attention traced for inputs of these (shape, stride) pairs and compiled with oneDNN Graph fusion on.
+    """The attention traced for inputs of these (shape, stride, dtype) and compiled with oneDNN Graph fusion on.
 
     The fusion runs while the traced graph is optimised (its first calls), so the process-wide switch is on only for
     those calls; other inputs than the traced ones fall back to the plain ops (the graph's own guard).
     """
-    examples = [torch.empty_strided(shape, stride).zero_() for shape, stride in signature]
+    examples = [torch.empty_strided(shape, stride, dtype=dtype).zero_() for shape, stride, dtype in signature]
     was_enabled = torch._C._jit_llga_enabled()
     torch._C._jit_set_llga_enabled(True)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), torch.autocast("cpu", enabled=False):
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; no other route to oneDNN Graph
             graph = torch.jit.freeze(torch.jit.trace(_BiasedAttention(scale).eval(), tuple(examples)))
             for _ in range(2):  # profile, then optimise: the fused partition is built here
@@ -150,12 +156,14 @@ def _attention_graph(signature: _Signature, scale: float) -> torch.jit.ScriptMod
 def graph_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v by oneDNN Graph's fused float32 attention (``common.biased_attention``).
+    """softmax(q k^T * scale + bias) v by oneDNN Graph's fused attention (``common.biased_attention``), in q's
+    dtype (float32, or bfloat16 with the scores and softmax kept in float32 inside the kernel).
 
-    Compiled once per input layout (about 0.2 s); for CPU inference only (``compute_dtype``), where it must not be
-    used it is ``scaled_dot_product_attention``.
+    Compiled once per input layout (about 0.2 s); where it must not be used (``graph_attention_takes``) it is
+    ``scaled_dot_product_attention``.
     """
-    if compute_dtype(q) != torch.float32 or not graph_attention_available():
+    if not graph_attention_takes(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    signature = tuple((tuple(t.shape), tuple(t.stride())) for t in (q, k, v, bias))
-    return _attention_graph(signature, scale)(q, k, v, bias)
+    signature = tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (q, k, v, bias))
+    with torch.autocast("cpu", enabled=False):  # the traced graph must not get autocast's casts inserted
+        return _attention_graph(signature, scale)(q, k, v, bias)

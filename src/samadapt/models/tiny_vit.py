@@ -17,7 +17,7 @@ unused classification head) load with ``strict=True``.
 
 Faster than the reference for the same numbers (float tolerance): attention through ``scaled_dot_product_attention``
 with the learned biases as its additive mask (the explicit form in bf16 on the CPU, where the fused kernel is slow,
-and oneDNN Graph's fused attention for float32 CPU inference on the 14 x 14 windows: ``common.biased_attention``,
+and oneDNN Graph's fused attention for CPU inference on the 14 x 14 windows: ``common.biased_attention``,
 switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch norm
 folded into the convolution in eval mode, oneDNN's fused convolution / linear + GELU kernels for CPU inference
 (``cpu_kernels``), no ``norm`` / ``qkv`` / ``proj`` work on window padding (bench/tiny_vit_forward.py), and, for CPU
