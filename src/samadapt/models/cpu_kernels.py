@@ -21,6 +21,7 @@ export) and no tracing, scripting, compiling or ONNX export; everywhere else the
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 
 import torch
@@ -129,6 +130,7 @@ class _BiasedAttention(nn.Module):
         return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale + bias, dim=-1), v)
 
 
+_fusion_switch = threading.Lock()
 _Signature = tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype], ...]
 
 
@@ -140,6 +142,11 @@ def _attention_graph(signature: _Signature, scale: float) -> torch.jit.ScriptMod
     those calls; other inputs than the traced ones fall back to the plain ops (the graph's own guard).
     """
     examples = [torch.empty_strided(shape, stride, dtype=dtype).zero_() for shape, stride, dtype in signature]
+    with _fusion_switch:  # one compile at a time: each leaves the process-wide switch as it found it
+        return _compile_attention(examples, scale)
+
+
+def _compile_attention(examples: list[torch.Tensor], scale: float) -> torch.jit.ScriptModule:
     was_enabled = torch._C._jit_llga_enabled()
     torch._C._jit_set_llga_enabled(True)
     try:
@@ -157,7 +164,7 @@ def graph_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v by oneDNN Graph's fused attention (``common.biased_attention``), in q's
-    dtype (float32, or bfloat16 with the scores and softmax kept in float32 inside the kernel).
+    dtype (float32, or bfloat16: closer to float32 than the explicit bf16 form, ``common.biased_attention``).
 
     Compiled once per input layout (about 0.2 s); where it must not be used (``graph_attention_takes``) it is
     ``scaled_dot_product_attention``.
