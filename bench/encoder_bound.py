@@ -32,8 +32,9 @@ CONV_OPS = {"aten::mkldnn_convolution", "aten::_convolution", "aten::convolution
             "aten::convolution_overrideable", "mkldnn::_convolution_pointwise"}  # fmt: skip
 MATMUL_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
               "mkldnn::_linear_pointwise", "aten::_addmm_activation"}  # fmt: skip
+# "forward": the TorchScript call of cpu_kernels.graph_attention (oneDNN Graph's fused attention runs in its self time)
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
-                 "aten::_scaled_dot_product_attention_math"}  # fmt: skip
+                 "aten::_scaled_dot_product_attention_math", "forward"}  # fmt: skip
 NAMED = {
     "gelu": "GELU",
     "index_select": "other",

@@ -8,6 +8,7 @@ Run it once per setting, each in a fresh process, e.g.:
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 python bench/encoder_time.py
     python bench/encoder_time.py --kernels plain --attention fused
     python bench/encoder_time.py --strips off
+    python bench/encoder_time.py --windows reshape
 """
 
 from __future__ import annotations
@@ -25,22 +26,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kernels", choices=["fused", "plain"], default="fused", help="models.cpu_kernels on / off")
     parser.add_argument("--strips", choices=["on", "off"], default="on", help="cpu_kernels.set_conv_strips")
-    parser.add_argument("--attention", choices=["auto", "fused", "explicit"], default="auto")
+    parser.add_argument("--attention", choices=["auto", "fused", "explicit", "graph"], default="auto")
+    parser.add_argument("--windows", choices=["copy", "reshape"], default="copy", help="tiny_vit.set_window_copies")
     args = parser.parse_args(argv)
 
     from samadapt.models.cpu_kernels import set_conv_strips, set_fused_cpu_kernels
     from samadapt.models.registry import build_model
+    from samadapt.models.tiny_vit import set_window_copies
     from samadapt.precision import fast_bfloat16
 
     set_fused_cpu_kernels(args.kernels == "fused")
     set_conv_strips(args.strips == "on")
+    set_window_copies(args.windows == "copy")
     encoder = build_model("lite_medsam").eval().image_encoder
     encoder.set_attention_path(args.attention)
     image = torch.rand(1, 3, 256, 256)
     precisions = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if fast_bfloat16("cpu") else [])
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; kernels {args.kernels}, strips {args.strips}, "
-        f"attention {args.attention}"
+        f"attention {args.attention}, windows {args.windows}"
     )
     for name, dtype in precisions:
 

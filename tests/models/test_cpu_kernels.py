@@ -343,3 +343,102 @@ def test_patch_merging_in_strips_under_bf16_autocast_is_the_whole_block(monkeypa
     assert strips.merging == [(0, 3), (3, 6), (6, 7)] * 2
     assert got.dtype == whole.dtype == torch.bfloat16
     assert relative(got, whole) < 1e-3  # the same bf16 kernels, row by row (equal on the CPU they were written on)
+
+
+PATHS_BF16 = ("fused", "explicit", "graph")
+needs_graph = pytest.mark.skipif(not cpu_kernels.graph_attention_available(), reason="no oneDNN Graph in this torch")
+
+
+def _window_qkv(windows: int, heads: int, tokens: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v as TinyViT passes them (strided views of one windowed qkv) and a learned-bias-like mask."""
+    g = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(windows, tokens, heads, 96, generator=g) * 1.5
+    q, k, v = (t.transpose(1, 2) for t in qkv.split(32, dim=3))
+    return q, k, v, torch.randn(1, heads, tokens, tokens, generator=g)
+
+
+@needs_graph
+@pytest.mark.parametrize("shape", [(361, 4, 49), (25, 5, 196), (100, 10, 49), (2, 3, 196)])
+def test_graph_attention_is_the_fused_function(shape):
+    """LiteMedSAM's three stages at 256, one slice (windows, heads, tokens), and a small 14 x 14 case."""
+    q, k, v, bias = _window_qkv(*shape)
+    was_enabled = torch._C._jit_llga_enabled()
+    with torch.inference_mode():
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=32**-0.5)
+        got = cpu_kernels.graph_attention(q, k, v, bias, 32**-0.5)
+        again = cpu_kernels.graph_attention(q, k, v, bias, 32**-0.5)  # the compiled graph, from the cache
+    assert torch._C._jit_llga_enabled() == was_enabled  # the process-wide fusion switch is left as it was
+    assert relative(got, expected) < 1e-5 and torch.equal(got, again)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_graph
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_attention_runs_one_fused_onednn_partition(dtype):
+    if dtype == torch.bfloat16 and not fast_bfloat16("cpu"):
+        pytest.skip("no native bf16 kernels on this CPU")
+    q, k, v, bias = (t.to(dtype) for t in _window_qkv(2, 3, 196))
+    with torch.inference_mode():
+        cpu_kernels.graph_attention(q, k, v, bias, 0.2)
+        signature = tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (q, k, v, bias))
+        graph = cpu_kernels._attention_graph(signature, 0.2).graph_for(q, k, v, bias)
+    assert "oneDNNFusionGroup" in str(graph)
+
+
+@needs_graph
+@pytest.mark.skipif(not fast_bfloat16("cpu"), reason="no native bf16 kernels on this CPU")
+def test_graph_attention_in_bf16_is_closer_to_float32_than_the_explicit_form():
+    from samadapt.models.common import biased_attention
+
+    q, k, v, bias = _window_qkv(25, 5, 196)
+    with torch.inference_mode():
+        full = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=32**-0.5)
+        low = [t.to(torch.bfloat16) for t in (q, k, v, bias)]
+        errors = {path: relative(biased_attention(*low, 32**-0.5, path).float(), full) for path in PATHS_BF16}
+    assert errors["graph"] < 1e-2 and errors["graph"] <= errors["explicit"], errors
+
+
+@needs_graph
+def test_graph_attention_is_fused_sdpa_where_it_must_not_run(monkeypatch):
+    """Autograd, bf16 autocast and the switch off: torch's fused kernel (the graph has no backward)."""
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "_attention_graph", lambda *a: calls.append(1))
+    q, k, v, bias = _window_qkv(2, 3, 196)
+    q.requires_grad_()
+    out = cpu_kernels.graph_attention(q, k, v, bias, 0.2)
+    out.sum().backward()
+    assert q.grad is not None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cpu_kernels.graph_attention(q.detach(), k, v, bias, 0.2)
+    cpu_kernels.set_fused_cpu_kernels(False)
+    try:
+        with torch.inference_mode():
+            cpu_kernels.graph_attention(q.detach(), k, v, bias, 0.2)
+    finally:
+        cpu_kernels.set_fused_cpu_kernels(True)
+    assert calls == []
+
+
+@needs_graph
+def test_a_failed_graph_compile_warns_once_and_leaves_the_fused_kernel(monkeypatch):
+    """A torch whose deprecated LLGA bridge breaks must not break inference: fused SDPA, one warning, no retries."""
+    from samadapt.models.common import biased_attention
+
+    tries = []
+
+    def broken(examples, scale):
+        tries.append(1)
+        raise RuntimeError("LLGA bridge gone")
+
+    monkeypatch.setattr(cpu_kernels, "_compile_attention", broken)
+    monkeypatch.setattr(cpu_kernels, "_graph_failed", False)
+    cpu_kernels._attention_graph.cache_clear()
+    q, k, v, bias = _window_qkv(2, 3, 196)
+    with torch.inference_mode():
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.2)
+        with pytest.warns(RuntimeWarning, match="LLGA bridge gone"):
+            got = biased_attention(q, k, v, bias, 0.2, "auto")
+        again = biased_attention(q, k, v, bias, 0.2, "auto")  # auto no longer picks the graph: no second try
+    cpu_kernels._attention_graph.cache_clear()
+    assert torch.equal(got, expected) and torch.equal(again, expected) and tries == [1]
+    assert not cpu_kernels.graph_attention_available()

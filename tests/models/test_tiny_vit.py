@@ -519,3 +519,73 @@ def test_bf16_inference_stays_as_close_to_float32_on_both_attention_paths():
             errors[path] = ((low - full).norm() / full.norm()).item()
     ours.set_attention_path("auto")
     assert errors["auto"] < 5e-2 and errors["auto"] < 1.5 * errors["fused"], errors
+
+
+@pytest.mark.parametrize(("h", "w", "window"), [(14, 21, 7), (16, 9, 7), (5, 12, 7), (64, 64, 14), (10, 28, 14)])
+def test_window_copies_are_the_padded_reshape_bit_for_bit(h, w, window):
+    """One copy each way (inference) against pad-then-reshape (autograd): whole, partial and only-partial windows."""
+    from samadapt.models.tiny_vit import _pad_and_partition, merge_windows, partition_windows
+
+    g = torch.Generator().manual_seed(h * w)
+    qkv, fill = torch.randn(2, h, w, 24, generator=g), torch.randn(24, generator=g)
+    fill = fill if h % window or w % window else None
+    windows = partition_windows(qkv, window, fill)
+    assert windows.is_contiguous()
+    assert torch.equal(windows, _pad_and_partition(qkv, window, fill))
+    assert torch.equal(_pad_and_partition(qkv.requires_grad_(), window, fill).detach(), windows)  # the cat branch
+    merged = merge_windows(windows.transpose(2, 3), h, w)  # back in grid order, padding dropped
+    assert merged.is_contiguous() and torch.equal(merged, qkv.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_copies_switch_keeps_every_number(dtype):
+    from samadapt.models import tiny_vit
+
+    ours, _ = reference_pair(200, SLIM, seed=5)  # 200: every stage pads its windows
+    image = torch.rand(1, 3, 200, 200, generator=torch.Generator().manual_seed(2))
+    outputs = []
+    for enabled in (True, False):
+        tiny_vit.set_window_copies(enabled)
+        try:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                outputs.append(ours(image))
+        finally:
+            tiny_vit.set_window_copies(True)
+    assert torch.equal(*outputs)
+
+
+def test_window_copies_are_taken_for_cpu_inference_only(monkeypatch):
+    from samadapt.models import tiny_vit
+
+    calls = []
+    copy = tiny_vit.partition_windows
+    monkeypatch.setattr(tiny_vit, "partition_windows", lambda *a: calls.append(1) or copy(*a))
+    ours, _ = reference_pair(64, SLIM, seed=1)
+    image = torch.rand(1, 3, 64, 64)
+    ours(image).sum().backward()  # autograd: pad and reshape
+    assert calls == []
+    with torch.inference_mode():
+        ours(image)
+    assert len(calls) == sum(len(layer.blocks) for layer in ours.layers[1:])
+
+
+def test_auto_attention_takes_onednn_graph_for_cpu_inference_on_large_windows(monkeypatch):
+    from samadapt.models import common, cpu_kernels
+    from samadapt.precision import fast_bfloat16
+
+    if not cpu_kernels.graph_attention_available():
+        pytest.skip("no oneDNN Graph in this torch")
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "graph_attention", lambda *a: calls.append(a[0].shape[-2]))
+    g = torch.Generator().manual_seed(0)
+    for tokens in (49, 196):
+        q, k, v = (torch.randn(2, 3, tokens, 32, generator=g) for _ in range(3))
+        bias = torch.randn(1, 3, tokens, tokens, generator=g)
+        with torch.inference_mode():
+            common.biased_attention(q, k, v, bias, 0.1)
+        common.biased_attention(q, k, v, bias, 0.1)  # autograd on: fused
+    assert calls == [196]  # 7 x 7 windows stay on the fused kernel (faster there)
+    if fast_bfloat16("cpu"):
+        with torch.inference_mode():
+            common.biased_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias.bfloat16(), 0.1)
+        assert calls == [196, 196]  # bf16 inference too

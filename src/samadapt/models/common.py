@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samadapt.models import cpu_kernels
+
 
 class MLPBlock(nn.Module):
     """Two-layer perceptron ``lin2(act(lin1(x)))`` (SAM's transformer MLP)."""
@@ -37,7 +39,11 @@ class LayerNorm2d(nn.Module):
         return normed.permute(0, 3, 1, 2)
 
 
-ATTENTION_PATHS = ("auto", "fused", "explicit")
+ATTENTION_PATHS = ("auto", "fused", "explicit", "graph")
+# tokens per window from which oneDNN Graph's fused attention beats the other paths on the CPU, one slice, one
+# thread: TinyViT's 14 x 14 windows (196; 25 windows x 5 heads) fp32 8.6 -> 4.5 ms against fused (6.1 -> 2.8 at two
+# threads), bf16 6.5 -> 3.4 ms against explicit; on 7 x 7 windows (49) it is no faster
+GRAPH_MIN_TOKENS = 196
 
 
 def biased_attention(
@@ -46,23 +52,41 @@ def biased_attention(
     """softmax(q k^T * scale + bias) v for (..., N, d) q, k, v and a broadcastable (..., N, N) additive bias.
 
     ``fused``: ``scaled_dot_product_attention``. ``explicit``: two batched matmuls and a softmax, all in q's dtype.
-    ``auto`` takes ``explicit`` for a reduced-precision (bf16 / fp16) attention on the CPU: torch's fused CPU kernel
-    is slow there, for the backward most (bf16, TinyViT's 49- and 196-token windows: 3-5x the explicit form's
-    forward + backward, bench/attention_paths.py) and for inference too (LiteMedSAM's bf16 encoder: 325 vs 360 ms
-    per slice, one thread, docs/performance.md), while in float32 and on CUDA the fused kernel is as fast or faster.
+    ``graph``: oneDNN Graph's fused attention (``cpu_kernels.graph_attention``), for CPU inference in float32 or
+    native bf16 only (elsewhere ``fused``).
+
+    ``auto``, on the CPU: ``graph`` for inference on windows of ``GRAPH_MIN_TOKENS`` or more, where it measured
+    fastest; otherwise ``explicit`` for a reduced-precision (bf16 / fp16) attention, as torch's fused CPU kernel is
+    slow there, for the backward most (bf16, TinyViT's 49- and 196-token windows: 3-5x the explicit form's forward
+    + backward, bench/attention_paths.py) and for inference too (LiteMedSAM's bf16 encoder: 325 vs 360 ms per slice,
+    one thread, docs/performance.md), and ``fused`` in float32 (the explicit float32 form is slower: its matmuls,
+    like the fused kernel's, go through MKL's sgemm, at half oneDNN's rate on the AMD EPYC of issue 14). On CUDA
+    ``auto`` is ``fused``.
+
     The explicit form rounds the scores to q's dtype before the softmax (the fused kernel keeps them in float32): in
     bf16 about twice the fused kernel's error against float32 on one attention (~1 % vs ~0.5 % relative on outputs
     and gradients; on the whole bf16 encoder the same, 6.4 %, as the other bf16 roundings dominate), so ``fused``
-    is the switch that keeps the fused numbers.
+    is the switch that keeps the fused numbers. ``graph`` is within 1e-6 of ``fused`` in float32, and in bf16
+    between the two against float32 (stage 2's windows, bench/attention_paths.py --inference: 0.9 %, explicit
+    1.1 %, fused 0.5 %; the whole LiteMedSAM bf16 encoder: 4.09 %, explicit 4.07 %, fused 4.04 %).
     """
     if path not in ATTENTION_PATHS:
         raise ValueError(f"unknown attention path {path!r}; choose one of {', '.join(ATTENTION_PATHS)}")
     if path == "auto":
-        reduced = q.dtype in (torch.bfloat16, torch.float16)
-        path = "explicit" if reduced and q.device.type == "cpu" else "fused"
+        path = _auto_path(q)
+    if path == "graph":
+        return cpu_kernels.graph_attention(q, k, v, bias, scale)
     if path == "fused":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     return torch.softmax((q * scale) @ k.transpose(-1, -2) + bias, dim=-1) @ v
+
+
+def _auto_path(q: torch.Tensor) -> str:
+    if q.device.type != "cpu":
+        return "fused"
+    if q.shape[-2] >= GRAPH_MIN_TOKENS and cpu_kernels.graph_attention_takes(q):
+        return "graph"
+    return "explicit" if q.dtype in (torch.bfloat16, torch.float16) else "fused"
 
 
 class IdentitySlot(nn.Identity):

@@ -8,6 +8,10 @@ Eager torch leaves speed on the table on the CPU in two places (bench/encoder_bo
 - a GELU after a convolution or linear is a second pass over a fresh activation; oneDNN applies it as a post-op
   while the output is still in cache (erf GELU, the function of ``F.gelu``).
 
+A third kernel, for the window attention: oneDNN Graph's fused attention (``graph_attention``), reached through
+torch.jit's oneDNN Graph (LLGA) bridge, the one route to it from Python (in float32 torch's fused CPU attention and
+``bmm`` call MKL's sgemm: MKL_VERBOSE).
+
 Taken only where nothing else can see the difference: a CPU tensor, no autograd (the fused ops have no backward),
 float32 or bfloat16 autocast on a CPU with native bf16 kernels, no dispatch mode (FLOP counting, fake tensors,
 export) and no tracing, scripting, compiling or ONNX export; everywhere else the ordinary modules run. Switch:
@@ -23,6 +27,8 @@ of the fresh 32 and 64 MiB buffers the whole blocks ask for on every call: with 
 from __future__ import annotations
 
 import functools
+import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -225,3 +231,90 @@ def _conv(
 ) -> torch.Tensor:
     pad, step = [padding, padding], [stride, stride]
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, pad, step, [1, 1], groups, *_gelu_args(gelu))
+
+
+def graph_attention_available() -> bool:
+    """Whether oneDNN Graph can be reached: torch.jit's LLGA bridge in a torch built with oneDNN, and no compile of
+    it has failed in this process."""
+    return not _graph_failed and torch.backends.mkldnn.is_available() and hasattr(torch._C, "_jit_set_llga_enabled")
+
+
+def graph_attention_takes(q: torch.Tensor) -> bool:
+    """Whether ``graph_attention`` runs oneDNN Graph for this q: CPU inference (``compute_dtype``) in q's own dtype,
+    float32 or native bfloat16."""
+    return compute_dtype(q) == q.dtype and graph_attention_available()
+
+
+class _BiasedAttention(nn.Module):
+    """softmax(q k^T * scale + bias) v, written out for oneDNN Graph to find its fused attention pattern."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale + bias, dim=-1), v)
+
+
+_fusion_switch = threading.Lock()
+_graph_failed = False  # set by the first failed compile (``_give_up_graph``)
+_Signature = tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype], ...]
+
+
+@functools.lru_cache(maxsize=32)
+def _attention_graph(signature: _Signature, scale: float) -> torch.jit.ScriptModule:
+    """The attention traced for inputs of these (shape, stride, dtype) and compiled with oneDNN Graph fusion on.
+
+    The fusion runs while the traced graph is optimised (its first calls), so the process-wide switch is on only for
+    those calls; other inputs than the traced ones fall back to the plain ops (the graph's own guard).
+    """
+    examples = [torch.empty_strided(shape, stride, dtype=dtype).zero_() for shape, stride, dtype in signature]
+    with _fusion_switch:  # one compile at a time: each leaves the process-wide switch as it found it
+        return _compile_attention(examples, scale)
+
+
+def _compile_attention(examples: list[torch.Tensor], scale: float) -> torch.jit.ScriptModule:
+    was_enabled = torch._C._jit_llga_enabled()
+    torch._C._jit_set_llga_enabled(True)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), torch.autocast("cpu", enabled=False):
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; no other route to oneDNN Graph
+            graph = torch.jit.freeze(torch.jit.trace(_BiasedAttention(scale).eval(), tuple(examples)))
+            for _ in range(2):  # profile, then optimise: the fused partition is built here
+                graph(*examples)
+    finally:
+        torch._C._jit_set_llga_enabled(was_enabled)
+    return graph
+
+
+def graph_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v by oneDNN Graph's fused attention (``common.biased_attention``), in q's
+    dtype (float32, or bfloat16: closer to float32 than the explicit bf16 form, ``common.biased_attention``).
+
+    Compiled once per input layout (about 0.2 s); where it must not be used (``graph_attention_takes``) it is
+    ``scaled_dot_product_attention``.
+    """
+    if not graph_attention_takes(q):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    signature = tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (q, k, v, bias))
+    try:
+        graph = _attention_graph(signature, scale)
+    except Exception as error:  # noqa: BLE001 - a deprecated bridge: a torch that breaks it keeps the fused kernel
+        _give_up_graph(error)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    with torch.autocast("cpu", enabled=False):  # the traced graph must not get autocast's casts inserted
+        return graph(q, k, v, bias)
+
+
+def _give_up_graph(error: Exception) -> None:
+    """A failed compile turns the oneDNN Graph attention off for the process, once, with a warning that says why."""
+    global _graph_failed
+    _graph_failed = True
+    warnings.warn(
+        f"oneDNN Graph attention could not be compiled ({type(error).__name__}: {error}); window attention uses "
+        "torch's fused kernel from now on",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -16,11 +16,13 @@ tile the grid are padded like the reference. Parameter names and shapes are thos
 unused classification head) load with ``strict=True``.
 
 Faster than the reference for the same numbers (float tolerance): attention through ``scaled_dot_product_attention``
-with the learned biases as its additive mask (the explicit form in bf16 on the CPU, where the fused kernel is slow:
-``common.biased_attention``, switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch norm
+with the learned biases as its additive mask (the explicit form in bf16 on the CPU, where the fused kernel is slow,
+and oneDNN Graph's fused attention for CPU inference on the 14 x 14 windows: ``common.biased_attention``,
+switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch norm
 folded into the convolution in eval mode, oneDNN's fused convolution / linear + GELU kernels for CPU inference
-(``cpu_kernels``; stage 0's MBConv and patch merging in strips of rows that stay in cache), and no ``norm`` /
-``qkv`` / ``proj`` work on window padding (bench/tiny_vit_forward.py).
+(``cpu_kernels``; stage 0's MBConv and patch merging in strips of rows that stay in cache), no ``norm`` / ``qkv``
+/ ``proj`` work on window padding (bench/tiny_vit_forward.py), and, for CPU inference, windows cut (padding included)
+and merged back (padding dropped) by one copy each way (``set_window_copies``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ from torch.utils.checkpoint import checkpoint
 
 from samadapt.models import cpu_kernels
 from samadapt.models.common import ATTENTION_PATHS, IdentitySlot, LayerNorm2d, ZeroSlot, biased_attention, frozen_prefix
+
+_window_copies = True
+
+
+def set_window_copies(enabled: bool = True) -> None:
+    """Window attention cuts and merges its windows for CPU inference by one copy each way (default), or, off, by
+    the padding and reshapes it uses under autograd (the same numbers, bit for bit; process-wide)."""
+    global _window_copies
+    _window_copies = enabled
 
 
 def drop_path(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
@@ -265,36 +276,91 @@ class Attention(nn.Module):
         B, H, W, C = x.shape
         w = self.window_size
         qkv = cpu_kernels.linear(self.norm(x), self.qkv)  # (B, H, W, P * heads)
-        pad_b, pad_r = -H % w, -W % w
-        if pad_b or pad_r:
+        fill = None
+        if H % w or W % w:
             # the reference pads the tokens with zeros before the attention: a zero token normalises to norm.bias
             # and so carries qkv(norm(0)). Fill the padding with that row rather than run norm and qkv on it.
             fill = cpu_kernels.linear(self.norm(x.new_zeros(1, C)), self.qkv)[0]
-            P = qkv.shape[-1]
-            if qkv.requires_grad or torch.onnx.is_in_onnx_export():
-                # concatenation: its backward hands out views of the gradient, where the slice assignments below
-                # would copy the whole padded gradient once per assignment (CopySlices); in an ONNX graph the
-                # assignments become ScatterND over the whole grid, where Concat is one copy
-                qkv = torch.cat([qkv, fill.expand(B, H, pad_r, P)], dim=2)
-                qkv = torch.cat([qkv, fill.expand(B, pad_b, W + pad_r, P)], dim=1)
-            else:
-                padded = qkv.new_empty(B, H + pad_b, W + pad_r, P)
-                padded[:, :H, :W] = qkv
-                padded[:, H:] = fill
-                padded[:, :H, W:] = fill
-                qkv = padded
-        Hp, Wp = H + pad_b, W + pad_r
-        nh, nw = Hp // w, Wp // w
-        windows = qkv.view(B, nh, w, nw, w, -1).transpose(2, 3).reshape(B * nh * nw, w * w, self.num_heads, -1)
-        q, k, v = windows.split([self.key_dim, self.key_dim, self.d], dim=3)
+        # by copies into / out of fresh window buffers for inference (one pass each way, padding and cropping
+        # included); by padding and reshapes where autograd, tracing, export or compiling sees the ops
+        by_copy = _window_copies and cpu_kernels.compute_dtype(qkv) is not None
+        windows = partition_windows(qkv, w, fill) if by_copy else _pad_and_partition(qkv, w, fill)
+        G, nh, nw = windows.shape[0] * windows.shape[1] * windows.shape[2], windows.shape[1], windows.shape[2]
+        q, k, v = windows.view(G, w * w, self.num_heads, -1).split([self.key_dim, self.key_dim, self.d], dim=3)
         bias = self.attention_bias().to(q.dtype)[None]  # 4-D (1, heads, N, N): the fused CPU kernel needs 4-D
         out = biased_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, self.scale, self.attention_path
         )  # (B * nh * nw, heads, N, d)
-        out = out.view(B, nh, nw, self.num_heads, w, w, self.d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, self.dh)
-        if pad_b or pad_r:
-            out = out[:, :H, :W]  # proj is per token: crop first, no work on the padding
+        grid = out.view(B, nh, nw, self.num_heads, w, w, self.d).permute(0, 1, 4, 2, 5, 3, 6)  # (B, nh, w, nw, w, ..)
+        if by_copy:
+            out = merge_windows(grid, H, W).view(B, H, W, self.dh)
+        else:
+            out = grid.reshape(B, nh * w, nw * w, self.dh)[:, :H, :W]  # proj is per token: crop first
         return cpu_kernels.linear(out, self.proj)
+
+
+def _window_spans(size: int, w: int) -> list[tuple[slice, slice, int]]:
+    """How a grid axis of ``size`` tiles into windows of ``w``: (grid slice, window slice, tokens per window) for
+    the whole windows and, when ``w`` does not divide ``size``, for the last, partial one."""
+    whole = size // w
+    spans = [(slice(0, whole * w), slice(0, whole), w)] if whole else []
+    if size % w:
+        spans.append((slice(whole * w, size), slice(whole, whole + 1), size % w))
+    return spans
+
+
+def _grid_and_window_blocks(grid: torch.Tensor, windows: torch.Tensor, w: int):
+    """Pairs of same-shaped views of a (B, H, W, ...) ``grid`` and a (B, nh, w, nw, w, ...) ``windows`` view that
+    hold the same tokens: up to four blocks (whole / partial windows along each axis), padding left out."""
+    for rows, window_rows, height in _window_spans(grid.shape[1], w):
+        for cols, window_cols, width in _window_spans(grid.shape[2], w):
+            block = grid[:, rows, cols].unflatten(2, (-1, width)).unflatten(1, (-1, height))
+            yield block, windows[:, window_rows, :height, window_cols, :width]
+
+
+def partition_windows(x: torch.Tensor, w: int, fill: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, W, C) -> (B, nh, nw, w, w, C) windows, padded at the bottom / right with the (C,) ``fill`` row.
+
+    One copy into a fresh buffer, where padding then reshaping copies the activations twice; no autograd graph.
+    """
+    B, H, W, C = x.shape
+    out = x.new_empty(B, -(-H // w), -(-W // w), w, w, C)
+    windows = out.transpose(2, 3)  # (B, nh, w, nw, w, C): the window buffer seen in grid order
+    for block, window_block in _grid_and_window_blocks(x, windows, w):
+        window_block.copy_(block)
+    if H % w:
+        windows[:, -1, H % w :] = fill
+    if W % w:
+        windows[:, :, :, -1, W % w :] = fill
+    return out
+
+
+def merge_windows(windows: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, nh, w, nw, w, ...) windows, seen in grid order -> a fresh (B, height, width, ...) grid, padding dropped."""
+    out = windows.new_empty(windows.shape[0], height, width, *windows.shape[5:])
+    for block, window_block in _grid_and_window_blocks(out, windows, windows.shape[2]):
+        block.copy_(window_block)
+    return out
+
+
+def _pad_and_partition(qkv: torch.Tensor, w: int, fill: torch.Tensor | None) -> torch.Tensor:
+    """``partition_windows`` by padding and reshaping: the ops autograd, tracing, export and compiling see."""
+    B, H, W, P = qkv.shape
+    pad_b, pad_r = -H % w, -W % w
+    if fill is not None and (qkv.requires_grad or torch.onnx.is_in_onnx_export()):
+        # concatenation: its backward hands out views of the gradient, where the slice assignments below would
+        # copy the whole padded gradient once per assignment (CopySlices); in an ONNX graph the assignments become
+        # ScatterND over the whole grid, where Concat is one copy
+        qkv = torch.cat([qkv, fill.expand(B, H, pad_r, P)], dim=2)
+        qkv = torch.cat([qkv, fill.expand(B, pad_b, W + pad_r, P)], dim=1)
+    elif fill is not None:
+        padded = qkv.new_empty(B, H + pad_b, W + pad_r, P)
+        padded[:, :H, :W] = qkv
+        padded[:, H:] = fill
+        padded[:, :H, W:] = fill
+        qkv = padded
+    nh, nw = (H + pad_b) // w, (W + pad_r) // w
+    return qkv.view(B, nh, w, nw, w, P).transpose(2, 3).contiguous()
 
 
 class TinyViTBlock(nn.Module):
@@ -493,7 +559,8 @@ class TinyViT(nn.Module):
             layer.grad_checkpointing = enabled
 
     def set_attention_path(self, path: str = "auto") -> None:
-        """``auto`` (default), ``fused`` or ``explicit`` for every window attention (``common.biased_attention``)."""
+        """``auto`` (default), ``fused``, ``explicit`` or ``graph`` for every window attention
+        (``common.biased_attention``)."""
         if path not in ATTENTION_PATHS:
             raise ValueError(f"unknown attention path {path!r}; choose one of {', '.join(ATTENTION_PATHS)}")
         for module in self.modules():
