@@ -306,6 +306,17 @@ def test_runtime_needs_no_torch(tmp_path):
     assert result.stdout.startswith("ok")
 
 
+def test_the_decoder_session_does_not_spin_between_runs(tmp_path):
+    """Two sessions, two thread pools: the decoder's idle workers must not spin on the cores the encoder needs next."""
+    export_onnx(tiny_run("lora"), tmp_path)
+    predictor = OnnxPredictor(tmp_path, threads=2)
+    spinning = "session.intra_op.allow_spinning"
+    assert predictor.decoder.get_session_options().get_session_config_entry(spinning) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # the encoder keeps onnxruntime's default
+        predictor.encoder.get_session_options().get_session_config_entry(spinning)
+    assert predictor.encoder.get_session_options().intra_op_num_threads == 2
+
+
 def test_a_run_with_the_slice_position_exports_it_as_a_decoder_input(tmp_path):
     """model.slice_position: the semantic decoder graph takes each slice's position, and agrees with torch on it;
     without a position it refuses, as the torch decoder does."""
