@@ -19,33 +19,30 @@ from tests.models.test_tiny_vit import SLIM, reference_pair
 needs_kernels = pytest.mark.skipif(not cpu_kernels._available(), reason="torch built without oneDNN")
 
 
+class SwitchedOff:
+    """``with`` it, a process-wide kernel switch (``cpu_kernels.set_...``) is off; on again afterwards. Reusable."""
+
+    def __init__(self, setter) -> None:
+        self.setter = setter
+
+    def __enter__(self):
+        self.setter(False)
+
+    def __exit__(self, *exc):
+        self.setter(True)
+
+
 @pytest.fixture
 def plain():
-    """Run a block with the fused kernels off, and turn them back on afterwards."""
-
-    class Switch:
-        def __enter__(self):
-            cpu_kernels.set_fused_cpu_kernels(False)
-
-        def __exit__(self, *exc):
-            cpu_kernels.set_fused_cpu_kernels(True)
-
-    yield Switch()
+    """Run a block with the fused kernels off."""
+    yield SwitchedOff(cpu_kernels.set_fused_cpu_kernels)
     cpu_kernels.set_fused_cpu_kernels(True)
 
 
 @pytest.fixture
 def untiled():
-    """Run a block with the convolution strips off (the fused kernels on), and turn them back on afterwards."""
-
-    class Switch:
-        def __enter__(self):
-            cpu_kernels.set_conv_strips(False)
-
-        def __exit__(self, *exc):
-            cpu_kernels.set_conv_strips(True)
-
-    yield Switch()
+    """Run a block with the convolution strips off (the fused kernels on)."""
+    yield SwitchedOff(cpu_kernels.set_conv_strips)
     cpu_kernels.set_conv_strips(True)
 
 
