@@ -129,7 +129,8 @@ class PatchEmbed(nn.Module):
 class MBConv(nn.Module):
     """Inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, residual add, GELU. (B, C, H, W) -> same.
 
-    For float32 CPU inference the block runs in strips of rows that stay in cache (``cpu_kernels.mbconv``).
+    For CPU inference (float32, native bf16) the block runs in strips of rows that stay in cache
+    (``cpu_kernels.mbconv``).
     """
 
     def __init__(self, dim: int, expand_ratio: float, drop_path: float = 0.0) -> None:
