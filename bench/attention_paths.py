@@ -6,7 +6,8 @@
 For each attention stage of LiteMedSAM at 256 (q, k, v (windows, heads, N, 32), as strided views of the windowed
 qkv, the layout the encoder hands over): seconds (best of ``--repeats``, the paths interleaved), GFLOP/s of the
 two products, and the relative error of the output (and, training, of q's gradient) against float32 fused.
-Inference adds the ``graph`` path (oneDNN Graph's fused attention; float32 CPU inference only, fused elsewhere).
+Inference adds the ``graph`` path (oneDNN Graph's fused attention; CPU inference in float32 or native bf16 only,
+fused elsewhere).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ once more in a process of its own with torch's defaults (as its users run it), a
 against both.
 
     .venv/bin/python bench/onnx_bench.py [--slices 100] [--precision auto] [--markdown] [--out docs/benchmarks.md]
+                                         [--providers OpenVINOExecutionProvider]
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", help="the second torch row's precision (auto, bf16, fp32)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--out", type=Path, help="also write the table into this file's `deployment` section")
+    parser.add_argument(
+        "--providers", nargs="+", help="onnxruntime execution providers for our graphs (default: the CPU provider)"
+    )
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reference_only:
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     torch_predictor = Predictor(run.model, device="cpu", precision="fp32")
     precision = resolve_precision(args.precision, "cpu")
     reduced_predictor = Predictor(run.model, device="cpu", precision=args.precision) if precision != "fp32" else None
-    onnx_predictor = OnnxPredictor(folder)
+    onnx_predictor = OnnxPredictor(folder, providers=args.providers)
 
     peak = matmul_peak(torch.float32)
     flops = encoder_flops(run.model)
