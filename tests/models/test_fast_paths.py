@@ -112,14 +112,17 @@ def test_grey_slices_resampled_as_one_plane_equal_three_planes(shape):
     np.testing.assert_array_equal(got_np, expected_np)
 
 
+@pytest.mark.parametrize("antialias", [False, True])
 @pytest.mark.parametrize(
-    ("source", "target"), [((256, 256), (320, 320)), ((64, 64), (256, 256)), ((200, 256), (97, 131))]
-)
-def test_numpy_two_tap_resize_equals_the_interpolation_matrices(source, target):
+    ("source", "target"),
+    [((256, 256), (320, 320)), ((64, 64), (256, 256)), ((200, 256), (97, 131)), ((320, 320), (256, 256)),
+     ((1024, 333), (256, 104))],
+)  # fmt: skip
+def test_numpy_tap_resize_equals_the_interpolation_matrices(source, target, antialias):
     logits = np.random.default_rng(4).standard_normal((2, 1, *source)).astype(np.float32) * 10
-    rows = _linear_weights(source[0], target[0], False)
-    cols = _linear_weights(source[1], target[1], False)
-    expected = rows @ logits @ cols.T
-    got = resize(logits, target)
+    rows = _linear_weights(source[0], target[0], antialias)
+    cols = _linear_weights(source[1], target[1], antialias)
+    expected = rows.astype(np.float64) @ logits @ cols.T.astype(np.float64)
+    got = resize(logits, target, antialias=antialias)
     assert got.dtype == np.float32 and got.shape == (2, 1, *target)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
