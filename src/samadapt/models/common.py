@@ -19,7 +19,9 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        if type(self.act) is nn.GELU and self.act.approximate == "none":  # fused into the product where it may
+            return cpu_kernels.linear(cpu_kernels.linear(x, self.lin1, gelu=True), self.lin2)
+        return cpu_kernels.linear(self.act(cpu_kernels.linear(x, self.lin1)), self.lin2)
 
 
 class LayerNorm2d(nn.Module):

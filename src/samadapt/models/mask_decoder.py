@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samadapt.models import cpu_kernels
 from samadapt.models.common import LayerNorm2d
 
 log = logging.getLogger(__name__)
@@ -215,10 +216,12 @@ def _conv_transpose_as_matmul(x: torch.Tensor, layer: nn.ConvTranspose2d) -> tor
     b, c, h, w = x.shape
     kh, kw = layer.kernel_size
     out = layer.out_channels
-    weight = layer.weight.reshape(c, out * kh * kw).t()  # (C, C', kh, kw) -> rows ordered (C', kh, kw)
-    bias = layer.bias.repeat_interleave(kh * kw) if layer.bias is not None else None
-    y = F.linear(x.permute(0, 2, 3, 1).reshape(-1, c), weight, bias)
-    y = y.reshape(b, h, w, out, kh, kw).permute(0, 1, 4, 2, 5, 3).reshape(b, h * kh, w * kw, out)
+    # rows ordered (kh, kw, C'): the pixel shuffle below then moves whole C'-long runs (ordered (C', kh, kw), it
+    # gathered every 4th float: 5.7 of the decoder's ~30 ms, one thread)
+    weight = layer.weight.permute(0, 2, 3, 1).reshape(c, kh * kw * out).t()
+    bias = layer.bias.repeat(kh * kw) if layer.bias is not None else None
+    y = cpu_kernels.dense(x.permute(0, 2, 3, 1).reshape(-1, c), weight, bias)
+    y = y.reshape(b, h, w, kh, kw, out).permute(0, 1, 3, 2, 4, 5).reshape(b, h * kh, w * kw, out)
     return y.permute(0, 3, 1, 2)
 
 

@@ -1,7 +1,8 @@
 """SAM's two-way transformer: prompt tokens and image tokens attend to each other; adapter slots in every block.
 
 State-dict keys and shapes are those of ``segment_anything.modeling.TwoWayTransformer``; the empty slots add none.
-Attention runs through ``torch.nn.functional.scaled_dot_product_attention``.
+Attention runs through ``torch.nn.functional.scaled_dot_product_attention``, the projections through
+``cpu_kernels.linear`` (oneDNN for CPU inference).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samadapt.models import cpu_kernels
 from samadapt.models.common import IdentitySlot, MLPBlock, ZeroSlot
 
 
@@ -38,11 +40,12 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (cpu_kernels.linear(x, proj) for x, proj in ((q, self.q_proj), (k, self.k_proj), (v, self.v_proj)))
         heads = F.scaled_dot_product_attention(
-            self._split_heads(self.q_proj(q)), self._split_heads(self.k_proj(k)), self._split_heads(self.v_proj(v))
+            self._split_heads(q), self._split_heads(k), self._split_heads(v)
         )  # softmax(q k^T / sqrt(D / heads)) v
         b, _, n, _ = heads.shape
-        return self.out_proj(heads.transpose(1, 2).reshape(b, n, self.internal_dim))
+        return cpu_kernels.linear(heads.transpose(1, 2).reshape(b, n, self.internal_dim), self.out_proj)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -159,8 +162,10 @@ class TwoWayTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: image_embedding (B, C, h, w), image_pe (B, C, h, w), point_embedding (B, T, C) (output tokens
         followed by the sparse prompt tokens). Returns tokens (B, T, C) and image tokens (B, h*w, C)."""
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        # token-major once (a no-op for a channels-last embedding): every add below keeps its inputs' layout, and
+        # the products would copy a channel-major (B, h*w, C) view on each of their ~30 calls
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)

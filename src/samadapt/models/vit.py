@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from samadapt.models import cpu_kernels
 from samadapt.models.common import IdentitySlot, LayerNorm2d, MLPBlock, ZeroSlot
 
 
@@ -141,7 +142,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
-        qkv = self.qkv(x)
+        qkv = cpu_kernels.linear(x, self.qkv)
         if self.window_size > 0:
             qkv = _pad_with(qkv, self.window_size, self.qkv.bias)
             qkv, padded = window_partition(qkv, self.window_size)
@@ -151,7 +152,7 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(out.shape[0], grid[0], grid[1], -1)
         if self.window_size > 0:
             out = window_unpartition(out, self.window_size, padded, (H, W))
-        return self.proj(out)
+        return cpu_kernels.linear(out, self.proj)
 
 
 # grids up to this many tokens (SAM's 14 x 14 windows) train faster with explicit attention than with fused kernels
