@@ -218,24 +218,26 @@ def tiny_vit_run() -> Run:
     return Run(model=model, name="tiny_vit", task="prompt", classes={1: "a"}, manifest=None)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("strip_rows", [1, 5, 23])
-def test_exported_mbconv_strips_equal_the_block(strip_rows, tmp_path, monkeypatch):
-    """An MBConv exported in strips of rows (one row; 5, the last strip shorter; all rows in one strip) computes the
-    block's numbers on onnxruntime, the image border rows included."""
+def test_exported_strips_equal_the_blocks(strip_rows, stride, tmp_path, monkeypatch):
+    """An MBConv (stride 1) or a patch merging (stride 2) exported in strips of output rows (one row; 5, the last
+    strip shorter; all rows in one strip) computes the block's numbers on onnxruntime, the image border included."""
     from samadapt.export.onnx import _export
     from samadapt.models import tiny_vit
     from tests.models.test_tiny_vit import randomize
 
     torch.manual_seed(0)
-    block = tiny_vit.MBConv(8, expand_ratio=4.0)
+    block = tiny_vit.MBConv(8, 4.0) if stride == 1 else tiny_vit.PatchMerging((23, 17), 8, 32, stride=2)
     randomize(block, seed=2)
     block.eval()
     x = torch.randn(2, 8, 23, 17)
     monkeypatch.setattr(tiny_vit, "_export_in_strips", lambda x, hidden: True)
-    monkeypatch.setattr(tiny_vit, "EXPORT_STRIP_BYTES", strip_rows * 17 * 32 * 4)
+    monkeypatch.setattr(tiny_vit, "EXPORT_STRIP_BYTES", strip_rows * 17 * 32 * 4 * stride)
     _export(block, (x,), tmp_path / "block.onnx", ["x"], ["y"], {"x": {0: "batch"}, "y": {0: "batch"}}, 17)
     graph = onnx.load(str(tmp_path / "block.onnx")).graph
-    assert sum(n.op_type == "Conv" for n in graph.node) == 3 * -(-23 // strip_rows)
+    out_rows = (23 - 1) // stride + 1
+    assert sum(n.op_type == "Conv" for n in graph.node) == 3 * -(-out_rows // strip_rows)
     with torch.no_grad():
         expected = block(x).numpy()
     got = InferenceSession(str(tmp_path / "block.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})

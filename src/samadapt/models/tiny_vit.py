@@ -145,7 +145,7 @@ class MBConv(nn.Module):
         if cpu_kernels.strips_apply(x, self.conv1.c.out_channels) and not any(m.training for m in self.modules()):
             return cpu_kernels.mbconv(x, self.conv1.folded(), self.conv2.folded(), self.conv3.folded())
         if torch.onnx.is_in_onnx_export() and _export_in_strips(x, self.conv1.c.out_channels):
-            return _mbconv_in_strips(x, self.conv1.folded(), self.conv2.folded(), self.conv3.folded())
+            return _in_strips(x, self.conv1.folded(), self.conv2.folded(), self.conv3.folded(), 1, residual=True)
         out = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return gelu_fresh(add_fresh(x, drop_path(out, self.drop_path, self.training)))
 
@@ -158,31 +158,39 @@ EXPORT_STRIP_BYTES = 4 * 2**20
 
 
 def _export_in_strips(x: torch.Tensor, hidden: int) -> bool:
-    """Whether an exported MBConv on (B, C, H, W) ``x`` with ``hidden`` expanded channels is written in strips: a
-    hidden activation (one image, float32) over ``cpu_kernels.WHOLE_BYTES``, as the torch path decides."""
+    """Whether an exported MBConv or patch merging on (B, C, H, W) ``x`` with ``hidden`` expanded channels is written
+    in strips: a hidden activation (one image, float32) over ``cpu_kernels.WHOLE_BYTES``, as the torch path decides."""
     return x.shape[2] * x.shape[3] * hidden * 4 > cpu_kernels.WHOLE_BYTES
 
 
-def _mbconv_in_strips(
-    x: torch.Tensor, expand: cpu_kernels.Folded, depthwise: cpu_kernels.Folded, project: cpu_kernels.Folded
+def _in_strips(
+    x: torch.Tensor,
+    expand: cpu_kernels.Folded,
+    depthwise: cpu_kernels.Folded,
+    project: cpu_kernels.Folded,
+    stride: int,
+    residual: bool,
 ) -> torch.Tensor:
-    """``MBConv`` as an ONNX graph of strips of rows, concatenated: each strip's hidden activations are small enough
-    to stay in cache between the graph's convolutions (``cpu_kernels.mbconv`` does the same in torch).
+    """``MBConv`` (``residual``: GELU(x + block(x))) or a patch merging's convolutions (the 3x3 depthwise one of
+    ``stride``) as an ONNX graph of strips of output rows, concatenated: each strip's hidden activations are small
+    enough to stay in cache between the graph's convolutions (``cpu_kernels.mbconv`` does the same in torch).
 
-    A strip's 3x3 depthwise convolution reads one hidden row above and below it: recomputed from the input rows
-    (the halo), or the convolution's zero padding at the image border. (B, C, H, W) -> same, every op a plain ONNX one.
+    Output row r of the depthwise convolution (padding 1) reads hidden rows stride * r - 1 to stride * r + 1: those
+    are recomputed from the input rows (a halo of a row or two), or are the convolution's zero padding at the image
+    border. (B, C, H, W) -> (B, C', H', W'), every op a plain ONNX one.
     """
     height, width, hidden = x.shape[2], x.shape[3], expand[0].shape[0]
-    rows = max(1, EXPORT_STRIP_BYTES // (width * hidden * 4))
+    out_height = (height - 1) // stride + 1
+    rows = max(1, EXPORT_STRIP_BYTES // (width * hidden * 4 * stride))
     strips = []
-    for top in range(0, height, rows):
-        bottom = min(top + rows, height)
-        low, high = max(top - 1, 0), min(bottom + 1, height)
-        h = F.gelu(F.conv2d(x[:, :, low:high], *expand))
-        if top == 0 or bottom == height:  # zero rows for the convolution's padding, at the image border only
-            h = F.pad(h, (0, 0, int(top == 0), int(bottom == height)))
-        h = F.gelu(F.conv2d(h, *depthwise, padding=(0, 1), groups=hidden))
-        strips.append(F.gelu(x[:, :, top:bottom] + F.conv2d(h, *project)))
+    for top in range(0, out_height, rows):
+        bottom = min(top + rows, out_height)
+        low, high = stride * top - 1, stride * (bottom - 1) + 2  # the hidden rows the strip reads
+        h = F.gelu(F.conv2d(x[:, :, max(low, 0) : min(high, height)], *expand))
+        if low < 0 or high > height:  # zero rows for the convolution's padding, at the image border only
+            h = F.pad(h, (0, 0, max(-low, 0), max(high - height, 0)))
+        h = F.conv2d(F.gelu(F.conv2d(h, *depthwise, stride=stride, padding=(0, 1), groups=hidden)), *project)
+        strips.append(F.gelu(x[:, :, top:bottom] + h) if residual else h)
     return torch.cat(strips, dim=2)
 
 
@@ -207,6 +215,9 @@ class PatchMerging(nn.Module):
         if cpu_kernels.strips_apply(x, self.conv1.c.out_channels) and not any(m.training for m in self.modules()):
             folded = self.conv1.folded(), self.conv2.folded(), self.conv3.folded()
             x = cpu_kernels.patch_merging(x, *folded, stride=self.conv2.c.stride[0])
+        elif torch.onnx.is_in_onnx_export() and _export_in_strips(x, self.conv1.c.out_channels):
+            folded = self.conv1.folded(), self.conv2.folded(), self.conv3.folded()
+            x = _in_strips(x, *folded, self.conv2.c.stride[0], residual=False)
         else:
             x = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
