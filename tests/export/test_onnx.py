@@ -265,6 +265,10 @@ def test_tiny_vit_export_graph_forms_equal_torch(strip_rows, tmp_path, monkeypat
     # in, out and k's (onnxruntime folds that one into the product: FusedMatMul transB)
     assert len(attentions) == 4 and len(transposes) == 3 * len(attentions)
     assert_same_predictions(Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path), image())
+    images = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(1))  # the batch axis stays dynamic
+    with torch.inference_mode():
+        expected = run.model.encode_image(images).numpy()
+    np.testing.assert_allclose(OnnxPredictor(tmp_path).encode(images.numpy()), expected, atol=ATOL, rtol=0)
 
 
 # -- manifest, refusals, CLI ---------------------------------------------------------------------------------------

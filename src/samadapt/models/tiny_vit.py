@@ -23,6 +23,10 @@ folded into the convolution in eval mode, oneDNN's fused convolution / linear + 
 (``cpu_kernels``; stage 0's MBConv and patch merging in strips of rows that stay in cache), no ``norm`` / ``qkv``
 / ``proj`` work on window padding (bench/tiny_vit_forward.py), and, for CPU inference, windows cut (padding included)
 and merged back (padding dropped) by one copy each way (``set_window_copies``).
+
+An ONNX export (``torch.onnx.is_in_onnx_export()``) traces graph forms of the same function that run faster on
+onnxruntime's CPU provider, in standard ONNX ops only: stage 0's MBConv and patch merging in strips of rows
+(``_in_strips``) and the window attention with one transpose each way (``Attention._exported``).
 """
 
 from __future__ import annotations
@@ -356,8 +360,8 @@ class Attention(nn.Module):
         The windows and their heads go to the batch axes in one transpose and q, k, v are split from it, already in
         the (windows, heads, N, d) layout of the products; the output comes back in one transpose too. The eager
         path's graph (partition, split, a transpose each for q, k and v, one for the heads' output, one to merge
-        the windows) cost 8-13 ms more per LiteMedSAM encoder call on onnxruntime's CPU provider (one thread, AMD
-        EPYC: 555 -> 546 ms).
+        the windows) cost 5-14 ms more per LiteMedSAM encoder call on onnxruntime's CPU provider (one thread, AMD
+        EPYC, five runs; e.g. 576 -> 562 ms). Padding is by concatenation (``_pad_by_concat``).
         """
         B, H, W, P = qkv.shape
         w, heads = self.window_size, self.num_heads
@@ -430,10 +434,11 @@ def _pad_by_concat(qkv: torch.Tensor, w: int, fill: torch.Tensor | None) -> torc
 
 
 def _pad_and_partition(qkv: torch.Tensor, w: int, fill: torch.Tensor | None) -> torch.Tensor:
-    """``partition_windows`` by padding and reshaping: the ops autograd, tracing, export and compiling see."""
+    """``partition_windows`` by padding and reshaping: the ops autograd, tracing and compiling see (an ONNX export
+    takes ``Attention._exported``)."""
     B, H, W, P = qkv.shape
     pad_b, pad_r = -H % w, -W % w
-    if fill is not None and (qkv.requires_grad or torch.onnx.is_in_onnx_export()):
+    if fill is not None and qkv.requires_grad:
         qkv = _pad_by_concat(qkv, w, fill)
     elif fill is not None:
         padded = qkv.new_empty(B, H + pad_b, W + pad_r, P)
