@@ -36,6 +36,7 @@ def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSes
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_profiling = profile
+    options.profile_file_prefix = str(path.with_suffix(""))  # the trace goes beside the graph, not into the cwd
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -45,9 +46,11 @@ def op_profile(path: Path, threads: int, images: np.ndarray, calls: int = 4) -> 
     for _ in range(calls):
         profiled.run(None, {"images": images})
     totals: collections.Counter = collections.Counter()
-    for event in json.loads(Path(profiled.end_profiling()).read_text()):
+    trace = Path(profiled.end_profiling())
+    for event in json.loads(trace.read_text()):
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             totals[event["args"]["op_name"]] += event["dur"] / 1e3 / calls
+    trace.unlink()
     return dict(totals.most_common())
 
 
@@ -62,14 +65,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from samadapt.export.onnx import deployable_copy
-    from samadapt.models import tiny_vit
     from samadapt.runs import load_run
 
     model, _ = deployable_copy(load_run("lite_medsam", device="cpu").model)
     images = torch.rand(1, 3, model.img_size, model.img_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = model.encode_image(images).numpy()
-    folder = Path(tempfile.mkdtemp(prefix="onnx_encoder_"))
+    with tempfile.TemporaryDirectory(prefix="onnx_encoder_") as folder:
+        compare(model, expected, images.numpy(), Path(folder), args)
+
+
+def compare(model, expected: np.ndarray, images: np.ndarray, folder: Path, args: argparse.Namespace) -> None:
+    from samadapt.models import tiny_vit
+
     graphs = {"export": folder / "encoder.onnx"}
     export_encoder(model, graphs["export"])
     if args.no_strips:
@@ -82,7 +90,7 @@ def main() -> None:
         graphs["export, no strips"] = folder / "no_strips.onnx"
     graphs.update({Path(path).name: Path(path) for path in args.against})
 
-    feeds = {"images": images.numpy()}
+    feeds = {"images": images}
     sessions = {name: session(path, args.threads) for name, path in graphs.items()}
     best = dict.fromkeys(sessions, float("inf"))
     for _ in range(args.repeats):
