@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnxruntime import InferenceSession
 
 from samadapt.errors import ConfigError, UnsupportedExportError
 from samadapt.export.onnx import export_model, export_onnx
@@ -201,6 +202,73 @@ def test_lite_medsam_export_equals_torch(tmp_path):
     # TinyViT pads its 128- and 64-token grids to whole windows: by concatenation, not by ScatterND over the grid
     ops = {node.op_type for node in onnx.load(str(tmp_path / manifest["files"]["image_encoder"]["path"])).graph.node}
     assert "Concat" in ops and "ScatterND" not in ops
+
+
+def tiny_vit_run() -> Run:
+    """A slim TinyViT SAM (LiteMedSAM's layout, 128 x 128): windows that pad at every attention stage, random batch
+    norms and attention biases (constants at init, which would hide a wrong halo or a wrong window order)."""
+    from samadapt.models.registry import assemble_sam
+    from samadapt.models.tiny_vit import TinyViT
+    from tests.models.test_tiny_vit import SLIM, randomize
+
+    torch.manual_seed(0)
+    encoder = TinyViT(img_size=128, **SLIM)
+    randomize(encoder, seed=3)
+    model = assemble_sam(encoder, 128, sam_normalisation=False).eval()
+    return Run(model=model, name="tiny_vit", task="prompt", classes={1: "a"}, manifest=None)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("strip_rows", [1, 5, 23])
+def test_exported_strips_equal_the_blocks(strip_rows, stride, tmp_path, monkeypatch):
+    """An MBConv (stride 1) or a patch merging (stride 2) exported in strips of output rows (one row; 5, the last
+    strip shorter; all rows in one strip) computes the block's numbers on onnxruntime, the image border included."""
+    from samadapt.export.onnx import _export
+    from samadapt.models import tiny_vit
+    from tests.models.test_tiny_vit import randomize
+
+    torch.manual_seed(0)
+    block = tiny_vit.MBConv(8, 4.0) if stride == 1 else tiny_vit.PatchMerging((23, 17), 8, 32, stride=2)
+    randomize(block, seed=2)
+    block.eval()
+    x = torch.randn(2, 8, 23, 17)
+    monkeypatch.setattr(tiny_vit, "_export_in_strips", lambda x, hidden: True)
+    monkeypatch.setattr(tiny_vit, "EXPORT_STRIP_BYTES", strip_rows * 17 * 32 * 4 * stride)
+    _export(block, (x,), tmp_path / "block.onnx", ["x"], ["y"], {"x": {0: "batch"}, "y": {0: "batch"}}, 17)
+    graph = onnx.load(str(tmp_path / "block.onnx")).graph
+    out_rows = (23 - 1) // stride + 1
+    assert sum(n.op_type == "Conv" for n in graph.node) == 3 * -(-out_rows // strip_rows)
+    with torch.no_grad():
+        expected = block(x).numpy()
+    got = InferenceSession(str(tmp_path / "block.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(got[0], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("strip_rows", [1, 5])
+def test_tiny_vit_export_graph_forms_equal_torch(strip_rows, tmp_path, monkeypatch):
+    """TinyViT's export-only graph forms: stage 0's MBConv in strips of rows (forced here: the slim model's stage is
+    under the size they start at; 5 rows leave a shorter last strip) and the window attention with one transpose
+    each way. Same numbers as torch."""
+    from samadapt.models import tiny_vit
+
+    run = tiny_vit_run()
+    hidden = run.model.image_encoder.layers[0].blocks[0].conv1.c.out_channels
+    monkeypatch.setattr(tiny_vit, "_export_in_strips", lambda x, hidden: True)
+    monkeypatch.setattr(tiny_vit, "EXPORT_STRIP_BYTES", strip_rows * 128 * hidden * 4)
+    export_onnx(run, tmp_path)
+    graph = onnx.load(str(tmp_path / "image_encoder.onnx")).graph
+    strips = -(-128 // strip_rows)
+    stage0 = [n for n in graph.node if n.op_type == "Conv" and "/layers.0/blocks." in n.name]
+    assert len(stage0) == 3 * strips * len(run.model.image_encoder.layers[0].blocks)
+    attentions = {n.name.split("/attn/")[0] for n in graph.node if "/attn/" in n.name}
+    transposes = [n for n in graph.node if n.op_type == "Transpose" and "/attn/" in n.name]
+    # in, out and k's (onnxruntime folds that one into the product: FusedMatMul transB)
+    assert len(attentions) == 4 and len(transposes) == 3 * len(attentions)
+    assert_same_predictions(Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path), image())
+    images = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(1))  # the batch axis stays dynamic
+    with torch.inference_mode():
+        expected = run.model.encode_image(images).numpy()
+    np.testing.assert_allclose(OnnxPredictor(tmp_path).encode(images.numpy()), expected, atol=ATOL, rtol=0)
 
 
 # -- manifest, refusals, CLI ---------------------------------------------------------------------------------------

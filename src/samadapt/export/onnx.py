@@ -23,6 +23,11 @@ and returns every mask token's low-res logits ``masks (P, T, 4h, 4w)`` and ``iou
 SAM); the runtime picks token 0 (single mask) or tokens 1.. (multimask), as ``MaskDecoder`` does. Points given
 without a box end with one padding point (label -1), exactly as ``PromptEncoder`` appends it.
 
+The graphs hold standard ONNX ops only (``opset``, default 17; onnxruntime's own optimiser adds its fused ops when a
+session loads them). A TinyViT encoder (LiteMedSAM) is traced in graph forms of the same function that run faster
+on onnxruntime's CPU provider: stage 0 in strips of rows and the window attention with one transpose each way
+(``models/tiny_vit.py``; bench/onnx_encoder.py times them).
+
 Not exported: MSA's 3D depth branch (it attends across the slices of a volume; the exported encoder sees each slice
 on its own, where the branch adds exactly nothing). A run that has one is refused unless ``drop_depth=True``, and
 the manifest then says so.

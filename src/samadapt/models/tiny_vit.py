@@ -23,6 +23,10 @@ folded into the convolution in eval mode, oneDNN's fused convolution / linear + 
 (``cpu_kernels``; stage 0's MBConv and patch merging in strips of rows that stay in cache), no ``norm`` / ``qkv``
 / ``proj`` work on window padding (bench/tiny_vit_forward.py), and, for CPU inference, windows cut (padding included)
 and merged back (padding dropped) by one copy each way (``set_window_copies``).
+
+An ONNX export (``torch.onnx.is_in_onnx_export()``) traces graph forms of the same function that run faster on
+onnxruntime's CPU provider, in standard ONNX ops only: stage 0's MBConv and patch merging in strips of rows
+(``_in_strips``) and the window attention with one transpose each way (``Attention._exported``).
 """
 
 from __future__ import annotations
@@ -144,8 +148,54 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.strips_apply(x, self.conv1.c.out_channels) and not any(m.training for m in self.modules()):
             return cpu_kernels.mbconv(x, self.conv1.folded(), self.conv2.folded(), self.conv3.folded())
+        if torch.onnx.is_in_onnx_export() and _export_in_strips(x, self.conv1.c.out_channels):
+            return _in_strips(x, self.conv1.folded(), self.conv2.folded(), self.conv3.folded(), 1, residual=True)
         out = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return gelu_fresh(add_fresh(x, drop_path(out, self.drop_path, self.training)))
+
+
+# hidden activation per strip of an exported MBConv (float32): 16 rows of LiteMedSAM's 256 x 256 x 256 stage 0, as
+# ``cpu_kernels.STRIP_BYTES``. onnxruntime's CPU provider, one thread, AMD EPYC, ms per encoder call, best of 9 / 11
+# in one process, two runs: whole 565 / 579, strips of 4 rows 557 / -, 8 rows 544 / 562, 16 rows 541 / 552, 32 rows
+# 548 / -. The convolutions gain (their outputs stay in cache); the GELUs, compute-bound, do not.
+EXPORT_STRIP_BYTES = 4 * 2**20
+
+
+def _export_in_strips(x: torch.Tensor, hidden: int) -> bool:
+    """Whether an exported MBConv or patch merging on (B, C, H, W) ``x`` with ``hidden`` expanded channels is written
+    in strips: a hidden activation (one image, float32) over ``cpu_kernels.WHOLE_BYTES``, as the torch path decides."""
+    return x.shape[2] * x.shape[3] * hidden * 4 > cpu_kernels.WHOLE_BYTES
+
+
+def _in_strips(
+    x: torch.Tensor,
+    expand: cpu_kernels.Folded,
+    depthwise: cpu_kernels.Folded,
+    project: cpu_kernels.Folded,
+    stride: int,
+    residual: bool,
+) -> torch.Tensor:
+    """``MBConv`` (``residual``: GELU(x + block(x))) or a patch merging's convolutions (the 3x3 depthwise one of
+    ``stride``) as an ONNX graph of strips of output rows, concatenated: each strip's hidden activations are small
+    enough to stay in cache between the graph's convolutions (``cpu_kernels.mbconv`` does the same in torch).
+
+    Output row r of the depthwise convolution (padding 1) reads hidden rows stride * r - 1 to stride * r + 1: those
+    are recomputed from the input rows (a halo of a row or two), or are the convolution's zero padding at the image
+    border. (B, C, H, W) -> (B, C', H', W'), every op a plain ONNX one.
+    """
+    height, width, hidden = x.shape[2], x.shape[3], expand[0].shape[0]
+    out_height = (height - 1) // stride + 1
+    rows = max(1, EXPORT_STRIP_BYTES // (width * hidden * 4 * stride))
+    strips = []
+    for top in range(0, out_height, rows):
+        bottom = min(top + rows, out_height)
+        low, high = stride * top - 1, stride * (bottom - 1) + 2  # the hidden rows the strip reads
+        h = F.gelu(F.conv2d(x[:, :, max(low, 0) : min(high, height)], *expand))
+        if low < 0 or high > height:  # zero rows for the convolution's padding, at the image border only
+            h = F.pad(h, (0, 0, max(-low, 0), max(high - height, 0)))
+        h = F.conv2d(F.gelu(F.conv2d(h, *depthwise, stride=stride, padding=(0, 1), groups=hidden)), *project)
+        strips.append(F.gelu(x[:, :, top:bottom] + h) if residual else h)
+    return torch.cat(strips, dim=2)
 
 
 class PatchMerging(nn.Module):
@@ -169,6 +219,9 @@ class PatchMerging(nn.Module):
         if cpu_kernels.strips_apply(x, self.conv1.c.out_channels) and not any(m.training for m in self.modules()):
             folded = self.conv1.folded(), self.conv2.folded(), self.conv3.folded()
             x = cpu_kernels.patch_merging(x, *folded, stride=self.conv2.c.stride[0])
+        elif torch.onnx.is_in_onnx_export() and _export_in_strips(x, self.conv1.c.out_channels):
+            folded = self.conv1.folded(), self.conv2.folded(), self.conv3.folded()
+            x = _in_strips(x, *folded, self.conv2.c.stride[0], residual=False)
         else:
             x = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
@@ -282,6 +335,8 @@ class Attention(nn.Module):
             # the reference pads the tokens with zeros before the attention: a zero token normalises to norm.bias
             # and so carries qkv(norm(0)). Fill the padding with that row rather than run norm and qkv on it.
             fill = cpu_kernels.linear(self.norm(x.new_zeros(1, C)), self.qkv)[0]
+        if torch.onnx.is_in_onnx_export():
+            return self._exported(qkv, fill)
         # by copies into / out of fresh window buffers for inference (one pass each way, padding and cropping
         # included); by padding and reshapes where autograd, tracing, export or compiling sees the ops
         by_copy = _window_copies and cpu_kernels.compute_dtype(qkv) is not None
@@ -298,6 +353,25 @@ class Attention(nn.Module):
         else:
             out = grid.reshape(B, nh * w, nw * w, self.dh)[:, :H, :W]  # proj is per token: crop first
         return cpu_kernels.linear(out, self.proj)
+
+    def _exported(self, qkv: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
+        """The attention after ``qkv`` as an ONNX graph with one transpose each way: (B, H, W, P * heads) -> (B, H, W, C).
+
+        The windows and their heads go to the batch axes in one transpose and q, k, v are split from it, already in
+        the (windows, heads, N, d) layout of the products; the output comes back in one transpose too. The eager
+        path's graph (partition, split, a transpose each for q, k and v, one for the heads' output, one to merge
+        the windows) cost 5-14 ms more per LiteMedSAM encoder call on onnxruntime's CPU provider (one thread, AMD
+        EPYC, five runs; e.g. 576 -> 562 ms). Padding is by concatenation (``_pad_by_concat``).
+        """
+        B, H, W, P = qkv.shape
+        w, heads = self.window_size, self.num_heads
+        padded = _pad_by_concat(qkv, w, fill)
+        nh, nw = padded.shape[1] // w, padded.shape[2] // w
+        windows = padded.view(B, nh, w, nw, w, heads, P // heads).permute(0, 1, 3, 5, 2, 4, 6)
+        q, k, v = windows.reshape(B * nh * nw, heads, w * w, P // heads).split([self.key_dim, self.key_dim, self.d], -1)
+        out = biased_attention(q, k, v, self.attention_bias()[None], self.scale, "explicit")  # (G, heads, N, d)
+        out = out.view(B, nh, nw, heads, w, w, self.d).permute(0, 1, 4, 2, 5, 3, 6)  # (B, nh, w, nw, w, heads, d)
+        return cpu_kernels.linear(out.reshape(B, nh * w, nw * w, self.dh)[:, :H, :W], self.proj)
 
 
 def _window_spans(size: int, w: int) -> list[tuple[slice, slice, int]]:
@@ -344,16 +418,28 @@ def merge_windows(windows: torch.Tensor, height: int, width: int) -> torch.Tenso
     return out
 
 
-def _pad_and_partition(qkv: torch.Tensor, w: int, fill: torch.Tensor | None) -> torch.Tensor:
-    """``partition_windows`` by padding and reshaping: the ops autograd, tracing, export and compiling see."""
+def _pad_by_concat(qkv: torch.Tensor, w: int, fill: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, W, P) padded at the bottom / right to whole windows of ``w`` with the (P,) ``fill`` row.
+
+    By concatenation: its backward hands out views of the gradient, where slice assignments would copy the whole
+    padded gradient once per assignment (CopySlices); in an ONNX graph the assignments become ScatterND over the
+    whole grid, where Concat is one copy.
+    """
+    if fill is None:
+        return qkv
     B, H, W, P = qkv.shape
     pad_b, pad_r = -H % w, -W % w
-    if fill is not None and (qkv.requires_grad or torch.onnx.is_in_onnx_export()):
-        # concatenation: its backward hands out views of the gradient, where the slice assignments below would
-        # copy the whole padded gradient once per assignment (CopySlices); in an ONNX graph the assignments become
-        # ScatterND over the whole grid, where Concat is one copy
-        qkv = torch.cat([qkv, fill.expand(B, H, pad_r, P)], dim=2)
-        qkv = torch.cat([qkv, fill.expand(B, pad_b, W + pad_r, P)], dim=1)
+    qkv = torch.cat([qkv, fill.expand(B, H, pad_r, P)], dim=2)
+    return torch.cat([qkv, fill.expand(B, pad_b, W + pad_r, P)], dim=1)
+
+
+def _pad_and_partition(qkv: torch.Tensor, w: int, fill: torch.Tensor | None) -> torch.Tensor:
+    """``partition_windows`` by padding and reshaping: the ops autograd, tracing and compiling see (an ONNX export
+    takes ``Attention._exported``)."""
+    B, H, W, P = qkv.shape
+    pad_b, pad_r = -H % w, -W % w
+    if fill is not None and qkv.requires_grad:
+        qkv = _pad_by_concat(qkv, w, fill)
     elif fill is not None:
         padded = qkv.new_empty(B, H + pad_b, W + pad_r, P)
         padded[:, :H, :W] = qkv
