@@ -76,17 +76,17 @@ def main() -> None:
 
 
 def compare(model, expected: np.ndarray, images: np.ndarray, folder: Path, args: argparse.Namespace) -> None:
-    from samadapt.models import tiny_vit
+    from samadapt.models import cpu_kernels
 
     graphs = {"export": folder / "encoder.onnx"}
     export_encoder(model, graphs["export"])
     if args.no_strips:
-        in_strips = tiny_vit._export_in_strips
-        tiny_vit._export_in_strips = lambda x, hidden: False
+        large_hidden = cpu_kernels.large_hidden
+        cpu_kernels.large_hidden = lambda x, hidden, itemsize: False
         try:
             export_encoder(model, folder / "no_strips.onnx")
         finally:
-            tiny_vit._export_in_strips = in_strips
+            cpu_kernels.large_hidden = large_hidden
         graphs["export, no strips"] = folder / "no_strips.onnx"
     graphs.update({Path(path).name: Path(path) for path in args.against})
 

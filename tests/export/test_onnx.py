@@ -224,7 +224,7 @@ def test_exported_strips_equal_the_blocks(strip_rows, stride, tmp_path, monkeypa
     """An MBConv (stride 1) or a patch merging (stride 2) exported in strips of output rows (one row; 5, the last
     strip shorter; all rows in one strip) computes the block's numbers on onnxruntime, the image border included."""
     from samadapt.export.onnx import _export
-    from samadapt.models import tiny_vit
+    from samadapt.models import cpu_kernels, tiny_vit
     from tests.models.test_tiny_vit import randomize
 
     torch.manual_seed(0)
@@ -232,8 +232,8 @@ def test_exported_strips_equal_the_blocks(strip_rows, stride, tmp_path, monkeypa
     randomize(block, seed=2)
     block.eval()
     x = torch.randn(2, 8, 23, 17)
-    monkeypatch.setattr(tiny_vit, "_export_in_strips", lambda x, hidden: True)
-    monkeypatch.setattr(tiny_vit, "EXPORT_STRIP_BYTES", strip_rows * 17 * 32 * 4 * stride)
+    monkeypatch.setattr(cpu_kernels, "large_hidden", lambda x, hidden, itemsize: True)
+    monkeypatch.setattr(cpu_kernels, "STRIP_BYTES", strip_rows * 17 * 32 * 4 * stride)
     _export(block, (x,), tmp_path / "block.onnx", ["x"], ["y"], {"x": {0: "batch"}, "y": {0: "batch"}}, 17)
     graph = onnx.load(str(tmp_path / "block.onnx")).graph
     out_rows = (23 - 1) // stride + 1
@@ -249,12 +249,12 @@ def test_tiny_vit_export_graph_forms_equal_torch(strip_rows, tmp_path, monkeypat
     """TinyViT's export-only graph forms: stage 0's MBConv in strips of rows (forced here: the slim model's stage is
     under the size they start at; 5 rows leave a shorter last strip) and the window attention with one transpose
     each way. Same numbers as torch."""
-    from samadapt.models import tiny_vit
+    from samadapt.models import cpu_kernels
 
     run = tiny_vit_run()
     hidden = run.model.image_encoder.layers[0].blocks[0].conv1.c.out_channels
-    monkeypatch.setattr(tiny_vit, "_export_in_strips", lambda x, hidden: True)
-    monkeypatch.setattr(tiny_vit, "EXPORT_STRIP_BYTES", strip_rows * 128 * hidden * 4)
+    monkeypatch.setattr(cpu_kernels, "large_hidden", lambda x, hidden, itemsize: True)
+    monkeypatch.setattr(cpu_kernels, "STRIP_BYTES", strip_rows * 128 * hidden * 4)
     export_onnx(run, tmp_path)
     graph = onnx.load(str(tmp_path / "image_encoder.onnx")).graph
     strips = -(-128 // strip_rows)

@@ -42,7 +42,9 @@ _strips = True
 
 # hidden activation per strip of ``mbconv`` and ``patch_merging``: 16 rows of LiteMedSAM's 256 x 256 x 256 stage 0
 # in float32, 32 in bf16. Best of 1 to 8 MiB (one thread, AMD EPYC with 1 MiB of L2 per core and 32 MiB of L3):
-# smaller strips recompute more halo rows and pay more per-call overhead, larger ones fall out of cache.
+# smaller strips recompute more halo rows and pay more per-call overhead, larger ones fall out of cache. The ONNX
+# export's strips (``tiny_vit._in_strips``) measured best at the same size on onnxruntime: 4, 8, 16, 32 rows ->
+# 557, 544 / 562, 541 / 552, 548 ms per encoder call, whole blocks 565 / 579 (one thread, two runs).
 STRIP_BYTES = 4 * 2**20
 # blocks whose hidden activation (one image) is at most this run whole: strips were slower there (LiteMedSAM's later
 # patch mergings, 10 and 5 MiB in float32: 5.4 -> 5.7 and 6.0 -> 6.5 ms, one thread); its stage 0 has 32 and 64 MiB
@@ -132,6 +134,18 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu
 Folded = tuple[torch.Tensor, torch.Tensor]  # a convolution's (weight, bias) with its batch norm folded in
 
 
+def large_hidden(x: torch.Tensor, hidden: int, itemsize: int) -> bool:
+    """Whether a block expanding (B, C, H, W) ``x`` to ``hidden`` channels of ``itemsize`` bytes should run in strips:
+    its hidden activation (one image) is over ``WHOLE_BYTES``."""
+    return x.shape[2] * x.shape[3] * hidden * itemsize > WHOLE_BYTES
+
+
+def strip_rows(width: int, hidden: int, itemsize: int, stride: int) -> int:
+    """Output rows per strip: ``STRIP_BYTES`` of hidden activation (``hidden`` channels of ``itemsize`` bytes, on
+    input rows ``width`` wide, ``stride`` of them per output row), at least one."""
+    return max(1, STRIP_BYTES // (width * hidden * itemsize * stride))
+
+
 def strips_apply(x: torch.Tensor, hidden: int) -> bool:
     """Whether ``mbconv`` and ``patch_merging`` with ``hidden`` channels after the expansion should run on ``x``: a
     channels-last (B, C, H, W) tensor (its strips of rows are then contiguous), for inference where the fused kernels
@@ -142,7 +156,7 @@ def strips_apply(x: torch.Tensor, hidden: int) -> bool:
         and dtype is not None
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
-        and x.shape[2] * x.shape[3] * hidden * dtype.itemsize > WHOLE_BYTES
+        and large_hidden(x, hidden, dtype.itemsize)
         and hasattr(torch.ops.mkldnn._convolution_pointwise, "binary")
     )
 
@@ -173,7 +187,7 @@ def _in_strips(
     expand, depthwise, project = ((w.to(dtype), b.to(dtype)) for w, b in (expand, depthwise, project))
     batch, _, height, width = x.shape
     out_height, out_width = (height - 1) // stride + 1, (width - 1) // stride + 1  # 3x3, padding 1
-    rows = max(1, STRIP_BYTES // (width * expand[0].shape[0] * expand[0].element_size() * stride))
+    rows = strip_rows(width, expand[0].shape[0], expand[0].element_size(), stride)
     shape = (batch, project[0].shape[0], out_height, out_width)
     out = torch.empty(shape, dtype=x.dtype if residual else dtype, device=x.device, memory_format=torch.channels_last)
     for image in range(batch):

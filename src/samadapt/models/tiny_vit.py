@@ -148,23 +148,10 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.strips_apply(x, self.conv1.c.out_channels) and not any(m.training for m in self.modules()):
             return cpu_kernels.mbconv(x, self.conv1.folded(), self.conv2.folded(), self.conv3.folded())
-        if torch.onnx.is_in_onnx_export() and _export_in_strips(x, self.conv1.c.out_channels):
+        if torch.onnx.is_in_onnx_export() and cpu_kernels.large_hidden(x, self.conv1.c.out_channels, 4):
             return _in_strips(x, self.conv1.folded(), self.conv2.folded(), self.conv3.folded(), 1, residual=True)
         out = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return gelu_fresh(add_fresh(x, drop_path(out, self.drop_path, self.training)))
-
-
-# hidden activation per strip of an exported MBConv (float32): 16 rows of LiteMedSAM's 256 x 256 x 256 stage 0, as
-# ``cpu_kernels.STRIP_BYTES``. onnxruntime's CPU provider, one thread, AMD EPYC, ms per encoder call, best of 9 / 11
-# in one process, two runs: whole 565 / 579, strips of 4 rows 557 / -, 8 rows 544 / 562, 16 rows 541 / 552, 32 rows
-# 548 / -. The convolutions gain (their outputs stay in cache); the GELUs, compute-bound, do not.
-EXPORT_STRIP_BYTES = 4 * 2**20
-
-
-def _export_in_strips(x: torch.Tensor, hidden: int) -> bool:
-    """Whether an exported MBConv or patch merging on (B, C, H, W) ``x`` with ``hidden`` expanded channels is written
-    in strips: a hidden activation (one image, float32) over ``cpu_kernels.WHOLE_BYTES``, as the torch path decides."""
-    return x.shape[2] * x.shape[3] * hidden * 4 > cpu_kernels.WHOLE_BYTES
 
 
 def _in_strips(
@@ -177,7 +164,9 @@ def _in_strips(
 ) -> torch.Tensor:
     """``MBConv`` (``residual``: GELU(x + block(x))) or a patch merging's convolutions (the 3x3 depthwise one of
     ``stride``) as an ONNX graph of strips of output rows, concatenated: each strip's hidden activations are small
-    enough to stay in cache between the graph's convolutions (``cpu_kernels.mbconv`` does the same in torch).
+    enough to stay in cache between the graph's convolutions (``cpu_kernels.mbconv`` does the same in torch, with
+    oneDNN's fused ops; the strips are as tall, ``cpu_kernels.strip_rows``). The convolutions gain on onnxruntime
+    (their outputs stay in cache); its GELUs, compute-bound, do not.
 
     Output row r of the depthwise convolution (padding 1) reads hidden rows stride * r - 1 to stride * r + 1: those
     are recomputed from the input rows (a halo of a row or two), or are the convolution's zero padding at the image
@@ -185,7 +174,7 @@ def _in_strips(
     """
     height, width, hidden = x.shape[2], x.shape[3], expand[0].shape[0]
     out_height = (height - 1) // stride + 1
-    rows = max(1, EXPORT_STRIP_BYTES // (width * hidden * 4 * stride))
+    rows = cpu_kernels.strip_rows(width, hidden, 4, stride)  # float32, the graph's dtype
     strips = []
     for top in range(0, out_height, rows):
         bottom = min(top + rows, out_height)
@@ -219,7 +208,7 @@ class PatchMerging(nn.Module):
         if cpu_kernels.strips_apply(x, self.conv1.c.out_channels) and not any(m.training for m in self.modules()):
             folded = self.conv1.folded(), self.conv2.folded(), self.conv3.folded()
             x = cpu_kernels.patch_merging(x, *folded, stride=self.conv2.c.stride[0])
-        elif torch.onnx.is_in_onnx_export() and _export_in_strips(x, self.conv1.c.out_channels):
+        elif torch.onnx.is_in_onnx_export() and cpu_kernels.large_hidden(x, self.conv1.c.out_channels, 4):
             folded = self.conv1.folded(), self.conv2.folded(), self.conv3.folded()
             x = _in_strips(x, *folded, self.conv2.c.stride[0], residual=False)
         else:
