@@ -122,3 +122,24 @@ def test_training_and_inference_attention_paths_agree():
     assert training.requires_grad
     assert relative_error(inference, expected) < 1e-5
     assert relative_error(training.detach(), expected) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_inference_bias_in_chunks_of_query_rows_is_the_whole_bias(rows, monkeypatch):
+    """Chunks of 1, 3 (a shorter last one) and 7 grid rows of a 7 x 5 grid: every query sees the same bias and
+    attention as with the whole (B, heads, N, N) bias built at once."""
+    from samadapt.models import vit
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 35, 8, generator=g) for _ in range(3))
+    rel_h, rel_w = torch.randn(13, 8, generator=g), torch.randn(9, 8, generator=g)
+    whole = vit.relative_position_bias(q, rel_h, rel_w, (7, 5))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=whole)
+    monkeypatch.setattr(vit, "BIAS_CHUNK_BYTES", rows * 2 * 3 * 5 * 35 * 4)  # rows x (B, heads, W, N) float32
+    adds = []
+    add = torch.add
+    monkeypatch.setattr(vit.torch, "add", lambda *a, **kw: adds.append(1) or add(*a, **kw))
+    with torch.no_grad():
+        got = vit.attention_with_rel_pos(q, k, v, rel_h, rel_w, (7, 5))
+    assert len(adds) == -(-7 // rows)  # one bias chunk per call of the fused kernel
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -157,6 +157,11 @@ class Attention(nn.Module):
 
 # grids up to this many tokens (SAM's 14 x 14 windows) train faster with explicit attention than with fused kernels
 EXPLICIT_ATTENTION_MAX_TOKENS = 400
+# bias built per chunk of query rows for inference: one reused buffer of at most this size instead of the whole
+# (B, heads, N, N) bias, 805 MB per ViT-B global block at 1024 (4096 tokens, 12 heads), fresh on every call. Its page
+# faults made that block 396-401 ms with huge pages and 680-702 without; in chunks of 4-16 grid rows 338-372 ms
+# either way, the same numbers (one call, 2 threads, AMD EPYC). SAM's 14 x 14 windows fit in one chunk.
+BIAS_CHUNK_BYTES = 64 * 2**20
 
 
 def attention_with_rel_pos(
@@ -165,7 +170,8 @@ def attention_with_rel_pos(
     """softmax(q k^T / sqrt(d) + rel-pos bias) v for (B, heads, N, d) tensors on an (H, W) grid of N tokens.
 
     Three exact formulations, chosen by what is cheapest (measured on CPU, docs/benchmarks.md):
-    - no gradient needed: the bias as an additive mask of scaled_dot_product_attention;
+    - no gradient needed: the bias as an additive mask of scaled_dot_product_attention, built for a few rows of
+      queries at a time (``BIAS_CHUNK_BYTES``);
     - gradient needed, small grids (windows): explicit softmax(q k^T + bias) v, whose (N, N) tensors are small;
     - gradient needed, large grids (global blocks): the bias folded into the dot product. bias[i, j] =
       <rel_h[i], onehot(row j)> + <rel_w[i], onehot(col j)>, so q' = [q / sqrt(d), rel_h, rel_w] and
@@ -173,8 +179,10 @@ def attention_with_rel_pos(
       backward pass (fused kernels apply), which is where SAM's explicit attention spends its memory.
     """
     if not (torch.is_grad_enabled() and (q.requires_grad or rel_pos_h.requires_grad)):
-        bias = relative_position_bias(q, rel_pos_h, rel_pos_w, size)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # a graph (ONNX export): no out= buffers
+            bias = relative_position_bias(q, rel_pos_h, rel_pos_w, size)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return _attention_with_bias_in_chunks(q, k, v, rel_pos_h, rel_pos_w, size)
     if q.shape[2] <= EXPLICIT_ATTENTION_MAX_TOKENS:
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + relative_position_bias(q, rel_pos_h, rel_pos_w, size)
         return scores.softmax(dim=-1) @ v
@@ -190,6 +198,30 @@ def attention_with_rel_pos(
     q_aug, k_aug = F.pad(q_aug, (0, width - q_aug.shape[-1])), F.pad(k_aug, (0, width - k_aug.shape[-1]))
     out = F.scaled_dot_product_attention(q_aug, k_aug, F.pad(v, (0, width - d)), scale=1.0)
     return out[..., :d]
+
+
+def _attention_with_bias_in_chunks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size
+) -> torch.Tensor:
+    """The inference form of ``attention_with_rel_pos``: for each chunk of query rows of the grid, their rows of
+    ``relative_position_bias`` written into one reused buffer and used as the additive mask of
+    scaled_dot_product_attention. Each query's row is computed as with the whole bias."""
+    H, W = size
+    B, heads, N, _ = q.shape
+    bias_h, bias_w = _rel_pos_terms(q, rel_pos_h, rel_pos_w, size)
+    dtype = torch.promote_types(bias_h.dtype, bias_w.dtype)
+    rows = max(1, min(H, BIAS_CHUNK_BYTES // (B * heads * W * N * dtype.itemsize)))
+    chunk = q.new_empty(B, heads, rows, W, H, W, dtype=dtype)
+    out = q.new_empty(B, heads, N, v.shape[-1])
+    for top in range(0, H, rows):
+        n = min(rows, H - top)
+        bias = torch.add(
+            bias_h[:, :, top : top + n, :, :, None], bias_w[:, :, top : top + n, :, None, :], out=chunk[:, :, :n]
+        )
+        queries = slice(top * W, (top + n) * W)
+        mask = bias.view(B, heads, n * W, N).to(q.dtype)
+        out[:, :, queries] = F.scaled_dot_product_attention(q[:, :, queries], k, v, attn_mask=mask)
+    return out
 
 
 def _rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size) -> tuple:
