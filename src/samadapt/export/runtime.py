@@ -95,8 +95,8 @@ def _linear_taps(in_size: int, out_size: int, antialias: bool) -> tuple[np.ndarr
     wanted = first[:, None] + np.arange(max(int((last - first).max()) + 1, 2))
     columns = np.minimum(wanted, in_size - 1)
     taps = np.where(wanted < in_size, np.take_along_axis(weights, columns, axis=1), np.float32(0.0))
-    columns.flags.writeable = taps.flags.writeable = False
-    return columns, taps.astype(np.float32)
+    columns.flags.writeable = taps.flags.writeable = False  # cached: shared by every call
+    return columns, taps
 
 
 def _resize_axis(array: np.ndarray, axis: int, out_size: int, antialias: bool) -> np.ndarray:

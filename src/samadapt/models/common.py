@@ -41,6 +41,26 @@ class LayerNorm2d(nn.Module):
         return normed.permute(0, 3, 1, 2)
 
 
+def pad_to_windows(x: torch.Tensor, window: int, value: torch.Tensor | None) -> torch.Tensor:
+    """Pad (B, H, W, C) at the bottom / right up to multiples of ``window`` with the vector ``value`` (zeros when
+    None).
+
+    By concatenation: its backward hands out views of the gradient, where slice assignments would copy the whole
+    padded gradient once per assignment (CopySlices); in an ONNX graph the assignments become ScatterND over the
+    whole grid, where Concat is one copy.
+    """
+    B, H, W, C = x.shape
+    pad_h, pad_w = -H % window, -W % window
+    if not (pad_h or pad_w):
+        return x
+    fill = (value if value is not None else x.new_zeros(C)).to(x.dtype)
+    if pad_w:
+        x = torch.cat([x, fill.expand(B, H, pad_w, C)], dim=2)
+    if pad_h:
+        x = torch.cat([x, fill.expand(B, pad_h, W + pad_w, C)], dim=1)
+    return x
+
+
 ATTENTION_PATHS = ("auto", "fused", "explicit", "graph")
 # tokens per window from which oneDNN Graph's fused attention beats the other paths on the CPU, one slice, one
 # thread: TinyViT's 14 x 14 windows (196; 25 windows x 5 heads) fp32 8.6 -> 4.5 ms against fused (6.1 -> 2.8 at two

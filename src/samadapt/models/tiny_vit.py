@@ -40,7 +40,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from samadapt.models import cpu_kernels
-from samadapt.models.common import ATTENTION_PATHS, IdentitySlot, LayerNorm2d, ZeroSlot, biased_attention, frozen_prefix
+from samadapt.models.common import (
+    ATTENTION_PATHS,
+    IdentitySlot,
+    LayerNorm2d,
+    ZeroSlot,
+    biased_attention,
+    frozen_prefix,
+    pad_to_windows,
+)
 
 _window_copies = True
 
@@ -350,11 +358,11 @@ class Attention(nn.Module):
         the (windows, heads, N, d) layout of the products; the output comes back in one transpose too. The eager
         path's graph (partition, split, a transpose each for q, k and v, one for the heads' output, one to merge
         the windows) cost 5-14 ms more per LiteMedSAM encoder call on onnxruntime's CPU provider (one thread, AMD
-        EPYC, five runs; e.g. 576 -> 562 ms). Padding is by concatenation (``_pad_by_concat``).
+        EPYC, five runs; e.g. 576 -> 562 ms). Padding is by concatenation (``common.pad_to_windows``).
         """
         B, H, W, P = qkv.shape
         w, heads = self.window_size, self.num_heads
-        padded = _pad_by_concat(qkv, w, fill)
+        padded = pad_to_windows(qkv, w, fill)
         nh, nw = padded.shape[1] // w, padded.shape[2] // w
         windows = padded.view(B, nh, w, nw, w, heads, P // heads).permute(0, 1, 3, 5, 2, 4, 6)
         q, k, v = windows.reshape(B * nh * nw, heads, w * w, P // heads).split([self.key_dim, self.key_dim, self.d], -1)
@@ -407,28 +415,13 @@ def merge_windows(windows: torch.Tensor, height: int, width: int) -> torch.Tenso
     return out
 
 
-def _pad_by_concat(qkv: torch.Tensor, w: int, fill: torch.Tensor | None) -> torch.Tensor:
-    """(B, H, W, P) padded at the bottom / right to whole windows of ``w`` with the (P,) ``fill`` row.
-
-    By concatenation: its backward hands out views of the gradient, where slice assignments would copy the whole
-    padded gradient once per assignment (CopySlices); in an ONNX graph the assignments become ScatterND over the
-    whole grid, where Concat is one copy.
-    """
-    if fill is None:
-        return qkv
-    B, H, W, P = qkv.shape
-    pad_b, pad_r = -H % w, -W % w
-    qkv = torch.cat([qkv, fill.expand(B, H, pad_r, P)], dim=2)
-    return torch.cat([qkv, fill.expand(B, pad_b, W + pad_r, P)], dim=1)
-
-
 def _pad_and_partition(qkv: torch.Tensor, w: int, fill: torch.Tensor | None) -> torch.Tensor:
     """``partition_windows`` by padding and reshaping: the ops autograd, tracing and compiling see (an ONNX export
     takes ``Attention._exported``)."""
     B, H, W, P = qkv.shape
     pad_b, pad_r = -H % w, -W % w
     if fill is not None and qkv.requires_grad:
-        qkv = _pad_by_concat(qkv, w, fill)
+        qkv = pad_to_windows(qkv, w, fill)
     elif fill is not None:
         padded = qkv.new_empty(B, H + pad_b, W + pad_r, P)
         padded[:, :H, :W] = qkv

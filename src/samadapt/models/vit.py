@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from samadapt.models import cpu_kernels
-from samadapt.models.common import IdentitySlot, LayerNorm2d, MLPBlock, ZeroSlot
+from samadapt.models.common import IdentitySlot, LayerNorm2d, MLPBlock, ZeroSlot, pad_to_windows
 
 
 class ImageEncoderViT(nn.Module):
@@ -144,7 +144,7 @@ class Attention(nn.Module):
         B, H, W, _ = x.shape
         qkv = cpu_kernels.linear(x, self.qkv)
         if self.window_size > 0:
-            qkv = _pad_with(qkv, self.window_size, self.qkv.bias)
+            qkv = pad_to_windows(qkv, self.window_size, self.qkv.bias)
             qkv, padded = window_partition(qkv, self.window_size)
         grid = qkv.shape[1:3]
         qkv = qkv.reshape(qkv.shape[0], grid[0] * grid[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -232,20 +232,6 @@ def _rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Te
     bias_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, _gather_rel_pos(rel_pos_h, H).to(q.dtype))
     bias_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, _gather_rel_pos(rel_pos_w, W).to(q.dtype))
     return bias_h, bias_w
-
-
-def _pad_with(x: torch.Tensor, window: int, value: torch.Tensor | None) -> torch.Tensor:
-    """Pad (B, H, W, C) up to multiples of ``window`` with the vector ``value`` (zeros when None)."""
-    B, H, W, C = x.shape
-    pad_h, pad_w = (window - H % window) % window, (window - W % window) % window
-    if not (pad_h or pad_w):
-        return x
-    fill = (value if value is not None else x.new_zeros(C)).to(x.dtype)
-    if pad_w:
-        x = torch.cat([x, fill.expand(B, H, pad_w, C)], dim=2)
-    if pad_h:
-        x = torch.cat([x, fill.expand(B, pad_h, W + pad_w, C)], dim=1)
-    return x
 
 
 def relative_position_bias(
