@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/scale.py --out docs/benchmarks.md
 	THP_MEM_ALLOC_ENABLE=1 $(PY) bench/onnx_bench.py --out docs/benchmarks.md
 
-# the accuracy protocol (docs/accuracy.md); the full grid is hours on 2 CPU cores: ACCURACY_ARGS=--quick for ~15 min
+# the accuracy protocol (docs/accuracy.md): 6 tasks, the full grid is days on 2 CPU cores; ACCURACY_ARGS=--quick touches every task once
 ACCURACY_ARGS ?=
 bench-accuracy: $(STAMP)
 	$(PY) bench/accuracy.py $(ACCURACY_ARGS)

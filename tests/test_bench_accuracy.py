@@ -1,17 +1,25 @@
 """The accuracy protocol's own logic (bench/accuracy.py): exemplar choice, held-out gap, the copy baseline, the doc."""
 
 import json
+import math
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from bench.accuracy import (
+    SHARED_DATA,
+    TASKS,
+    Grid,
     Task,
     candidates,
+    cell_slices,
     choose_exemplars,
     copy_nearest,
     merged_results,
+    run_cell,
+    shape_interpolation,
+    shared_dataset,
     table,
     write_accuracy_section,
 )
@@ -117,3 +125,92 @@ def test_results_of_calls_per_seed_merge_into_one_table_and_other_grids_are_refu
     assert "| regions | 3 | samed | none | 0.400 ± 0.141 |" in row and "| 0.300 ± 0.141 |" in row
     with pytest.raises(SystemExit, match="differs .* in steps"):
         merged_results([first, _results(tmp_path / "c.json", 2, 0.3, 0.2, steps=80)])
+
+
+# ---------------------------------------------------------------------- protocol v2: the real CT / MRI of ../shared/data
+def _crop_dataset(tmp_path, name: str, cases: int, box: tuple[slice, slice, slice]):
+    """A small MSD dataset from the first ``cases`` cases of a real shared dataset, cropped to ``box`` ((z, y, x) of
+    SimpleITK's array order): real intensities, labels and spacing, written to tmp_path (never into the repo)."""
+    from samadapt.data.io import read_volume
+
+    source = load_dataset(shared_dataset(name))
+    root = tmp_path / name
+    pairs = []
+    for case in source.cases[:cases]:
+        image, label = read_volume(case.image), read_volume(case.label)
+        pairs.append((case.id, image.array[box], label.array[box].astype(np.uint8), image.spacing))
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    entries = []
+    for case_id, image, label, spacing in pairs:
+        for array, folder in ((image, "imagesTr"), (label, "labelsTr")):
+            affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+            nib.save(nib.Nifti1Image(np.transpose(array, (2, 1, 0)), affine), str(root / folder / f"{case_id}.nii.gz"))
+        entries.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+    meta = json.loads((source.root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "training": entries, "numTraining": len(entries)}))
+    return root
+
+
+def test_the_shared_tasks_are_registered_and_read_in_place():
+    for name, folder in (("abdomen_ct", "abdomen_ct"), ("hn_oar", "hn_oar"), ("brats", "brats_flair")):
+        assert TASKS[name].dataset() == SHARED_DATA / folder
+    assert TASKS["hn_oar"].scope == TASKS["brats"].scope == "patients" and TASKS["abdomen_ct"].scope == "slices"
+    spec = load_dataset(TASKS["abdomen_ct"].dataset())
+    assert spec.preprocessing.startswith("ct_") and len(spec.classes) == 8
+
+
+def test_cross_patient_cells_train_on_two_patients_and_score_the_others_whole(tmp_path):
+    # head-and-neck CT, real: 4 patients, slices 0-40 (the first ones hold no organ), a 64 x 64 crop of the neck
+    root = _crop_dataset(tmp_path, "hn_oar", 4, (slice(0, 40), slice(32, 96), slice(32, 96)))
+    task = Task("hn", lambda: root, None, "strata", scope="patients")
+    data = cell_slices(task, 3, 0, gap=3, max_test=12, max_volumes=1)
+    cases = sorted(case.id for case in data.spec.cases)
+    exemplar_cases = [data.slices.slices[i][0] for i in data.exemplars]
+    assert sorted(set(exemplar_cases)) == cases[:2] and [exemplar_cases.count(c) for c in cases[:2]] == [3, 3]
+    assert data.test_cases == cases[2:3] and data.held_out == 1 and data.test == []
+    # target-free slices for a prompted recipe come from the training patients too, never from a test patient
+    items = data.training_items(prompted=True)
+    assert len(items) == 6 + 1 and {item["case"] for item in items} <= set(cases[:2])
+    assert cell_slices(task, 3, 0, 3, 12, 1).exemplars == data.exemplars  # seeded
+    assert cell_slices(task, 3, 1, 3, 12, 1).exemplars != data.exemplars
+
+
+def test_shape_interpolation_fills_between_exemplars_of_the_real_abdomen(tmp_path):
+    # abdominal CT, real: 30 slices through liver and left kidney (in this volume's order, slices 145-174)
+    root = _crop_dataset(tmp_path, "abdomen_ct", 1, (slice(145, 175), slice(None), slice(None)))
+    slices = SliceDataset(load_dataset(root))
+    classes = {5: "liver", 3: "left kidney"}
+    index = {z: i for i, (_, z, _) in enumerate(slices.slices)}
+    exemplars = [index[5], index[25]]
+    # the exemplars themselves come back exactly; a slice between them is a close blend; outside them: empty
+    exact = shape_interpolation(slices, exemplars, [slices[index[25]]], classes)
+    assert exact["per_class"]["liver"]["dice"] == 1.0
+    between = shape_interpolation(slices, exemplars, [slices[index[15]]], classes)
+    copied = copy_nearest(slices, exemplars, [slices[index[15]]], classes)
+    # the liver changes smoothly over these 30 mm: the blend beats copying the nearer exemplar (0.77 vs 0.45)
+    assert between["per_class"]["liver"]["dice"] > max(0.7, copied["per_class"]["liver"]["dice"] + 0.2)
+    assert between["mean_dice"] > copied["mean_dice"]
+    outside = shape_interpolation(slices, exemplars, [slices[index[2]]], classes)
+    assert outside["per_class"]["liver"]["dice"] == 0.0
+
+
+@pytest.mark.slow
+def test_a_cross_patient_cell_runs_end_to_end_and_is_scored_in_3d(tmp_path):
+    root = _crop_dataset(tmp_path, "hn_oar", 3, (slice(50, 58), slice(32, 96), slice(32, 96)))
+    task = Task("hn", lambda: root, (1, 2), "strata", scope="patients")
+    grid = Grid(["hn"], ["samed"], [1], [0], steps=2, batch_size=2, max_test=4, gap=3, lr={}, overrides=[])
+    cell = run_cell(task, 1, 0, grid, tmp_path / "runs", log=lambda message: None)
+    assert cell["scope"] == "patients" and cell["held_out"] == 1
+    assert "copy nearest exemplar" not in cell["results"]  # within-volume baselines only
+    assert set(cell["results"]["un-adapted"]) == {"point:1", "point:3", "box"}
+    box = cell["results"]["un-adapted"]["box"]
+    assert 0.0 < box["dice"] <= 1.0 and 0.0 <= box["nsd"] <= 1.0 and set(box["per_class_dice"]) == {
+        "brainstem",
+        "spinal cord",
+    }
+    samed = cell["results"]["samed"]
+    assert samed["train"]["steps"] == 2 and math.isfinite(samed["none"]["dice"])
+    rows = table([cell], Grid(["hn"], ["samed"], [1], [0], 2, 2, 4, 3, {}, []))
+    assert "| hn | 1 | samed | none |" in rows[-1] and "un-adapted: box" in rows[-1]
+    assert f"| {box['dice']:.3f} |" in rows[-1]
