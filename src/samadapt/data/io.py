@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +22,9 @@ from PIL import Image
 
 from samadapt.errors import DataError, InputNotFoundError
 from samadapt.files import atomic_write
+
+if TYPE_CHECKING:
+    from samadapt.data.dicom import DicomSeries
 
 NIFTI = (".nii", ".nii.gz")
 ITK = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -42,6 +46,7 @@ class Volume:
         affine: 4x4 matrix from voxel indices (x, y, z) = (i, j, k) to RAS world millimetres (NIfTI convention).
         path: where it was read from.
         header: the NIfTI header when read from NIfTI (kept to write labels back with the same header).
+        dicom: the DICOM series it was read from (UIDs, orientation, files in Z order), for outputs that refer to it.
     """
 
     array: np.ndarray
@@ -49,6 +54,7 @@ class Volume:
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
     path: Path | None = None
     header: nib.Nifti1Header | None = None
+    dicom: DicomSeries | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -82,12 +88,13 @@ def suffix_of(path: str | Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
-def read_volume(path: str | Path, key: str | None = None) -> Volume:
+def read_volume(path: str | Path, key: str | None = None, series: str | None = None) -> Volume:
     """Read NIfTI, NRRD / MHA / MHD, a DICOM series (a directory), PNG / JPEG / BMP / TIFF, or NPZ.
 
     Args:
-        path: the file, or a directory holding one DICOM series.
+        path: the file, or a directory holding DICOM series (``data.dicom``: geometry checked, ``volume.dicom`` set).
         key: NPZ only: the array to read (default: the first of ``image``, ``imgs``, ``label``, ``gts``, ``seg``).
+        series: a directory only: the SeriesInstanceUID to read when it holds several series.
 
     Raises:
         FileNotFoundError: the path does not exist. DataError: unknown format, or an unreadable / corrupt file.
@@ -98,10 +105,20 @@ def read_volume(path: str | Path, key: str | None = None) -> Volume:
     suffix = suffix_of(path)
     try:
         if path.is_dir():
-            return _read_dicom_series(path)
+            from samadapt.data.dicom import read_series
+
+            return read_series(path, series)
+        if series is not None:
+            raise DataError(f"{path}: --series picks a series of a DICOM folder; this is a file")
         if suffix in NIFTI:
             return _read_nifti(path)
-        if suffix in ITK or suffix == ".dcm":
+        if suffix == ".dcm":
+            from samadapt.data.dicom import series_of_file
+
+            volume = _from_itk(sitk.ReadImage(str(path)), path)
+            volume.dicom = series_of_file(path)  # one slice alone is a 2D image; still referable
+            return volume
+        if suffix in ITK:
             return _from_itk(sitk.ReadImage(str(path)), path)
         if suffix in PICTURES:
             return _read_picture(path)
@@ -173,17 +190,6 @@ def _from_itk(image: sitk.Image, path: Path) -> Volume:
     affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing_xyz)
     affine[:3, 3] = _LPS_TO_RAS @ np.asarray(origin)
     return Volume(array=array, spacing=tuple(float(s) for s in spacing_xyz[::-1]), affine=affine, path=path)
-
-
-def _read_dicom_series(folder: Path) -> Volume:
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise DataError(f"{folder}: a directory without a DICOM series")
-    if len(series) > 1:
-        raise DataError(f"{folder}: holds {len(series)} DICOM series; point to one series per directory")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    return _from_itk(reader.Execute(), folder)
 
 
 def _read_picture(path: Path) -> Volume:

@@ -1,0 +1,267 @@
+"""DICOM out: label volumes as a DICOM Segmentation (highdicom) or an RT Structure Set, referencing the source series.
+
+Both need the volume read from DICOM (``volume.dicom``, set by ``data.dicom``): they reference its study, series,
+frame of reference and each slice's SOP instance, and take its frame geometry. Each class becomes one segment / ROI
+named as the class, coded with SNOMED CT where the name is one of ``TERMS`` (laterality as a modifier), and the
+samadapt version, run and adapter checksum identify the algorithm.
+
+Formats: ``dicom-seg`` (``.dcm`` outputs by default) and ``rtstruct`` (``rtstruct.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from samadapt import __version__
+from samadapt.data.io import Volume
+from samadapt.errors import ConfigError, DataError
+from samadapt.files import atomic_write
+
+DICOM_FORMATS = ("dicom-seg", "rtstruct")
+ANATOMY = codes.SCT.AnatomicalStructure
+ALTERED = codes.SCT.MorphologicallyAbnormalStructure
+TISSUE = codes.SCT.Tissue
+# class name (lower case, words only) -> (category, type); laterality words are read apart (``coded_terms``)
+TERMS: dict[str, tuple[Code, Code]] = {
+    "liver": (ANATOMY, codes.SCT.Liver),
+    "spleen": (ANATOMY, codes.SCT.Spleen),
+    "kidney": (ANATOMY, codes.SCT.Kidney),
+    "aorta": (ANATOMY, codes.SCT.Aorta),
+    "gallbladder": (ANATOMY, codes.SCT.Gallbladder),
+    "gall bladder": (ANATOMY, codes.SCT.Gallbladder),
+    "pancreas": (ANATOMY, codes.SCT.Pancreas),
+    "stomach": (ANATOMY, codes.SCT.Stomach),
+    "duodenum": (ANATOMY, codes.SCT.Duodenum),
+    "adrenal gland": (ANATOMY, codes.SCT.AdrenalGland),
+    "inferior vena cava": (ANATOMY, codes.SCT.InferiorVenaCava),
+    "portal vein": (ANATOMY, codes.SCT.PortalVein),
+    "bladder": (ANATOMY, codes.SCT.Bladder),
+    "prostate": (ANATOMY, codes.SCT.Prostate),
+    "rectum": (ANATOMY, codes.SCT.Rectum),
+    "colon": (ANATOMY, codes.SCT.Colon),
+    "heart": (ANATOMY, codes.SCT.Heart),
+    "lung": (ANATOMY, codes.SCT.Lung),
+    "brain": (ANATOMY, codes.SCT.Brain),
+    "brainstem": (ANATOMY, codes.SCT.BrainStem),
+    "brain stem": (ANATOMY, codes.SCT.BrainStem),
+    "spinal cord": (ANATOMY, codes.SCT.SpinalCord),
+    "parotid": (ANATOMY, codes.SCT.ParotidGland),
+    "parotid gland": (ANATOMY, codes.SCT.ParotidGland),
+    "submandibular gland": (ANATOMY, codes.SCT.SubmandibularGland),
+    "esophagus": (ANATOMY, codes.SCT.Esophagus),
+    "oesophagus": (ANATOMY, codes.SCT.Esophagus),
+    "larynx": (ANATOMY, codes.SCT.Larynx),
+    "trachea": (ANATOMY, codes.SCT.Trachea),
+    "mandible": (ANATOMY, codes.SCT.Mandible),
+    "oral cavity": (ANATOMY, codes.SCT.OralCavity),
+    "optic nerve": (ANATOMY, codes.SCT.OpticNerve),
+    "optic chiasm": (ANATOMY, codes.SCT.OpticChiasm),
+    "eye": (ANATOMY, codes.SCT.Eye),
+    "lens": (ANATOMY, codes.SCT.Lens),
+    "femur": (ANATOMY, codes.SCT.Femur),
+    "tumour": (ALTERED, codes.SCT.Neoplasm),
+    "tumor": (ALTERED, codes.SCT.Neoplasm),
+    "whole tumour": (ALTERED, codes.SCT.Neoplasm),
+    "whole tumor": (ALTERED, codes.SCT.Neoplasm),
+    "enhancing tumour": (ALTERED, codes.SCT.Neoplasm),
+    "non enhancing tumour": (ALTERED, codes.SCT.Neoplasm),
+    "neoplasm": (ALTERED, codes.SCT.Neoplasm),
+    "lesion": (ALTERED, codes.SCT.Lesion),
+    "edema": (ALTERED, codes.SCT.Edema),
+    "oedema": (ALTERED, codes.SCT.Edema),
+    "necrosis": (ALTERED, codes.SCT.Necrosis),
+}
+LATERALITY = {"left": codes.SCT.Left, "l": codes.SCT.Left, "right": codes.SCT.Right, "r": codes.SCT.Right}
+
+
+def coded_terms(name: str) -> tuple[Code, Code, Code | None]:
+    """(category, type, laterality or None) for a class name: ``"left kidney"``, ``"Kidney_L"`` and
+    ``"kidney left"`` all give (Anatomical Structure, Kidney, Left); an unknown name gives (Tissue, Tissue, None)."""
+    words = re.sub(r"[^a-z0-9]+", " ", name.lower()).split()
+    side = next((LATERALITY[w] for w in words if w in LATERALITY), None)
+    rest = " ".join(w for w in words if w not in LATERALITY)
+    if rest in TERMS:
+        return (*TERMS[rest], side)
+    return TISSUE, TISSUE, None
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What made the labels: samadapt's version, the run (or model) name and the adapter weights' SHA-256."""
+
+    run: str = ""
+    checksum: str = ""
+    name: str = "samadapt"
+    version: str = __version__
+
+    def describe(self) -> str:
+        checksum = f" adapter sha256 {self.checksum}" if self.checksum else ""
+        return f"{self.name} {self.version} run {self.run or '-'}{checksum}"
+
+
+def algorithm_of(run) -> Algorithm:
+    """The ``Algorithm`` of a loaded run: a run directory's adapter checksum, an export's encoder checksum, a bare
+    model's weights checksum ("" where none is known)."""
+    from samadapt.peft.inject import ADAPTER_WEIGHTS
+    from samadapt.runs import RunLayout, weights_sha256
+
+    name = str(getattr(run, "name", "") or "")
+    path = getattr(run, "path", None)
+    candidates = []
+    if path is not None:
+        path = Path(path)
+        candidates = [RunLayout(path).checkpoint("best") / ADAPTER_WEIGHTS, path / ADAPTER_WEIGHTS]
+    for candidate in candidates:
+        if candidate.is_file():
+            return Algorithm(run=name, checksum=weights_sha256(candidate))
+    manifest = getattr(run, "manifest", None)
+    facts = manifest if isinstance(manifest, dict) else getattr(manifest, "__dict__", {}) or {}
+    return Algorithm(run=name, checksum=str(facts.get("base_sha256") or ""))
+
+
+def label_format(path: str | Path, format: str | None = None) -> str | None:
+    """The DICOM format to write ``path`` in: ``format`` when given, ``rtstruct`` for names ending in
+    ``rtstruct.dcm``, ``dicom-seg`` for other ``.dcm`` names, None (not DICOM: ``io.write_label``) otherwise.
+
+    Raises:
+        ConfigError: an unknown format, or a DICOM format for a name that does not end in .dcm.
+    """
+    name = Path(path).name.lower()
+    if format in (None, "auto"):
+        if not name.endswith(".dcm"):
+            return None
+        return "rtstruct" if re.search(r"rt[-_.]?struct\.dcm$", name) else "dicom-seg"
+    if format not in DICOM_FORMATS:
+        raise ConfigError(f"unknown label format {format!r}; choose one of {', '.join(DICOM_FORMATS)}")
+    if not name.endswith(".dcm"):
+        raise ConfigError(f"{path}: a {format} output is a DICOM file; name it *.dcm")
+    return format
+
+
+def write_dicom_labels(
+    reference: Volume,
+    labels: np.ndarray,
+    path: str | Path,
+    classes: dict[int, str],
+    algorithm: Algorithm,
+    format: str = "dicom-seg",
+) -> Path:
+    """Write labels on a DICOM volume's grid as ``format`` (``DICOM_FORMATS``), atomically.
+
+    Raises:
+        DataError: the volume was not read from a DICOM series, or the labels do not fit its grid.
+    """
+    path = Path(path)
+    labels = np.asarray(labels)
+    series = reference.dicom
+    if series is None:
+        raise DataError(
+            f"{path}: a {format} output references its source DICOM series, and {reference.path} is not DICOM; "
+            "write .nii.gz / .nrrd instead"
+        )
+    if labels.shape != reference.array.shape[:3] or labels.shape[0] != len(series.files):
+        raise DataError(f"{path}: labels of shape {labels.shape} do not fit the series grid {reference.shape[:3]}")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{path}: negative label values; class ids are >= 0")
+    values = sorted({int(v) for v in np.unique(labels)} - {0} | set(classes))
+    names = {v: classes.get(v) or f"class {v}" for v in values}
+    if format == "rtstruct":
+        from samadapt.data.rtstruct import rtstruct_dataset
+
+        dataset = rtstruct_dataset(reference, labels, names, algorithm)
+    elif format == "dicom-seg":
+        dataset = seg_dataset(reference, labels, names, algorithm)
+    else:
+        raise ConfigError(f"unknown label format {format!r}; choose one of {', '.join(DICOM_FORMATS)}")
+    return atomic_write(path, lambda tmp: dataset.save_as(tmp, enforce_file_format=True))
+
+
+def seg_dataset(reference: Volume, labels: np.ndarray, names: dict[int, str], algorithm: Algorithm):
+    """A highdicom ``Segmentation`` (BINARY, one segment per class, segment n = the n-th class in id order)."""
+    import highdicom as hd
+
+    series = reference.dicom
+    identification = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=algorithm.version,
+        parameters={"run": algorithm.run or "-", "adapter_sha256": algorithm.checksum or "-"},
+    )
+    descriptions, lookup = [], np.zeros(max(names, default=0) + 1, np.uint16)
+    for number, (value, name) in enumerate(sorted(names.items()), start=1):
+        category, kind, side = coded_terms(name)
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=name[:64],
+            segmented_property_category=category,
+            segmented_property_type=kind,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=identification,
+        )
+        if side is not None:  # the modifier lives inside the property type's code item
+            modifier = hd.sr.CodedConcept.from_code(side)
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
+        descriptions.append(description)
+        lookup[value] = number
+    segments = lookup[np.minimum(labels, len(lookup) - 1)] * (labels < len(lookup))
+    seg = hd.seg.Segmentation(
+        source_images=series.datasets(),
+        pixel_array=segments.astype(np.uint16 if len(names) > 255 else np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=1000 + (series.number or 0),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="samadapt",
+        manufacturer_model_name=f"samadapt {algorithm.run}"[:64] if algorithm.run else "samadapt",
+        software_versions=algorithm.version,
+        device_serial_number=(algorithm.checksum or "0")[:16],
+        content_label="SAMADAPT",
+        content_description=algorithm.describe()[:64],
+    )
+    seg.SeriesDescription = f"samadapt {algorithm.run}"[:64]
+    return seg
+
+
+def read_seg(path: str | Path, reference: Volume) -> tuple[np.ndarray, dict[int, str]]:
+    """A DICOM SEG's labels on ``reference``'s grid (segment numbers as values) and the segments' names.
+
+    Raises:
+        DataError: not a SEG, or it does not reference the reference's series.
+    """
+    import highdicom as hd
+
+    path = Path(path)
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as error:  # pydicom / highdicom raise many kinds for a file that is not a SEG
+        raise DataError(f"{path}: not a readable DICOM Segmentation ({type(error).__name__}: {error})") from error
+    if reference.dicom is None:
+        raise DataError(f"{path}: a SEG is read onto the DICOM series it references; {reference.path} is not DICOM")
+    referenced = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
+    if reference.dicom.series_uid not in referenced:
+        raise DataError(f"{path}: references series {', '.join(sorted(referenced))}, not {reference.dicom.series_uid}")
+    labels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(reference.dicom.sop_instance_uids),
+        combine_segments=True,
+        skip_overlap_checks=True,
+    )
+    names = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
+    return np.asarray(labels), names
+
+
+def is_dicom_object(path: str | Path, modality: str) -> bool:
+    """Whether ``path`` is a DICOM file of ``modality`` (SEG, RTSTRUCT)."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+    except Exception:  # anything unreadable is not one
+        return False
+    return str(header.get("Modality", "")) == modality
