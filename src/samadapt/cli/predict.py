@@ -13,12 +13,17 @@ from samadapt.precision import PRECISIONS
 
 
 def predict_command(args: argparse.Namespace) -> int:
+    from samadapt.data.dicom import write_source_record
+    from samadapt.data.dicom_out import algorithm_of, label_format, write_dicom_labels
     from samadapt.data.io import read_volume, write_label
     from samadapt.export.backend import load_for_backend
     from samadapt.predict import predict_folder, predict_volume
 
     if (args.image is None) == (args.input is None):
         raise ConfigError("give one input: an IMAGE file, or a folder with -i/--input")
+    if args.input is not None and (args.series or args.format):
+        raise ConfigError("--series and --format are for one IMAGE (a DICOM folder), not a folder of cases (-i)")
+    dicom_format = label_format(args.out, args.format) if args.input is None else None  # checked before the run loads
     # load_run, or an ONNX export's run
     run = load_for_backend(args.run, args.backend, device=args.device, blend=args.blend)
     if args.input is not None:
@@ -33,7 +38,7 @@ def predict_command(args: argparse.Namespace) -> int:
         )
         print(f"wrote {len(written)} predictions into {args.out} (existing ones kept)")
         return 0
-    volume = read_volume(args.image)
+    volume = read_volume(args.image, series=args.series)
     points = np.asarray(json.loads(args.points), dtype=np.float32) if args.points else None
     boxes = np.asarray(json.loads(args.boxes), dtype=np.float32) if args.boxes else None
     labels = predict_volume(
@@ -47,7 +52,13 @@ def predict_command(args: argparse.Namespace) -> int:
         precision=args.precision,
         backend=args.backend,
     )
-    path = write_label(volume, labels, args.out)
+    if dicom_format:
+        classes = {int(v): f"object {int(v)}" for v in np.unique(labels) if v > 0} | dict(run.classes or {})
+        path = write_dicom_labels(volume, labels, args.out, classes, algorithm_of(run), dicom_format)
+    else:
+        path = write_label(volume, labels, args.out)
+        if volume.dicom is not None:  # the labels keep a way back to the series they were predicted on
+            print(f"wrote {write_source_record(volume, path)}")
     print(f"wrote {path} ({int((labels > 0).sum())} labelled voxels)")
     return 0
 
@@ -55,6 +66,7 @@ def predict_command(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     predict = subparsers.add_parser("predict", help="segment a volume or image; writes labels on the input's grid")
     predict.add_argument("image", nargs="?", help="NIfTI / NRRD / MHA / DICOM folder / PNG")
+    predict.add_argument("--series", help="DICOM: the SeriesInstanceUID to read from a folder holding several")
     predict.add_argument(
         "-i", "--input", help="a folder of images (semantic runs): every case predicted, finished ones skipped"
     )
@@ -68,7 +80,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--text", help="a phrase naming the target (runs trained with prompt.kind=text)")
     predict.add_argument("--preprocessing", help="intensity preset (default: the run's)")
     predict.add_argument(
-        "-o", "--out", required=True, help="output label file (.nii.gz, .nrrd, .mha, .png), or folder with -i"
+        "-o",
+        "--out",
+        required=True,
+        help="output label file (.nii.gz, .nrrd, .mha, .png; .dcm: a DICOM SEG, *rtstruct.dcm: an RT Structure "
+        "Set, both for DICOM inputs), or folder with -i",
+    )
+    predict.add_argument(
+        "--format",
+        choices=["dicom-seg", "rtstruct"],
+        help="write a DICOM Segmentation or an RT Structure Set referencing the input series (default: from --out)",
     )
     predict.add_argument("--device", help=DEVICE_HELP)
     predict.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)

@@ -4,6 +4,8 @@
   preset ``ct_synapse`` ([-125, 275]).
 - BraTS: one folder per case with ``*_flair.nii.gz`` and ``*_seg.nii.gz`` (BraTS 2023: ``*-t2f`` / ``*-seg``) ->
   MSD with the FLAIR image and the whole tumour (seg > 0).
+- DICOM: a folder of series (a PACS export) -> MSD, one case per image series, labels from the SEG / RTSTRUCT
+  objects that reference it, and ``dicom_mapping.json`` from each case back to its series.
 - ISIC-style 2D: images ``*.jpg`` with masks ``*_segmentation.png`` (in the same folder, in ``masks/``, or in a
   separate mask folder) -> ``images/`` + ``masks/`` with 0 / 1 masks and a dataset.json.
 
@@ -13,8 +15,10 @@ conversion leaves nothing half-written behind.
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -23,7 +27,7 @@ from PIL import Image
 
 from samadapt.data.datasets import write_msd_dataset
 from samadapt.errors import DataError, InputNotFoundError, OutputExistsError
-from samadapt.files import atomic_folder
+from samadapt.files import atomic_folder, atomic_write_text
 
 # SAMed's Synapse protocol: BTCV label -> class id (the other organs become background)
 SYNAPSE_LABEL_MAP = {1: 1, 2: 2, 3: 3, 4: 4, 6: 5, 7: 6, 8: 7, 11: 8}
@@ -204,3 +208,87 @@ CONVERTERS: dict[str, Callable[..., Path]] = {
     "brats": convert_brats,
     "isic": convert_isic,
 }
+
+
+def convert_dicom(src: str | Path, out: str | Path, series: Sequence[str] = ()) -> Path:
+    """A DICOM folder (a PACS export: image series, SEG and RTSTRUCT objects) -> MSD, one case per image series.
+
+    A series that a SEG or an RTSTRUCT in the folder references becomes a labelled case (``imagesTr`` +
+    ``labelsTr``; classes by segment / ROI name, numbered in order of appearance), any other an unlabelled one
+    (``imagesTs``). ``dicom_mapping.json`` maps each case back to its series (UIDs, orientation, label sources).
+
+    Args:
+        series: SeriesInstanceUIDs to convert (default: every image series).
+
+    Raises:
+        InputNotFoundError: no image series. DataError: an unknown UID, or a series no grid holds (``data.dicom``).
+    """
+    from samadapt.data.dicom import list_series, read_series
+    from samadapt.data.dicom_out import read_dicom_labels, referenced_series
+    from samadapt.data.io import write_label
+    from samadapt.data.preprocess import preset_for_modality
+
+    src = Path(src)
+    every = list_series(src)
+    images = [s for s in every if s.image]
+    if not images:
+        raise InputNotFoundError(f"{src}: no DICOM image series")
+    unknown = sorted(set(series) - {s.series_uid for s in images})
+    if unknown:
+        listing = "\n  ".join(s.describe() for s in every)
+        raise DataError(f"{src}: no image series {', '.join(unknown)}; the folder holds:\n  {listing}")
+    chosen = [s for s in images if not series or s.series_uid in series]
+    sources: dict[str, list[Path]] = {}
+    for other in every:
+        for path in other.files if other.modality in ("SEG", "RTSTRUCT") else ():
+            for uid in referenced_series(path):
+                sources.setdefault(uid, []).append(path)
+
+    def fill(tmp: Path) -> None:
+        names: dict[str, int] = {}
+        training, test, mapping, used = [], [], {}, set()
+        for item in chosen:
+            case = _case_name(item, used)
+            volume = read_series(src, item.series_uid)
+            found = sources.get(item.series_uid, [])
+            part = "imagesTr" if found else "imagesTs"
+            (tmp / part).mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(volume.array.transpose(2, 1, 0), volume.affine), str(tmp / part / f"{case}.nii.gz"))
+            if found:
+                labels = np.zeros(volume.array.shape[:3], np.uint16)
+                for path in found:
+                    values, segments = read_dicom_labels(path, volume)
+                    for value, name in segments.items():
+                        labels[values == value] = names.setdefault(name, len(names) + 1)
+                write_label(volume, labels, tmp / "labelsTr" / f"{case}.nii.gz")
+                training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+            else:
+                test.append(f"./imagesTs/{case}.nii.gz")
+            sources_of = [str(p.relative_to(src)) for p in found]
+            mapping[case] = {**item.record(), "folder": str(src), "labels_from": sources_of}
+        modality = {"CT": "CT", "MR": "MRI"}.get(chosen[0].modality, chosen[0].modality or "MRI")
+        write_msd_dataset(
+            tmp,
+            training,
+            {value: name for name, value in names.items()},
+            modality,
+            preset_for_modality(modality),
+            name=src.name,
+            description=f"converted from the DICOM series of {src} (dicom_mapping.json maps cases back)",
+            test=test,
+        )
+        atomic_write_text(tmp / "dicom_mapping.json", json.dumps(mapping, indent=2))
+
+    return _convert(out, fill)
+
+
+def _case_name(series, used: set[str]) -> str:
+    """A file-safe case id from the patient ID and series number, unique within the conversion."""
+    base = re.sub(r"[^A-Za-z0-9.-]+", "-", f"{series.patient_id or 'case'}_s{series.number or 0}").strip("-")
+    name, k = base, 1
+    while name in used:
+        k += 1
+        name = f"{base}-{k}"
+    used.add(name)
+    return name
+

@@ -94,6 +94,7 @@ def write_msd_dataset(
     name: str = "",
     description: str = "",
     layout: str = "msd",
+    test: Sequence[str] = (),
     **extra,
 ) -> Path:
     """Write ``dataset.json`` for the cases already in ``root`` (the mirror of ``load_dataset``); returns its path.
@@ -105,6 +106,7 @@ def write_msd_dataset(
         preprocessing / axis: the ``samadapt`` block (the intensity preset and slicing axis training will use);
             ``None`` leaves a key out (the reader then picks its default).
         layout: ``msd`` (imagesTr/ + labelsTr/), or ``folders`` (2D images/ + masks/; no training list).
+        test: unlabelled images (paths relative to ``root``, e.g. ``./imagesTs/x.nii.gz``), listed as ``test``.
         extra: further top-level entries (e.g. ``reference``); ``samadapt_extra`` adds keys to the samadapt block.
 
     Raises:
@@ -127,7 +129,7 @@ def write_msd_dataset(
         "labels": {"0": "background", **{str(int(c)): str(n) for c, n in sorted(classes.items())}},
         "numTraining": len(entries) if layout == "msd" else sum(1 for f in (root / "images").iterdir() if f.is_file()),
         "training": entries,
-        "test": [],
+        "test": [str(t) for t in test],
         "samadapt": {k: v for k, v in block.items() if v is not None},
     }
     return atomic_write_text(root / "dataset.json", json.dumps(meta, indent=2))

@@ -11,6 +11,7 @@ reference it.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
-from samadapt.data.io import Volume, _from_itk
+from samadapt.data.io import Volume, _from_itk, suffix_of
 from samadapt.errors import DataError, InputNotFoundError
+from samadapt.files import atomic_write_text
 
 # headers read to group and check files; pixel data is left to SimpleITK
 _TAGS = (
@@ -280,3 +282,13 @@ def series_of_file(path: str | Path) -> DicomSeries | None:
     if header is None or not _is_image(header):
         return None
     return _series(path.parent, str(header.SeriesInstanceUID), [(path, header)])
+
+
+def write_source_record(volume: Volume, label_path: str | Path) -> Path:
+    """Beside a label file predicted on a DICOM series, ``<name>.dicom.json``: the series' UIDs and orientation."""
+    label_path = Path(label_path)
+    if volume.dicom is None:
+        raise DataError(f"{label_path}: {volume.path} was not read from DICOM; there is no series to record")
+    stem = label_path.name[: -len(suffix_of(label_path))] if suffix_of(label_path) else label_path.name
+    record = {"labels": label_path.name, **volume.dicom.record()}
+    return atomic_write_text(label_path.with_name(f"{stem}.dicom.json"), json.dumps(record, indent=2))

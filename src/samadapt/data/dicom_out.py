@@ -94,36 +94,47 @@ def coded_terms(name: str) -> tuple[Code, Code, Code | None]:
 
 @dataclass(frozen=True)
 class Algorithm:
-    """What made the labels: samadapt's version, the run (or model) name and the adapter weights' SHA-256."""
+    """What made the labels: samadapt's version, the run (or model) name and a SHA-256 of its weights: the
+    adapter's for a run directory (``checksum_of`` "adapter"), else the model's or the ONNX encoder's."""
 
     run: str = ""
     checksum: str = ""
+    checksum_of: str = "adapter"
+    generation: str = "AUTOMATIC"  # SEMIAUTOMATIC for labels a person prompted and edited (the app)
     name: str = "samadapt"
     version: str = __version__
 
     def describe(self) -> str:
-        checksum = f" adapter sha256 {self.checksum}" if self.checksum else ""
+        checksum = f" {self.checksum_of} sha256 {self.checksum}" if self.checksum else ""
         return f"{self.name} {self.version} run {self.run or '-'}{checksum}"
+
+    def parameters(self) -> dict[str, str]:
+        return {"run": self.run or "-", f"{self.checksum_of.replace(' ', '_')}_sha256": self.checksum or "-"}
 
 
 def algorithm_of(run) -> Algorithm:
-    """The ``Algorithm`` of a loaded run: a run directory's adapter checksum, an export's encoder checksum, a bare
-    model's weights checksum ("" where none is known)."""
+    """The ``Algorithm`` of a loaded run (``load_for_backend``): a run directory's adapter checksum, a bare model's
+    weights checksum, an ONNX export's encoder checksum ("" where none is known)."""
+    from samadapt.models.registry import MODELS, default_weights_path
     from samadapt.peft.inject import ADAPTER_WEIGHTS
     from samadapt.runs import RunLayout, weights_sha256
 
     name = str(getattr(run, "name", "") or "")
+    export = getattr(run, "export", None)
+    if isinstance(export, dict):
+        encoder = export.get("files", {}).get("image_encoder", {})
+        return Algorithm(run=Path(run.path).name, checksum=str(encoder.get("sha256", "")), checksum_of="onnx encoder")
     path = getattr(run, "path", None)
-    candidates = []
     if path is not None:
-        path = Path(path)
-        candidates = [RunLayout(path).checkpoint("best") / ADAPTER_WEIGHTS, path / ADAPTER_WEIGHTS]
-    for candidate in candidates:
-        if candidate.is_file():
-            return Algorithm(run=name, checksum=weights_sha256(candidate))
-    manifest = getattr(run, "manifest", None)
-    facts = manifest if isinstance(manifest, dict) else getattr(manifest, "__dict__", {}) or {}
-    return Algorithm(run=name, checksum=str(facts.get("base_sha256") or ""))
+        for candidate in (RunLayout(Path(path)).checkpoint("best") / ADAPTER_WEIGHTS, Path(path) / ADAPTER_WEIGHTS):
+            if candidate.is_file():
+                return Algorithm(run=name, checksum=weights_sha256(candidate))
+    if getattr(run, "manifest", None) is None and name in MODELS:
+        try:
+            return Algorithm(run=name, checksum=weights_sha256(default_weights_path(name)), checksum_of="model")
+        except FileNotFoundError:
+            pass
+    return Algorithm(run=name)
 
 
 def label_format(path: str | Path, format: str | None = None) -> str | None:
@@ -192,7 +203,7 @@ def seg_dataset(reference: Volume, labels: np.ndarray, names: dict[int, str], al
         name=algorithm.name,
         family=codes.cid7162.ArtificialIntelligence,
         version=algorithm.version,
-        parameters={"run": algorithm.run or "-", "adapter_sha256": algorithm.checksum or "-"},
+        parameters=algorithm.parameters(),
     )
     descriptions, lookup = [], np.zeros(max(names, default=0) + 1, np.uint16)
     for number, (value, name) in enumerate(sorted(names.items()), start=1):
@@ -202,7 +213,7 @@ def seg_dataset(reference: Volume, labels: np.ndarray, names: dict[int, str], al
             segment_label=name[:64],
             segmented_property_category=category,
             segmented_property_type=kind,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_type=algorithm.generation,
             algorithm_identification=identification,
         )
         if side is not None:  # the modifier lives inside the property type's code item
@@ -265,3 +276,27 @@ def is_dicom_object(path: str | Path, modality: str) -> bool:
     except Exception:  # anything unreadable is not one
         return False
     return str(header.get("Modality", "")) == modality
+
+
+def referenced_series(path: str | Path) -> set[str]:
+    """The SeriesInstanceUIDs a SEG or an RTSTRUCT file draws on (empty for anything else)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # anything unreadable references nothing
+        return set()
+    if ds.get("Modality") == "SEG":
+        return {str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", [])}
+    found = set()
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []) if ds.get("Modality") == "RTSTRUCT" else []:
+        for study in frame.get("RTReferencedStudySequence", []):
+            found |= {str(s.SeriesInstanceUID) for s in study.get("RTReferencedSeriesSequence", [])}
+    return found
+
+
+def read_dicom_labels(path: str | Path, reference: Volume) -> tuple[np.ndarray, dict[int, str]]:
+    """A SEG's or an RTSTRUCT's labels on ``reference``'s grid and their names (``read_seg``, ``read_rtstruct``)."""
+    if is_dicom_object(path, "RTSTRUCT"):
+        from samadapt.data.rtstruct import read_rtstruct
+
+        return read_rtstruct(path, reference)
+    return read_seg(path, reference)

@@ -101,7 +101,7 @@ def rtstruct_dataset(reference: Volume, labels: np.ndarray, names: dict[int, str
         category, kind, _ = coded_terms(name)
         roi = Dataset()
         roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = number, series.frame_of_reference_uid, name
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        roi.ROIGenerationAlgorithm = algorithm.generation
         roi.ROIGenerationDescription = algorithm.describe()[:64]
         ds.StructureSetROISequence.append(roi)
         contour = Dataset()

@@ -72,6 +72,8 @@ async function openCase(path) {
   renderObjects();
   const stem = S.sess.name.replace(/\.(nii\.gz|nii|nrrd|nhdr|mha|mhd|png|jpe?g|npz|dcm)$/i, "");
   $("save-path").value = stem + (S.sess.name.toLowerCase().endsWith(".png") ? ".png" : ".nii.gz");
+  $("save-format").hidden = !S.sess.dicom;  // DICOM cases: a DICOM SEG or an RT Structure Set too
+  $("save-format").value = ".nii.gz";
   setAxis(S.axis, true);
   setStatus(S.sess.restored ? "restored autosave of " + new Date(S.sess.restored * 1000).toLocaleString() : "opened " + S.sess.name);
 }
@@ -328,6 +330,10 @@ function wire() {
   };
   $("propagate").onclick = propagate;
   $("save").onclick = () => save(false);
+  $("save-format").onchange = () => {
+    const path = $("save-path").value.replace(/(\.seg\.dcm|_rtstruct\.dcm|\.dcm|\.nii\.gz)$/i, "");
+    $("save-path").value = path + $("save-format").value;
+  };
   $("adapt").onclick = adapt;
   $("model").onchange = async () => {
     try {
