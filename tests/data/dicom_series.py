@@ -30,10 +30,11 @@ def crop(volume: Volume, z: slice, y: slice, x: slice) -> Volume:
 
 
 def ct_case() -> tuple[Volume, Volume]:
-    """6 axial slices of 48 x 56 through liver, kidney, aorta, stomach of abdomen_ct s0009 (1.5 mm voxels)."""
+    """6 axial slices of 64 x 64 of abdomen_ct s0009 (1.5 mm voxels) holding 7 of its 8 organs (the crop of that
+    size with the most organs)."""
     image = read_volume(ABDOMEN / "imagesTr" / "s0009.nii.gz")
     label = read_label(ABDOMEN / "labelsTr" / "s0009.nii.gz")
-    z, y, x = _busiest(label.array, (6, 56, 48))
+    z, y, x = slice(158, 164), slice(55, 119), slice(35, 99)
     return crop(image, z, y, x), crop(label, z, y, x)
 
 

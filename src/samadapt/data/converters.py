@@ -235,8 +235,8 @@ def convert_dicom(src: str | Path, out: str | Path, series: Sequence[str] = ()) 
         raise InputNotFoundError(f"{src}: no DICOM image series")
     unknown = sorted(set(series) - {s.series_uid for s in images})
     if unknown:
-        listing = "\n  ".join(s.describe() for s in every)
-        raise DataError(f"{src}: no image series {', '.join(unknown)}; the folder holds:\n  {listing}")
+        listing = "; ".join(s.describe() for s in every)
+        raise DataError(f"{src}: no image series {', '.join(unknown)}; the folder holds: {listing}")
     chosen = [s for s in images if not series or s.series_uid in series]
     sources: dict[str, list[Path]] = {}
     for other in every:

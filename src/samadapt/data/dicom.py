@@ -79,7 +79,7 @@ class DicomSeries:
         """One line for listings: UID, modality, file count, number and description."""
         number = f" #{self.number}" if self.number is not None else ""
         kind = "" if self.image else " (not an image series)"
-        return f"{self.series_uid}  {self.modality or '?'}  {len(self.files)} files{number} {self.description}{kind}"
+        return f"{self.series_uid} ({self.modality or '?'}, {len(self.files)} files{number} {self.description}{kind})"
 
     def record(self) -> dict:
         """What outputs keep to refer back to the series (JSON-ready)."""
@@ -183,22 +183,22 @@ def choose_series(folder: str | Path, series_uid: str | None = None) -> DicomSer
     groups = _scan(folder)
     every = list_series(folder) if groups else []
     images = [s for s in every if s.image]
-    listing = "\n  ".join(s.describe() for s in every)
+    listing = "; ".join(s.describe() for s in every)  # one line: the CLI prints errors in one
     if series_uid is None:
         if not images:
-            raise DataError(f"{folder}: no DICOM image series" + (f" (found:\n  {listing})" if every else ""))
+            raise DataError(f"{folder}: no DICOM image series" + (f" (found: {listing})" if every else ""))
         if len(images) > 1:
             raise DataError(
-                f"{folder}: holds {len(images)} DICOM image series; pick one with --series UID:\n  {listing}"
+                f"{folder}: holds {len(images)} DICOM image series; pick one with --series UID: {listing}"
             )
         series_uid = images[0].series_uid
     if series_uid not in groups:
-        raise DataError(f"{folder}: no series {series_uid}; the folder holds:\n  {listing}")
+        raise DataError(f"{folder}: no series {series_uid}; the folder holds: {listing}")
     chosen = _series(folder, series_uid, groups[series_uid])
     if not chosen.image:
         raise DataError(
             f"{folder}: series {series_uid} ({chosen.modality}) is not a series of single-frame images with a "
-            f"geometry; the folder holds:\n  {listing}"
+            f"geometry; the folder holds: {listing}"
         )
     return _series(folder, series_uid, _sorted(folder, series_uid, groups[series_uid], check=True))
 
