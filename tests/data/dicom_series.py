@@ -119,7 +119,7 @@ def write_series(
             ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "SE", "NONE", ""
             ds.MRAcquisitionType, ds.EchoTime, ds.RepetitionTime = "2D", "100", "9000"
         ds.PixelData = np.ascontiguousarray(pixels[z]).tobytes()
-        path = folder / f"IM{int(z) * 7 % 97:04d}_{len(files)}.dcm"
+        path = folder / f"S{series_number}IM{int(z) * 7 % 97:04d}_{len(files)}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return series_uid, files

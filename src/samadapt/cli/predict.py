@@ -8,7 +8,7 @@ import json
 import numpy as np
 
 from samadapt.cli.options import BACKEND_HELP, BLEND_HELP, DEVICE_HELP, PRECISION_HELP
-from samadapt.errors import ConfigError
+from samadapt.errors import ConfigError, DataError
 from samadapt.precision import PRECISIONS
 
 
@@ -23,7 +23,11 @@ def predict_command(args: argparse.Namespace) -> int:
         raise ConfigError("give one input: an IMAGE file, or a folder with -i/--input")
     if args.input is not None and (args.series or args.format):
         raise ConfigError("--series and --format are for one IMAGE (a DICOM folder), not a folder of cases (-i)")
-    dicom_format = label_format(args.out, args.format) if args.input is None else None  # checked before the run loads
+    # the input and the output format are checked before the (slow) model load
+    dicom_format = label_format(args.out, args.format) if args.input is None else None
+    volume = read_volume(args.image, series=args.series) if args.input is None else None
+    if dicom_format and volume.dicom is None:
+        raise DataError(f"{args.out}: a {dicom_format} output references a DICOM series; {args.image} is not DICOM")
     # load_run, or an ONNX export's run
     run = load_for_backend(args.run, args.backend, device=args.device, blend=args.blend)
     if args.input is not None:
@@ -38,7 +42,6 @@ def predict_command(args: argparse.Namespace) -> int:
         )
         print(f"wrote {len(written)} predictions into {args.out} (existing ones kept)")
         return 0
-    volume = read_volume(args.image, series=args.series)
     points = np.asarray(json.loads(args.points), dtype=np.float32) if args.points else None
     boxes = np.asarray(json.loads(args.boxes), dtype=np.float32) if args.boxes else None
     labels = predict_volume(
