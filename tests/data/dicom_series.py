@@ -19,6 +19,7 @@ from samadapt.data.io import Volume, read_label, read_volume
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 ABDOMEN = SHARED / "abdomen_ct"
 BRATS = SHARED / "brats_flair"
+HN = SHARED / "hn_oar"
 _LPS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -35,6 +36,15 @@ def ct_case() -> tuple[Volume, Volume]:
     image = read_volume(ABDOMEN / "imagesTr" / "s0009.nii.gz")
     label = read_label(ABDOMEN / "labelsTr" / "s0009.nii.gz")
     z, y, x = slice(158, 164), slice(55, 119), slice(35, 99)
+    return crop(image, z, y, x), crop(label, z, y, x)
+
+
+def hn_case() -> tuple[Volume, Volume]:
+    """6 slices of 40 x 40 of hn_oar pt_119 (4.69 x 4.69 x 3 mm): rows run left-right and columns front-back
+    (ImageOrientationPatient 0\\1\\0\\1\\0\\0), slices go down the body: every axis differs from the others."""
+    image = read_volume(HN / "imagesTr" / "pt_119.nii.gz")
+    label = read_label(HN / "labelsTr" / "pt_119.nii.gz")
+    z, y, x = slice(51, 57), slice(44, 84), slice(38, 78)
     return crop(image, z, y, x), crop(label, z, y, x)
 
 

@@ -30,7 +30,7 @@ from samadapt.data.dicom_out import (
 from samadapt.data.io import read_volume
 from samadapt.data.rtstruct import read_rtstruct
 from samadapt.errors import ConfigError, DataError
-from tests.data.dicom_series import ct_case, mr_case, write_series
+from tests.data.dicom_series import ct_case, hn_case, mr_case, write_series
 
 ABDOMEN_CLASSES = {
     1: "aorta",
@@ -42,18 +42,28 @@ ABDOMEN_CLASSES = {
     7: "spleen",
     8: "stomach",
 }
+HN_CLASSES = {
+    1: "brainstem",
+    2: "spinal cord",
+    3: "right parotid",
+    4: "left parotid",
+    5: "esophagus",
+    6: "larynx",
+    7: "mandible",
+}
 BRATS_CLASSES = {1: "necrosis", 2: "edema", 3: "non-enhancing tumour", 4: "enhancing tumour"}
+CASES = {"CT": (ct_case, ABDOMEN_CLASSES), "MR": (mr_case, BRATS_CLASSES), "CT-HN": (hn_case, HN_CLASSES)}
 ALGORITHM = Algorithm(run="run-7", checksum="ab" * 32)
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-@pytest.fixture(scope="module", params=["CT", "MR"])
+@pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
-    """(modality, DICOM volume as read, its reference labels, class names): a real crop written as a series."""
-    image, label = ct_case() if request.param == "CT" else mr_case()
+    """(name, DICOM volume as read, its reference labels, class names): a real crop written as a series."""
+    make, classes = CASES[request.param]
+    image, label = make()
     folder = tmp_path_factory.mktemp(request.param) / "series"
-    write_series(image, folder, request.param)
-    classes = ABDOMEN_CLASSES if request.param == "CT" else BRATS_CLASSES
+    write_series(image, folder, request.param[:2])
     return request.param, read_volume(folder), label, classes
 
 
@@ -99,14 +109,16 @@ def sitk_index_to_lps(image: sitk.Image) -> np.ndarray:
 
 
 def test_series_read_back_with_their_pixels_geometry_and_identity(case):
-    modality, volume, label, _ = case
-    image, _ = ct_case() if modality == "CT" else mr_case()
-    expected = image.array if modality == "CT" else np.round(image.array * 1000)
+    name, volume, label, _ = case
+    image, _ = CASES[name][0]()
+    expected = image.array if name.startswith("CT") else np.round(image.array * 1000)
     np.testing.assert_array_equal(volume.array, expected)  # files were written in shuffled order
     np.testing.assert_allclose(volume.affine, image.affine, atol=1e-3)
-    assert volume.dicom.modality == modality and len(volume.dicom.files) == volume.array.shape[0]
+    assert volume.dicom.modality == name[:2] and len(volume.dicom.files) == volume.array.shape[0]
     assert volume.dicom.frame_of_reference_uid == "1.2.826.0.1.3680043.8.498.2"
-    positions = [float(pydicom.dcmread(f).ImagePositionPatient[2]) for f in volume.dicom.files]
+    orientation = np.array(volume.dicom.orientation)
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = [np.dot(pydicom.dcmread(f).ImagePositionPatient, normal) for f in volume.dicom.files]
     assert positions == sorted(positions)  # Z order is the order along the slice normal
     np.testing.assert_allclose(sitk_index_to_lps(sitk_grid(volume)), _LPS @ volume.affine[:, [2, 1, 0, 3]], atol=1e-3)
 
