@@ -345,3 +345,14 @@ def test_from_dicom_converts_series_with_their_seg_and_rtstruct_labels(tmp_path,
     offset = len(ABDOMEN_CLASSES)  # the MR's classes come after the CT's
     expected = np.where(mr_label.array > 0, mr_label.array + offset, 0)
     np.testing.assert_array_equal(read_volume(cases[by_uid[mr_uid]].label).array, expected)
+
+
+def test_empty_labels_still_make_valid_seg_and_rtstruct(tmp_path):
+    image, _ = ct_case()
+    write_series(image, tmp_path / "ct", "CT")
+    volume = read_volume(tmp_path / "ct")
+    empty = np.zeros(volume.array.shape, np.uint8)
+    seg = write_dicom_labels(volume, empty, tmp_path / "seg.dcm", {1: "liver"}, ALGORITHM)
+    rt = write_dicom_labels(volume, empty, tmp_path / "rt.dcm", {1: "liver"}, ALGORITHM, "rtstruct")
+    assert read_seg(seg, volume)[0].sum() == 0 and read_rtstruct(rt, volume)[0].sum() == 0
+    assert dciodvfy(seg) == [] and dciodvfy(rt) == []

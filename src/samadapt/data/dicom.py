@@ -161,13 +161,15 @@ def list_series(folder: str | Path) -> list[DicomSeries]:
     Raises:
         InputNotFoundError: no such folder.
     """
-    folder = Path(folder)
+    return _listing(Path(folder), _scan(Path(folder)))
+
+
+def _listing(folder: Path, groups: dict[str, list[tuple[Path, pydicom.Dataset]]]) -> list[DicomSeries]:
     found = []
-    for uid, members in _scan(folder).items():
+    for uid, members in groups.items():
         series = _series(folder, uid, members)
         if series.image:
-            members = _sorted(folder, uid, members, check=False)
-            series = _series(folder, uid, members)
+            series = _series(folder, uid, _sorted(folder, uid, members, check=False))
         found.append(series)
     return sorted(found, key=lambda s: (not s.image, s.number if s.number is not None else 1 << 30, s.series_uid))
 
@@ -180,8 +182,8 @@ def choose_series(folder: str | Path, series_uid: str | None = None) -> DicomSer
             non-image one, mixed orientations, a gantry tilt, uneven or repeated slice positions.
     """
     folder = Path(folder)
-    groups = _scan(folder)
-    every = list_series(folder) if groups else []
+    groups = _scan(folder)  # headers read once for the listing and the choice
+    every = _listing(folder, groups)
     images = [s for s in every if s.image]
     listing = "; ".join(s.describe() for s in every)  # one line: the CLI prints errors in one
     if series_uid is None:
