@@ -23,13 +23,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from samadapt.data.datasets import load_dataset
-from samadapt.data.dicom import list_series
 from samadapt.data.dicom_out import algorithm_of, label_format, write_dicom_labels
 from samadapt.data.io import ITK, NIFTI, NPZ, PICTURES, Volume, read_volume, suffix_of, write_label
 from samadapt.data.position import slice_position
@@ -37,10 +35,10 @@ from samadapt.data.preprocess import PRESETS, preprocess_volume, volume_slice
 from samadapt.errors import DataError, InputNotFoundError
 from samadapt.files import atomic_write
 from samadapt.predict import Predictor
+from samadapt.serve.dicom_cases import dicom_cases, split_case_path
 
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4")
 READABLE = (*NIFTI, *ITK, *PICTURES, *NPZ, ".dcm")
-SERIES_MARK = "#"  # a case path "<DICOM folder>#<SeriesInstanceUID>" opens one series of a folder holding several
 MAX_LISTED = 500
 AUTOSAVE_PERIOD_S = 0.5
 UNDO_BYTES = 512 << 20  # undo history per case; whole-volume steps (propagation) are the large ones
@@ -161,29 +159,6 @@ class Session:
             # a DICOM case may also be saved as a DICOM SEG or an RT Structure Set on its series
             "dicom": self.volume.dicom is not None,
         }
-
-
-def _dicom_cases(folder: Path, name: str) -> list[dict]:
-    """The image series of a DICOM folder: the folder itself when it holds one, else one case per series."""
-    series = [s for s in _series_of(folder, folder.stat().st_mtime_ns) if s.image]
-    if len(series) <= 1:
-        return [{"name": f"{name}/ (DICOM)", "path": str(folder)}]
-    return [
-        {
-            "name": f"{name}/ (DICOM {s.modality} #{s.number} {s.description})".replace(" )", ")"),
-            "path": f"{folder}{SERIES_MARK}{s.series_uid}",
-        }
-        for s in series
-    ]
-
-
-@lru_cache(maxsize=64)
-def _series_of(folder: Path, mtime_ns: int) -> tuple:
-    """The series of a folder, read again when the folder changes (listing reads every file's header)."""
-    try:
-        return tuple(list_series(folder))
-    except (OSError, DataError):
-        return ()
 
 
 def _windows(array: np.ndarray, preset: str) -> dict:
@@ -367,7 +342,7 @@ class Workspace:
                     dirs[:] = []
                     continue
             if any(f.lower().endswith(".dcm") for f in files):
-                found += _dicom_cases(here, str(here.relative_to(root.parent)))
+                found += dicom_cases(here, str(here.relative_to(root.parent)))
                 dirs[:] = []  # the series under it are listed with it
                 continue
             for name in sorted(files):
@@ -384,16 +359,13 @@ class Workspace:
         Raises:
             PermissionError: outside the allowed folders. FileNotFoundError / DataError: missing or unreadable.
         """
-        resolved, series = self.check(path), None
-        if not resolved.exists() and SERIES_MARK in resolved.name:  # "<DICOM folder>#<SeriesInstanceUID>"
-            folder, series = str(resolved).rsplit(SERIES_MARK, 1)
-            if Path(folder).is_dir():
-                resolved = Path(folder).with_name(f"{Path(folder).name}{SERIES_MARK}{series}")
+        resolved = self.check(path)
+        source, series = split_case_path(resolved)  # "<DICOM folder>#<SeriesInstanceUID>": one series of several
         for sid, live in list(self.sessions.items()):
             if live.path == resolved and preset in (None, live.preset):
                 self.sessions[sid] = self.sessions.pop(sid)  # most recently used last
                 return live  # a reloaded page continues where it was
-        volume = read_volume(Path(str(resolved).rsplit(SERIES_MARK, 1)[0]) if series else resolved, series=series)
+        volume = read_volume(source, series=series)
         dataset, classes, axis = self._dataset_of(resolved)
         if preset is None:
             preset = (dataset.preprocessing if dataset else None) or self.run.preprocessing
