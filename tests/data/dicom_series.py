@@ -7,6 +7,7 @@ wrong lands on different voxels.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 from samadapt.data.io import Volume, read_label, read_volume
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+# the real labelled CT / MRI beside the clone (as bench/accuracy.py finds it; SAMADAPT_SHARED_DATA overrides)
+SHARED = Path(os.environ.get("SAMADAPT_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 ABDOMEN = SHARED / "abdomen_ct"
 BRATS = SHARED / "brats_flair"
 HN = SHARED / "hn_oar"
