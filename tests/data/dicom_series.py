@@ -76,11 +76,12 @@ def write_series(
     tilt_mm: float = 0.0,
     tilted_orientation_at: int | None = None,
     shuffle: bool = True,
+    decimals: int = 4,
 ) -> tuple[str, list[Path]]:
     """Write ``volume`` as one single-frame file per slice (in shuffled file order); returns (series UID, files).
 
     ``tilt_mm`` shifts each slice that far along the column direction (a gantry tilt); ``tilted_orientation_at``
-    gives that slice another orientation (a mixed-orientation series).
+    gives that slice another orientation (a mixed-orientation series); ``decimals``: the positions' rounding.
     """
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
@@ -116,7 +117,7 @@ def write_series(
             cosines = np.concatenate([row, np.cos(turn) * column + np.sin(turn) * normal])
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in cosines]
         position = origin + z * spacing[2] * normal + z * tilt_mm * column
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
+        ds.ImagePositionPatient = [f"{v:.{decimals}f}" for v in position]
         ds.PixelSpacing = [f"{spacing[1]:.6g}", f"{spacing[0]:.6g}"]  # row spacing (y), column spacing (x)
         ds.SliceThickness = f"{spacing[2]:.6g}"
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

@@ -27,7 +27,7 @@ from samadapt.data.dicom_out import (
     referenced_series,
     write_dicom_labels,
 )
-from samadapt.data.io import read_volume
+from samadapt.data.io import Volume, read_volume
 from samadapt.data.rtstruct import read_rtstruct
 from samadapt.errors import ConfigError, DataError
 from tests.data.dicom_series import ct_case, hn_case, mr_case, write_series
@@ -272,6 +272,11 @@ def test_gantry_tilt_mixed_orientations_and_gaps_are_refused_by_name(tmp_path):
     files[3].unlink()
     with pytest.raises(DataError, match=r"uneven slice gaps \(1.5 to 3 mm\): missing slices"):
         read_volume(tmp_path / "gap")
+    # positions stored to 0.01 mm (as many scanners do) around 0.627 mm steps are still one evenly spaced grid
+    fine = Volume(ct.array, ct.spacing, ct.affine @ np.diag([1.0, 1.0, 0.418, 1.0]))
+    fine.affine[:3, 3] += [0.1234, -0.0567, 0.0089]
+    write_series(fine, tmp_path / "rounded", "CT", decimals=2)
+    assert read_volume(tmp_path / "rounded").affine[2, 2] == pytest.approx(0.627, abs=0.005)
     uid, _ = write_series(ct, tmp_path / "twice" / "a", "CT")
     write_series(ct, tmp_path / "twice" / "b", "CT", series_uid=uid)  # two time points in one series
     with pytest.raises(DataError, match="6 slices at the position of another"):

@@ -44,8 +44,9 @@ _TAGS = (
     "Columns",
 )
 ORIENTATION_TOLERANCE = 1e-4  # direction cosines
-POSITION_TOLERANCE_MM = 0.01
-SPACING_TOLERANCE = 0.01  # relative spread of the gaps between slices
+# positions are often stored to 0.01 mm: a grid may be off by that much without being sheared or gapped
+POSITION_TOLERANCE_MM = 0.05
+SPACING_TOLERANCE = 0.01  # relative spread of the gaps between slices (beyond POSITION_TOLERANCE_MM)
 
 
 @dataclass(frozen=True)
@@ -233,22 +234,24 @@ def _cosines(values: np.ndarray) -> str:
 def _check_stack(folder: Path, uid: str, members: list, positions: np.ndarray, normal: np.ndarray) -> None:
     steps = np.diff(positions, axis=0)
     along = steps @ normal
-    if np.any(along < POSITION_TOLERANCE_MM):
-        repeated = int(np.sum(along < POSITION_TOLERANCE_MM))
+    if np.any(along < 0.01):
+        repeated = int(np.sum(along < 0.01))
         raise DataError(
             f"{folder}: series {uid} has {repeated} slices at the position of another (several acquisitions or "
             "time points in one series?); export them as separate series"
         )
     sideways = np.linalg.norm(steps - along[:, None] * normal, axis=1)
-    tilt = max((float(h.get("GantryDetectorTilt", 0) or 0) for _, h in members), key=abs)
-    if np.any(sideways > POSITION_TOLERANCE_MM + 1e-3 * along) or abs(tilt) > 1e-3:
+    # the geometry decides, not GantryDetectorTilt: a tilted acquisition stored as an oblique stack is a valid grid
+    if np.any(sideways > POSITION_TOLERANCE_MM + 1e-3 * along):
         angle = np.degrees(np.arctan2(float(sideways.max()), float(along.mean())))
+        tag = float(members[0][1].get("GantryDetectorTilt", 0) or 0)
+        stated = f", GantryDetectorTilt {tag:g}" if tag else ""
         raise DataError(
             f"{folder}: series {uid} was acquired with a gantry tilt (slices shift {sideways.max():.2f} mm "
-            f"sideways per {along.mean():.2f} mm step, {max(angle, abs(tilt)):.1f} degrees); samadapt reads "
+            f"sideways per {along.mean():.2f} mm step, {angle:.1f} degrees{stated}); samadapt reads "
             "rectilinear grids only: resample it first (e.g. dcm2niix or 3D Slicer correct the tilt)"
         )
-    if along.max() - along.min() > SPACING_TOLERANCE * along.mean():
+    if along.max() - along.min() > SPACING_TOLERANCE * along.mean() + POSITION_TOLERANCE_MM:
         raise DataError(
             f"{folder}: series {uid} has uneven slice gaps ({along.min():.3g} to {along.max():.3g} mm): missing "
             "slices? samadapt reads evenly spaced slices only"
