@@ -23,6 +23,7 @@ def test_a_dicom_folder_lists_each_series_and_saves_seg_and_rtstruct(workspace, 
     ]
     session = workspace.open(listed[0]["path"])
     assert session.volume.dicom.series_uid == ct_uid and session.summary()["dicom"] is True
+    assert session.summary()["name"] == "export_s2"  # the folder and the series number, not the UID
     assert workspace.open(listed[1]["path"]).volume.dicom.modality == "MR"
     assert workspace.open(listed[0]["path"]) is session  # the same series reopens its session
     session.labels[...] = ct_label.array

@@ -45,3 +45,12 @@ def split_case_path(path: Path) -> tuple[Path, str | None]:
         return path, None
     folder, series = str(path).rsplit(SERIES_MARK, 1)
     return (Path(folder), series) if Path(folder).is_dir() else (path, None)
+
+
+def case_name(path: Path, volume) -> str:
+    """The name the page shows (and derives the save name from): ``<folder>_s<series number>`` for one series of a
+    folder holding several, else the file or folder name."""
+    if SERIES_MARK not in path.name or volume.dicom is None:
+        return path.name
+    folder = path.name.rsplit(SERIES_MARK, 1)[0]
+    return f"{folder}_s{volume.dicom.number}" if volume.dicom.number is not None else folder

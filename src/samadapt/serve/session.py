@@ -35,7 +35,7 @@ from samadapt.data.preprocess import PRESETS, preprocess_volume, volume_slice
 from samadapt.errors import DataError, InputNotFoundError
 from samadapt.files import atomic_write
 from samadapt.predict import Predictor
-from samadapt.serve.dicom_cases import dicom_cases, split_case_path
+from samadapt.serve.dicom_cases import case_name, dicom_cases, split_case_path
 
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4")
 READABLE = (*NIFTI, *ITK, *PICTURES, *NPZ, ".dcm")
@@ -144,7 +144,7 @@ class Session:
         return {
             "session": self.id,
             "path": str(self.path),
-            "name": self.path.name,
+            "name": case_name(self.path, self.volume),
             "shape": list(self.labels.shape),
             "channels": int(self.volume.array.shape[3]) if self.volume.array.ndim == 4 else 1,
             "spacing": list(self.volume.spacing),
