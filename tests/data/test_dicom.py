@@ -5,6 +5,7 @@ by SimpleITK (the SEG's frames, the source series' grid), must be the same label
 (dicom3tools) must find no error and no warning in either object.
 """
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ from samadapt.data.dicom_out import (
     referenced_series,
     write_dicom_labels,
 )
-from samadapt.data.io import Volume, read_volume
+from samadapt.data.io import Volume, read_volume, write_label
 from samadapt.data.rtstruct import read_rtstruct
 from samadapt.errors import ConfigError, DataError
 from tests.data.dicom_series import ct_case, hn_case, mr_case, write_series
@@ -350,6 +351,21 @@ def test_from_dicom_converts_series_with_their_seg_and_rtstruct_labels(tmp_path,
     offset = len(ABDOMEN_CLASSES)  # the MR's classes come after the CT's
     expected = np.where(mr_label.array > 0, mr_label.array + offset, 0)
     np.testing.assert_array_equal(read_volume(cases[by_uid[mr_uid]].label).array, expected)
+    # and back: labels predicted on the unlabelled case (here its reference) -> a SEG on its source series
+    plain = read_volume(spec.test_images[0])
+    write_label(plain, ct_label.array, tmp_path / "predictions" / f"{by_uid[plain_uid]}.nii.gz")
+    adapter = tmp_path / "runs" / "samed-ct" / "checkpoints" / "best" / "adapter_model.safetensors"
+    adapter.parent.mkdir(parents=True)
+    adapter.write_bytes(b"adapter weights")
+    argv = ["data", "to-dicom", str(tmp_path / "predictions"), str(tmp_path / "msd"), str(tmp_path / "segs")]
+    assert data_cli([*argv, "--run", str(tmp_path / "runs" / "samed-ct")]) == 0
+    identification = pydicom.dcmread(tmp_path / "segs" / f"{by_uid[plain_uid]}.dcm").SegmentSequence[0]
+    parameters = identification.SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    assert parameters == f"run=samed-ct,adapter_sha256={hashlib.sha256(b'adapter weights').hexdigest()}"
+    source = read_volume(export, series=plain_uid)
+    labels, names = read_seg(tmp_path / "segs" / f"{by_uid[plain_uid]}.dcm", source)
+    np.testing.assert_array_equal(labels, ct_label.array)
+    assert names == dict(enumerate([*ABDOMEN_CLASSES.values(), *BRATS_CLASSES.values()], start=1))
 
 
 def test_empty_labels_still_make_valid_seg_and_rtstruct(tmp_path):

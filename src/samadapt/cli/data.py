@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from pathlib import Path
 
 from samadapt.errors import ConfigError
 
@@ -56,6 +57,18 @@ def from_dicom_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def to_dicom_command(args: argparse.Namespace) -> int:
+    from types import SimpleNamespace
+
+    from samadapt.data.dicom_out import Algorithm, algorithm_of, predictions_to_dicom
+
+    # the run is named, not loaded: its name and adapter checksum identify the algorithm
+    algorithm = algorithm_of(SimpleNamespace(name=Path(args.run).name, path=args.run)) if args.run else Algorithm()
+    written = predictions_to_dicom(args.predictions, args.dataset, args.dst, args.format, algorithm)
+    print(f"wrote {len(written)} {args.format} files into {args.dst}")
+    return 0
+
+
 def series_command(args: argparse.Namespace) -> int:
     from samadapt.data.dicom import list_series
 
@@ -86,6 +99,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dicom.add_argument("dst", help="new output directory")
     dicom.add_argument("--series", action="append", help="a SeriesInstanceUID to convert (repeat; default: all)")
     dicom.set_defaults(func=from_dicom_command)
+    to_dicom = commands.add_parser(
+        "to-dicom", help="predictions of a from-dicom dataset -> DICOM SEG / RTSTRUCT on their source series"
+    )
+    to_dicom.add_argument("predictions", help="folder of CASE.nii.gz label files (e.g. samadapt predict -i ... -o)")
+    to_dicom.add_argument("dataset", help="the dataset samadapt data from-dicom wrote (its dicom_mapping.json)")
+    to_dicom.add_argument("dst", help="output folder (CASE.dcm per case)")
+    to_dicom.add_argument("--format", choices=["dicom-seg", "rtstruct"], default="dicom-seg")
+    to_dicom.add_argument("--run", help="the run directory that predicted them (named in the files, not loaded)")
+    to_dicom.set_defaults(func=to_dicom_command)
     series = commands.add_parser("series", help="list the DICOM series under a folder (UIDs for --series)")
     series.add_argument("folder")
     series.set_defaults(func=series_command)

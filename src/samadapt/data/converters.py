@@ -265,7 +265,7 @@ def convert_dicom(src: str | Path, out: str | Path, series: Sequence[str] = ()) 
             else:
                 test.append(f"./imagesTs/{case}.nii.gz")
             sources_of = [str(p.relative_to(src)) for p in found]
-            mapping[case] = {**item.record(), "folder": str(src), "labels_from": sources_of}
+            mapping[case] = {**item.record(), "folder": str(src.resolve()), "labels_from": sources_of}
         modality = {"CT": "CT", "MR": "MRI"}.get(chosen[0].modality, chosen[0].modality or "MRI")
         write_msd_dataset(
             tmp,

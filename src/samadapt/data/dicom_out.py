@@ -300,3 +300,49 @@ def read_dicom_labels(path: str | Path, reference: Volume) -> tuple[np.ndarray, 
 
         return read_rtstruct(path, reference)
     return read_seg(path, reference)
+
+
+def predictions_to_dicom(
+    predictions: str | Path,
+    dataset: str | Path,
+    out: str | Path,
+    format: str = "dicom-seg",
+    algorithm: Algorithm | None = None,
+) -> list[Path]:
+    """Label files of cases converted by ``from-dicom`` (``predict -i DATASET/imagesTs``, or any ``CASE.nii.gz``)
+    -> one DICOM SEG / RTSTRUCT per case on its source series, found through ``DATASET/dicom_mapping.json``;
+    classes named by ``DATASET/dataset.json``. Returns the files written (``OUT/CASE.dcm``).
+
+    Raises:
+        InputNotFoundError: no mapping, or a series that is gone. DataError: a case not in the mapping, or labels
+            on another grid than their series.
+    """
+    import json
+
+    from samadapt.data.dicom import read_series
+    from samadapt.data.io import NIFTI, read_label, suffix_of
+    from samadapt.errors import InputNotFoundError
+
+    dataset, out = Path(dataset), Path(out)
+    mapping_path = dataset / "dicom_mapping.json"
+    if not mapping_path.is_file():
+        raise InputNotFoundError(f"{mapping_path}: no such file (a dataset written by samadapt data from-dicom has it)")
+    mapping = json.loads(mapping_path.read_text())
+    labels_of = json.loads((dataset / "dataset.json").read_text())["labels"]  # MSD, as from-dicom writes it
+    classes = {int(k): str(v) for k, v in labels_of.items() if int(k) != 0}
+    files = sorted(p for p in Path(predictions).iterdir() if suffix_of(p) in NIFTI)
+    if not files:
+        raise InputNotFoundError(f"{predictions}: no NIfTI label files")
+    written = []
+    for path in files:
+        case = path.name[: -len(suffix_of(path))].removesuffix("_0000")
+        if case not in mapping:
+            raise DataError(f"{path}: case {case} is not in {mapping_path}")
+        entry = mapping[case]
+        volume = read_series(entry["folder"], entry["series_instance_uid"])
+        labels = read_label(path)
+        if labels.array.shape != volume.array.shape[:3] or not np.allclose(labels.affine, volume.affine, atol=1e-3):
+            raise DataError(f"{path}: labels on another grid than series {entry['series_instance_uid']}")
+        target = out / f"{case}.dcm"
+        written.append(write_dicom_labels(volume, labels.array, target, classes, algorithm or Algorithm(), format))
+    return written
