@@ -33,12 +33,15 @@ def _write_case(root, name, image, label):
 
 @pytest.fixture
 def tiny_msd(tmp_path):
+    return write_tiny_msd(tmp_path / "tiny")
+
+
+def write_tiny_msd(root):
     """Two cases of 10 slices, 40 x 40, classes 1 (square) and 2 (disc) on a textured background.
 
     Case a: class 1 in slices 2-6, class 2 in 4-5 (larger in 5): the richest slice is 5. Slice 0 is blank.
     Case b: class 1 in slices 3-5, class 2 in 3 and 8: the richest slice is 3.
     """
-    root = tmp_path / "tiny"
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     rng = np.random.default_rng(0)

@@ -1,5 +1,7 @@
 """Fixtures of the app tests: a small NIfTI case under a temporary --root, workspaces on a tiny or the real model."""
 
+import contextlib
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -7,6 +9,8 @@ import pytest
 from samadapt.runs import Run
 from samadapt.serve import Workspace
 from tests.conftest import make_tiny_sam
+
+LOCAL = "http://127.0.0.1:8000"  # the test clients' address: the app answers loopback names only
 
 AFFINE = np.array([[-0.8, 0, 0, 10.0], [0, 0.9, 0, -20.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]])
 
@@ -33,3 +37,29 @@ def workspace(root, tmp_path, tiny_run):
     ws = Workspace(tiny_run, roots=[root], state_dir=tmp_path / "state", device="cpu")
     yield ws
     ws.close()
+
+
+@contextlib.contextmanager
+def running(app):
+    """``app`` served by a real uvicorn server on a free port of 127.0.0.1, in a thread: yields its port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -11,6 +11,7 @@ from samadapt.data.datasets import load_dataset
 from samadapt.data.io import read_label, read_volume
 from samadapt.serve import Workspace, create_app
 from samadapt.serve.adapt import training_set
+from tests.serve.conftest import LOCAL
 
 
 def test_training_set_holds_the_finished_slices(workspace, root, tmp_path):
@@ -35,7 +36,7 @@ def test_adapt_job_switches_the_model(demo_data, tmp_path):
     from samadapt.runs import load_run
 
     workspace = Workspace(load_run("lite_medsam", device="cpu"), demo=demo_data, state_dir=tmp_path, device="cpu")
-    client = TestClient(create_app(workspace))
+    client = TestClient(create_app(workspace), base_url=LOCAL)
     image = demo_data["lesions"] / "imagesTr" / "brain1.nrrd"
     sid = client.post("/api/open", json={"path": str(image)}).json()["session"]
     session = workspace.session(sid)

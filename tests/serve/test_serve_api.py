@@ -13,6 +13,7 @@ from samadapt.data.preprocess import preprocess_volume, volume_slice
 from samadapt.predict import Predictor
 from samadapt.serve import Workspace, create_app
 from samadapt.serve.app import plane_payload
+from tests.serve.conftest import LOCAL
 
 
 def labels_of(payload: dict) -> np.ndarray:
@@ -24,7 +25,7 @@ def labels_of(payload: dict) -> np.ndarray:
 
 @pytest.fixture
 def client(workspace):
-    return TestClient(create_app(workspace))
+    return TestClient(create_app(workspace), base_url=LOCAL)
 
 
 def open_disc(client, root) -> dict:
@@ -113,7 +114,7 @@ def test_objects_do_not_erase_each_other(client, root, workspace):
 
 def test_autosave_survives_a_killed_server(root, tmp_path, tiny_run):
     first = Workspace(tiny_run, roots=[root], state_dir=tmp_path / "state", device="cpu")
-    client = TestClient(create_app(first))
+    client = TestClient(create_app(first), base_url=LOCAL)
     sid = open_disc(client, root)["session"]
     client.post("/api/prompt", json={"session": sid, "axis": 0, "index": 3, "object": 1, "box": [20, 14, 40, 35]})
     drawn = first.session(sid).labels.copy()
@@ -123,7 +124,9 @@ def test_autosave_survives_a_killed_server(root, tmp_path, tiny_run):
         time.sleep(0.1)
     first._stop.set()  # "killed": no close(), no final flush
     second = Workspace(tiny_run, roots=[root], state_dir=tmp_path / "state", device="cpu")
-    restored = TestClient(create_app(second)).post("/api/open", json={"path": str(root / "scans" / "disc.nii.gz")})
+    restored = TestClient(create_app(second), base_url=LOCAL).post(
+        "/api/open", json={"path": str(root / "scans" / "disc.nii.gz")}
+    )
     assert restored.json()["restored"] is not None
     np.testing.assert_array_equal(second.session(restored.json()["session"]).labels, drawn)
     second.close()
@@ -159,7 +162,7 @@ def test_propagate_job_and_its_undo(client, root, workspace):
 
 
 def test_token_required_beyond_loopback(workspace, root):
-    client = TestClient(create_app(workspace, token="s3cret"))
+    client = TestClient(create_app(workspace, token="s3cret"), base_url=LOCAL)
     assert client.get("/api/info").status_code == 403
     assert client.get("/api/info", headers={"X-Token": "s3cret"}).status_code == 200
     assert client.get("/api/info?token=s3cret").status_code == 200
@@ -229,7 +232,7 @@ def test_semantic_run_fills_the_slice(root, tmp_path, slice_position):
         model.mask_decoder.slice_prior.register_forward_hook(lambda module, args, out: seen.extend(args[0].tolist()))
     run = Run(model=model.eval(), name="tiny", task="semantic", classes={3: "liver", 5: "spleen"})
     workspace = Workspace(run, roots=[root], state_dir=tmp_path / "state", device="cpu")
-    client = TestClient(create_app(workspace))
+    client = TestClient(create_app(workspace), base_url=LOCAL)
     sid = open_disc(client, root)["session"]
     answer = client.post("/api/semantic", json={"session": sid, "axis": 0, "index": 2}).json()
     assert seen == ([pytest.approx(0.4)] if slice_position else [])

@@ -6,10 +6,7 @@ is set (CI installs chromium in .ci/run and sets it): there a missing browser is
 """
 
 import os
-import socket
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +17,7 @@ from scipy import ndimage
 from samadapt.data.io import read_label, read_volume
 from samadapt.data.preprocess import preprocess_volume, volume_slice
 from samadapt.predict import Predictor
+from tests.serve.conftest import running
 
 CHROMIUM = Path("/usr/bin/chromium")
 # screenshots for docs/ when asked (SAMADAPT_SCREENSHOTS=docs), else a temporary folder: a test run leaves the tree clean
@@ -35,6 +33,7 @@ ARGS = [
     "--disable-sync",
 ]
 PALETTE = {1: (0xE6, 0x19, 0x4B), 2: (0x3C, 0xB4, 0x4B)}
+TOKEN = "browser-test-token"
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +55,8 @@ def _browser_or_skip():
 
 @pytest.fixture(scope="module")
 def server(demo_data, tmp_path_factory):
-    """A real uvicorn server in a thread: LiteMedSAM, the demo datasets, a temporary --root."""
-    import uvicorn
-
+    """A real uvicorn server in a thread: LiteMedSAM, the demo datasets, a temporary --root, a token (as served by
+    default); ``url`` is the address ``samadapt serve`` prints, with the token."""
     from samadapt.runs import load_run
     from samadapt.serve import Workspace, create_app
 
@@ -70,18 +68,9 @@ def server(demo_data, tmp_path_factory):
         state_dir=tmp_path_factory.mktemp("state"),
         device="cpu",
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(workspace), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "workspace": workspace, "root": root, "demo": demo_data}
-    uv.should_exit = True
-    thread.join(10)
+    with running(create_app(workspace, token=TOKEN)) as port:
+        base = f"http://127.0.0.1:{port}"
+        yield {"url": f"{base}/?token={TOKEN}", "base": base, "workspace": workspace, "root": root, "demo": demo_data}
     workspace.close()
 
 

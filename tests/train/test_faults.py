@@ -3,6 +3,7 @@ uninterrupted run ends; a full disk or a forbidden folder stops a run with its e
 checkpoints are skipped; one job per run directory."""
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -18,11 +19,12 @@ from samadapt.train.checkpoints import CheckpointStore, sealed_step
 from samadapt.train.lock import RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
+PYTHONPATH = os.pathsep.join([str(ROOT / "src"), str(ROOT)])  # this tree's samadapt, whatever is installed
 
 
 def job(run_dir, *args, check=True, wait=True):
     command = [sys.executable, "-m", "tests.train.fault_job", str(run_dir), *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(
             command,
@@ -102,6 +104,109 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     (tmp_path / ".lock").write_text(f'{{"pid": {dead.stdout.strip()}, "host": "here"}}')
     with RunLock(tmp_path), pytest.raises(RunDirectoryBusyError, match=f"process {os.getpid()}"):
         RunLock(tmp_path).acquire()
+
+
+# a job holding the lock forks a child (as a DataLoader forks its workers) and is killed; the child lives on
+FORK_THEN_DIE = """
+import os, signal, sys, time
+from samadapt.train.lock import RunLock
+lock = RunLock(sys.argv[1])
+lock.acquire()
+child = os.fork()
+if child == 0:
+    quiet = os.open(os.devnull, os.O_RDWR)
+    os.dup2(quiet, 1)  # the output pipes close with the job, for its caller to see the end
+    os.dup2(quiet, 2)
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+# a process that holds the lock file's flock while the file names another process (one that has ended)
+HOLD_FOR_DEAD = """
+import fcntl, json, socket, sys, time
+handle = open(sys.argv[1] + "/.lock", "a+")
+fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+handle.write(json.dumps({"pid": int(sys.argv[2]), "host": socket.gethostname(), "since": "then"}))
+handle.flush()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped (an orphan whose new parent does not wait for it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_child_forked_by_a_killed_job_does_not_keep_its_lock(tmp_path):
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    killed = subprocess.run(
+        [sys.executable, "-c", FORK_THEN_DIE, str(tmp_path)], capture_output=True, encoding="utf-8", env=env
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    child = int(killed.stdout)
+    try:
+        assert not ended(child)  # the forked child outlives the job ...
+        with RunLock(tmp_path):  # ... yet the directory is free at once
+            assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_refusal_says_when_the_recorded_process_has_ended(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_FOR_DEAD, str(tmp_path), str(dead_pid)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirectoryBusyError) as refused:
+            RunLock(tmp_path).acquire()
+        message = str(refused.value)
+        assert f"process {dead_pid} is no longer running, but processes {holder.pid} still hold it" in message
+        assert f"kill {holder.pid}" in message
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(tmp_path):  # the holder gone, the directory is free
+        pass
+
+
+@pytest.fixture(scope="module")
+def disk_data(tmp_path_factory):
+    from tests.data.test_synthesis import write_tiny_msd
+
+    return write_tiny_msd(tmp_path_factory.mktemp("disk") / "tiny")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", ["train", "pretrain"])
+def test_kill_with_loader_workers_then_resume_at_once(tmp_path_factory, disk_data, loop):
+    """kill -9 of a job reading its slices with 2 DataLoader workers (a real run's default): the workers end with
+    it, ``--resume`` started at once is not refused, and it ends with the uninterrupted run's weights."""
+    mode = ["--data", str(disk_data), "--workers", "2", *(["--pretrain"] if loop == "pretrain" else [])]
+    clean = tmp_path_factory.mktemp(f"{loop}-clean")
+    job(clean, *mode)
+    run_dir = tmp_path_factory.mktemp(f"{loop}-killed")
+    killed = job(run_dir, *mode, "--fault", "kill_in_step:4", check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = job(run_dir, *mode, "--resume", wait=False)  # at once: no wait for the workers
+    workers = [int(pid) for pid in (run_dir / "workers.txt").read_text().split()]
+    assert len(workers) == 2
+    deadline = time.time() + 5
+    while not all(ended(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert all(ended(pid) for pid in workers), "loader workers outlived their killed job"
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resumed from" in out and "at step 3" in out
+    assert_same_run(run_dir, torch.load(clean / "final.pt"))
 
 
 def small_trainer(run_dir, **overrides):

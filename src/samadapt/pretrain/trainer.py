@@ -45,6 +45,7 @@ from samadapt.train.lock import RunLock
 from samadapt.train.schedule import build_scheduler
 from samadapt.train.step import optimizer_step
 from samadapt.train.trainer import _StopSignals
+from samadapt.train.workers import die_with_parent
 
 HEADS = "pretrain_heads.safetensors"
 LOG_FIELDS = ("step", "loss", "mae", "emix", "shed", "lr", "seconds_per_step", "loader_seconds")
@@ -137,6 +138,7 @@ class Pretrainer:
                 num_workers=workers,
                 collate_fn=collate,
                 prefetch_factor=2 if workers else None,
+                worker_init_fn=die_with_parent() if workers else None,
                 pin_memory=self.device.type == "cuda",
             )
             self._batches = iter(loader)

@@ -1,6 +1,7 @@
 """The FastAPI app behind ``samadapt serve``: a JSON / binary API over ``Workspace`` and the static page.
 
-Routes (all ``/api`` routes take the token as ``X-Token`` header or ``token`` query parameter when one is set):
+Routes (all ``/api`` routes take the token as ``X-Token`` header, ``token`` query parameter or the cookie that ``GET
+/?token=...`` sets, when one is set; ``guard.Guard`` makes every refusal that comes before a route):
 
 | route | what |
 |---|---|
@@ -15,24 +16,26 @@ Routes (all ``/api`` routes take the token as ``X-Token`` header or ``token`` qu
 | ``POST /api/save`` ``{session, path?, overwrite}`` | write the label file (409 when it exists) |
 | ``POST /api/adapt`` ``{session, recipe, steps}`` -> job; ``POST /api/model`` ``{run}`` | adapt, switch model |
 
-Errors come back as ``{"detail": message}``: 403 outside the allowed folders or a wrong token, 404 missing file or
-session, 409 a file that exists, 413 a request too large, 422 unreadable data, 400 other bad input.
+Errors come back as ``{"detail": message}``: 403 outside the allowed folders, a wrong token, a foreign ``Host`` or
+``Origin``, 404 missing file or session, 409 a file that exists, 413 a request too large, 422 unreadable data, 400
+other bad input.
 """
 
 from __future__ import annotations
 
 import base64
-import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from samadapt.errors import DataError
+from samadapt.serve.guard import Guard, token_cookie, token_given
 from samadapt.serve.jobs import Jobs, propagate
 from samadapt.serve.session import Session, Workspace
 
@@ -110,32 +113,29 @@ def _error_response(status: int):
     return handler
 
 
-def create_app(workspace: Workspace, token: str | None = None) -> FastAPI:
-    """The app over ``workspace``; with ``token``, every ``/api`` request must carry it."""
+def create_app(workspace: Workspace, token: str | None = None, hosts: Iterable[str] = ()) -> FastAPI:
+    """The app over ``workspace``; with ``token``, every ``/api`` request must carry it. Requests are answered only
+    for the loopback names and ``hosts`` (``Guard``: Host, Origin, token and size checks)."""
     app = FastAPI(title="samadapt serve", docs_url=None, redoc_url=None)
     app.state.workspace = workspace
     app.state.jobs = jobs = Jobs()
     app.state.token = token
     ws = workspace
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/api"):
-            if token is not None:
-                given = request.headers.get("x-token") or request.query_params.get("token") or ""
-                if not secrets.compare_digest(given, token):
-                    return JSONResponse({"detail": "missing or wrong token"}, status_code=403)
-            length = request.headers.get("content-length")
-            if length and int(length) > MAX_BODY:
-                return JSONResponse({"detail": f"request larger than {MAX_BODY} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(Guard, token=token, hosts=hosts, max_body=MAX_BODY)
 
     # errors the library raises for a request's own problem, answered with their message and a status
     for kind, status in ERROR_STATUS.items():
         app.add_exception_handler(kind, _error_response(status))
 
     @app.get("/")
-    def index() -> FileResponse:
+    def index(request: Request) -> Response:
+        if token and request.query_params.get("token") and token_given(request, token):
+            # the address samadapt serve printed: keep the token in a cookie of this origin, then drop it from the
+            # address bar (and history); the page's requests carry the cookie
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(token_cookie(request), token, httponly=True, samesite="strict")
+            return response
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -52,6 +52,7 @@ from samadapt.train.losses import SegmentationLoss
 from samadapt.train.samples import PreparedSlice, add_corrective_clicks, draw_prompt_batch, semantic_targets
 from samadapt.train.schedule import build_scheduler
 from samadapt.train.step import optimizer_step
+from samadapt.train.workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,7 @@ class Trainer:
             num_workers=workers,
             collate_fn=list,
             prefetch_factor=2 if workers else None,
+            worker_init_fn=die_with_parent() if workers else None,
             pin_memory=self.device.type == "cuda",
         )
         return iter(loader)
