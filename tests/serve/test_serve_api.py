@@ -181,6 +181,14 @@ def test_serve_command_is_registered():
     assert args.command == "serve" and args.port == 8123 and args.host == "127.0.0.1"
 
 
+def test_no_token_only_on_a_loopback_address(capsys):
+    from samadapt.cli import main
+
+    assert main(["serve", "--root", os.getcwd(), "--host", "0.0.0.0", "--no-token"]) == 2
+    assert "--no-token: only on a loopback address" in capsys.readouterr().err
+    assert main(["serve", "--root", os.getcwd(), "--token", "x", "--no-token"]) == 2
+
+
 def test_plane_payload_round_trip(workspace, root):
     session = workspace.open(root / "scans" / "disc.nii.gz")
     session.labels[1, 2, 3] = 300
@@ -192,6 +200,7 @@ def test_serve_command_starts_and_serves_the_page(root):
     import socket
     import subprocess
     import sys
+    import urllib.error
     import urllib.request
 
     with socket.socket() as probe:
@@ -204,6 +213,8 @@ def test_serve_command_starts_and_serves_the_page(root):
         while "http://" not in lines[-1] and lines[-1] and len(lines) < 50:  # warnings may come first
             lines.append(process.stderr.readline())
         assert f"http://127.0.0.1:{port}/" in lines[-1], lines
+        token = lines[-1].split("/?token=")[1].strip()  # a fresh token by default, even on 127.0.0.1
+        assert len(token) >= 20
         deadline, page = time.time() + 120, ""
         while time.time() < deadline and not page:
             try:
@@ -211,7 +222,10 @@ def test_serve_command_starts_and_serves_the_page(root):
             except OSError:
                 time.sleep(0.3)
         assert 'data-testid="viewer"' in page
-        info = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=5).read().decode()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=5)
+        assert refused.value.code == 403
+        info = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info?token={token}", timeout=5).read().decode()
         assert "disc.nii.gz" in info and "lite_medsam" in info
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/static/app.js", timeout=5).status == 200
     finally:

@@ -7,6 +7,7 @@ is set (CI installs chromium in .ci/run and sets it): there a missing browser is
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +18,7 @@ from scipy import ndimage
 from samadapt.data.io import read_label, read_volume
 from samadapt.data.preprocess import preprocess_volume, volume_slice
 from samadapt.predict import Predictor
+from samadapt.serve import create_app
 from tests.serve.conftest import running
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -248,3 +250,64 @@ def test_request_outside_root_refused(server, page):
     assert "outside the folders this app may open" in wait_status(page, "error:")
     for testid in ("viewer", "mode-point", "mode-box", "undo", "propagate", "save", "adapt", "status"):
         assert page.get_by_test_id(testid).count() == 1, testid
+
+
+EVIL_PAGE = """<!doctype html><body>
+<form id="form" method="POST" action="{app}/api/open" enctype="text/plain">
+<input name='{{"path": "{case}", "x": "' value='"}}'></form>
+<script>
+window.sent = fetch("{app}/api/open", {{method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}},
+  body: JSON.stringify({{path: "{case}"}})}}).then(() => "sent", (e) => "failed: " + e);
+</script></body>"""
+
+
+def test_another_page_and_a_rebound_name_are_refused(workspace, root):
+    """Chromium as an attacked user's browser, against the app served without a token (so that Host and Origin
+    alone must hold): a page of another origin posts to the app (fetch, then a form), and a page whose name
+    resolves to 127.0.0.1 (``--host-resolver-rules``: DNS rebinding without a DNS server) reads the API."""
+    import http.server
+
+    sync_playwright = _browser_or_skip()
+    case = root / "scans" / "disc.nii.gz"
+    with running(create_app(workspace)) as port:
+        app = f"http://127.0.0.1:{port}"
+        page_bytes = EVIL_PAGE.format(app=app, case=case).encode()
+
+        class Evil(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the handler's name)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(page_bytes)
+
+            def log_message(self, *args):
+                pass
+
+        evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+        threading.Thread(target=evil.serve_forever, daemon=True).start()
+        args = [*ARGS, "--host-resolver-rules=MAP evil.example.com 127.0.0.1"]
+        try:
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
+                page = browser.new_page()
+                page.set_default_timeout(60_000)
+                answers = []
+                page.on("response", lambda response: answers.append((response.url, response.status)))
+                page.goto(f"http://evil.example.com:{evil.server_address[1]}/")
+                assert page.evaluate("window.sent") == "sent"  # it reached the app (an opaque answer) ...
+                with page.expect_navigation():
+                    page.evaluate("document.getElementById('form').submit()")
+                assert (f"{app}/api/open", 403) in answers  # ... which refused it, as it refused the form
+                assert "a request from another page" in page.content()
+                # rebinding: the attacker's name, now pointing at 127.0.0.1, on the app's port
+                response = page.goto(f"http://evil.example.com:{port}/")
+                assert response.status == 403 and "is not served here" in page.content()
+                read = "async () => { const r = await fetch('/api/info'); return [r.status, await r.text()]; }"
+                status_code, text = page.evaluate(read)
+                assert status_code == 403 and "disc.nii.gz" not in text
+                page.goto(f"{app}/")  # the app's own page, by its own name, still works
+                assert page.evaluate(read)[0] == 200
+                browser.close()
+        finally:
+            evil.shutdown()
+    assert workspace.sessions == {}  # nothing was opened by another page

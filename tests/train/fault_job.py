@@ -1,6 +1,6 @@
 """A tiny training job for the fault-injection tests, run in its own process (``python -m tests.train.fault_job``).
 
-    fault_job RUN_DIR [--resume] [--fault KIND:STEP] [--data DIR --workers N [--pretrain]]
+    fault_job RUN_DIR [--resume] [--fault KIND:STEP] [--data DIR --workers N [--pretrain | --predict]]
 
 Faults: ``kill_in_step`` (SIGKILL during the forward pass of step STEP), ``kill_in_save`` (SIGKILL while the
 checkpoint of step STEP is half written), ``kill_between_renames`` (SIGKILL after ``last`` became ``previous`` and
@@ -10,7 +10,9 @@ RUN_DIR/final.pt.
 
 With ``--data DIR`` (an MSD folder) the slices are read from disk by N DataLoader worker processes (the default
 2 of a real run), and ``kill_in_step`` first writes the workers' process ids to RUN_DIR/workers.txt; ``--pretrain``
-runs the encoder pre-training loop (ShED) on that folder instead of fine-tuning.
+runs the encoder pre-training loop (ShED) on that folder instead of fine-tuning. ``--predict`` predicts the folder's
+images (DIR/imagesTr) with a tiny semantic run into RUN_DIR/predictions; its fault ``kill_in_write:N`` is SIGKILL
+while the label file of the N-th case is half written.
 """
 
 from __future__ import annotations
@@ -86,6 +88,26 @@ def build_pretrainer(run_dir: Path, data: Path, workers: int) -> Pretrainer:
     return Pretrainer(config, model, heads, inputs, run_dir, manifest)
 
 
+def predict(run_dir: Path, data: Path, fault: str) -> None:
+    from samadapt.data import io
+    from samadapt.predict import predict_folder
+    from tests.test_predict_volume import semantic_run
+
+    kind, step = fault.split(":")
+    if kind == "kill_in_write":
+        write, written = io._write_label_file, []
+
+        def half_written(reference, labels, dtype, suffix, target):
+            written.append(target)
+            if len(written) == int(step):
+                Path(target).write_bytes(b"half a label file")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return write(reference, labels, dtype, suffix, target)
+
+        io._write_label_file = half_written
+    predict_folder(semantic_run(), data / "imagesTr", run_dir / "predictions", device="cpu", progress=False)
+
+
 def inject(trainer: Trainer | Pretrainer, kind: str, step: int) -> None:
     def at(target: int) -> bool:
         return trainer.step + 1 == target  # the step being trained (trainer.step counts finished ones)
@@ -142,8 +164,12 @@ def main() -> int:
     parser.add_argument("--data", type=Path)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--pretrain", action="store_true")
+    parser.add_argument("--predict", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.predict:
+        predict(args.run_dir, args.data, args.fault)
+        return 0
     if args.pretrain:
         trainer = build_pretrainer(args.run_dir, args.data, args.workers)
     else:

@@ -250,3 +250,20 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
         assert again.resume()
     assert again.step == 2
     assert "damaged" in caplog.text
+
+
+@pytest.mark.slow
+def test_folder_prediction_killed_mid_write_then_rerun_gives_the_uninterrupted_labels(tmp_path, disk_data):
+    from samadapt.data.io import read_volume
+
+    mode = ["--data", str(disk_data), "--predict"]
+    job(tmp_path / "clean", *mode)
+    killed = job(tmp_path / "killed", *mode, "--fault", "kill_in_write:2", check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    out = tmp_path / "killed" / "predictions"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["a.nii.gz"]  # b: no final file
+    job(tmp_path / "killed", *mode)  # the same command again, at once
+    for name in ("a.nii.gz", "b.nii.gz"):
+        expected = read_volume(tmp_path / "clean" / "predictions" / name)
+        again = read_volume(out / name)
+        assert (again.array == expected.array).all() and (again.affine == expected.affine).all(), name
