@@ -77,14 +77,20 @@ def server(demo_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def chromium():
+    """Playwright's Chromium launcher: one Playwright per module (its sync API runs one event loop per thread)."""
     sync_playwright = _browser_or_skip()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        page.set_default_timeout(120_000)
-        yield page
-        browser.close()
+        yield playwright.chromium
+
+
+@pytest.fixture(scope="module")
+def page(server, chromium):
+    browser = chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.set_default_timeout(120_000)
+    yield page
+    browser.close()
 
 
 def idle(page) -> None:
@@ -261,13 +267,12 @@ window.sent = fetch("{app}/api/open", {{method: "POST", mode: "no-cors", headers
 </script></body>"""
 
 
-def test_another_page_and_a_rebound_name_are_refused(workspace, root):
+def test_another_page_and_a_rebound_name_are_refused(chromium, workspace, root):
     """Chromium as an attacked user's browser, against the app served without a token (so that Host and Origin
     alone must hold): a page of another origin posts to the app (fetch, then a form), and a page whose name
     resolves to 127.0.0.1 (``--host-resolver-rules``: DNS rebinding without a DNS server) reads the API."""
     import http.server
 
-    sync_playwright = _browser_or_skip()
     case = root / "scans" / "disc.nii.gz"
     with running(create_app(workspace)) as port:
         app = f"http://127.0.0.1:{port}"
@@ -286,28 +291,27 @@ def test_another_page_and_a_rebound_name_are_refused(workspace, root):
         evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
         threading.Thread(target=evil.serve_forever, daemon=True).start()
         args = [*ARGS, "--host-resolver-rules=MAP evil.example.com 127.0.0.1"]
+        browser = chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
         try:
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
-                page = browser.new_page()
-                page.set_default_timeout(60_000)
-                answers = []
-                page.on("response", lambda response: answers.append((response.url, response.status)))
-                page.goto(f"http://evil.example.com:{evil.server_address[1]}/")
-                assert page.evaluate("window.sent") == "sent"  # it reached the app (an opaque answer) ...
-                with page.expect_navigation():
-                    page.evaluate("document.getElementById('form').submit()")
-                assert (f"{app}/api/open", 403) in answers  # ... which refused it, as it refused the form
-                assert "a request from another page" in page.content()
-                # rebinding: the attacker's name, now pointing at 127.0.0.1, on the app's port
-                response = page.goto(f"http://evil.example.com:{port}/")
-                assert response.status == 403 and "is not served here" in page.content()
-                read = "async () => { const r = await fetch('/api/info'); return [r.status, await r.text()]; }"
-                status_code, text = page.evaluate(read)
-                assert status_code == 403 and "disc.nii.gz" not in text
-                page.goto(f"{app}/")  # the app's own page, by its own name, still works
-                assert page.evaluate(read)[0] == 200
-                browser.close()
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            answers = []
+            page.on("response", lambda response: answers.append((response.url, response.status)))
+            page.goto(f"http://evil.example.com:{evil.server_address[1]}/")
+            assert page.evaluate("window.sent") == "sent"  # it reached the app (an opaque answer) ...
+            with page.expect_navigation():
+                page.evaluate("document.getElementById('form').submit()")
+            assert (f"{app}/api/open", 403) in answers  # ... which refused it, as it refused the form
+            assert "a request from another page" in page.content()
+            # rebinding: the attacker's name, now pointing at 127.0.0.1, on the app's port
+            response = page.goto(f"http://evil.example.com:{port}/")
+            assert response.status == 403 and "is not served here" in page.content()
+            read = "async () => { const r = await fetch('/api/info'); return [r.status, await r.text()]; }"
+            status_code, text = page.evaluate(read)
+            assert status_code == 403 and "disc.nii.gz" not in text
+            page.goto(f"{app}/")  # the app's own page, by its own name, still works
+            assert page.evaluate(read)[0] == 200
         finally:
+            browser.close()
             evil.shutdown()
     assert workspace.sessions == {}  # nothing was opened by another page
