@@ -70,12 +70,11 @@ def test_one_click_returns_the_candidate_the_iou_head_rates_best(run, lesion_ite
     assert differed  # the selection changes the answer on real slices: the test can tell the two apart
 
 
-def test_the_switch_turns_the_selection_off(run, lesion_items, monkeypatch):
+def test_the_switch_turns_the_selection_off(run, lesion_items):
     item = lesion_items[0]
     click = centre_click(item["label"] == 1)
     prompt = dict(points=np.array([[click.x, click.y]]), labels=np.array([1]))
-    monkeypatch.setattr(Predictor, "select_single_click", False)
-    predictor = Predictor(run.model, device="cpu", precision=run.precision)
+    predictor = Predictor(run.model, device="cpu", precision=run.precision, select_single_click=False)
     predictor.set_image(item["image"], preprocessed=True)
     assert np.array_equal(predictor.predict(**prompt).masks, predictor.predict(**prompt, multimask_output=False).masks)
 

@@ -10,13 +10,14 @@ model then applies its checkpoint's own normalisation (``Sam.normalize``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from samadapt.components import check_keep_components, keep_largest, keep_prompted_batch
 from samadapt.data.position import slice_position
 from samadapt.data.preprocess import preprocess_volume, volume_slice
 from samadapt.device import autocast, resolve_device
@@ -54,10 +55,9 @@ class Predictor:
         >>> predictor = Predictor(build_model("lite_medsam"))
         >>> predictor.set_image(slice_2d)
         >>> out = predictor.predict(boxes=np.array([[x0, y0, x1, y1]]))
-    """
 
-    # SAM's practice for one click (``is_single_click``); the one switch for evaluate, predict, the API and the app
-    select_single_click: bool = True
+    For a ``Run``, ``Predictor.for_run`` answers one click the way the run was trained.
+    """
 
     def __init__(
         self,
@@ -65,11 +65,19 @@ class Predictor:
         device: str | torch.device | None = None,
         precision: str = INFERENCE_PRECISION,
         cache_size: int = 0,
+        select_single_click: bool = True,
+        keep_components: str = "all",
     ) -> None:
         """``device``: None / "auto" picks CUDA when available (``device.resolve_device``); ``precision``: fp32,
         bf16, fp16 or auto (``precision.resolve_precision``: bf16 where the device has native bf16 kernels),
         applied as autocast; the default is ``precision.INFERENCE_PRECISION`` (fp32, no autocast); ``cache_size``:
-        how many embeddings ``set_image(..., cache_key=...)`` keeps (least recently used dropped first)."""
+        how many embeddings ``set_image(..., cache_key=...)`` keeps (least recently used dropped first).
+        ``select_single_click``: one click alone is answered by the best of the three candidates (SAM's practice,
+        right for an un-adapted model; a run decides it from its manifest: ``for_run``). ``keep_components``:
+        ``all`` (default) or ``prompt``: only the connected components the prompt touches
+        (``components.keep_prompted``)."""
+        self.select_single_click = select_single_click
+        self.keep_components = check_keep_components(keep_components)
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision
@@ -77,6 +85,26 @@ class Predictor:
         self.embedding: torch.Tensor | None = None
         self.cache_size = cache_size
         self._cache: OrderedDict[Hashable, tuple[torch.Tensor, InputGeometry]] = OrderedDict()
+
+    @classmethod
+    def for_run(
+        cls,
+        run,
+        device: str | torch.device | None = None,
+        precision: str | None = None,
+        cache_size: int = 0,
+        keep_components: str = "all",
+    ) -> Predictor:
+        """The predictor of a ``Run``: its model at ``precision`` (None: the run's), answering one click as the run
+        was trained (``Run.select_single_click``)."""
+        return cls(
+            run.model,
+            device=device,
+            precision=precision or run.precision,
+            cache_size=cache_size,
+            select_single_click=run.select_single_click,
+            keep_components=keep_components,
+        )
 
     def _autocast(self):
         return autocast(self.device, self.precision)
@@ -144,6 +172,8 @@ class Predictor:
             multimask_output: True: three candidate masks per prompt set; False: the single-mask output; None
                 (default): for a prompt set of one click alone (``is_single_click``) and ``select_single_click``,
                 the best of the three candidates by predicted IoU (``best_candidate``); otherwise the single mask.
+                With ``keep_components="prompt"`` the masks keep only the components the prompt touches (the
+                low-res logits stay as decoded).
             text: a phrase, or P phrases, naming the target (a model trained with text prompts; the sentence
                 encoder of ``samadapt.text`` must be installed).
         """
@@ -190,8 +220,10 @@ class Predictor:
         logits, scores = logits.float(), scores.float()
         if select:
             logits, scores = best_candidate(logits, scores)
-        masks = geometry.masks_to_original(logits, from_size=logits.shape[-1]) > 0
-        return Prediction(masks=masks.cpu().numpy(), scores=scores.cpu().numpy(), low_res_logits=logits)
+        masks = (geometry.masks_to_original(logits, from_size=logits.shape[-1]) > 0).cpu().numpy()
+        if self.keep_components == "prompt" and text is None:
+            masks = keep_prompted_batch(masks, points, labels, boxes)
+        return Prediction(masks=masks, scores=scores.cpu().numpy(), low_res_logits=logits)
 
     @torch.inference_mode()
     def predict_semantic(self, position: float | None = None) -> np.ndarray:
@@ -225,6 +257,8 @@ def predict_volume(
     batch_size: int | None = None,
     backend: str = "torch",
     text: str | None = None,
+    keep_components: str = "all",
+    largest_component: Collection[int] | str | None = None,
 ) -> np.ndarray:
     """Segment a whole ``Volume`` slice by slice along the run's slicing axis; returns labels on the volume's grid.
 
@@ -244,16 +278,32 @@ def predict_volume(
     Objects are written in the order given (a later object wins where two overlap). Embeddings are cached per
     slice, so objects that share slices do not encode them twice. ``backend``: ``torch`` or ``onnxruntime``
     (``samadapt.export.backend``: ``run`` may then be an export directory's ``ExportedRun``).
+
+    Options (off by default): ``keep_components="prompt"`` keeps, of each prompted slice mask, only the components
+    its prompt touches (``components.keep_prompted``); ``largest_component`` lists the classes (or ``"all"``)
+    reduced to their largest 3D connected component (``components.keep_largest``; which classes gain is decided from labelled slices
+    by ``components.decide_largest_component``).
     """
+    labels = _predict_volume(
+        run, volume, points, boxes, preprocessing, device, precision, axis, batch_size, backend, text, keep_components
+    )
+    if largest_component == "all":
+        largest_component = list(run.classes) or [1]
+    return keep_largest(labels, largest_component) if largest_component else labels
+
+
+def _predict_volume(
+    run, volume, points, boxes, preprocessing, device, precision, axis, batch_size, backend, text, keep_components
+) -> np.ndarray:
     preset = preprocessing or run.preprocessing or "mr"
     axis = int((run.axis or 0) if axis is None else axis)
     array = preprocess_volume(volume.array, preset)
     if backend == "torch":
-        predictor = Predictor(run.model, device=device, precision=precision or run.precision, cache_size=16)
+        predictor = Predictor.for_run(run, device, precision, cache_size=16, keep_components=keep_components)
     else:
         from samadapt.export.backend import make_predictor
 
-        predictor = make_predictor(run, backend, cache_size=16)
+        predictor = make_predictor(run, backend, cache_size=16, keep_components=keep_components)
     labels = np.zeros(volume.array.shape[:3], np.int16)
     planes = np.moveaxis(labels, axis, 0)  # a view: writing a plane writes the volume
 
@@ -352,13 +402,14 @@ def predict_folder(
     progress: bool = True,
     backend: str = "torch",
     precision: str | None = None,
+    largest_component: Collection[int] | str | None = None,
 ) -> list[Path]:
     """Segment every image of a folder with a semantic run (nnU-Net style: ``imagesTs/`` -> ``predictions/``).
 
     Input files are NIfTI / NRRD / MHA / PNG (``CASE_0000.nii.gz`` or ``CASE.nii.gz``); each prediction is written
     atomically as ``output_dir/CASE<same ending>`` on the input's grid. Cases whose prediction already exists are
-    skipped, so a killed run continues where it stopped. ``precision``: the torch backend's (default: the run's).
-    Returns the paths written now.
+    skipped, so a killed run continues where it stopped. ``precision``: the torch backend's (default: the run's);
+    ``largest_component``: as ``predict_volume``'s. Returns the paths written now.
 
     Raises:
         ValueError: the run is prompted (a folder has no prompts), or the folder holds no image.
@@ -387,7 +438,13 @@ def predict_folder(
             continue
         volume = read_volume(path)
         labels = predict_volume(
-            run, volume, preprocessing=preprocessing, device=device, precision=precision, backend=backend
+            run,
+            volume,
+            preprocessing=preprocessing,
+            device=device,
+            precision=precision,
+            backend=backend,
+            largest_component=largest_component,
         )
         written.append(write_label(volume, labels, target))
     return written

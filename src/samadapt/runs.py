@@ -7,6 +7,7 @@ Layout (``RunLayout``), written by ``samadapt train``::
                                              (+ trainer_state.pt, checksums.json: train/checkpoints.py)
     RUN_DIR/metrics.csv, loss_curve.png      training log
     RUN_DIR/warnings.json                    collapse warnings (all-background plateau), when any
+    RUN_DIR/exemplars.json                   the labelled slices the run learnt from (case, slice index)
 
 ``load_run`` also accepts a bare model name (e.g. ``lite_medsam``): the un-adapted model. ``baseline`` gives the model
 a run was adapted from: the same model with its adapters off where that is exact, else the base checkpoint the
@@ -38,9 +39,13 @@ from samadapt.peft import (
     saved_decoder_priors,
     set_blend,
 )
+from samadapt.peft.config import DEFAULT_TRAIN_MODULES
 from samadapt.precision import INFERENCE_PRECISION
+from samadapt.selection import one_click_best, trained_masks
 
-MANIFEST_SCHEMA = 1  # bump when a field changes meaning; older manifests are upgraded by Manifest.from_dict
+# bump when a field changes meaning; older manifests are upgraded by Manifest.from_dict
+# 2: ``outputs`` (which mask outputs and whether the IoU head trained) and ``prompt.multimask``
+MANIFEST_SCHEMA = 2
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,24 @@ class RunLayout:
     def warnings(self) -> Path:
         return self.root / "warnings.json"
 
+    @property
+    def exemplars(self) -> Path:
+        return self.root / "exemplars.json"
+
+
+IOU_HEAD = "mask_decoder.iou_prediction_head"
+
+
+def trained_outputs(task: str, prompt: dict | None, peft: dict, iou_loss: float = 1.0) -> dict:
+    """What a run's training taught, for its manifest's ``outputs``: ``masks`` (``selection.trained_masks``: single,
+    multimask or semantic) and ``iou_head`` (a prompted run whose IoU head trained in full, ``peft.train_modules`` or
+    the method's default, with a non-zero ``loss.iou``)."""
+    modules = peft.get("train_modules")
+    if modules is None:
+        modules = DEFAULT_TRAIN_MODULES.get(peft.get("method", ""), [])
+    head = any(IOU_HEAD == m or IOU_HEAD.startswith(m + ".") for m in modules)
+    return {"masks": trained_masks(task, prompt), "iou_head": task != "semantic" and head and iou_loss > 0}
+
 
 @dataclass
 class Manifest:
@@ -85,7 +108,9 @@ class Manifest:
         classes: class id -> name, for the classes the model segments.
         preprocessing / axis: the dataset's intensity preset and slicing axis the model was trained on.
         img_size: the model's input size. precision: the training precision (``auto`` resolves per device).
-        prompt: the prompt kind and objects mode of training. recipe: the recipe's name.
+        prompt: the prompt kind, objects mode and multimask setting of training. recipe: the recipe's name.
+        outputs: what training taught (``trained_outputs``): ``masks`` single / multimask / semantic and ``iou_head``;
+            it decides how one click is answered (``selection.one_click_best``). Derived when not given.
         step / val_dice: of the checkpoint. extra: entries this version does not know (kept as they are).
         text: text-prompted runs (``docs/text_prompts.md``): the sentence encoder and the phrase book
             (``samadapt.text.phrases.PhraseBook.to_dict``); None otherwise.
@@ -106,8 +131,13 @@ class Manifest:
     step: int | None = None
     val_dice: float | None = None
     text: dict | None = None
+    outputs: dict = field(default_factory=dict)
     schema_version: int = MANIFEST_SCHEMA
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            self.outputs = trained_outputs(self.task, self.prompt, self.peft)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -115,8 +145,12 @@ class Manifest:
         return {**data.pop("extra"), **data}
 
     @classmethod
-    def from_dict(cls, data: dict, where: str | Path = "manifest") -> Manifest:
+    def from_dict(cls, data: dict, where: str | Path = "manifest", run_config: dict | None = None) -> Manifest:
         """Read a manifest written by any version up to this one (schema 0: before versioning).
+
+        Before schema 2 the manifest did not say which outputs trained: they are derived from the run's
+        ``config.yaml`` when given as ``run_config`` (``prompt.multimask``, ``loss.iou``), else from the defaults of
+        those versions (``prompt.multimask`` off: the single-mask output).
 
         Raises:
             RunError: a newer schema, or a required entry missing.
@@ -131,6 +165,13 @@ class Manifest:
         values = {k: v for k, v in data.items() if k in known}
         values["classes"] = {int(k): str(v) for k, v in (data.get("classes") or {}).items()}
         extra = {k: v for k, v in data.items() if k not in known and k not in ("schema_version", "tensors")}
+        if version < 2 and not values.get("outputs"):
+            config = run_config or {}
+            prompt = {**(values.get("prompt") or {})}
+            prompt.setdefault("multimask", bool((config.get("prompt") or {}).get("multimask", False)))
+            values["prompt"] = prompt
+            iou_loss = float((config.get("loss") or {}).get("iou", 1.0))
+            values["outputs"] = trained_outputs(values.get("task", "prompt"), prompt, values["peft"], iou_loss)
         return cls(**values, extra=extra)
 
 
@@ -144,6 +185,9 @@ class Run:
         classes: dataset class id -> name, for the classes the model segments.
         name: the run directory's name, or the bare model's.
         manifest: the adapter's manifest (None for a bare model).
+        one_click_best: how one click alone is answered; None (default): as the run trained
+            (``select_single_click``); True / False force the best of three candidates / the single mask (to
+            measure one against the other).
     """
 
     model: Sam
@@ -152,6 +196,15 @@ class Run:
     classes: dict[int, str] = field(default_factory=dict)
     manifest: Manifest | None = None
     path: Path | None = None
+    one_click_best: bool | None = None
+
+    @property
+    def select_single_click(self) -> bool:
+        """Whether one click alone is answered by the best of SAM's three candidates (``selection.one_click_best``:
+        the un-adapted model, or a run trained with multimask outputs), unless ``one_click_best`` says otherwise."""
+        if self.one_click_best is not None:
+            return self.one_click_best
+        return one_click_best(self.manifest.to_dict() if self.manifest else None)
 
     @property
     def base_model(self) -> str:
@@ -253,7 +306,9 @@ def load_run(
             f"{run_dir} is neither a run directory (no checkpoints/{checkpoint}/adapter_config.json) nor a model "
             f"name ({', '.join(MODELS)})"
         )
-    manifest = Manifest.from_dict(read_manifest(adapter_dir), adapter_dir / "adapter_config.json")
+    manifest = Manifest.from_dict(
+        read_manifest(adapter_dir), adapter_dir / "adapter_config.json", _run_config(RunLayout(run_dir).config)
+    )
     if manifest.task == "pretrain":  # encoder PEFT tensors only: no decoder was adapted to any task
         raise RunError(
             f"{run_dir} is a pre-training run (samadapt pretrain); start a fine-tuning run from it with "
@@ -277,6 +332,19 @@ def load_run(
     return Run(
         model.to(resolve_device(device)).eval(), run_dir.name, manifest.task, manifest.classes, manifest, run_dir
     )
+
+
+def _run_config(path: Path) -> dict | None:
+    """The run's config.yaml as a dict (to upgrade an old manifest), None when there is none or it is unreadable."""
+    if not path.exists():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _base_checkpoint(manifest: Manifest) -> str | None:

@@ -1,12 +1,50 @@
-"""Which mask answers an ambiguous prompt: for one click alone, the best of SAM's three candidates.
+"""Which mask answers a prompt: for one click alone, the best of SAM's three candidates, where they were trained.
 
-numpy only (no torch import), so ``samadapt.predict.Predictor`` and the torch-free ONNX runtime
-(``samadapt.export.runtime.OnnxPredictor``) share the one rule.
+The rule (``one_click_best``): SAM answers a single click with the candidate its IoU head rates best, which is
+meaningful for the un-adapted model and for a run trained with multimask outputs (``prompt.multimask``: the best of
+three loss, the IoU head on all three). A run trained on the single-mask output only (token 0) left the three
+candidates untrained, and its IoU head picks fragments among them (issue 30: Cheap Lunch one click on brain
+structures 0.68 -> 0.29): it answers one click with its trained token 0.
+
+numpy only (no torch import), so ``samadapt.predict.Predictor``, ``samadapt.runs.Run`` and the torch-free ONNX
+runtime (``samadapt.export.runtime.OnnxPredictor``) share the one rule.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
+
+SINGLE, MULTIMASK, SEMANTIC = "single", "multimask", "semantic"  # the mask outputs a run's training taught
+
+
+def trained_masks(task: str, prompt: Mapping | None) -> str:
+    """The mask outputs that training taught, from a run's task and its training prompt settings: ``semantic``,
+    ``multimask`` (``prompt.multimask``: tokens 1..3 for one click alone) or ``single`` (token 0). A manifest written
+    before the setting was recorded trained with its default, off: ``single``."""
+    if task == "semantic":
+        return SEMANTIC
+    return MULTIMASK if (prompt or {}).get("multimask", False) else SINGLE
+
+
+def one_click_best(run_manifest: Mapping | None) -> bool:
+    """Whether one click alone is answered by the best of the three candidates (``best_candidate``): for the
+    un-adapted model (no run manifest) and for a run whose manifest says it trained the multimask outputs; a run that
+    trained the single-mask output answers with it. The one rule for predict, evaluate, the API, the trainer's
+    validation, the ONNX runtime and the app.
+
+    Args:
+        run_manifest: a run's manifest as a dict (``runs.Manifest.to_dict``, or the ``run_manifest`` an ONNX export
+            keeps); None or empty: a bare model. Its ``outputs.masks`` decides; a manifest without it (written before
+            schema 2) is read by ``trained_masks``.
+    """
+    if not run_manifest:
+        return True
+    masks = (run_manifest.get("outputs") or {}).get("masks")
+    if masks is None:
+        masks = trained_masks(run_manifest.get("task", "prompt"), run_manifest.get("prompt"))
+    return masks == MULTIMASK
 
 
 def is_single_click(labels, boxes, mask_input) -> bool:

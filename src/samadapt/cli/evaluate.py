@@ -6,7 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from samadapt.cli.options import BACKEND_HELP, BLEND_HELP, DEVICE_HELP, PRECISION_HELP
+from samadapt.cli.options import (
+    BACKEND_HELP,
+    BLEND_HELP,
+    DEVICE_HELP,
+    KEEP_COMPONENTS_HELP,
+    LARGEST_COMPONENT_HELP,
+    PRECISION_HELP,
+    largest_component_classes,
+)
+from samadapt.components import KEEP_COMPONENTS
 from samadapt.precision import PRECISIONS
 
 
@@ -33,6 +42,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         precision=args.precision,
         backend=args.backend,
         blend=args.blend,
+        keep_components=args.keep_components,
+        largest_component=largest_component_classes(args.largest_component),
     )
     print(json.dumps({"mean_dice": metrics["mean_dice"], "prompt": metrics["prompt"], "cases": metrics["cases"]}))
     print(f"report: {Path(args.out) / 'report.html'}")
@@ -61,4 +72,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     evaluate.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help=BACKEND_HELP)
     evaluate.add_argument("--blend", type=float, help=BLEND_HELP)
+    evaluate.add_argument("--keep-components", choices=KEEP_COMPONENTS, default="all", help=KEEP_COMPONENTS_HELP)
+    evaluate.add_argument("--largest-component", help=LARGEST_COMPONENT_HELP)
     evaluate.set_defaults(func=evaluate_command)

@@ -7,7 +7,16 @@ import json
 
 import numpy as np
 
-from samadapt.cli.options import BACKEND_HELP, BLEND_HELP, DEVICE_HELP, PRECISION_HELP
+from samadapt.cli.options import (
+    BACKEND_HELP,
+    BLEND_HELP,
+    DEVICE_HELP,
+    KEEP_COMPONENTS_HELP,
+    LARGEST_COMPONENT_HELP,
+    PRECISION_HELP,
+    largest_component_classes,
+)
+from samadapt.components import KEEP_COMPONENTS
 from samadapt.errors import ConfigError, DataError
 from samadapt.precision import PRECISIONS
 
@@ -39,6 +48,7 @@ def predict_command(args: argparse.Namespace) -> int:
             precision=args.precision,
             preprocessing=args.preprocessing,
             backend=args.backend,
+            largest_component=largest_component_classes(args.largest_component),
         )
         print(f"wrote {len(written)} predictions into {args.out} (existing ones kept)")
         return 0
@@ -54,6 +64,8 @@ def predict_command(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         backend=args.backend,
+        keep_components=args.keep_components,
+        largest_component=largest_component_classes(args.largest_component),
     )
     if dicom_format:
         classes = {int(v): f"object {int(v)}" for v in np.unique(labels) if v > 0} | dict(run.classes or {})
@@ -98,4 +110,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
     predict.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help=BACKEND_HELP)
     predict.add_argument("--blend", type=float, help=BLEND_HELP)
+    predict.add_argument("--keep-components", choices=KEEP_COMPONENTS, default="all", help=KEEP_COMPONENTS_HELP)
+    predict.add_argument("--largest-component", help=LARGEST_COMPONENT_HELP)
     predict.set_defaults(func=predict_command)

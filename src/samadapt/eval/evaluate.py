@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from samadapt.components import largest_component as largest_component_of
 from samadapt.device import distributed_context
 from samadapt.errors import ConfigError, DataError
 from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, aggregate, binary_metrics, dice
@@ -175,13 +176,16 @@ def evaluate_slices(
     device: str | torch.device | None = None,
     precision: str | None = None,
     progress: bool = True,
+    keep_components: str = "all",
 ) -> Evaluation:
     """Score a model on 2D slices: every slice is a unit (metrics in 2D with its pixel spacing).
 
     ``items`` are preprocessed slices (``SliceDataset`` items: ``image`` in [0, 1], ``label``, ``case``, ``slice``,
-    ``spacing``), fed to the model exactly as training feeds them. ``precision`` defaults to the run's.
+    ``spacing``), fed to the model exactly as training feeds them. ``precision`` defaults to the run's;
+    ``keep_components``: ``Predictor``'s (``prompt``: only the components a prompt touches).
     """
     kwargs = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, device=device, precision=precision)
+    kwargs["keep_components"] = keep_components
     return evaluate_slices_under(run, items, classes, [protocol], progress=progress, **kwargs)[0]
 
 
@@ -196,12 +200,13 @@ def evaluate_slices_under(
     device: str | torch.device | None = None,
     precision: str | None = None,
     progress: bool = True,
+    keep_components: str = "all",
 ) -> list[Evaluation]:
     """``evaluate_slices`` for several protocols at once, one ``Evaluation`` each, encoding every slice once."""
     from tqdm.auto import tqdm
 
     protocols = [parse_protocol(p) if isinstance(p, str) else p for p in protocols]
-    predictor = Predictor(run.model, device=device, precision=precision or run.precision)
+    predictor = Predictor.for_run(run, device, precision, keep_components=keep_components)
     rows: list[list[dict]] = [[] for _ in protocols]
     kept = [PicturePool(seed) for _ in protocols]
     names = ", ".join(map(str, protocols))
@@ -238,10 +243,13 @@ def evaluate_volumes(
     progress: bool = True,
     backend: str = "torch",
     finished_dir: Path | None = None,
+    keep_components: str = "all",
+    largest_component: Collection[int] | None = None,
 ) -> Evaluation:
     """Score whole volumes in 3D: slices are predicted one by one (prompted: only where an object exists to prompt
     on), stacked, and compared with the ground truth volume using the voxel spacing. ``backend``: ``torch`` or
-    ``onnxruntime`` (``samadapt.export.backend``).
+    ``onnxruntime`` (``samadapt.export.backend``). Options, off by default: ``keep_components`` (``Predictor``'s)
+    and ``largest_component``, the classes reduced to their largest 3D component (``components.keep_largest``).
 
     With ``finished_dir``, each volume's rows are written there atomically as soon as it is scored, and volumes
     found there are not scored again: a killed evaluation continues where it stopped (their pictures are not kept).
@@ -250,11 +258,11 @@ def evaluate_volumes(
 
     protocol = parse_protocol(protocol) if isinstance(protocol, str) else protocol
     if backend == "torch":
-        predictor = Predictor(run.model, device=device, precision=precision or run.precision)
+        predictor = Predictor.for_run(run, device, precision, keep_components=keep_components)
     else:
         from samadapt.export.backend import make_predictor
 
-        predictor = make_predictor(run, backend)
+        predictor = make_predictor(run, backend, keep_components=keep_components)
     rows, kept = [], PicturePool(seed)
     # one pass over the slice index for all volumes (not one per volume: 1,000 volumes x 10^5 slices)
     by_case: dict[str, dict[int, int]] = {}
@@ -299,6 +307,8 @@ def evaluate_volumes(
         spacing = (image.spacing[axis], *[s for k, s in enumerate(image.spacing) if k != axis])
         case_rows = []
         for class_id, name in classes.items():
+            if largest_component and class_id in largest_component:
+                pred[class_id] = largest_component_of(pred[class_id])
             metrics = binary_metrics(pred[class_id], gt == class_id, spacing, tolerance_mm)
             case_rows.append({"case": case_id, "slice": -1, "class": name, **metrics})
         rows.extend(case_rows)
@@ -315,6 +325,7 @@ def _finished_dir(out: str | Path, run: Run, protocol: Protocol, chosen: dict, o
         "step": run.manifest.step if run.manifest else None,
         "base": run.manifest.base_sha256 if run.manifest else None,
         "blend": run.blend,
+        "one_click_best": run.select_single_click,
         "protocol": str(protocol),
         "classes": sorted(chosen),
         **options,
@@ -399,6 +410,8 @@ def evaluate(
     progress: bool = True,
     backend: str = "torch",
     blend: float | None = None,
+    keep_components: str = "all",
+    largest_component: Collection[int] | str | None = None,
 ) -> dict:
     """Score a run (or a bare model name) on whole volumes of a dataset, optionally beside its un-adapted base model.
 
@@ -414,6 +427,9 @@ def evaluate(
     ``"baseline"``). ``backend``: ``torch`` or ``onnxruntime`` (for both models; with onnxruntime ``run`` may be an
     export directory, and a run directory or model name is exported on the fly: ``samadapt.export.backend``).
     ``blend``: the weight of the trained update when ``run`` is a path (``peft.blend``; None: the run's own).
+    ``keep_components`` / ``largest_component``: the options of ``evaluate_volumes`` (both models; off by default;
+    ``largest_component="all"``: every class scored).
+    One click alone is answered as each model was trained (``selection.one_click_best``).
     """
     from samadapt.data.datasets import SliceDataset, load_dataset
     from samadapt.eval.report import save_evaluation
@@ -443,7 +459,10 @@ def evaluate(
     shard = case_ids[rank::world]
     kwargs = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, progress=progress and rank == 0)
     kwargs.update(device=device, precision=precision, backend=backend)
+    largest = sorted(chosen if largest_component == "all" else largest_component) if largest_component else None
+    kwargs.update(keep_components=keep_components, largest_component=largest)
     options = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, axis=slices.axis)
+    options.update(keep_components=keep_components, largest_component=largest)
     finished = _finished_dir(out, run, protocol, chosen, options) if out is not None else None
     evaluation = evaluate_volumes(run, slices, shard, chosen, protocol, finished_dir=finished, **kwargs)
     evaluation = _gathered(evaluation, case_ids, chosen, world)

@@ -56,13 +56,26 @@ def export_dir_for(run) -> Path:
     return _exports[key][1]
 
 
-def make_predictor(run, backend: str = "torch", device=None, precision: str | None = None, cache_size: int = 0):
-    """The predictor of ``run`` on ``backend`` (``Predictor`` or ``OnnxPredictor``, one interface)."""
+def make_predictor(
+    run,
+    backend: str = "torch",
+    device=None,
+    precision: str | None = None,
+    cache_size: int = 0,
+    keep_components: str = "all",
+):
+    """The predictor of ``run`` on ``backend`` (``Predictor`` or ``OnnxPredictor``, one interface), answering one
+    click as the run was trained (``selection.one_click_best``: an export keeps the run's manifest)."""
     _check(backend)
     if backend == "onnxruntime":
-        return OnnxPredictor(export_dir_for(run), cache_size=cache_size)
+        return OnnxPredictor(
+            export_dir_for(run),
+            cache_size=cache_size,
+            select_single_click=run.select_single_click,
+            keep_components=keep_components,
+        )
     if isinstance(run, ExportedRun):
         raise RunError(f"{run.path} is an ONNX export: it runs on the onnxruntime backend only")
     from samadapt.predict import Predictor
 
-    return Predictor(run.model, device=device, precision=precision or run.precision, cache_size=cache_size)
+    return Predictor.for_run(run, device, precision, cache_size=cache_size, keep_components=keep_components)

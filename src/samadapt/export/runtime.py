@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from samadapt.components import check_keep_components, keep_prompted_batch
 from samadapt.errors import InputNotFoundError, RunError
+from samadapt.files import file_sha256
 from samadapt.intensity import check_unit_range, to_unit_range
-from samadapt.selection import best_candidate, is_single_click
+from samadapt.selection import best_candidate, is_single_click, one_click_best
 
 __all__ = [
     "ExportedRun",
@@ -261,6 +263,10 @@ class ExportedRun:
     def preprocessing(self) -> str:
         return self.manifest.get("preprocessing") or ""
 
+    @property
+    def select_single_click(self) -> bool:  # as the exported run was trained (a bare model's export: True)
+        return one_click_best(self.export.get("run_manifest"))
+
 
 def load_export(path: str | Path) -> ExportedRun:
     """An export directory as an ``ExportedRun`` (checked manifest; the graphs are opened by ``OnnxPredictor``)."""
@@ -320,9 +326,8 @@ class OnnxPredictor:
         threads: onnxruntime intra-op threads (default: onnxruntime's, one per physical core).
         providers: onnxruntime execution providers (default: CPU).
         check_files: verify the graphs' SHA-256 against the manifest before loading.
+        select_single_click / keep_components: as ``Predictor``'s (None: as the exported run was trained).
     """
-
-    select_single_click: bool = True  # as ``Predictor.select_single_click``
 
     def __init__(
         self,
@@ -331,11 +336,16 @@ class OnnxPredictor:
         threads: int | None = None,
         providers: Sequence[str] | None = None,
         check_files: bool = False,
+        select_single_click: bool | None = None,
+        keep_components: str = "all",
     ) -> None:
         import onnxruntime as ort
 
         self.export_dir = Path(export_dir)
         self.manifest = read_export_manifest(self.export_dir)
+        trained = one_click_best(self.manifest.get("run_manifest"))
+        self.select_single_click = trained if select_single_click is None else select_single_click
+        self.keep_components = check_keep_components(keep_components)
         self.task = self.manifest["task"]
         self.img_size = int(self.manifest["img_size"])
         self.mask_input_size = tuple(self.manifest["mask_input_size"])
@@ -480,16 +490,11 @@ class OnnxPredictor:
         if select:
             logits, scores = best_candidate(logits, scores)
         masks = geometry.masks_to_original(logits, from_size=logits.shape[-1]) > 0
+        masks = keep_prompted_batch(masks, points, labels, boxes) if self.keep_components == "prompt" else masks
         return Prediction(masks=masks, scores=scores, low_res_logits=logits)
 
 
 def _check_sha256(folder: Path, files: dict) -> None:
-    import hashlib
-
     for role, entry in files.items():
-        digest = hashlib.sha256()
-        with open(folder / entry["path"], "rb") as handle:
-            for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != entry["sha256"]:
+        if file_sha256(folder / entry["path"]) != entry["sha256"]:
             raise RunError(f"{folder / entry['path']}: checksum differs from the manifest's ({role}); re-export")

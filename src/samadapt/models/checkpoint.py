@@ -7,7 +7,6 @@ logged, never silent.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -16,17 +15,10 @@ import torch
 from torch import nn
 
 from samadapt.errors import CheckpointError, InputNotFoundError
+from samadapt.files import file_sha256  # noqa: F401  (its home was here: importers keep working)
 from samadapt.models.vit import resize_pos_embed, resize_rel_pos
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -229,7 +229,7 @@ class Workspace:
             self.run = run
             self.runs.setdefault(str(run.path or run.name), run)
             self.model_key = f"{run.label}@{id(run.model)}"
-            self.predictor = Predictor(run.model, device=self.device, precision=run.precision, cache_size=64)
+            self.predictor = Predictor.for_run(run, self.device, cache_size=64)  # one click: as the run trained
 
     def model_info(self) -> dict:
         run = self.run

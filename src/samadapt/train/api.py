@@ -12,7 +12,7 @@ from torch import nn
 
 from samadapt.errors import TrainingError
 from samadapt.peft import apply_peft, format_parameter_report
-from samadapt.runs import Manifest, base_model_facts, build_base
+from samadapt.runs import Manifest, base_model_facts, build_base, trained_outputs
 from samadapt.train.config import TrainConfig
 from samadapt.train.samples import ItemChain, TrainingSlices
 from samadapt.train.trainer import Trainer, TrainResult
@@ -47,6 +47,8 @@ def fit_slices(
     model, init = adapted_model(config, classes)
     if verbose:
         print(format_parameter_report(model))
+    multimask = config.prompt.multimask and config.task == "prompt"
+    prompt = {"kind": config.prompt.kind, "objects": config.prompt.objects, "multimask": multimask}
     manifest = Manifest(
         **base_model_facts(config.model.name, config.model.checkpoint),
         peft=config.peft.to_dict(),
@@ -56,7 +58,9 @@ def fit_slices(
         classes=dict(classes),
         preprocessing=preprocessing,
         axis=config.data.axis,
-        prompt={"kind": config.prompt.kind, "objects": config.prompt.objects},
+        prompt=prompt,
+        # which outputs trained: how one click is answered at inference (``selection.one_click_best``)
+        outputs=trained_outputs(config.task, prompt, config.peft.to_dict(), config.loss.iou),
         precision=config.train.precision,
         extra=init,
     )

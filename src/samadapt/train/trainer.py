@@ -752,9 +752,8 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
       empty mask. The model fails
       on the very slices it was trained on: the run ended on the plateau, whatever the loss says.
     """
-    from samadapt.predict import Predictor
     from samadapt.prompts import centre_click
-    from samadapt.selection import best_candidate
+    from samadapt.selection import best_candidate, one_click_best
 
     found: list[str] = []
     facts: dict = {}
@@ -789,8 +788,8 @@ def collapse_warnings(trainer: Trainer, probe_slices: int = 4) -> list[str]:
                     click = centre_click(item.label == class_id)
                     coords = torch.tensor([[[click.x, click.y]]], dtype=torch.float32, device=trainer.device)
                     labels = torch.ones(1, 1, dtype=torch.long, device=trainer.device)
-                    # the answer a user gets for one click (``Predictor``: the best-rated candidate)
-                    select = Predictor.select_single_click
+                    # the answer a user gets for one click: as the run trained (``selection.one_click_best``)
+                    select = one_click_best(trainer.manifest.to_dict())
                     logits, scores = trainer.model.decode(embedding, (coords, labels), multimask_output=select)
                     if select:
                         logits, _ = best_candidate(logits, scores)
