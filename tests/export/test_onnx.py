@@ -152,7 +152,7 @@ def test_prompted_export_equals_torch(method, tmp_path):
         assert manifest["notes"]["lora_merged"] > 0
     if method and "msa" in method:
         assert manifest["notes"]["msa_adapters"] > 0
-    assert_same_predictions(Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path), image())
+    assert_same_predictions(Predictor.for_run(run, "cpu", "fp32"), OnnxPredictor(tmp_path), image())
 
 
 def test_export_leaves_the_model_untouched(tmp_path):
@@ -169,7 +169,7 @@ def test_semantic_export_equals_torch(tmp_path):
     manifest = export_onnx(run, tmp_path)
     assert manifest["task"] == "semantic" and manifest["num_mask_tokens"] == 5
     assert manifest["classes"] == {"1": "a", "2": "b", "3": "c", "4": "d"}
-    torch_predictor, onnx_predictor = Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path)
+    torch_predictor, onnx_predictor = Predictor.for_run(run, "cpu", "fp32"), OnnxPredictor(tmp_path)
     images = [image(seed=s) for s in range(3)]
     for img in images[:1]:
         torch_predictor.set_image(img, preprocessed=True)
@@ -197,7 +197,7 @@ def test_lite_medsam_export_equals_torch(tmp_path):
     assert manifest["img_size"] == 256
     raw = (image((180, 220)) * 200).astype(np.uint8)  # a raw uint8 image: the /255 rule on both sides
     assert_same_predictions(
-        Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path), raw, preprocessed=False
+        Predictor.for_run(run, "cpu", "fp32"), OnnxPredictor(tmp_path), raw, preprocessed=False
     )
     # TinyViT pads its 128- and 64-token grids to whole windows: by concatenation, not by ScatterND over the grid
     ops = {node.op_type for node in onnx.load(str(tmp_path / manifest["files"]["image_encoder"]["path"])).graph.node}
@@ -264,7 +264,7 @@ def test_tiny_vit_export_graph_forms_equal_torch(strip_rows, tmp_path, monkeypat
     transposes = [n for n in graph.node if n.op_type == "Transpose" and "/attn/" in n.name]
     # in, out and k's (onnxruntime folds that one into the product: FusedMatMul transB)
     assert len(attentions) == 4 and len(transposes) == 3 * len(attentions)
-    assert_same_predictions(Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path), image())
+    assert_same_predictions(Predictor.for_run(run, "cpu", "fp32"), OnnxPredictor(tmp_path), image())
     images = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(1))  # the batch axis stays dynamic
     with torch.inference_mode():
         expected = run.model.encode_image(images).numpy()
@@ -307,7 +307,7 @@ def test_a_blended_run_exports_at_its_blend(tmp_path):
     set_blend(run.model, 0.5)
     written = export_onnx(run, tmp_path)
     assert written["peft"]["blend"] == 0.5 and load_export(tmp_path).blend == 0.5
-    assert_same_predictions(Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path), image())
+    assert_same_predictions(Predictor.for_run(run, "cpu", "fp32"), OnnxPredictor(tmp_path), image())
     with pytest.raises(ConfigError, match="load_run"):
         export_onnx(run, tmp_path / "again", blend=1.0)
 
@@ -319,7 +319,7 @@ def test_depth_branch_is_refused_unless_dropped(tmp_path):
     manifest = export_onnx(run, tmp_path, drop_depth=True)
     assert "excluded" in manifest["notes"]["depth_branch"]
     # one slice at a time, the torch model with its depth branch computes the same as the export without it
-    assert_same_predictions(Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path), image())
+    assert_same_predictions(Predictor.for_run(run, "cpu", "fp32"), OnnxPredictor(tmp_path), image())
 
 
 def test_task_and_decoder_must_agree(tmp_path):
@@ -395,7 +395,7 @@ def test_a_run_with_the_slice_position_exports_it_as_a_decoder_input(tmp_path):
     run.model.mask_decoder.slice_prior = prior
     manifest = export_onnx(run, tmp_path)
     assert manifest["slice_position"] is True
-    torch_predictor, onnx_predictor = Predictor(run.model, device="cpu", precision="fp32"), OnnxPredictor(tmp_path)
+    torch_predictor, onnx_predictor = Predictor.for_run(run, "cpu", "fp32"), OnnxPredictor(tmp_path)
     images, positions = [image(seed=s) for s in range(3)], [0.0, 0.4, 1.0]
     with torch.inference_mode():
         embeddings = run.model.encode_image(torch.cat([torch_model_input(i, 128)[0] for i in images]))

@@ -83,7 +83,7 @@ def test_prompt_equals_predictor_and_undo_redo(client, root, workspace, tiny_run
     second = client.post("/api/prompt", json={**body, "point": [5, 5, 0]}).json()
     volume = read_volume(root / "scans" / "disc.nii.gz")
     image = volume_slice(preprocess_volume(volume.array, summary["preset"]), 2, 0, summary["preset"])
-    predictor = Predictor(tiny_run.model, device="cpu", precision=tiny_run.precision)
+    predictor = Predictor.for_run(tiny_run, "cpu")
     predictor.set_image(image, preprocessed=True)
     expected = predictor.predict(points=np.array([[30, 24], [5, 5]]), labels=np.array([1, 0])).masks[0, 0]
     np.testing.assert_array_equal(labels_of(second) == 1, expected)

@@ -163,7 +163,7 @@ def test_click_box_undo_propagate_save(server, page):
     preset = server["workspace"].session(page.evaluate("window.samadapt.sess.session")).preset
     plane = volume_slice(preprocess_volume(volume.array, preset), index, 0, preset)
     run = server["workspace"].run
-    predictor = Predictor(run.model, device="cpu", precision=run.precision)
+    predictor = Predictor.for_run(run, "cpu")
     predictor.set_image(plane, preprocessed=True)
     click_mask = predictor.predict(points=np.array([[x, y]]), labels=np.array([1])).masks[0, 0]
 

@@ -47,6 +47,7 @@ from samadapt.train.checkpoints import (
     write_checkpoint,
 )
 from samadapt.train.config import TrainConfig
+from samadapt.train.exemplars import write_exemplars
 from samadapt.train.lock import RunLock
 from samadapt.train.losses import SegmentationLoss
 from samadapt.train.samples import PreparedSlice, add_corrective_clicks, draw_prompt_batch, semantic_targets
@@ -441,6 +442,7 @@ class Trainer:
         if self.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.config.save(self.layout.config)
+            write_exemplars(self.layout.exemplars, self.train_slices, self.classes, self.synthetic, self.config)
         writer = self._tensorboard()
         last_dice = float("nan")
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_writer, desc="train", unit="step")
