@@ -118,9 +118,33 @@ class PhraseBook:
         return cls([TextTarget(**entry) for entry in data["entries"]])
 
 
+# atlas names abbreviate sides and positions (AAL: ``Frontal_Mid_L``, ``Temporal_Sup_R``); a sentence encoder reads
+# "frontal mid l" and "frontal mid r" as the same text (one letter apart), so the two sides could not be told apart
+SIDES = {"l": "left", "r": "right", "lt": "left", "rt": "right", "lh": "left", "rh": "right"}
+ABBREVIATIONS = {
+    "mid": "middle",
+    "sup": "superior",
+    "inf": "inferior",
+    "med": "medial",
+    "ant": "anterior",
+    "post": "posterior",
+    "orb": "orbital",
+    "oper": "opercular",
+    "tri": "triangular",
+}
+
+
 def plain_name(name: str) -> str:
-    """A dataset.json class name as words: ``left_kidney`` -> ``left kidney``."""
-    return re.sub(r"\s+", " ", name.replace("_", " ").replace("-", " ")).strip().lower()
+    """A dataset.json class name as words: ``left_kidney`` -> ``left kidney``; an abbreviated side at either end and
+    common atlas abbreviations spelt out, the side first: ``Frontal_Mid_L`` -> ``left frontal middle``."""
+    words = re.sub(r"\s+", " ", name.replace("_", " ").replace("-", " ")).strip().lower().split(" ")
+    if len(words) > 1 and words[-1] in {*SIDES, "left", "right"}:
+        words = [SIDES.get(words[-1], words[-1]), *words[:-1]]
+    elif len(words) > 1 and words[0] in SIDES:
+        words[0] = SIDES[words[0]]
+    if len(words) > 1:
+        words = [ABBREVIATIONS.get(word, word) for word in words]
+    return " ".join(words)
 
 
 def synonyms(name: str) -> list[str]:
