@@ -151,3 +151,24 @@ def test_the_rule_is_decided_per_class_from_labelled_slices():
     # every slice labelled (None): class 1 as before plus slices 1-2 at 1.0 -> (1 + 1 + 1 + 0) / 4 vs 1
     decisions = decide_largest_component([(pred, truth, None)], [1])
     assert decisions[1]["dice"] == 0.75 and decisions[1]["apply"] is True
+
+
+def test_predict_volume_applies_the_largest_component_rule_to_the_classes_asked_for():
+    from samadapt.predict import predict_volume
+    from tests.test_predict_volume import semantic_run, two_objects
+
+    run = semantic_run()
+    volume, _ = two_objects(depth=5, side=40)
+    raw = predict_volume(run, volume, device="cpu")
+    assert not np.array_equal(keep_largest(raw, [1]), raw)  # this random model's class 1 is in several pieces
+    assert np.array_equal(predict_volume(run, volume, device="cpu", largest_component=[1]), keep_largest(raw, [1]))
+    assert np.array_equal(predict_volume(run, volume, device="cpu", largest_component="all"), keep_largest(raw, [1, 2]))
+
+
+def test_the_largest_component_option_of_the_command_line():
+    from samadapt.cli.options import largest_component_classes
+
+    assert largest_component_classes(None) is None and largest_component_classes("all") == "all"
+    assert largest_component_classes("3,1, 3") == [1, 3]
+    with pytest.raises(ConfigError, match="--largest-component"):
+        largest_component_classes("liver")
