@@ -212,6 +212,7 @@ class Grid:
     overrides: list[str]
     reuse: Path | None = None
     max_volumes: int = 4
+    one_click: str = "trained"  # how adapted runs answer one click: as they trained, or forced "best" / "single"
 
 
 def _summary(summary: dict) -> dict:
@@ -334,6 +335,8 @@ def run_cell(task: Task, k: int, seed: int, grid: Grid, runs: Path, log: Callabl
             )
         trained = time.perf_counter() - tick
         adapted = load_run(run_dir, checkpoint="last")
+        if grid.one_click != "trained":  # e.g. re-score the same checkpoints under the former rule (--reuse)
+            adapted.one_click_best = grid.one_click == "best"
         protocols = ["none"] if semantic else list(PROMPTS)
         evaluations = score(adapted, data, protocols, **same)
         entry = {p: _summary(e.summary) for p, e in zip(protocols, evaluations, strict=True)}
@@ -480,9 +483,10 @@ def merged_results(paths: list[Path]) -> tuple[Grid, list[dict], list[str], floa
     """
     results = [json.loads(path.read_text()) for path in paths]
     grids = [r["grid"] for r in results]
-    same = ("steps", "batch_size", "max_test", "gap", "lr", "overrides", "max_volumes")
-    for g in grids:  # results written before cross-patient tasks existed
+    same = ("steps", "batch_size", "max_test", "gap", "lr", "overrides", "max_volumes", "one_click")
+    for g in grids:  # results written before cross-patient tasks and the one-click option existed
         g.setdefault("max_volumes", FULL["max_volumes"])
+        g.setdefault("one_click", "trained")
     for path, other in zip(paths[1:], grids[1:], strict=True):
         differ = [key for key in same if other[key] != grids[0][key]]
         if differ:
@@ -523,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--merge", type=Path, nargs="+", metavar="RESULTS", help="no training: one table from results-*.json files"
     )
+    parser.add_argument(
+        "--one-click",
+        choices=("trained", "best", "single"),
+        default="trained",
+        help="adapted runs answer one click alone as they trained (default), or forced: best of three / single mask",
+    )
     parser.add_argument("--section", default="latest", help="name of this table in --out (others are kept)")
     parser.add_argument("--title", default="", help="heading of the section")
     parser.add_argument("--out", type=Path, default=Path("docs/accuracy.md"))
@@ -540,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         max_test=args.max_test if not args.quick or args.max_test != 24 else preset["max_test"],
         max_volumes=args.max_volumes or preset["max_volumes"],
+        one_click=args.one_click,
         gap=args.gap,
         lr={r: float(v) for r, v in (item.split("=", 1) for item in args.lr)},
         overrides=args.set,
@@ -606,7 +617,8 @@ def section_header(grid: Grid, title: str, source: str, wall: float, threads: st
         f"{grid.steps} steps of batch {grid.batch_size}; learning rates: {lr}; overrides: {grid.overrides or 'none'}; "
         f"held-out slices at least {grid.gap} slices from every exemplar, at most {grid.max_test} per cell; "
         f"cross-patient tasks: k slices in each of 2 patients, at most {grid.max_volumes} other patients scored in 3D."
-        + (f" Models not trained: the runs in {grid.reuse} re-evaluated." if grid.reuse else ""),
+        + (f" Models not trained: the runs in {grid.reuse} re-evaluated." if grid.reuse else "")
+        + (f" One click alone answered by: {grid.one_click}." if grid.one_click != "trained" else ""),
         "Cells: mean ± standard deviation over seeds (a single number: one seed). 'held-out' lists the held-out "
         "slice count per seed. 'min class Dice' is the lowest per-class Dice of the adapted model.",
         "",
