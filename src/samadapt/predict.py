@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +23,14 @@ from samadapt.errors import ConfigError, DataError, InputNotFoundError
 from samadapt.intensity import to_unit_range
 from samadapt.models.sam import Sam, takes_slice_position
 from samadapt.precision import INFERENCE_PRECISION
+from samadapt.prediction import Prediction, SegmentationPredictor
 from samadapt.selection import best_candidate, is_single_click
 from samadapt.transforms import InputGeometry, model_input
 
 __all__ = [
     "Prediction",
     "Predictor",
+    "SegmentationPredictor",
     "best_candidate",
     "is_single_click",
     "predict_folder",
@@ -38,17 +39,12 @@ __all__ = [
 ]
 
 
-@dataclass
-class Prediction:
-    """Masks at the original size (P, K, H, W) bool, IoU scores (P, K), low-res logits (P, K, s/4, s/4)."""
-
-    masks: np.ndarray
-    scores: np.ndarray
-    low_res_logits: torch.Tensor
+VOLUME_CACHE = 16  # embeddings a volume's prediction keeps: objects that share slices encode them once
 
 
 class Predictor:
-    """Cache an image embedding, then predict masks for points, boxes or a previous mask.
+    """Cache an image embedding, then predict masks for points, boxes or a previous mask: the torch backend of
+    ``prediction.SegmentationPredictor`` (``inference.load_predictor(run, "torch")`` makes one for a run).
 
     Example:
         >>> predictor = Predictor(build_model("lite_medsam"))
@@ -58,6 +54,7 @@ class Predictor:
 
     # SAM's practice for one click (``is_single_click``); the one switch for evaluate, predict, the API and the app
     select_single_click: bool = True
+    run = None  # the Run it predicts for (``for_run``); None on a bare model
 
     def __init__(
         self,
@@ -77,6 +74,19 @@ class Predictor:
         self.embedding: torch.Tensor | None = None
         self.cache_size = cache_size
         self._cache: OrderedDict[Hashable, tuple[torch.Tensor, InputGeometry]] = OrderedDict()
+
+    @classmethod
+    def for_run(
+        cls, run, device: str | torch.device | None = None, precision: str | None = None, cache_size: int = 0
+    ) -> Predictor:
+        """The predictor of a loaded ``Run``'s model, at ``precision`` (None: the run's own)."""
+        predictor = cls(run.model, device=device, precision=precision or run.precision, cache_size=cache_size)
+        predictor.run = run
+        return predictor
+
+    def is_cached(self, cache_key: Hashable) -> bool:
+        """Whether ``set_image(..., cache_key=cache_key)`` finds this embedding in the cache."""
+        return cache_key in self._cache
 
     def _autocast(self):
         return autocast(self.device, self.precision)
@@ -223,7 +233,7 @@ def predict_volume(
     precision: str | None = None,
     axis: int | None = None,
     batch_size: int | None = None,
-    backend: str = "torch",
+    predictor: SegmentationPredictor | None = None,
     text: str | None = None,
 ) -> np.ndarray:
     """Segment a whole ``Volume`` slice by slice along the run's slicing axis; returns labels on the volume's grid.
@@ -242,23 +252,21 @@ def predict_volume(
       text alone, and labelled with the class the run's phrase book gives the phrase (else the run's first class).
 
     Objects are written in the order given (a later object wins where two overlap). Embeddings are cached per
-    slice, so objects that share slices do not encode them twice. ``backend``: ``torch`` or ``onnxruntime``
-    (``samadapt.export.backend``: ``run`` may then be an export directory's ``ExportedRun``).
+    slice, so objects that share slices do not encode them twice. ``predictor``: any backend's, made for ``run``
+    (``inference.load_predictor``: ``run`` may then be an export directory's ``ExportedRun``); None: the torch
+    ``Predictor`` of ``run.model`` on ``device`` at ``precision`` (default: the run's).
     """
     preset = preprocessing or run.preprocessing or "mr"
     axis = int((run.axis or 0) if axis is None else axis)
     array = preprocess_volume(volume.array, preset)
-    if backend == "torch":
-        predictor = Predictor(run.model, device=device, precision=precision or run.precision, cache_size=16)
-    else:
-        from samadapt.export.backend import make_predictor
-
-        predictor = make_predictor(run, backend, cache_size=16)
+    if predictor is None:
+        predictor = Predictor.for_run(run, device=device, precision=precision, cache_size=VOLUME_CACHE)
     labels = np.zeros(volume.array.shape[:3], np.int16)
     planes = np.moveaxis(labels, axis, 0)  # a view: writing a plane writes the volume
+    this_call = object()  # keys this volume's slices apart in a predictor the caller reuses across volumes
 
     def encode(index: int) -> None:
-        predictor.set_image(volume_slice(array, index, axis, preset), preprocessed=True, cache_key=index)
+        predictor.set_image(volume_slice(array, index, axis, preset), preprocessed=True, cache_key=(this_call, index))
 
     class_ids = list(run.classes) or [1]
     if run.task == "semantic":
@@ -325,7 +333,7 @@ def _box_to_plane(box: np.ndarray, axis: int) -> tuple[int, int, np.ndarray]:
     return int(min(first, last)), int(max(first, last)), np.array([x0, y0, x1, y1], np.float32)
 
 
-def _propagate_box(predictor: Predictor, encode, planes: np.ndarray, box, value: int) -> None:
+def _propagate_box(predictor: SegmentationPredictor, encode, planes: np.ndarray, box, value: int) -> None:
     first, last, plane_box = box
     first, last = max(first, 0), min(last, planes.shape[0] - 1)
     middle = (first + last) // 2
@@ -350,15 +358,15 @@ def predict_folder(
     device: str | torch.device | None = None,
     preprocessing: str | None = None,
     progress: bool = True,
-    backend: str = "torch",
+    predictor: SegmentationPredictor | None = None,
     precision: str | None = None,
 ) -> list[Path]:
     """Segment every image of a folder with a semantic run (nnU-Net style: ``imagesTs/`` -> ``predictions/``).
 
     Input files are NIfTI / NRRD / MHA / PNG (``CASE_0000.nii.gz`` or ``CASE.nii.gz``); each prediction is written
     atomically as ``output_dir/CASE<same ending>`` on the input's grid. Cases whose prediction already exists are
-    skipped, so a killed run continues where it stopped. ``precision``: the torch backend's (default: the run's).
-    Returns the paths written now.
+    skipped, so a killed run continues where it stopped. ``predictor``, ``device``, ``precision``: as
+    ``predict_volume``'s. Returns the paths written now.
 
     Raises:
         ValueError: the run is prompted (a folder has no prompts), or the folder holds no image.
@@ -387,7 +395,7 @@ def predict_folder(
             continue
         volume = read_volume(path)
         labels = predict_volume(
-            run, volume, preprocessing=preprocessing, device=device, precision=precision, backend=backend
+            run, volume, preprocessing=preprocessing, device=device, precision=precision, predictor=predictor
         )
         written.append(write_label(volume, labels, target))
     return written

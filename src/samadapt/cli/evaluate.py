@@ -12,13 +12,18 @@ from samadapt.precision import PRECISIONS
 
 def evaluate_command(args: argparse.Namespace) -> int:
     from samadapt.eval.evaluate import evaluate
+    from samadapt.inference import load_predictor
 
     if args.prompt == "text":  # a held-out phrase per class, then the plain class name (a report each)
         for prompt, out in (("text:heldout", Path(args.out)), ("text:name", Path(args.out) / "text-name")):
             evaluate_command(argparse.Namespace(**{**vars(args), "prompt": prompt, "out": str(out)}))
         return 0
+    # the one place --backend is read; evaluate scores this predictor and its baseline on the same backend
+    predictor = load_predictor(
+        args.run, args.backend, device=args.device, precision=args.precision, blend=args.blend
+    )
     metrics = evaluate(
-        args.run,
+        predictor.run,
         args.data,
         args.prompt,
         baseline=args.baseline,
@@ -29,10 +34,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         axis=args.axis,
         seed=args.seed,
         tolerance_mm=args.tolerance_mm,
-        device=args.device,
-        precision=args.precision,
-        backend=args.backend,
-        blend=args.blend,
+        predictor=predictor,
     )
     print(json.dumps({"mean_dice": metrics["mean_dice"], "prompt": metrics["prompt"], "cases": metrics["cases"]}))
     print(f"report: {Path(args.out) / 'report.html'}")
