@@ -174,7 +174,7 @@ def test_info_lists_the_embedded_model():
 def test_a_bad_input_file_is_one_line_and_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch, capsys):
     import torch
 
-    import samadapt.export.backend as backend
+    import samadapt.inference as inference
 
     broken = tmp_path / "scan.nii.gz"
     broken.write_bytes(b"not a NIfTI file at all")
@@ -187,14 +187,14 @@ def test_a_bad_input_file_is_one_line_and_an_internal_error_keeps_its_traceback(
     volume[0, 8:20, 8:20] = 1.0
     image = tmp_path / "image.nii.gz"
     nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0), np.eye(4)), str(image))
-    load = backend.load_for_backend
+    load = inference.load_predictor
 
     def load_with_a_wrong_layer(*args, **kwargs):
-        run = load(*args, **kwargs)
-        run.model.mask_decoder.iou_prediction_head.layers[0] = torch.nn.Linear(7, 256)  # a bug inside the model
-        return run
+        predictor = load(*args, **kwargs)
+        predictor.model.mask_decoder.iou_prediction_head.layers[0] = torch.nn.Linear(7, 256)  # a bug inside the model
+        return predictor
 
-    monkeypatch.setattr(backend, "load_for_backend", load_with_a_wrong_layer)
+    monkeypatch.setattr(inference, "load_predictor", load_with_a_wrong_layer)
     argv[1] = str(image)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         main(argv)

@@ -182,9 +182,9 @@ def test_evaluate_and_the_predict_cli_answer_one_click_with_token_0_after_single
 
 @pytest.mark.slow
 def test_the_onnx_runtime_follows_the_exported_run(tmp_path):
-    from samadapt.export.backend import make_predictor
     from samadapt.export.onnx import export_onnx
     from samadapt.export.runtime import OnnxPredictor, load_export
+    from samadapt.inference import load_predictor
     from samadapt.runs import Run
     from tests.conftest import make_tiny_sam
     from tests.peft.test_peft import randomise_peft_weights
@@ -223,8 +223,8 @@ def test_the_onnx_runtime_follows_the_exported_run(tmp_path):
         assert predictor.select_single_click is selects, name
         assert load_export(tmp_path / name).select_single_click is selects, name
         assert OnnxPredictor(tmp_path / name, select_single_click=not selects).select_single_click is not selects
-    # make_predictor gives the onnxruntime predictor the run's own rule (and an override on the Run)
-    assert make_predictor(run, "onnxruntime").select_single_click is False
+    # load_predictor gives the onnxruntime predictor the run's own rule (and an override on the Run)
+    assert load_predictor(run, "onnxruntime").select_single_click is False
     forced = Run(model=run.model, name="tiny", classes={1: "a"}, manifest=manifest, one_click_best=True)
-    assert make_predictor(forced, "onnxruntime").select_single_click is True
+    assert load_predictor(forced, "onnxruntime").select_single_click is True
     assert Predictor.for_run(forced, "cpu").select_single_click is True

@@ -76,17 +76,19 @@ def test_inference_precision_is_decided_in_one_place_and_auto_follows_the_hardwa
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
 def test_precision_switch_reaches_predict_and_evaluate(monkeypatch, tmp_path, command):
     import samadapt.eval.evaluate as evaluate_module
-    import samadapt.export.backend as backend
+    import samadapt.inference as inference
     import samadapt.predict as predict_module
 
     seen = {}
-    monkeypatch.setattr(
-        backend, "load_for_backend", lambda run, backend, device=None, blend=None: Run(model=None, name=run)
-    )
-    monkeypatch.setattr(predict_module, "predict_folder", lambda *a, **kw: seen.update(kw) or [])
+
+    def fake_load_predictor(run, backend, **kwargs):  # the precision the CLI hands the backend, no model loaded
+        seen.update(kwargs)
+        return Predictor.for_run(Run(model=torch.nn.Identity(), name=run), device="cpu", precision=kwargs["precision"])
+
+    monkeypatch.setattr(inference, "load_predictor", fake_load_predictor)
+    monkeypatch.setattr(predict_module, "predict_folder", lambda *a, **kw: [])
 
     def fake_evaluate(*args, **kwargs):
-        seen.update(kwargs)
         return {"mean_dice": 0.0, "prompt": "box", "cases": 0}
 
     monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)

@@ -11,6 +11,7 @@ _LAZY = {
     "build_model": "samadapt.models.registry",
     "list_models": "samadapt.models.registry",
     "Predictor": "samadapt.predict",
+    "load_predictor": "samadapt.inference",
     "load_run": "samadapt.runs",
     "Run": "samadapt.runs",
     "PeftConfig": "samadapt.peft",

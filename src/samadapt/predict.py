@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Collection, Hashable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,14 @@ from samadapt.errors import ConfigError, DataError, InputNotFoundError
 from samadapt.intensity import to_unit_range
 from samadapt.models.sam import Sam, takes_slice_position
 from samadapt.precision import INFERENCE_PRECISION
+from samadapt.prediction import Prediction, SegmentationPredictor
 from samadapt.selection import best_candidate, is_single_click
 from samadapt.transforms import InputGeometry, model_input
 
 __all__ = [
     "Prediction",
     "Predictor",
+    "SegmentationPredictor",
     "best_candidate",
     "is_single_click",
     "predict_folder",
@@ -39,17 +40,12 @@ __all__ = [
 ]
 
 
-@dataclass
-class Prediction:
-    """Masks at the original size (P, K, H, W) bool, IoU scores (P, K), low-res logits (P, K, s/4, s/4)."""
-
-    masks: np.ndarray
-    scores: np.ndarray
-    low_res_logits: torch.Tensor
+VOLUME_CACHE = 16  # embeddings a volume's prediction keeps: objects that share slices encode them once
 
 
 class Predictor:
-    """Cache an image embedding, then predict masks for points, boxes or a previous mask.
+    """Cache an image embedding, then predict masks for points, boxes or a previous mask: the torch backend of
+    ``prediction.SegmentationPredictor`` (``inference.load_predictor(run, "torch")`` makes one for a run).
 
     Example:
         >>> predictor = Predictor(build_model("lite_medsam"))
@@ -58,6 +54,8 @@ class Predictor:
 
     For a ``Run``, ``Predictor.for_run`` answers one click the way the run was trained.
     """
+
+    run = None  # the Run it predicts for (``for_run``); None on a bare model
 
     def __init__(
         self,
@@ -97,7 +95,7 @@ class Predictor:
     ) -> Predictor:
         """The predictor of a ``Run``: its model at ``precision`` (None: the run's), answering one click as the run
         was trained (``Run.select_single_click``)."""
-        return cls(
+        predictor = cls(
             run.model,
             device=device,
             precision=precision or run.precision,
@@ -105,6 +103,12 @@ class Predictor:
             select_single_click=run.select_single_click,
             keep_components=keep_components,
         )
+        predictor.run = run
+        return predictor
+
+    def is_cached(self, cache_key: Hashable) -> bool:
+        """Whether ``set_image(..., cache_key=cache_key)`` finds this embedding in the cache."""
+        return cache_key in self._cache
 
     def _autocast(self):
         return autocast(self.device, self.precision)
@@ -255,7 +259,7 @@ def predict_volume(
     precision: str | None = None,
     axis: int | None = None,
     batch_size: int | None = None,
-    backend: str = "torch",
+    predictor: SegmentationPredictor | None = None,
     text: str | None = None,
     keep_components: str = "all",
     largest_component: Collection[int] | str | None = None,
@@ -276,39 +280,36 @@ def predict_volume(
       text alone, and labelled with the class the run's phrase book gives the phrase (else the run's first class).
 
     Objects are written in the order given (a later object wins where two overlap). Embeddings are cached per
-    slice, so objects that share slices do not encode them twice. ``backend``: ``torch`` or ``onnxruntime``
-    (``samadapt.export.backend``: ``run`` may then be an export directory's ``ExportedRun``).
+    slice, so objects that share slices do not encode them twice. ``predictor``: any backend's, made for ``run``
+    (``inference.load_predictor``: ``run`` may then be an export directory's ``ExportedRun``); None: the torch
+    ``Predictor`` of ``run.model`` on ``device`` at ``precision`` (default: the run's).
 
     Options (off by default): ``keep_components="prompt"`` keeps, of each prompted slice mask, only the components
-    its prompt touches (``components.keep_prompted``); ``largest_component`` lists the classes (or ``"all"``)
-    reduced to their largest 3D connected component (``components.keep_largest``; which classes gain is decided from labelled slices
-    by ``components.decide_largest_component``).
+    its prompt touches (``components.keep_prompted``; a given ``predictor`` applies its own ``keep_components``);
+    ``largest_component`` lists the classes (or ``"all"``) reduced to their largest 3D connected component
+    (``components.keep_largest``; which classes gain is decided from labelled slices by
+    ``components.decide_largest_component``).
     """
-    labels = _predict_volume(
-        run, volume, points, boxes, preprocessing, device, precision, axis, batch_size, backend, text, keep_components
-    )
+    if predictor is None:
+        predictor = Predictor.for_run(
+            run, device=device, precision=precision, cache_size=VOLUME_CACHE, keep_components=keep_components
+        )
+    labels = _predict_volume(run, volume, points, boxes, preprocessing, axis, batch_size, predictor, text)
     if largest_component == "all":
         largest_component = list(run.classes) or [1]
     return keep_largest(labels, largest_component) if largest_component else labels
 
 
-def _predict_volume(
-    run, volume, points, boxes, preprocessing, device, precision, axis, batch_size, backend, text, keep_components
-) -> np.ndarray:
+def _predict_volume(run, volume, points, boxes, preprocessing, axis, batch_size, predictor, text) -> np.ndarray:
     preset = preprocessing or run.preprocessing or "mr"
     axis = int((run.axis or 0) if axis is None else axis)
     array = preprocess_volume(volume.array, preset)
-    if backend == "torch":
-        predictor = Predictor.for_run(run, device, precision, cache_size=16, keep_components=keep_components)
-    else:
-        from samadapt.export.backend import make_predictor
-
-        predictor = make_predictor(run, backend, cache_size=16, keep_components=keep_components)
     labels = np.zeros(volume.array.shape[:3], np.int16)
     planes = np.moveaxis(labels, axis, 0)  # a view: writing a plane writes the volume
+    this_call = object()  # keys this volume's slices apart in a predictor the caller reuses across volumes
 
     def encode(index: int) -> None:
-        predictor.set_image(volume_slice(array, index, axis, preset), preprocessed=True, cache_key=index)
+        predictor.set_image(volume_slice(array, index, axis, preset), preprocessed=True, cache_key=(this_call, index))
 
     class_ids = list(run.classes) or [1]
     if run.task == "semantic":
@@ -375,7 +376,7 @@ def _box_to_plane(box: np.ndarray, axis: int) -> tuple[int, int, np.ndarray]:
     return int(min(first, last)), int(max(first, last)), np.array([x0, y0, x1, y1], np.float32)
 
 
-def _propagate_box(predictor: Predictor, encode, planes: np.ndarray, box, value: int) -> None:
+def _propagate_box(predictor: SegmentationPredictor, encode, planes: np.ndarray, box, value: int) -> None:
     first, last, plane_box = box
     first, last = max(first, 0), min(last, planes.shape[0] - 1)
     middle = (first + last) // 2
@@ -400,7 +401,7 @@ def predict_folder(
     device: str | torch.device | None = None,
     preprocessing: str | None = None,
     progress: bool = True,
-    backend: str = "torch",
+    predictor: SegmentationPredictor | None = None,
     precision: str | None = None,
     largest_component: Collection[int] | str | None = None,
 ) -> list[Path]:
@@ -408,7 +409,7 @@ def predict_folder(
 
     Input files are NIfTI / NRRD / MHA / PNG (``CASE_0000.nii.gz`` or ``CASE.nii.gz``); each prediction is written
     atomically as ``output_dir/CASE<same ending>`` on the input's grid. Cases whose prediction already exists are
-    skipped, so a killed run continues where it stopped. ``precision``: the torch backend's (default: the run's);
+    skipped, so a killed run continues where it stopped. ``predictor``, ``device``, ``precision``,
     ``largest_component``: as ``predict_volume``'s. Returns the paths written now.
 
     Raises:
@@ -443,7 +444,7 @@ def predict_folder(
             preprocessing=preprocessing,
             device=device,
             precision=precision,
-            backend=backend,
+            predictor=predictor,
             largest_component=largest_component,
         )
         written.append(write_label(volume, labels, target))

@@ -1,14 +1,15 @@
-"""The backend switch: predict_volume / samadapt predict on onnxruntime give torch's labels, from an export directory
-or from a run exported on the fly; an export directory is refused by the torch backend."""
+"""The backend switch (``inference.load_predictor``): predict_volume / samadapt predict on onnxruntime give torch's
+labels, from an export directory or from a run exported on the fly; an export directory is refused by the torch
+backend."""
 
 import numpy as np
 import pytest
 
 from samadapt.cli import main
 from samadapt.data.io import read_volume
-from samadapt.export.backend import export_dir_for, load_for_backend, make_predictor
 from samadapt.export.onnx import export_onnx
 from samadapt.export.runtime import ExportedRun, OnnxPredictor
+from samadapt.inference import export_dir_for, load_predictor
 from samadapt.predict import predict_volume
 from tests.data.conftest import write_nifti
 from tests.export.test_onnx import tiny_run
@@ -20,24 +21,25 @@ def test_prompted_volume_on_onnxruntime_equals_torch():
     volume, _ = two_objects(depth=7, side=64)
     boxes = np.array([[10, 10, 1, 30, 30, 5, 1], [35, 36, 2, 56, 53, 4, 1]], np.float32)
     expected = predict_volume(run, volume, boxes=boxes, device="cpu")
-    got = predict_volume(run, volume, boxes=boxes, backend="onnxruntime")
+    got = predict_volume(run, volume, boxes=boxes, predictor=load_predictor(run, "onnxruntime"))
     assert expected.any()
     assert np.mean(got == expected) >= 0.999
     assert export_dir_for(run) == export_dir_for(run)  # exported once per model
-    assert isinstance(make_predictor(run, "onnxruntime"), OnnxPredictor)
+    assert isinstance(load_predictor(run, "onnxruntime"), OnnxPredictor)
     with pytest.raises(ValueError, match="unknown backend"):
-        make_predictor(run, "tensorrt")
+        load_predictor(run, "tensorrt")
 
 
 def test_semantic_volume_from_an_export_directory_equals_torch(tmp_path):
     run = tiny_run("lora", task="semantic")
     run.manifest.preprocessing = "minmax"
     export_onnx(run, tmp_path)
-    exported = load_for_backend(tmp_path, "onnxruntime")
+    predictor = load_predictor(tmp_path, "onnxruntime")
+    exported = predictor.run
     assert isinstance(exported, ExportedRun) and exported.task == "semantic"
     volume, _ = two_objects(depth=3, side=48)
     expected = predict_volume(run, volume, device="cpu")
-    got = predict_volume(exported, volume, backend="onnxruntime")
+    got = predict_volume(exported, volume, predictor=predictor)
     assert np.mean(got == expected) >= 0.999
 
 

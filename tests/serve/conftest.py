@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from samadapt.inference import load_predictor
 from samadapt.runs import Run
 from samadapt.serve import Workspace
 from tests.conftest import make_tiny_sam
@@ -34,7 +35,7 @@ def tiny_run():
 
 @pytest.fixture
 def workspace(root, tmp_path, tiny_run):
-    ws = Workspace(tiny_run, roots=[root], state_dir=tmp_path / "state", device="cpu")
+    ws = Workspace(load_predictor(tiny_run, device="cpu"), roots=[root], state_dir=tmp_path / "state", device="cpu")
     yield ws
     ws.close()
 

@@ -33,9 +33,9 @@ def test_training_set_holds_the_finished_slices(workspace, root, tmp_path):
 
 @pytest.mark.slow
 def test_adapt_job_switches_the_model(demo_data, tmp_path):
-    from samadapt.runs import load_run
+    from samadapt.inference import load_predictor
 
-    workspace = Workspace(load_run("lite_medsam", device="cpu"), demo=demo_data, state_dir=tmp_path, device="cpu")
+    workspace = Workspace(load_predictor("lite_medsam", device="cpu"), demo=demo_data, state_dir=tmp_path, device="cpu")
     client = TestClient(create_app(workspace), base_url=LOCAL)
     image = demo_data["lesions"] / "imagesTr" / "brain1.nrrd"
     sid = client.post("/api/open", json={"path": str(image)}).json()["session"]

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from samadapt.data.io import read_volume
 from samadapt.data.preprocess import preprocess_volume, volume_slice
+from samadapt.inference import load_predictor
 from samadapt.predict import Predictor
 from samadapt.serve import Workspace, create_app
 from samadapt.serve.app import plane_payload
@@ -113,7 +114,7 @@ def test_objects_do_not_erase_each_other(client, root, workspace):
 
 
 def test_autosave_survives_a_killed_server(root, tmp_path, tiny_run):
-    first = Workspace(tiny_run, roots=[root], state_dir=tmp_path / "state", device="cpu")
+    first = Workspace(load_predictor(tiny_run, device="cpu"), roots=[root], state_dir=tmp_path / "state", device="cpu")
     client = TestClient(create_app(first), base_url=LOCAL)
     sid = open_disc(client, root)["session"]
     client.post("/api/prompt", json={"session": sid, "axis": 0, "index": 3, "object": 1, "box": [20, 14, 40, 35]})
@@ -123,7 +124,7 @@ def test_autosave_survives_a_killed_server(root, tmp_path, tiny_run):
     while not target.exists() and time.time() < deadline:
         time.sleep(0.1)
     first._stop.set()  # "killed": no close(), no final flush
-    second = Workspace(tiny_run, roots=[root], state_dir=tmp_path / "state", device="cpu")
+    second = Workspace(load_predictor(tiny_run, device="cpu"), roots=[root], state_dir=tmp_path / "state", device="cpu")
     restored = TestClient(create_app(second), base_url=LOCAL).post(
         "/api/open", json={"path": str(root / "scans" / "disc.nii.gz")}
     )
@@ -245,7 +246,7 @@ def test_semantic_run_fills_the_slice(root, tmp_path, slice_position):
     if slice_position:  # a run with model.slice_position reads the slice's position: index 2 of 6 along axis 0
         model.mask_decoder.slice_prior.register_forward_hook(lambda module, args, out: seen.extend(args[0].tolist()))
     run = Run(model=model.eval(), name="tiny", task="semantic", classes={3: "liver", 5: "spleen"})
-    workspace = Workspace(run, roots=[root], state_dir=tmp_path / "state", device="cpu")
+    workspace = Workspace(load_predictor(run, device="cpu"), roots=[root], state_dir=tmp_path / "state", device="cpu")
     client = TestClient(create_app(workspace), base_url=LOCAL)
     sid = open_disc(client, root)["session"]
     answer = client.post("/api/semantic", json={"session": sid, "axis": 0, "index": 2}).json()

@@ -59,12 +59,12 @@ def _browser_or_skip():
 def server(demo_data, tmp_path_factory):
     """A real uvicorn server in a thread: LiteMedSAM, the demo datasets, a temporary --root, a token (as served by
     default); ``url`` is the address ``samadapt serve`` prints, with the token."""
-    from samadapt.runs import load_run
+    from samadapt.inference import load_predictor
     from samadapt.serve import Workspace, create_app
 
     root = tmp_path_factory.mktemp("root")
     workspace = Workspace(
-        load_run("lite_medsam", device="cpu"),
+        load_predictor("lite_medsam", device="cpu"),
         roots=[root],
         demo=demo_data,
         state_dir=tmp_path_factory.mktemp("state"),

@@ -20,11 +20,12 @@ pytestmark = pytest.mark.slow
 def dicom_server(root, tmp_path, tiny_run):
     import uvicorn
 
+    from samadapt.inference import load_predictor
     from samadapt.serve import Workspace, create_app
 
     write_series(ct_case()[0], root / "export", "CT", series_number=2)
     write_series(mr_case()[0], root / "export", "MR", series_number=4)
-    workspace = Workspace(tiny_run, roots=[root], state_dir=tmp_path / "state", device="cpu")
+    workspace = Workspace(load_predictor(tiny_run, device="cpu"), roots=[root], state_dir=tmp_path / "state", device="cpu")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

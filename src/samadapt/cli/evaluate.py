@@ -21,13 +21,23 @@ from samadapt.precision import PRECISIONS
 
 def evaluate_command(args: argparse.Namespace) -> int:
     from samadapt.eval.evaluate import evaluate
+    from samadapt.inference import load_predictor
 
     if args.prompt == "text":  # a held-out phrase per class, then the plain class name (a report each)
         for prompt, out in (("text:heldout", Path(args.out)), ("text:name", Path(args.out) / "text-name")):
             evaluate_command(argparse.Namespace(**{**vars(args), "prompt": prompt, "out": str(out)}))
         return 0
-    metrics = evaluate(
+    # the one place --backend is read; evaluate scores this predictor and its baseline on the same backend
+    predictor = load_predictor(
         args.run,
+        args.backend,
+        device=args.device,
+        precision=args.precision,
+        blend=args.blend,
+        keep_components=args.keep_components,
+    )
+    metrics = evaluate(
+        predictor.run,
         args.data,
         args.prompt,
         baseline=args.baseline,
@@ -38,11 +48,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         axis=args.axis,
         seed=args.seed,
         tolerance_mm=args.tolerance_mm,
-        device=args.device,
-        precision=args.precision,
-        backend=args.backend,
-        blend=args.blend,
-        keep_components=args.keep_components,
+        predictor=predictor,
         largest_component=largest_component_classes(args.largest_component),
     )
     print(json.dumps({"mean_dice": metrics["mean_dice"], "prompt": metrics["prompt"], "cases": metrics["cases"]}))

@@ -25,8 +25,8 @@ def predict_command(args: argparse.Namespace) -> int:
     from samadapt.data.dicom import write_source_record
     from samadapt.data.dicom_out import algorithm_of, label_format, write_dicom_labels
     from samadapt.data.io import read_volume, write_label
-    from samadapt.export.backend import load_for_backend
-    from samadapt.predict import predict_folder, predict_volume
+    from samadapt.inference import load_predictor
+    from samadapt.predict import VOLUME_CACHE, predict_folder, predict_volume
 
     if (args.image is None) == (args.input is None):
         raise ConfigError("give one input: an IMAGE file, or a folder with -i/--input")
@@ -37,17 +37,24 @@ def predict_command(args: argparse.Namespace) -> int:
     volume = read_volume(args.image, series=args.series) if args.input is None else None
     if dicom_format and volume.dicom is None:
         raise DataError(f"{args.out}: a {dicom_format} output references a DICOM series; {args.image} is not DICOM")
-    # load_run, or an ONNX export's run
-    run = load_for_backend(args.run, args.backend, device=args.device, blend=args.blend)
+    # the run (or an ONNX export's) on its backend: the one place --backend is read
+    predictor = load_predictor(
+        args.run,
+        args.backend,
+        device=args.device,
+        precision=args.precision,
+        cache_size=VOLUME_CACHE,
+        blend=args.blend,
+        keep_components=args.keep_components,
+    )
+    run = predictor.run
     if args.input is not None:
         written = predict_folder(
             run,
             args.input,
             args.out,
-            device=args.device,
-            precision=args.precision,
             preprocessing=args.preprocessing,
-            backend=args.backend,
+            predictor=predictor,
             largest_component=largest_component_classes(args.largest_component),
         )
         print(f"wrote {len(written)} predictions into {args.out} (existing ones kept)")
@@ -61,10 +68,7 @@ def predict_command(args: argparse.Namespace) -> int:
         boxes=boxes,
         text=args.text,
         preprocessing=args.preprocessing,
-        device=args.device,
-        precision=args.precision,
-        backend=args.backend,
-        keep_components=args.keep_components,
+        predictor=predictor,
         largest_component=largest_component_classes(args.largest_component),
     )
     if dicom_format:

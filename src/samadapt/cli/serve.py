@@ -40,7 +40,7 @@ def _names_of(host: str) -> list[str]:
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from samadapt.runs import load_run
+    from samadapt.inference import load_predictor
     from samadapt.serve.app import create_app
     from samadapt.serve.session import Workspace
 
@@ -53,9 +53,10 @@ def serve_command(args: argparse.Namespace) -> int:
         from samadapt.data.demo import fetch_demo
 
         demo = fetch_demo()
-    run = load_run(args.run, device=args.device)
+    predictor = load_predictor(args.run, device=args.device)
+    run = predictor.run
     workspace = Workspace(
-        run, roots=[Path(r) for r in args.root or []], demo=demo, labels_dir=args.labels, device=args.device
+        predictor, roots=[Path(r) for r in args.root or []], demo=demo, labels_dir=args.labels, device=args.device
     )
     app = create_app(workspace, token=token, hosts=hosts)
     shown = "127.0.0.1" if args.host in WILDCARD else f"[{args.host}]" if ":" in args.host else args.host

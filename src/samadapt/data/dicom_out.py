@@ -113,8 +113,8 @@ class Algorithm:
 
 
 def algorithm_of(run) -> Algorithm:
-    """The ``Algorithm`` of a loaded run (``load_for_backend``): a run directory's adapter checksum, a bare model's
-    weights checksum, an ONNX export's encoder checksum ("" where none is known)."""
+    """The ``Algorithm`` of a loaded run (a predictor's ``run``, ``inference.load_predictor``): a run directory's
+    adapter checksum, a bare model's weights checksum, an ONNX export's encoder checksum ("" where none is known)."""
     from samadapt.models.registry import MODELS, default_weights_path
     from samadapt.peft.inject import ADAPTER_WEIGHTS
     from samadapt.runs import RunLayout, weights_sha256

@@ -17,7 +17,6 @@ import json
 import math
 import zlib
 from collections.abc import Collection, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +29,9 @@ from samadapt.errors import ConfigError, DataError
 from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, aggregate, binary_metrics, dice
 from samadapt.files import atomic_write_text
 from samadapt.predict import Predictor, default_batch_size
+from samadapt.prediction import SegmentationPredictor
 from samadapt.prompts import box_from_mask, iterative_clicks, objects
 from samadapt.runs import Run
-from samadapt.runs import baseline as un_adapted
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,13 @@ def _seed(base: int, case: str, index: int, class_id: int) -> np.random.Generato
 
 
 def predict_slice(
-    predictor: Predictor, run: Run, item: dict, classes: Sequence[int], protocol: Protocol, objects_mode: str, seed: int
+    predictor: SegmentationPredictor,
+    run: Run,
+    item: dict,
+    classes: Sequence[int],
+    protocol: Protocol,
+    objects_mode: str,
+    seed: int,
 ) -> SliceResult:
     """Predict every class of one slice under ``protocol``; ``predictor`` already holds this slice's embedding."""
     label = item["label"]
@@ -206,7 +211,7 @@ def evaluate_slices_under(
     from tqdm.auto import tqdm
 
     protocols = [parse_protocol(p) if isinstance(p, str) else p for p in protocols]
-    predictor = Predictor.for_run(run, device, precision, keep_components=keep_components)
+    predictor = Predictor.for_run(run, device=device, precision=precision, keep_components=keep_components)
     rows: list[list[dict]] = [[] for _ in protocols]
     kept = [PicturePool(seed) for _ in protocols]
     names = ", ".join(map(str, protocols))
@@ -241,15 +246,17 @@ def evaluate_volumes(
     device: str | torch.device | None = None,
     precision: str | None = None,
     progress: bool = True,
-    backend: str = "torch",
+    predictor: SegmentationPredictor | None = None,
     finished_dir: Path | None = None,
     keep_components: str = "all",
     largest_component: Collection[int] | None = None,
 ) -> Evaluation:
     """Score whole volumes in 3D: slices are predicted one by one (prompted: only where an object exists to prompt
-    on), stacked, and compared with the ground truth volume using the voxel spacing. ``backend``: ``torch`` or
-    ``onnxruntime`` (``samadapt.export.backend``). Options, off by default: ``keep_components`` (``Predictor``'s)
-    and ``largest_component``, the classes reduced to their largest 3D component (``components.keep_largest``).
+    on), stacked, and compared with the ground truth volume using the voxel spacing. ``predictor``: any backend's,
+    made for ``run`` (``inference.load_predictor``); None: the torch ``Predictor`` of ``run`` on ``device`` at
+    ``precision`` (default: the run's). Options, off by default: ``keep_components`` (``Predictor``'s; a given
+    ``predictor`` applies its own) and ``largest_component``, the classes reduced to their largest 3D component
+    (``components.keep_largest``).
 
     With ``finished_dir``, each volume's rows are written there atomically as soon as it is scored, and volumes
     found there are not scored again: a killed evaluation continues where it stopped (their pictures are not kept).
@@ -257,12 +264,8 @@ def evaluate_volumes(
     from tqdm.auto import tqdm
 
     protocol = parse_protocol(protocol) if isinstance(protocol, str) else protocol
-    if backend == "torch":
-        predictor = Predictor.for_run(run, device, precision, keep_components=keep_components)
-    else:
-        from samadapt.export.backend import make_predictor
-
-        predictor = make_predictor(run, backend, keep_components=keep_components)
+    if predictor is None:
+        predictor = Predictor.for_run(run, device=device, precision=precision, keep_components=keep_components)
     rows, kept = [], PicturePool(seed)
     # one pass over the slice index for all volumes (not one per volume: 1,000 volumes x 10^5 slices)
     by_case: dict[str, dict[int, int]] = {}
@@ -283,7 +286,7 @@ def evaluate_volumes(
         pred = {c: np.zeros(gt.shape, bool) for c in classes}
         positions = list(range(gt.shape[0])) if protocol.kind == "none" else labelled.get(case_id, [])
         # prompted: slice by slice (each slice's prompts need its embedding); semantic: ``step`` slices per call
-        step = default_batch_size(getattr(predictor, "device", torch.device("cpu"))) if protocol.kind == "none" else 1
+        step = default_batch_size(predictor.device) if protocol.kind == "none" else 1
         bar = tqdm(total=len(positions), desc=f"{run.label} {case_id} {protocol}", disable=not progress, unit="slice")
         with torch.inference_mode():
             for start in range(0, len(positions), step):
@@ -394,7 +397,7 @@ def _gathered(evaluation: Evaluation, case_ids: Sequence[str], classes: dict[int
 
 
 def evaluate(
-    run: Run | str | Path,
+    run: Run | str | Path | None,
     data: str | Path,
     prompt: Protocol | str = "point:1",
     baseline: bool = False,
@@ -408,7 +411,7 @@ def evaluate(
     device: str | torch.device | None = None,
     precision: str | None = None,
     progress: bool = True,
-    backend: str = "torch",
+    predictor: SegmentationPredictor | None = None,
     blend: float | None = None,
     keep_components: str = "all",
     largest_component: Collection[int] | str | None = None,
@@ -424,28 +427,28 @@ def evaluate(
     a semantic or text-prompted run's baseline (the base model cannot segment without prompts, nor read text) gets
     one centre click per object (``point:1``). With ``out``, writes metrics.json, metrics.csv, overlays and
     report.md / report.html there. Returns the content of metrics.json (the baseline's under
-    ``"baseline"``). ``backend``: ``torch`` or ``onnxruntime`` (for both models; with onnxruntime ``run`` may be an
-    export directory, and a run directory or model name is exported on the fly: ``samadapt.export.backend``).
-    ``blend``: the weight of the trained update when ``run`` is a path (``peft.blend``; None: the run's own).
+    ``"baseline"``). ``predictor``: the one to score, on any backend (``inference.load_predictor``, which reads
+    ``--backend``: an onnxruntime predictor of an export directory, or of a run exported on the fly); ``run`` is
+    then its ``run`` (or None); the baseline runs on the same backend (``inference.baseline_predictor``). None: the
+    torch predictor of ``run`` on ``device`` at ``precision``. ``blend``: the weight of the trained update when
+    ``run`` is a path (``peft.blend``; None: the run's own).
     ``keep_components`` / ``largest_component``: the options of ``evaluate_volumes`` (both models; off by default;
-    ``largest_component="all"``: every class scored).
+    ``largest_component="all"``: every class scored; a given ``predictor`` applies its own ``keep_components``).
     One click alone is answered as each model was trained (``selection.one_click_best``).
     """
     from samadapt.data.datasets import SliceDataset, load_dataset
     from samadapt.eval.report import save_evaluation
-    from samadapt.runs import load_run
+    from samadapt.inference import baseline_predictor, load_predictor
 
-    if isinstance(run, Run) and blend is not None:
-        raise ConfigError("blend applies to a run loaded here; for a loaded Run use load_run(..., blend=)")
-    if backend == "torch":
-        run = run if isinstance(run, Run) else load_run(run, device=device, blend=blend)
-    elif isinstance(run, (str, Path)):
-        from samadapt.export.backend import load_for_backend
-
-        run = load_for_backend(run, backend, device=device, blend=blend)
+    if predictor is None:
+        predictor = load_predictor(run, device=device, precision=precision, blend=blend)
+    elif run is not None and run is not predictor.run:
+        raise ConfigError("give the run, or a predictor made for it (load_predictor), not two different ones")
+    elif blend is not None:
+        raise ConfigError("blend is fixed when the predictor is made: load_predictor(..., blend=)")
+    run = predictor.run
     protocol = parse_protocol(prompt) if isinstance(prompt, str) else prompt
     axis = run.axis if axis is None else axis
-    precision = precision or run.precision
     spec = load_dataset(data)
     slices = SliceDataset(spec, axis=axis)
     chosen = {c: n for c, n in spec.classes.items() if not run.classes or c in run.classes}
@@ -458,22 +461,23 @@ def evaluate(
     rank, world = distributed_context()  # under torchrun each rank scores every world-th volume
     shard = case_ids[rank::world]
     kwargs = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, progress=progress and rank == 0)
-    kwargs.update(device=device, precision=precision, backend=backend)
     largest = sorted(chosen if largest_component == "all" else largest_component) if largest_component else None
     kwargs.update(keep_components=keep_components, largest_component=largest)
     options = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, axis=slices.axis)
     options.update(keep_components=keep_components, largest_component=largest)
     finished = _finished_dir(out, run, protocol, chosen, options) if out is not None else None
-    evaluation = evaluate_volumes(run, slices, shard, chosen, protocol, finished_dir=finished, **kwargs)
+    evaluation = evaluate_volumes(
+        run, slices, shard, chosen, protocol, predictor=predictor, finished_dir=finished, **kwargs
+    )
     evaluation = _gathered(evaluation, case_ids, chosen, world)
     reference = None
     if baseline:
         # the base model reads no text and has no semantic head: it gets one centre click per object
         base_protocol = protocol if protocol.kind not in ("none", "text") else parse_protocol("point:1")
-        with _baseline(run, backend, device) as base:
-            base_finished = _finished_dir(out, base, base_protocol, chosen, options) if out is not None else None
+        with baseline_predictor(predictor) as base:
+            base_finished = _finished_dir(out, base.run, base_protocol, chosen, options) if out is not None else None
             reference = evaluate_volumes(
-                base, slices, shard, chosen, base_protocol, finished_dir=base_finished, **kwargs
+                base.run, slices, shard, chosen, base_protocol, predictor=base, finished_dir=base_finished, **kwargs
             )
         reference = _gathered(reference, case_ids, chosen, world)
     if out is not None and rank == 0:
@@ -483,15 +487,3 @@ def evaluate(
         metrics["baseline"] = reference.metrics_json()
     return metrics
 
-
-@contextmanager
-def _baseline(run, backend: str, device):
-    """The un-adapted model beside ``run``: ``runs.baseline`` (the same model, adapters off), or for an ONNX export
-    the base model exported on the fly."""
-    if backend == "torch":
-        with un_adapted(run, device) as base:
-            yield base
-    else:
-        from samadapt.export.backend import load_for_backend
-
-        yield load_for_backend(run.base_model, backend, device=device)

@@ -1,10 +1,11 @@
-"""Run an ONNX export with onnxruntime and numpy only (no torch): ``OnnxPredictor``, same interface as ``Predictor``.
+"""Run an ONNX export with onnxruntime and numpy only (no torch): ``OnnxPredictor``, the onnxruntime backend of
+``prediction.SegmentationPredictor`` (the protocol the torch ``Predictor`` implements too).
 
 Minimal deployment: ``pip install numpy onnxruntime`` plus this file's package (``samadapt.export.runtime`` imports
 nothing else of samadapt, and no torch). The preprocessing is ``samadapt.transforms.model_input`` written in numpy
 (antialiased bilinear resize of the longest side, zero padding, clamp), and masks come back at the original size
-through the same un-padding and bilinear resizes as ``InputGeometry.masks_to_original``; the tests check both
-against the torch functions.
+through the same un-padding and bilinear resizes as ``InputGeometry.masks_to_original``: the deployment's own copy
+of ``samadapt.transforms``' geometry (that one needs torch); the tests check both against the torch functions.
 
 Example:
     >>> predictor = OnnxPredictor("exports/lite_medsam")      # written by `samadapt export`
@@ -24,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from samadapt.components import check_keep_components, keep_prompted_batch
-from samadapt.errors import InputNotFoundError, RunError
+from samadapt.errors import ConfigError, InputNotFoundError, RunError
 from samadapt.files import file_sha256
 from samadapt.intensity import check_unit_range, to_unit_range
+from samadapt.prediction import Prediction
 from samadapt.selection import best_candidate, is_single_click, one_click_best
 
 __all__ = [
@@ -290,15 +292,6 @@ def load_export(path: str | Path) -> ExportedRun:
 # -- the predictor -------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Prediction:
-    """Masks at the original size (P, K, H, W) bool, IoU scores (P, K), low-res logits (P, K, s/4, s/4) float32."""
-
-    masks: np.ndarray
-    scores: np.ndarray
-    low_res_logits: np.ndarray
-
-
 def _session_options(threads: int | None, spin: bool = True):
     """onnxruntime session options: ``threads`` intra-op threads (None: one per physical core); ``spin`` whether the
     idle workers spin-wait for the next run."""
@@ -328,6 +321,8 @@ class OnnxPredictor:
         check_files: verify the graphs' SHA-256 against the manifest before loading.
         select_single_click / keep_components: as ``Predictor``'s (None: as the exported run was trained).
     """
+
+    run = None  # the run it predicts for (``inference.load_predictor`` sets it): an ExportedRun, or the exported Run
 
     def __init__(
         self,
@@ -389,6 +384,10 @@ class OnnxPredictor:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 
+    def is_cached(self, cache_key: Hashable) -> bool:
+        """Whether ``set_image(..., cache_key=cache_key)`` finds this embedding in the cache."""
+        return cache_key in self._cache
+
     def _semantic_logits(self, embeddings: np.ndarray, positions: Sequence[float] | None) -> np.ndarray:
         if self.task != "semantic":
             raise ValueError("this export is prompted: give points or boxes to predict()")
@@ -424,8 +423,10 @@ class OnnxPredictor:
         boxes: np.ndarray | None = None,
         mask_input: np.ndarray | None = None,
         multimask_output: bool | None = None,
+        text: str | Sequence[str] | None = None,
     ) -> Prediction:
-        """Masks for one prompt set, or for P boxes at once (arguments as ``Predictor.predict``).
+        """Masks for one prompt set, or for P boxes at once (arguments as ``Predictor.predict``; an export has no
+        sentence encoder, so a ``text`` prompt is refused).
 
         Args:
             points: (N, 2) or (P, N, 2) clicks in (x, y) pixels of the original image.
@@ -435,6 +436,8 @@ class OnnxPredictor:
             multimask_output: True: three candidates; False: the single mask; None: the best candidate for one
                 click alone (``is_single_click``, ``select_single_click``), as ``Predictor.predict``.
         """
+        if text is not None:
+            raise ConfigError(f"{self.export_dir}: an ONNX export takes no text prompt; use the torch backend")
         if self.embedding is None or self.geometry is None:
             raise RuntimeError("call set_image() before predict()")
         select = multimask_output is None and self.select_single_click and is_single_click(labels, boxes, mask_input)

@@ -1,7 +1,8 @@
 """``samadapt serve``: interactive segmentation in the browser (FastAPI app, plain HTML / JS page).
 
-The server holds no model logic of its own: it slices with ``data.preprocess``, predicts with ``predict.Predictor``
-and writes with ``data.io.write_label``. See docs/app.md.
+The server holds no model logic of its own: it slices with ``data.preprocess``, predicts with the
+``prediction.SegmentationPredictor`` it is given (``inference.load_predictor``) and writes with
+``data.io.write_label``. See docs/app.md.
 """
 
 from samadapt.serve.app import create_app

@@ -71,6 +71,7 @@ def _write_image(volume: Volume, path: Path) -> None:
 def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
     """Build the training set, train ``recipe`` for ``steps`` steps from the page's base model, load the run and
     make it the page's model."""
+    from samadapt.inference import load_predictor
     from samadapt.runs import load_run
     from samadapt.train.api import train
     from samadapt.train.config import TrainConfig, from_dict
@@ -118,5 +119,5 @@ def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
     run = load_run(
         run_dir, checkpoint="best" if (run_dir / "checkpoints" / "best").is_dir() else "last", device=workspace.device
     )
-    workspace.use_run(run)
+    workspace.use_predictor(load_predictor(run, device=workspace.device))
     return {"run": str(run_dir), "slices": cases, "steps": result.steps, "val_dice": result.best_val_dice}

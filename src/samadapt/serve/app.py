@@ -248,6 +248,7 @@ def create_app(workspace: Workspace, token: str | None = None, hosts: Iterable[s
 
     @app.post("/api/model")
     def switch_model(request: ModelRequest) -> dict:
+        from samadapt.inference import load_predictor
         from samadapt.runs import load_run
 
         run = ws.runs.get(request.run)
@@ -256,7 +257,7 @@ def create_app(workspace: Workspace, token: str | None = None, hosts: Iterable[s
             if path.exists():
                 ws.check(path)
             run = load_run(request.run, device=ws.device)
-        ws.use_run(run)
+        ws.use_predictor(load_predictor(run, device=ws.device))
         return ws.model_info()
 
     return app

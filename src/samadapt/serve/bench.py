@@ -48,14 +48,14 @@ def run_bench(clicks: int = 20, device: str = "cpu") -> dict:
 
     from samadapt.data.demo import fetch_demo
     from samadapt.data.io import read_label
-    from samadapt.runs import load_run
+    from samadapt.inference import load_predictor
     from samadapt.serve import Workspace, create_app
 
     demo = fetch_demo()
     import tempfile
 
     state = Path(tempfile.mkdtemp(prefix="samadapt-serve-bench-"))
-    workspace = Workspace(load_run("lite_medsam", device=device), demo=demo, state_dir=state, device=device)
+    workspace = Workspace(load_predictor("lite_medsam", device=device), demo=demo, state_dir=state, device=device)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -34,7 +34,7 @@ from samadapt.data.position import slice_position
 from samadapt.data.preprocess import PRESETS, preprocess_volume, volume_slice
 from samadapt.errors import DataError, InputNotFoundError
 from samadapt.files import atomic_write
-from samadapt.predict import Predictor
+from samadapt.prediction import SegmentationPredictor
 from samadapt.serve.dicom_cases import case_name, dicom_cases, split_case_path
 
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4")
@@ -43,6 +43,7 @@ MAX_LISTED = 500
 AUTOSAVE_PERIOD_S = 0.5
 UNDO_BYTES = 512 << 20  # undo history per case; whole-volume steps (propagation) are the large ones
 MAX_SESSIONS = 8  # open cases kept in memory; the oldest is written to its autosave and dropped
+EMBEDDINGS_KEPT = 64  # slice embeddings the page's predictor keeps (the slices around the one on screen)
 
 
 def inside(path: Path, folders: list[Path]) -> bool:
@@ -181,18 +182,18 @@ class Workspace:
     """The model, the folders the app may read and write, the open sessions and their autosave.
 
     Args:
-        run: a ``runs.Run`` (the model the page segments with).
+        predictor: the model the page segments with, made for its run (``inference.load_predictor``).
         roots: folders whose files may be opened and written.
         demo: name -> demo dataset folder, offered as cases and readable (never written).
         state_dir: autosave and adapt runs live here.
         labels_dir: default folder for saved label files (writable); default ``roots[0]/labels`` or
             ``state_dir/labels``.
-        device: torch device for the predictor.
+        device: torch device of the runs the app trains and loads.
     """
 
     def __init__(
         self,
-        run,
+        predictor: SegmentationPredictor,
         roots: list[Path] | None = None,
         demo: dict[str, Path] | None = None,
         state_dir: Path | None = None,
@@ -217,19 +218,21 @@ class Workspace:
         self._pending: set = set()
         self._waiting = 0  # foreground requests waiting for the model: background encodes step aside
         self.runs: dict[str, object] = {}
-        self.use_run(run)
+        self.use_predictor(predictor)
         self._stop = threading.Event()
         self._autosaver = threading.Thread(target=self._autosave_loop, name="samadapt-autosave", daemon=True)
         self._autosaver.start()
 
     # ---- model
-    def use_run(self, run) -> None:
-        """Switch the page to ``run`` (embeddings of the previous model are dropped)."""
+    def use_predictor(self, predictor: SegmentationPredictor) -> None:
+        """Switch the page to ``predictor`` and its run (embeddings of the previous model are dropped)."""
+        run = predictor.run
+        predictor.cache_size = max(predictor.cache_size, EMBEDDINGS_KEPT)
         with self.model_lock:
             self.run = run
             self.runs.setdefault(str(run.path or run.name), run)
             self.model_key = f"{run.label}@{id(run.model)}"
-            self.predictor = Predictor.for_run(run, self.device, cache_size=64)  # one click: as the run trained
+            self.predictor = predictor
 
     def model_info(self) -> dict:
         run = self.run
@@ -248,7 +251,7 @@ class Workspace:
         """Put the slice's embedding into the predictor (from the cache when it is there); True when it was
         encoded now. Call with ``model_lock`` held."""
         key = self.cache_key(session, axis, index)
-        fresh = key not in self.predictor._cache
+        fresh = not self.predictor.is_cached(key)
         self.predictor.set_image(session.image(axis, index), preprocessed=True, cache_key=key)
         return fresh
 
@@ -271,7 +274,7 @@ class Workspace:
             if not 0 <= index < session.labels.shape[axis]:
                 continue
             key = self.cache_key(session, axis, index)
-            if key in self.predictor._cache or key in self._pending:
+            if self.predictor.is_cached(key) or key in self._pending:
                 continue
             self._pending.add(key)
 
@@ -280,7 +283,7 @@ class Workspace:
                     if self._waiting:
                         return  # the page is waiting for the model; this slice is encoded when asked for
                     with self.model_lock:
-                        if key not in self.predictor._cache and session.id in self.sessions:
+                        if not self.predictor.is_cached(key) and session.id in self.sessions:
                             self.encode(session, axis, index)
                 finally:
                     self._pending.discard(key)
