@@ -42,13 +42,13 @@ def test_the_trainer_and_the_predictor_take_the_resolved_device(tmp_path, monkey
 
     seen = []
     import samadapt.predict
-    import samadapt.train.trainer
+    import samadapt.train.loop
 
     def fake_resolve(device=None):
         seen.append(device)
         return torch.device("cpu")
 
-    monkeypatch.setattr(samadapt.train.trainer, "resolve_device", fake_resolve)
+    monkeypatch.setattr(samadapt.train.loop, "resolve_device", fake_resolve)
     monkeypatch.setattr(samadapt.predict, "resolve_device", fake_resolve)
     make_trainer(tmp_path, **{"train.device": "cuda:1"})
     Predictor(make_tiny_sam(64), device="cuda:0")

@@ -40,6 +40,7 @@ from samadapt.peft import (
     set_blend,
 )
 from samadapt.peft.config import DEFAULT_TRAIN_MODULES
+from samadapt.peft.pretrained import PretrainedInitError, load_encoder_peft
 from samadapt.precision import INFERENCE_PRECISION
 from samadapt.selection import one_click_best, trained_masks
 
@@ -386,3 +387,19 @@ def baseline(run: Run, device: str | torch.device | None = None) -> Iterator[Run
             yield Run(run.model, run.manifest.base_model, "prompt", run.classes)
     else:
         yield load_base(run, device)
+
+
+def load_pretrained_encoder(model: torch.nn.Module, run: str | Path, base_sha256: str) -> dict:
+    """Copy a pre-training run's encoder PEFT tensors (its ``last`` checkpoint, or ``run`` itself when it is a
+    checkpoint folder) into ``model``, built with its fine-tuning PEFT config (``samadapt train --init RUN``);
+    returns the checkpoint's manifest.
+
+    Raises:
+        PretrainedInitError: not a pre-training run, other base weights, or other encoder PEFT slots
+            (``peft.pretrained.load_encoder_peft``).
+    """
+    run = Path(run)
+    for folder in (RunLayout(run).checkpoint("last"), run):
+        if (folder / "adapter_config.json").is_file():
+            return load_encoder_peft(model, folder, base_sha256)
+    raise PretrainedInitError(f"{run}: not a pre-training run (no checkpoints/last/adapter_config.json)")

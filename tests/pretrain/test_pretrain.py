@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from samadapt.cli import main
 from samadapt.data.datasets import SliceDataset, load_dataset
 from samadapt.peft.inject import is_peft_key
+from samadapt.peft.pretrained import encoder_peft_names
 from samadapt.pretrain import PretrainConfig, PretrainedInitError, build_pretrainer, load_pretrained_encoder
 from samadapt.pretrain.config import pretrain_defaults
 from samadapt.pretrain.data import collate, unlabelled_slices
-from samadapt.pretrain.init import encoder_peft_names
 from samadapt.train.api import adapted_model
 from samadapt.train.config import TrainConfig, apply_overrides, from_dict
 from samadapt.train.recipes import recipe_defaults

@@ -30,16 +30,17 @@ import torch
 from samadapt.data.datasets import SliceDataset, load_dataset
 from samadapt.errors import TrainingInterruptedError
 from samadapt.peft import apply_peft
+from samadapt.peft.pretrained import encoder_only
 from samadapt.pretrain.config import PretrainConfig, pretrain_defaults
 from samadapt.pretrain.data import ModelInputs, unlabelled_slices
-from samadapt.pretrain.init import encoder_only
 from samadapt.pretrain.objectives import PretrainHeads, mae_target_width, objectives_of
 from samadapt.pretrain.trainer import Pretrainer
 from samadapt.runs import Manifest
 from samadapt.train import checkpoints
 from samadapt.train.config import apply_overrides, from_dict
+from samadapt.train.forward import LossForward
 from samadapt.train.samples import TrainingSlices, prepare_slices
-from samadapt.train.trainer import LossForward, Trainer
+from samadapt.train.trainer import Trainer
 from tests.conftest import make_tiny_sam
 from tests.train.test_trainer import disc_items, make_config
 

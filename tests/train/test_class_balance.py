@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from samadapt.errors import TrainingError
+from samadapt.train.diagnostics import collapse_warnings
 from samadapt.train.losses import SegmentationLoss, balanced_class_weights
-from samadapt.train.trainer import balanced_picks, collapse_warnings
+from samadapt.train.sampling import balanced_picks
 from tests.train.test_trainer import make_trainer
 
 
@@ -108,7 +109,7 @@ def test_all_background_predictions_are_reported(tmp_path, caplog, recipe, class
     trainer.run_dir.mkdir(parents=True, exist_ok=True)
     trainer.history = [{"step": 1, "loss": 0.79, "val_dice": 0.0}]
     _force_background(trainer)
-    with caplog.at_level(logging.WARNING, logger="samadapt.train.trainer"):
+    with caplog.at_level(logging.WARNING, logger="samadapt.train.diagnostics"):
         found = collapse_warnings(trainer)
     assert any("validation Dice stayed at 0" in w for w in found)
     assert any("only background" in w for w in found)

@@ -6,7 +6,8 @@ import pytest
 
 import samadapt.data.synthesis as synthesis
 import samadapt.train.api as api
-from samadapt.data.datasets import SliceDataset, load_dataset, split_cases
+from samadapt.data.datasets import SliceDataset, load_dataset
+from samadapt.data.selection import split_cases
 from samadapt.train.config import TrainConfig, apply_overrides, from_dict
 from samadapt.train.recipes import recipe_defaults
 from tests.data.test_synthesis import tiny_msd  # noqa: F401  (fixture)

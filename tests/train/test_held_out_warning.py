@@ -6,7 +6,7 @@ import json
 import torch
 
 from samadapt.peft import current_blend
-from samadapt.train.trainer import collapse_warnings
+from samadapt.train.diagnostics import collapse_warnings
 from tests.train.test_trainer import make_trainer
 
 

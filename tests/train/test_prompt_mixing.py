@@ -8,8 +8,8 @@ import torch
 
 from samadapt.peft import apply_peft
 from samadapt.train.config import PromptConfig
+from samadapt.train.forward import LossForward
 from samadapt.train.samples import draw_prompt_batch, prepare_slices
-from samadapt.train.trainer import LossForward
 from tests.conftest import make_tiny_sam
 from tests.train.test_trainer import disc_items, make_config, make_trainer
 

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from samadapt.data.datasets import SliceDataset, load_dataset, split_cases
+from samadapt.data.datasets import SliceDataset, load_dataset
+from samadapt.data.selection import split_cases
 from samadapt.data.synthesis import select_exemplars
 from samadapt.runs import RunLayout, load_run
 from samadapt.train.api import train

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from samadapt.train.trainer import SEMANTIC_HINT, collapse_warnings
+from samadapt.train.diagnostics import SEMANTIC_HINT, collapse_warnings
 from tests.train.test_class_balance import _force_background
 from tests.train.test_trainer import make_trainer
 

@@ -122,7 +122,7 @@ def test_frozen_batchnorm_stays_frozen_in_training():
 
 
 def test_mask_iou_on_hand_computed_masks():
-    from samadapt.train.trainer import mask_iou
+    from samadapt.train.forward import mask_iou
 
     pred = torch.zeros(3, 1, 4, 4, dtype=torch.bool)
     target = torch.zeros(3, 1, 4, 4, dtype=torch.bool)
@@ -136,7 +136,7 @@ def test_mask_iou_on_hand_computed_masks():
 @pytest.mark.slow
 def test_the_iou_head_learns_the_true_iou_of_its_mask(tmp_path):
     """With the IoU loss the IoU head gets gradients and its error on the training slices falls; without, no grad."""
-    from samadapt.train.trainer import mask_iou
+    from samadapt.train.forward import mask_iou
 
     trainer = make_trainer(
         tmp_path, **{"train.steps": 30, "train.val_every": 0, "optim.lr": 3e-3, "optim.warmup_steps": 0}

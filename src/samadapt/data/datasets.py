@@ -19,7 +19,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -243,48 +242,6 @@ def _folder_2d(root: Path, meta: dict) -> DatasetSpec:
 
 def _case_id(path: Path) -> str:
     return path.name[: -len(suffix_of(path))]
-
-
-class CaseSplit(NamedTuple):
-    """Case ids of each part of a split."""
-
-    train: list[str]
-    val: list[str]
-    test: list[str]
-
-
-def _count(part: float | int, total: int) -> int:
-    return int(round(part * total)) if isinstance(part, float) and 0 < part < 1 else int(part)
-
-
-def split_dataset(spec: DatasetSpec, val: float | int = 0.2, test: float | int = 0, seed: int = 0) -> CaseSplit:
-    """Split cases (never slices, so no case leaks across parts) into train / val / test, seeded.
-
-    ``val`` and ``test`` are case counts (int) or fractions (float in (0, 1)); each part keeps dataset order.
-
-    Raises:
-        DataError: the held-out parts would leave no training case.
-    """
-    ids = [c.id for c in spec.cases]
-    n_val, n_test = _count(val, len(ids)), _count(test, len(ids))
-    if n_val < 0 or n_test < 0 or n_val + n_test >= len(ids):
-        raise DataError(f"{spec.root}: cannot hold out {n_val} val + {n_test} test of {len(ids)} cases")
-    order = np.random.default_rng(seed).permutation(len(ids))
-    val_ids = {ids[i] for i in order[:n_val]}
-    test_ids = {ids[i] for i in order[n_val : n_val + n_test]}
-    return CaseSplit(
-        [i for i in ids if i not in val_ids | test_ids],
-        [i for i in ids if i in val_ids],
-        [i for i in ids if i in test_ids],
-    )
-
-
-def split_cases(spec: DatasetSpec, val_cases: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Hold out ``val_cases`` cases (seeded) -> (train ids, val ids); with a single case nothing is held out."""
-    if len(spec.cases) <= 1 or val_cases <= 0:
-        return [c.id for c in spec.cases], []
-    split = split_dataset(spec, val=min(int(val_cases), len(spec.cases) - 1), seed=seed)
-    return split.train, split.val
 
 
 class SliceDataset:

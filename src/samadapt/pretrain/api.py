@@ -6,9 +6,9 @@ import dataclasses
 from pathlib import Path
 
 from samadapt.peft import apply_peft, format_parameter_report
+from samadapt.peft.pretrained import encoder_only
 from samadapt.pretrain.config import PretrainConfig
 from samadapt.pretrain.data import ModelInputs, unlabelled_slices
-from samadapt.pretrain.init import encoder_only
 from samadapt.pretrain.objectives import PretrainHeads, mae_target_width, objectives_of
 from samadapt.pretrain.trainer import Pretrainer, PretrainResult
 from samadapt.runs import base_model_facts, build_base

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
 from samadapt.errors import TrainingError
 from samadapt.peft import apply_peft, format_parameter_report
-from samadapt.runs import Manifest, base_model_facts, build_base, trained_outputs
+from samadapt.runs import Manifest, base_model_facts, build_base, load_pretrained_encoder, trained_outputs
 from samadapt.train.config import TrainConfig
 from samadapt.train.samples import ItemChain, TrainingSlices
 from samadapt.train.trainer import Trainer, TrainResult
-
-log = logging.getLogger(__name__)
 
 
 def fit_slices(
@@ -97,50 +93,44 @@ def adapted_model(config: TrainConfig, classes: dict[int, str]) -> tuple[nn.Modu
     apply_peft(model, config.peft)
     if not config.model.init:
         return model, {}
-    from samadapt.pretrain.init import load_pretrained_encoder
-
     sha = base_model_facts(config.model.name, config.model.checkpoint)["base_sha256"]
     pretrained = load_pretrained_encoder(model, config.model.init, sha)
     return model, {"init": {"run": str(config.model.init), **pretrained.get("pretrain", {})}}
 
 
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:
-    """Train on ``config.data.path``: split cases, select exemplars if asked, add synthetic slices, fit."""
-    from samadapt.data.datasets import SliceDataset, load_dataset, split_cases
+    """Train on ``config.data.path``: split cases, select exemplars if asked, add synthetic slices, fit
+    (``data.selection``)."""
+    from samadapt.data.datasets import load_dataset
+    from samadapt.data.selection import chosen_classes, select_training, synthetic_items
 
     spec = load_dataset(config.data.path)
-    classes = _chosen_classes(spec.classes, config.data.classes, spec.root)
-    slices = SliceDataset(spec, axis=config.data.axis)
-    train_cases, val_cases = split_cases(spec, config.data.val_cases, config.train.seed)
-    labelled = slices.indices(list(classes), train_cases)
-    if not labelled:
-        raise TrainingError(f"{spec.root}: no training slice holds any of the classes {sorted(classes)}")
-    if config.data.exemplars:
-        from samadapt.data.synthesis import select_exemplars
-
-        # chosen among the training cases only: --exemplars N trains on exactly N labelled slices
-        chosen = select_exemplars(
-            slices, config.data.exemplars, list(classes), seed=config.train.seed, cases=train_cases
-        )
-        log.info("exemplars: %s", [slices.slices[i][:2] for i in chosen])
-    else:
-        chosen = labelled
-    # a few target-free slices teach the prompted model that a click on background means "nothing here"
-    with_target = set(labelled)
-    empty = [i for i in slices.indices(None, train_cases) if i not in with_target]
-    rng = np.random.default_rng(config.train.seed)
-    extra = list(rng.choice(empty, size=min(len(empty), max(1, len(chosen) // 4)), replace=False)) if empty else []
-    empties = slices.subset([int(i) for i in extra] if config.task == "prompt" else [])
-    synthetic = _synthetic_items(config, slices, chosen, classes, train_cases)
-    train_items = ItemChain(slices.subset(chosen), empties)
-    val_pool = slices.indices(list(classes), val_cases) if val_cases else []
-    val_pick = np.linspace(0, len(val_pool) - 1, num=min(len(val_pool), config.train.val_slices)).astype(int)
-    val_items = [slices[val_pool[i]] for i in sorted(set(val_pick))] if val_pool else []
+    classes = chosen_classes(spec.classes, config.data.classes, spec.root)
+    selection = select_training(
+        spec,
+        list(classes),
+        axis=config.data.axis,
+        val_cases=config.data.val_cases,
+        seed=config.train.seed,
+        exemplars=config.data.exemplars,
+        empty_slices=config.task == "prompt",
+        val_slices=config.train.val_slices,
+    )
+    synthetic = synthetic_items(
+        selection,
+        list(classes),
+        directory=config.data.synthetic,
+        on_the_fly=config.data.synthesize_on_the_fly,
+        size=config.data.synthetic_size,
+        seed=config.train.seed,
+    )
+    slices = selection.slices
+    train_items = ItemChain(slices.subset(selection.labelled), slices.subset(selection.empty))
     config.data.path = str(spec.root)
     return fit_slices(
         config,
         train_items,
-        val_items,
+        selection.val_items(),
         classes,
         run_dir,
         spec.preprocessing,
@@ -148,34 +138,3 @@ def train(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Tra
         synthetic_items=synthetic,
         modality=spec.modality,
     )
-
-
-def _chosen_classes(available: dict[int, str], wanted: list[int] | None, root: Path) -> dict[int, str]:
-    if wanted is None:
-        return dict(available)
-    missing = [c for c in wanted if c not in available]
-    if missing:
-        raise TrainingError(f"{root}: classes {missing} are not in dataset.json (has {sorted(available)})")
-    return {c: available[c] for c in wanted}
-
-
-def _synthetic_items(
-    config: TrainConfig, slices, exemplar_indices: list[int], classes: dict[int, str], train_cases: list[str]
-) -> Sequence[dict]:
-    """Slices of a synthesised set (a directory from ``samadapt synth``, or made now from the exemplars, on
-    backgrounds from the training cases only: a validation case never leaks into training)."""
-    if config.data.synthetic:
-        from samadapt.data.datasets import SliceDataset, load_dataset
-
-        synthetic = SliceDataset(load_dataset(config.data.synthetic))
-        return synthetic.subset(range(len(synthetic)))
-    if not config.data.synthesize_on_the_fly:
-        return []
-    from samadapt.data.synthesis import SynthesisConfig, background_slices, synthesize
-
-    picked = background_slices(slices, list(classes), cases=train_cases, seed=config.train.seed)
-    backgrounds = [slices[i]["image"] for i in picked]
-    if not backgrounds:
-        raise TrainingError("synthesis needs target-free background slices, and the dataset has none")
-    exemplars = [slices[i] for i in exemplar_indices]
-    return synthesize(exemplars, backgrounds, config.data.synthetic_size, SynthesisConfig(), seed=config.train.seed)

@@ -1,9 +1,10 @@
-"""Moving pre-trained encoder PEFT parameters into a fine-tuning run (``samadapt train --init RUN``).
+"""Pre-trained encoder PEFT parameters: what pre-training trains (``encoder_only``, ``encoder_peft_names``) and
+moving them into a fine-tuning model (``samadapt train --init RUN``).
 
 A pre-training run saves only the encoder's PEFT tensors, under the manifest's ``peft`` (``encoder_only``): the same
-adapter / LoRA slots as the fine-tuning recipe, without its decoder parts. ``load_pretrained_encoder`` copies them
-into a model built for fine-tuning, after checking that the base model is the same (SHA-256 of the weights) and that
-the slots match one for one.
+adapter / LoRA slots as the fine-tuning recipe, without its decoder parts. ``load_encoder_peft`` copies them from a
+checkpoint folder into a model built for fine-tuning, after checking that the base model is the same (SHA-256 of the
+weights) and that the slots match one for one; ``runs.load_pretrained_encoder`` finds that folder in a run directory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from torch import nn
 from samadapt.errors import RunError
 from samadapt.peft.config import PeftConfig
 from samadapt.peft.inject import ADAPTER_WEIGHTS, is_peft_key, read_manifest
-from samadapt.runs import RunLayout
 
 
 class PretrainedInitError(RunError):
@@ -46,25 +46,14 @@ def encoder_peft_names(model: nn.Module) -> set[str]:
     }
 
 
-def pretrained_dir(run: str | Path) -> Path:
-    """The checkpoint folder of a pre-training run (``RUN/checkpoints/last``), or ``run`` itself when it holds the
-    adapter files."""
-    run = Path(run)
-    for folder in (RunLayout(run).checkpoint("last"), run):
-        if (folder / "adapter_config.json").is_file():
-            return folder
-    raise PretrainedInitError(f"{run}: not a pre-training run (no checkpoints/last/adapter_config.json)")
-
-
-def load_pretrained_encoder(model: nn.Module, run: str | Path, base_sha256: str) -> dict:
-    """Copy a pre-training run's encoder PEFT tensors into ``model`` (already built with its fine-tuning PEFT
-    config); returns the run's manifest.
+def load_encoder_peft(model: nn.Module, folder: Path, base_sha256: str) -> dict:
+    """Copy the encoder PEFT tensors of a pre-training checkpoint ``folder`` into ``model`` (already built with its
+    fine-tuning PEFT config); returns the checkpoint's manifest.
 
     Raises:
-        PretrainedInitError: the run is not a pre-training run, was trained on other base weights, or its tensors
-            do not match the model's encoder PEFT slots one for one (name and shape).
+        PretrainedInitError: the checkpoint is not a pre-training one, was trained on other base weights, or its
+            tensors do not match the model's encoder PEFT slots one for one (name and shape).
     """
-    folder = pretrained_dir(run)
     manifest = read_manifest(folder)
     if manifest.get("task") != "pretrain":
         raise PretrainedInitError(
