@@ -5,7 +5,7 @@ activations are 32 and 64 MiB per image. Computed for a few rows of output at a 
 through all three convolutions while they are in cache and are never allocated whole. Output row r of the 3x3
 depthwise convolution (padding 1, ``stride``) reads hidden rows stride * r - 1 to stride * r + 1, so a strip's hidden
 rows overlap its neighbours' by a row or two: recomputed (a 16-row strip costs 2 / 16 more expansion; stitching the
-neighbours' rows in was slower). ``_strip`` owns that arithmetic for both consumers:
+neighbours' rows in was slower). ``_strip`` owns that arithmetic (and the image border's) for both sets of ops:
 
 - ``OneDNN``: CPU inference in torch (``accel.cpu``), oneDNN's fused convolution + GELU, the residual added as the
   projection's post-op, each image's strips written into one channels-last output (float32 and bf16). Most of what
@@ -59,10 +59,9 @@ class OneDNN:
     def images(self, batch: int) -> list[slice]:
         return [slice(image, image + 1) for image in range(batch)]
 
-    def conv(self, x, weight, bias, padding: int, stride: int, groups: int, gelu: bool) -> torch.Tensor:
-        pad, step = [padding, padding], [stride, stride]
+    def conv(self, x, weight, bias, padding: tuple[int, int], stride: int, groups: int, gelu: bool) -> torch.Tensor:
         return torch.ops.mkldnn._convolution_pointwise(
-            x.to(weight.dtype), weight, bias, pad, step, [1, 1], groups, *kernels.gelu_args(gelu)
+            x.to(weight.dtype), weight, bias, list(padding), [stride, stride], [1, 1], groups, *kernels.gelu_args(gelu)
         )
 
     def project_add_gelu(self, hidden: torch.Tensor, shortcut: torch.Tensor, project: Folded) -> torch.Tensor:
@@ -72,11 +71,11 @@ class OneDNN:
                 hidden, shortcut, *project, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], ""
             )
         else:  # bf16 autocast on a float32 input: added in float32, as the whole block adds its bf16 branch
-            out = shortcut + self.conv(hidden, *project, padding=0, stride=1, groups=1, gelu=False)
+            out = shortcut + self.conv(hidden, *project, padding=(0, 0), stride=1, groups=1, gelu=False)
         # oneDNN takes no GELU after the residual add; as the post-op of an identity (1x1, one weight per channel)
         # convolution it costs a third of aten's gelu_ on this strip
         identity = out.new_ones(out.shape[1], 1, 1, 1)
-        return self.conv(out, identity, None, padding=0, stride=1, groups=out.shape[1], gelu=True)
+        return self.conv(out, identity, None, padding=(0, 0), stride=1, groups=out.shape[1], gelu=True)
 
 
 class Graph:
@@ -87,7 +86,7 @@ class Graph:
     def images(self, batch: int) -> list[slice]:
         return [slice(None)]
 
-    def conv(self, x, weight, bias, padding: int, stride: int, groups: int, gelu: bool) -> torch.Tensor:
+    def conv(self, x, weight, bias, padding: tuple[int, int], stride: int, groups: int, gelu: bool) -> torch.Tensor:
         out = F.conv2d(x, weight, bias, stride=stride, padding=padding, groups=groups)
         return F.gelu(out) if gelu else out
 
@@ -113,15 +112,23 @@ def strips(
 
 def _strip(x, top: int, bottom: int, expand, depthwise, project, stride: int, residual: bool, ops) -> torch.Tensor:
     """Output rows [top, bottom) of ``strips`` for images ``x`` (b, C, H, W)."""
-    # The strip starts one output row early, on an input row that is a multiple of stride, so that its rows line up
-    # with the whole image's; that extra row reads the convolution's zero padding and is dropped. At the image border
-    # the padding stands for the missing rows, as it does for the whole image.
-    low, high = stride * max(top - 1, 0), min(stride * (bottom - 1) + 2, x.shape[2])
-    hidden = ops.conv(x[:, :, low:high], *expand, padding=0, stride=1, groups=1, gelu=True)
-    hidden = ops.conv(hidden, *depthwise, padding=1, stride=stride, groups=hidden.shape[1], gelu=True)
-    hidden = hidden[:, :, top - low // stride : bottom - low // stride]
+    height = x.shape[2]
+    low, high = stride * top - 1, stride * (bottom - 1) + 2  # the hidden rows these output rows read
+    if low >= 0 and high <= height:  # inside the image: exactly those rows, no vertical padding
+        pad, skip = (0, 1), 0
+    else:
+        # at the image border the convolution's zero padding stands for the missing rows (the padding of the hidden
+        # activation: GELU(expand(0)) is not 0). The strip then starts one output row early, on an input row that
+        # is a multiple of stride, so that its rows line up with the whole image's; that extra row reads the
+        # padding and is dropped (oneDNN pads both sides alike).
+        low, high, pad = stride * max(top - 1, 0), min(high, height), (1, 1)
+        skip = top - low // stride
+    hidden = ops.conv(x[:, :, low:high], *expand, padding=(0, 0), stride=1, groups=1, gelu=True)
+    hidden = ops.conv(hidden, *depthwise, padding=pad, stride=stride, groups=hidden.shape[1], gelu=True)
+    if hidden.shape[2] != bottom - top:
+        hidden = hidden[:, :, skip : skip + bottom - top]
     if not residual:
-        return ops.conv(hidden, *project, padding=0, stride=1, groups=1, gelu=False)
+        return ops.conv(hidden, *project, padding=(0, 0), stride=1, groups=1, gelu=False)
     return ops.project_add_gelu(hidden, x[:, :, top:bottom], project)
 
 
