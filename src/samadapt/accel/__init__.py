@@ -50,6 +50,8 @@ def accelerate(model: nn.Module, target: str = "cpu", **options: bool) -> nn.Mod
     for module in model.modules():
         base = _REFERENCE.get(type(module), type(module))
         form = forms.get(base, base)
+        if form is base and type(module) is base:
+            continue  # no form in any target: left alone
         _clear_options(module)  # options not given: the defaults
         module.__class__ = form
         for name, value in options.items():
