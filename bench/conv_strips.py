@@ -1,4 +1,4 @@
-"""LiteMedSAM's stage 0 in strips of rows (``cpu_kernels.mbconv``, ``cpu_kernels.patch_merging``) against its blocks
+"""LiteMedSAM's stage 0 in strips of rows (``accel.strips.mbconv``, ``accel.strips.patch_merging``) against its blocks
 run whole, A / B in one process: per MBConv, per stage-0 patch merging and per encoder call (one 256 x 256 slice, the
 shipped weights), float32 and bf16 autocast, interleaved rounds, best of ``--repeats`` per round and over rounds.
 ``--strip-mb``: strip sizes to sweep (per block).
@@ -26,23 +26,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strip-mb", type=float, nargs="*", default=[], help="strip sizes (MiB) to sweep")
     args = parser.parse_args(argv)
 
-    from samadapt.models import cpu_kernels
+    from samadapt.accel import accelerate
+    from samadapt.accel import strips as conv_strips
     from samadapt.models.registry import build_model
     from samadapt.precision import fast_bfloat16
 
-    encoder = build_model("lite_medsam").eval().image_encoder
+    encoder = accelerate(build_model("lite_medsam").eval().image_encoder, "cpu")
     image = torch.rand(1, 3, 256, 256)
     block, merging = encoder.layers[0].blocks[0], encoder.layers[0].downsample
     precisions = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if fast_bfloat16("cpu") else [])
     precisions = [(name, dtype) for name, dtype in precisions if name in args.precision]
-    default = cpu_kernels.STRIP_BYTES
+    default = conv_strips.STRIP_BYTES
     settings = [("whole", False, default)] + [("strips", True, default)]
     settings += [(f"strips {mb:g} MiB", True, int(mb * 2**20)) for mb in args.strip_mb]
 
     def timed(module, x, dtype, strips, strip_bytes):
+        accelerate(module, "cpu", conv_strips=strips)
+        conv_strips.STRIP_BYTES = strip_bytes
+
         def call():
-            cpu_kernels.set_conv_strips(strips)
-            cpu_kernels.STRIP_BYTES = strip_bytes
             with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 module(x)
 
@@ -65,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     key = (name, part, label)
                     best[key] = min(best.get(key, float("inf")), timed(module, x, dtype, strips, strip_bytes))
-    cpu_kernels.set_conv_strips(True)
-    cpu_kernels.STRIP_BYTES = default
+    accelerate(encoder, "cpu")
+    conv_strips.STRIP_BYTES = default
     for (name, part, label), seconds in best.items():
         print(f"{name} {part:8s} {label:16s} {seconds * 1e3:7.1f} ms")
     print(f"load {Path('/proc/loadavg').read_text()}")

@@ -32,7 +32,7 @@ CONV_OPS = {"aten::mkldnn_convolution", "aten::_convolution", "aten::convolution
             "aten::convolution_overrideable", "mkldnn::_convolution_pointwise"}  # fmt: skip
 MATMUL_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
               "mkldnn::_linear_pointwise", "aten::_addmm_activation"}  # fmt: skip
-# "forward": the TorchScript call of cpu_kernels.graph_attention (oneDNN Graph's fused attention runs in its self time)
+# "forward": the TorchScript call of accel.attention.graph_attention (oneDNN Graph's fused attention runs in its self time)
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                  "aten::_scaled_dot_product_attention_math", "forward"}  # fmt: skip
 NAMED = {
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument(
-        "--kernels", default="plain,fused", help="plain (torch's ops), fused (samadapt.models.cpu_kernels) or both"
+        "--kernels", default="plain,fused", help="plain (torch's ops), fused (samadapt.accel's cpu target) or both"
     )
     args = parser.parse_args(argv)
 
@@ -165,10 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; encoder {flops['total'] / 1e9:.2f} GFLOP "
           f"(dense matrix products {flops[MATRIX[0]] / 1e9:.2f}, attention {flops[MATRIX[1]] / 1e9:.2f}, "
           f"depthwise {flops['depthwise conv'] / 1e9:.2f})")  # fmt: skip
-    from samadapt.models.cpu_kernels import set_fused_cpu_kernels
+    from samadapt.accel import accelerate, reference
 
     for (precision, dtype), kernels in itertools.product(precisions, args.kernels.split(",")):
-        set_fused_cpu_kernels(kernels == "fused")
+        if kernels == "fused":
+            accelerate(encoder, "cpu")
+        else:
+            reference(encoder)
         name = f"{precision}, {kernels} kernels"
         peaks = matmul_peaks(dtype)
         peak = max(peaks.values()) * 1e9

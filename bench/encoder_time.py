@@ -24,21 +24,21 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--kernels", choices=["fused", "plain"], default="fused", help="models.cpu_kernels on / off")
-    parser.add_argument("--strips", choices=["on", "off"], default="on", help="cpu_kernels.set_conv_strips")
+    parser.add_argument(
+        "--kernels", choices=["fused", "plain"], default="fused", help="accel.accelerate(encoder, 'cpu') or not"
+    )
+    parser.add_argument("--strips", choices=["on", "off"], default="on", help="accelerate(..., conv_strips=)")
     parser.add_argument("--attention", choices=["auto", "fused", "explicit", "graph"], default="auto")
-    parser.add_argument("--windows", choices=["copy", "reshape"], default="copy", help="tiny_vit.set_window_copies")
+    parser.add_argument("--windows", choices=["copy", "reshape"], default="copy", help="accelerate(..., window_copies=)")
     args = parser.parse_args(argv)
 
-    from samadapt.models.cpu_kernels import set_conv_strips, set_fused_cpu_kernels
+    from samadapt.accel import accelerate
     from samadapt.models.registry import build_model
-    from samadapt.models.tiny_vit import set_window_copies
     from samadapt.precision import fast_bfloat16
 
-    set_fused_cpu_kernels(args.kernels == "fused")
-    set_conv_strips(args.strips == "on")
-    set_window_copies(args.windows == "copy")
     encoder = build_model("lite_medsam").eval().image_encoder
+    if args.kernels == "fused":
+        accelerate(encoder, "cpu", conv_strips=args.strips == "on", window_copies=args.windows == "copy")
     encoder.set_attention_path(args.attention)
     image = torch.rand(1, 3, 256, 256)
     precisions = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if fast_bfloat16("cpu") else [])

@@ -76,17 +76,17 @@ def main() -> None:
 
 
 def compare(model, expected: np.ndarray, images: np.ndarray, folder: Path, args: argparse.Namespace) -> None:
-    from samadapt.models import cpu_kernels
+    from samadapt.accel import strips
 
     graphs = {"export": folder / "encoder.onnx"}
     export_encoder(model, graphs["export"])
     if args.no_strips:
-        large_hidden = cpu_kernels.large_hidden
-        cpu_kernels.large_hidden = lambda x, hidden, itemsize: False
+        large_hidden = strips.large_hidden
+        strips.large_hidden = lambda x, hidden, itemsize: False
         try:
             export_encoder(model, folder / "no_strips.onnx")
         finally:
-            cpu_kernels.large_hidden = large_hidden
+            strips.large_hidden = large_hidden
         graphs["export, no strips"] = folder / "no_strips.onnx"
     graphs.update({Path(path).name: Path(path) for path in args.against})
 

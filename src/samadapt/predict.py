@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from samadapt.accel import accelerate
 from samadapt.components import check_keep_components, keep_largest, keep_prompted_batch
 from samadapt.data.position import slice_position
 from samadapt.data.preprocess import preprocess_volume, volume_slice
@@ -73,11 +74,14 @@ class Predictor:
         ``select_single_click``: one click alone is answered by the best of the three candidates (SAM's practice,
         right for an un-adapted model; a run decides it from its manifest: ``for_run``). ``keep_components``:
         ``all`` (default) or ``prompt``: only the connected components the prompt touches
-        (``components.keep_prompted``)."""
+        (``components.keep_prompted``).
+
+        The model is put in eval mode and accelerated for the CPU in place (``accel.accelerate``: the same function,
+        oneDNN's kernels for CPU inference)."""
         self.select_single_click = select_single_click
         self.keep_components = check_keep_components(keep_components)
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self.model = accelerate(model.to(self.device).eval(), "cpu")
         self.precision = precision
         self.geometry: InputGeometry | None = None
         self.embedding: torch.Tensor | None = None

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from samadapt.accel import accelerate
 from samadapt.device import resolve_device
 from samadapt.errors import ConfigError, InputNotFoundError, RunError
 from samadapt.models.checkpoint import file_sha256
@@ -269,7 +270,11 @@ def build_base(
 ) -> Sam:
     """The base model, with a semantic decoder of ``num_classes`` + 1 outputs when given (SAMed), its position
     map unless ``position_prior`` is False (runs saved before it existed), and with ``slice_position`` the slice
-    position input (``model.slice_position``)."""
+    position input (``model.slice_position``).
+
+    Accelerated for the CPU (``accel.accelerate``): training, pre-training and loaded runs share it. The oneDNN
+    kernels run only without autograd (the frozen leading stages, validation, inference); every op autograd sees is
+    the reference modules' own."""
     if slice_position and not num_classes:
         raise ConfigError("model.slice_position needs a semantic decoder (task=semantic)")
     model = build_model(name, checkpoint=checkpoint, img_size=img_size)
@@ -277,7 +282,7 @@ def build_base(
         from samadapt.models.mask_decoder import make_semantic_decoder
 
         make_semantic_decoder(model.mask_decoder, num_classes, position_prior, slice_position)
-    return model
+    return accelerate(model, "cpu")
 
 
 def load_run(
@@ -296,7 +301,7 @@ def load_run(
     if text in MODELS and not Path(text).exists():
         if blend not in (None, 1.0):
             raise ConfigError(f"{text} is a bare model: there is no trained update to blend")
-        model = build_model(text)
+        model = accelerate(build_model(text), "cpu")
         return Run(model=model.to(resolve_device(device)).eval(), name=text, task="prompt")
     run_dir = Path(path_or_model)
     adapter_dir = RunLayout(run_dir).checkpoint(checkpoint)
@@ -368,7 +373,7 @@ def load_base(run: Run, device: str | torch.device | None = None) -> Run:
             f"{run.label}: trained on base weights {run.manifest.base_sha256[:12]}..., but {facts['base_checkpoint']} "
             f"has {facts['base_sha256'][:12]}...; give the original weights (--checkpoint)"
         )
-    model = build_model(run.manifest.base_model, checkpoint=path, img_size=run.manifest.img_size)
+    model = accelerate(build_model(run.manifest.base_model, checkpoint=path, img_size=run.manifest.img_size), "cpu")
     return Run(model.to(resolve_device(device)).eval(), run.manifest.base_model, "prompt")
 
 

@@ -223,8 +223,10 @@ def tiny_vit_run() -> Run:
 def test_exported_strips_equal_the_blocks(strip_rows, stride, tmp_path, monkeypatch):
     """An MBConv (stride 1) or a patch merging (stride 2) exported in strips of output rows (one row; 5, the last
     strip shorter; all rows in one strip) computes the block's numbers on onnxruntime, the image border included."""
+    from samadapt.accel import accelerate
+    from samadapt.accel import strips as conv_strips
     from samadapt.export.onnx import _export
-    from samadapt.models import cpu_kernels, tiny_vit
+    from samadapt.models import tiny_vit
     from tests.models.test_tiny_vit import randomize
 
     torch.manual_seed(0)
@@ -232,14 +234,15 @@ def test_exported_strips_equal_the_blocks(strip_rows, stride, tmp_path, monkeypa
     randomize(block, seed=2)
     block.eval()
     x = torch.randn(2, 8, 23, 17)
-    monkeypatch.setattr(cpu_kernels, "large_hidden", lambda x, hidden, itemsize: True)
-    monkeypatch.setattr(cpu_kernels, "STRIP_BYTES", strip_rows * 17 * 32 * 4 * stride)
+    with torch.no_grad():
+        expected = block(x).numpy()  # the reference block, whole
+    monkeypatch.setattr(conv_strips, "large_hidden", lambda x, hidden, itemsize: True)
+    monkeypatch.setattr(conv_strips, "STRIP_BYTES", strip_rows * 17 * 32 * 4 * stride)
+    accelerate(block, "onnx")
     _export(block, (x,), tmp_path / "block.onnx", ["x"], ["y"], {"x": {0: "batch"}, "y": {0: "batch"}}, 17)
     graph = onnx.load(str(tmp_path / "block.onnx")).graph
     out_rows = (23 - 1) // stride + 1
     assert sum(n.op_type == "Conv" for n in graph.node) == 3 * -(-out_rows // strip_rows)
-    with torch.no_grad():
-        expected = block(x).numpy()
     got = InferenceSession(str(tmp_path / "block.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
     np.testing.assert_allclose(got[0], expected, atol=1e-5, rtol=0)
 
@@ -249,12 +252,12 @@ def test_tiny_vit_export_graph_forms_equal_torch(strip_rows, tmp_path, monkeypat
     """TinyViT's export-only graph forms: stage 0's MBConv in strips of rows (forced here: the slim model's stage is
     under the size they start at; 5 rows leave a shorter last strip) and the window attention with one transpose
     each way. Same numbers as torch."""
-    from samadapt.models import cpu_kernels
+    from samadapt.accel import strips as conv_strips
 
     run = tiny_vit_run()
     hidden = run.model.image_encoder.layers[0].blocks[0].conv1.c.out_channels
-    monkeypatch.setattr(cpu_kernels, "large_hidden", lambda x, hidden, itemsize: True)
-    monkeypatch.setattr(cpu_kernels, "STRIP_BYTES", strip_rows * 128 * hidden * 4)
+    monkeypatch.setattr(conv_strips, "large_hidden", lambda x, hidden, itemsize: True)
+    monkeypatch.setattr(conv_strips, "STRIP_BYTES", strip_rows * 128 * hidden * 4)
     export_onnx(run, tmp_path)
     graph = onnx.load(str(tmp_path / "image_encoder.onnx")).graph
     strips = -(-128 // strip_rows)

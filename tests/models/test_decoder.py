@@ -13,6 +13,7 @@ from segment_anything.modeling import PromptEncoder as RefPromptEncoder
 from segment_anything.modeling import TwoWayTransformer as RefTransformer
 from torch import nn
 
+from samadapt.accel import accelerate
 from samadapt.errors import CheckpointError
 from samadapt.models.checkpoint import load_state_dict_strict
 from samadapt.models.common import IdentitySlot, ZeroSlot
@@ -75,7 +76,7 @@ def pair():
     prompt_encoder, decoder = our_modules()
     prompt_encoder.load_state_dict(ref_prompt.state_dict(), strict=True)
     decoder.load_state_dict(ref_decoder.state_dict(), strict=True)
-    return prompt_encoder, decoder, ref_prompt, ref_decoder
+    return prompt_encoder, accelerate(decoder), ref_prompt, ref_decoder  # as Predictor runs it
 
 
 def _points(g, batch, n, labels, size=1024):
@@ -232,7 +233,7 @@ def lite_medsam():
     prompt_encoder, decoder = our_modules(embed=64, img=256)
     for prefix, module in [("prompt_encoder.", prompt_encoder), ("mask_decoder.", decoder)]:
         module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-    return prompt_encoder, decoder, reference, state
+    return prompt_encoder, accelerate(decoder), reference, state
 
 
 @pytest.mark.parametrize("multimask", [False, True])

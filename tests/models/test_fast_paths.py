@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from samadapt.accel import accelerate, kernels
 from samadapt.export.runtime import _linear_weights, resize
 from samadapt.export.runtime import model_input as numpy_model_input
 from samadapt.models.common import LayerNorm2d
@@ -59,8 +60,8 @@ def test_block_transposed_convolution_as_matmul_equals_the_layer_with_gradients(
     grad = torch.randn_like(expected)
     for a, b in zip(torch.autograd.grad(got, params, grad), torch.autograd.grad(expected, params, grad), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
-    with torch.inference_mode():  # the oneDNN product (cpu_kernels.dense) of CPU inference
-        torch.testing.assert_close(_conv_transpose_as_matmul(x, layer), expected, atol=1e-5, rtol=0)
+    with torch.inference_mode():  # the oneDNN product (accel.kernels.dense) of CPU inference
+        torch.testing.assert_close(_conv_transpose_as_matmul(x, layer, kernels.dense), expected, atol=1e-5, rtol=0)
 
 
 def test_only_block_transposed_convolutions_take_the_matmul_path():
@@ -78,7 +79,9 @@ def test_decoder_upscaler_equals_its_layers_applied_in_turn():
         expected = layer_norm_2d_by_hand(expected, layer) if isinstance(layer, LayerNorm2d) else layer(expected)
     with torch.inference_mode():
         got = decoder._upscale(x)
+        accelerated = accelerate(decoder)._upscale(x)  # oneDNN's products (accel.kernels.dense)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(accelerated, expected, atol=1e-5, rtol=0)
 
 
 def test_dense_pe_cache_equals_the_computed_encoding_and_follows_size_and_weights():

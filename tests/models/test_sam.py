@@ -7,6 +7,7 @@ from segment_anything.modeling import MaskDecoder as RefMaskDecoder
 from segment_anything.modeling import PromptEncoder as RefPromptEncoder
 from segment_anything.modeling import TwoWayTransformer as RefTransformer
 
+from samadapt.accel import accelerate
 from samadapt.models.checkpoint import load_state_dict_strict
 from samadapt.models.mask_decoder import make_semantic_decoder
 from samadapt.models.registry import build_model
@@ -31,7 +32,7 @@ def reference_decoder_pair(seed=0, embed=64):
     ours = build_model("sam_vit_b", pretrained=False, img_size=embed * 16)
     load_state_dict_strict(ours.prompt_encoder, ref_prompt.state_dict())
     load_state_dict_strict(ours.mask_decoder, ref_decoder.state_dict())
-    return ours, ref_prompt, ref_decoder
+    return accelerate(ours), ref_prompt, ref_decoder  # as Predictor runs it
 
 
 PROMPTS = {
@@ -86,7 +87,7 @@ def reference_sam_pair(img_size: int):
                 p.normal_(0, 0.2)
     ours = build_model("sam_vit_b", pretrained=False, img_size=img_size)
     load_state_dict_strict(ours, reference.state_dict())
-    return ours, reference
+    return accelerate(ours), reference
 
 
 @pytest.mark.slow

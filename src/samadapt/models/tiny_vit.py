@@ -16,48 +16,33 @@ tile the grid are padded like the reference. Parameter names and shapes are thos
 unused classification head) load with ``strict=True``.
 
 Faster than the reference for the same numbers (float tolerance): attention through ``scaled_dot_product_attention``
-with the learned biases as its additive mask (the explicit form in bf16 on the CPU, where the fused kernel is slow,
-and oneDNN Graph's fused attention for CPU inference on the 14 x 14 windows: ``common.biased_attention``,
-switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch norm
-folded into the convolution in eval mode, oneDNN's fused convolution / linear + GELU kernels for CPU inference
-(``cpu_kernels``; stage 0's MBConv and patch merging in strips of rows that stay in cache), no ``norm`` / ``qkv``
-/ ``proj`` work on window padding (bench/tiny_vit_forward.py), and, for CPU inference, windows cut (padding included)
-and merged back (padding dropped) by one copy each way (``set_window_copies``).
+with the learned biases as its additive mask (the explicit form in bf16 on the CPU, where the fused kernel is slow:
+``common.biased_attention``, switch ``TinyViT.set_attention_path``), convolutions in channels-last layout, batch
+norm folded into the convolution in eval mode, and no ``norm`` / ``qkv`` / ``proj`` work on window padding
+(bench/tiny_vit_forward.py).
 
-An ONNX export (``torch.onnx.is_in_onnx_export()``) traces graph forms of the same function that run faster on
-onnxruntime's CPU provider, in standard ONNX ops only: stage 0's MBConv and patch merging in strips of rows
-(``_in_strips``) and the window attention with one transpose each way (``Attention._exported``).
+These are plain torch modules. The deployment forms of the same function (oneDNN's fused kernels, stage 0 in
+strips of rows, window copies, oneDNN Graph attention for CPU inference; the graph forms an ONNX export traces) are
+subclasses that ``samadapt.accel.accelerate`` swaps in from outside. The modules offer them their hooks: the product
+hooks ``linear`` / ``conv2d`` (``common.linear``, ``common.conv2d``), ``PatchMerging.convolve`` and
+``Attention.partition`` / ``merge`` / ``attend`` / ``window_attention``.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from samadapt.models import cpu_kernels
-from samadapt.models.common import (
-    ATTENTION_PATHS,
-    IdentitySlot,
-    LayerNorm2d,
-    ZeroSlot,
-    biased_attention,
-    frozen_prefix,
-    pad_to_windows,
-)
+from samadapt.models import common
+from samadapt.models.common import IdentitySlot, LayerNorm2d, ZeroSlot, frozen_prefix, gelu_fresh
+from samadapt.models.tiny_vit_attention import Attention, Mlp
 
-_window_copies = True
+__all__ = ["Attention", "Conv2dBN", "MBConv", "Mlp", "PatchMerging", "TinyViT", "TinyViTBlock", "tiny_vit_5m"]
 
-
-def set_window_copies(enabled: bool = True) -> None:
-    """Window attention cuts and merges its windows for CPU inference by one copy each way (default), or, off, by
-    the padding and reshapes it uses under autograd (the same numbers, bit for bit; process-wide)."""
-    global _window_copies
-    _window_copies = enabled
+Folded = tuple[torch.Tensor, torch.Tensor]  # a convolution's (weight, bias) with its batch norm folded in
 
 
 def drop_path(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
@@ -66,15 +51,6 @@ def drop_path(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - prob)
     return x * keep / (1.0 - prob)
-
-
-def gelu_fresh(x: torch.Tensor) -> torch.Tensor:
-    """GELU of a tensor that was just made and is referenced nowhere else: in place when autograd does not track it.
-
-    Writing into the tensor saves a fresh allocation, which on CPU costs more than the GELU itself for large
-    activations (new pages are faulted in and zeroed). Same numbers as ``F.gelu``.
-    """
-    return torch.ops.aten.gelu_(x) if not x.requires_grad else F.gelu(x)
 
 
 def add_fresh(x: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
@@ -92,9 +68,11 @@ class Conv2dBN(nn.Sequential):
     """Convolution without bias, then batch norm (keys ``c`` and ``bn``). (B, C_in, H, W) -> (B, C_out, H', W').
 
     In eval mode the batch norm is an affine map, folded into the convolution: one pass over the activations instead
-    of two, and gradients still reach ``c`` and ``bn`` through the fold. ``gelu``: a GELU follows (fused into the
-    convolution by oneDNN for CPU inference, ``cpu_kernels``).
+    of two, and gradients still reach ``c`` and ``bn`` through the fold. ``gelu``: a GELU follows (a kernel may fuse
+    it into the convolution: the hook ``conv2d``).
     """
+
+    conv2d = staticmethod(common.conv2d)  # the convolution hook of eval mode (``common.conv2d``)
 
     def __init__(
         self, cin: int, cout: int, kernel: int = 1, stride: int = 1, pad: int = 0, groups: int = 1, bn_init: float = 1.0
@@ -108,9 +86,9 @@ class Conv2dBN(nn.Sequential):
         if self.bn.training:
             out = self.bn(self.c(x))
             return gelu_fresh(out) if gelu else out
-        return cpu_kernels.conv2d(x, *self.folded(), self.c, gelu)
+        return self.conv2d(x, *self.folded(), self.c, gelu)
 
-    def folded(self) -> cpu_kernels.Folded:
+    def folded(self) -> Folded:
         """The convolution's (weight, bias) with the batch norm's eval-mode affine map folded in."""
         scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
         return self.c.weight * scale[:, None, None, None], self.bn.bias - self.bn.running_mean * scale
@@ -139,11 +117,7 @@ class PatchEmbed(nn.Module):
 
 
 class MBConv(nn.Module):
-    """Inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, residual add, GELU. (B, C, H, W) -> same.
-
-    For CPU inference (float32, native bf16) the block runs in strips of rows that stay in cache
-    (``cpu_kernels.mbconv``).
-    """
+    """Inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, residual add, GELU. (B, C, H, W) -> same."""
 
     def __init__(self, dim: int, expand_ratio: float, drop_path: float = 0.0) -> None:
         super().__init__()
@@ -154,53 +128,15 @@ class MBConv(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.strips_apply(x, self.conv1.c.out_channels) and not any(m.training for m in self.modules()):
-            return cpu_kernels.mbconv(x, self.conv1.folded(), self.conv2.folded(), self.conv3.folded())
-        if torch.onnx.is_in_onnx_export() and cpu_kernels.large_hidden(x, self.conv1.c.out_channels, 4):
-            return _in_strips(x, self.conv1.folded(), self.conv2.folded(), self.conv3.folded(), 1, residual=True)
         out = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
         return gelu_fresh(add_fresh(x, drop_path(out, self.drop_path, self.training)))
-
-
-def _in_strips(
-    x: torch.Tensor,
-    expand: cpu_kernels.Folded,
-    depthwise: cpu_kernels.Folded,
-    project: cpu_kernels.Folded,
-    stride: int,
-    residual: bool,
-) -> torch.Tensor:
-    """``MBConv`` (``residual``: GELU(x + block(x))) or a patch merging's convolutions (the 3x3 depthwise one of
-    ``stride``) as an ONNX graph of strips of output rows, concatenated: each strip's hidden activations are small
-    enough to stay in cache between the graph's convolutions (``cpu_kernels.mbconv`` does the same in torch, with
-    oneDNN's fused ops; the strips are as tall, ``cpu_kernels.strip_rows``). The convolutions gain on onnxruntime
-    (their outputs stay in cache); its GELUs, compute-bound, do not.
-
-    Output row r of the depthwise convolution (padding 1) reads hidden rows stride * r - 1 to stride * r + 1: those
-    are recomputed from the input rows (a halo of a row or two), or are the convolution's zero padding at the image
-    border. (B, C, H, W) -> (B, C', H', W'), every op a plain ONNX one.
-    """
-    height, width, hidden = x.shape[2], x.shape[3], expand[0].shape[0]
-    out_height = (height - 1) // stride + 1
-    rows = cpu_kernels.strip_rows(width, hidden, 4, stride)  # float32, the graph's dtype
-    strips = []
-    for top in range(0, out_height, rows):
-        bottom = min(top + rows, out_height)
-        low, high = stride * top - 1, stride * (bottom - 1) + 2  # the hidden rows the strip reads
-        h = F.gelu(F.conv2d(x[:, :, max(low, 0) : min(high, height)], *expand))
-        if low < 0 or high > height:  # zero rows for the convolution's padding, at the image border only
-            h = F.pad(h, (0, 0, max(-low, 0), max(high - height, 0)))
-        h = F.conv2d(F.gelu(F.conv2d(h, *depthwise, stride=stride, padding=(0, 1), groups=hidden)), *project)
-        strips.append(F.gelu(x[:, :, top:bottom] + h) if residual else h)
-    return torch.cat(strips, dim=2)
 
 
 class PatchMerging(nn.Module):
     """1x1 conv, 3x3 depthwise conv of ``stride``, 1x1 conv (GELU between), to tokens.
 
     Input (B, C, H, W), or tokens (B, H * W, C) on the ``resolution`` (H, W) grid; output (B, H' * W', out_dim)
-    with H' = H / stride. Token grids are handed to the convolutions as channels-last views (no copy). For CPU
-    inference the convolutions run in strips of rows that stay in cache (``cpu_kernels.patch_merging``).
+    with H' = H / stride. Token grids are handed to the convolutions (``convolve``) as channels-last views (no copy).
     """
 
     def __init__(self, resolution: tuple[int, int], dim: int, out_dim: int, stride: int) -> None:
@@ -213,15 +149,12 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:
             x = x.view(x.shape[0], *self.resolution, x.shape[2]).permute(0, 3, 1, 2)
-        if cpu_kernels.strips_apply(x, self.conv1.c.out_channels) and not any(m.training for m in self.modules()):
-            folded = self.conv1.folded(), self.conv2.folded(), self.conv3.folded()
-            x = cpu_kernels.patch_merging(x, *folded, stride=self.conv2.c.stride[0])
-        elif torch.onnx.is_in_onnx_export() and cpu_kernels.large_hidden(x, self.conv1.c.out_channels, 4):
-            folded = self.conv1.folded(), self.conv2.folded(), self.conv3.folded()
-            x = _in_strips(x, *folded, self.conv2.c.stride[0], residual=False)
-        else:
-            x = self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
+        x = self.convolve(x)
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The three convolutions: (B, C, H, W) -> (B, out_dim, H', W')."""
+        return self.conv3(self.conv2(self.conv1(x, gelu=True), gelu=True))
 
 
 class ConvLayer(nn.Module):
@@ -246,190 +179,6 @@ class ConvLayer(nn.Module):
         for block in self.blocks:
             x = _run(block, x, self.grad_checkpointing)
         return self.downsample(x)
-
-
-class Mlp(nn.Module):
-    """``fc2(GELU(fc1(norm(x))))`` on (..., C); ``forward_normed`` starts after ``norm`` (the block computes it once)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward_normed(self, m: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear(cpu_kernels.linear(m, self.fc1, gelu=True), self.fc2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_normed(self.norm(x))
-
-
-class Attention(nn.Module):
-    """Window attention with TinyViT's learned per-offset biases, on a (B, H, W, C) grid -> (B, H, W, C).
-
-    ``norm`` (LayerNorm) is applied first, as in the reference. The grid is cut into ``window_size`` squares (padded
-    at the bottom / right when it does not tile) and each window attends to itself:
-    softmax(q k^T / sqrt(key_dim) + bias) v, through ``scaled_dot_product_attention`` with the bias as additive mask.
-
-    ``qkv`` (Linear C -> heads * (2 * key_dim + d)) is laid out PER HEAD, unlike SAM's ViT (q, k, v contiguous
-    blocks): its output is viewed as (..., heads, 2 * key_dim + d) and split into [q (key_dim) | k (key_dim) | v (d)],
-    so head h owns rows [h * P, (h + 1) * P) with P = 2 * key_dim + d, of which q is the first key_dim, k the next
-    key_dim, v the last d. ``qkv_slices()`` lists those row ranges (LoRA targets q and v with them; the depth branch
-    reuses ``norm``, ``qkv`` and ``proj`` with them). ``d`` = attn_ratio * key_dim is the value width per head;
-    ``proj`` maps heads * d back to C.
-
-    ``attention_biases`` (heads, number of distinct |offsets|) is trainable; ``attention_bias_idxs`` (N, N) maps each
-    (query, key) pair of a window of N = window_size ** 2 tokens to its offset (a non-persistent buffer, as in the
-    reference, so it is not in the state dict).
-    """
-
-    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, window_size: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.attn_ratio = attn_ratio
-        self.d = int(attn_ratio * key_dim)
-        self.dh = self.d * num_heads
-        self.scale = key_dim**-0.5
-        self.window_size = window_size
-        self.attention_path = "auto"  # see common.biased_attention; TinyViT.set_attention_path
-        self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + self.d))
-        self.proj = nn.Linear(self.dh, dim)
-        points = list(itertools.product(range(window_size), range(window_size)))
-        offsets: dict[tuple[int, int], int] = {}
-        index = [offsets.setdefault((abs(a[0] - b[0]), abs(a[1] - b[1])), len(offsets)) for a in points for b in points]
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, len(offsets)))
-        self.register_buffer(
-            "attention_bias_idxs",
-            torch.tensor(index, dtype=torch.long).view(len(points), len(points)),
-            persistent=False,
-        )
-
-    def qkv_slices(self) -> dict[str, list[slice]]:
-        """Output rows of ``qkv`` that hold q, k and v: for each, one slice per head, in head order."""
-        per_head = 2 * self.key_dim + self.d
-        starts = [h * per_head for h in range(self.num_heads)]
-        return {
-            "q": [slice(s, s + self.key_dim) for s in starts],
-            "k": [slice(s + self.key_dim, s + 2 * self.key_dim) for s in starts],
-            "v": [slice(s + 2 * self.key_dim, s + per_head) for s in starts],
-        }
-
-    def attention_bias(self) -> torch.Tensor:
-        """The additive bias (heads, N, N) of one window, gathered from the trainable table."""
-        # gathered every call (no cache to go stale when the table is trained or loaded): index_select costs
-        # microseconds, where advanced indexing ``biases[:, idxs]`` takes ~15 ms on CPU
-        n = self.attention_bias_idxs.shape[0]
-        return self.attention_biases.index_select(1, self.attention_bias_idxs.view(-1)).view(-1, n, n)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        w = self.window_size
-        qkv = cpu_kernels.linear(self.norm(x), self.qkv)  # (B, H, W, P * heads)
-        fill = None
-        if H % w or W % w:
-            # the reference pads the tokens with zeros before the attention: a zero token normalises to norm.bias
-            # and so carries qkv(norm(0)). Fill the padding with that row rather than run norm and qkv on it.
-            fill = cpu_kernels.linear(self.norm(x.new_zeros(1, C)), self.qkv)[0]
-        if torch.onnx.is_in_onnx_export():
-            return self._exported(qkv, fill)
-        # by copies into / out of fresh window buffers for inference (one pass each way, padding and cropping
-        # included); by padding and reshapes where autograd, tracing, export or compiling sees the ops
-        by_copy = _window_copies and cpu_kernels.compute_dtype(qkv) is not None
-        windows = partition_windows(qkv, w, fill) if by_copy else _pad_and_partition(qkv, w, fill)
-        G, nh, nw = windows.shape[0] * windows.shape[1] * windows.shape[2], windows.shape[1], windows.shape[2]
-        q, k, v = windows.view(G, w * w, self.num_heads, -1).split([self.key_dim, self.key_dim, self.d], dim=3)
-        bias = self.attention_bias().to(q.dtype)[None]  # 4-D (1, heads, N, N): the fused CPU kernel needs 4-D
-        out = biased_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, self.scale, self.attention_path
-        )  # (B * nh * nw, heads, N, d)
-        grid = out.view(B, nh, nw, self.num_heads, w, w, self.d).permute(0, 1, 4, 2, 5, 3, 6)  # (B, nh, w, nw, w, ..)
-        if by_copy:
-            out = merge_windows(grid, H, W).view(B, H, W, self.dh)
-        else:
-            out = grid.reshape(B, nh * w, nw * w, self.dh)[:, :H, :W]  # proj is per token: crop first
-        return cpu_kernels.linear(out, self.proj)
-
-    def _exported(self, qkv: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
-        """The attention after ``qkv`` as an ONNX graph with one transpose each way: (B, H, W, P * heads) -> (B, H, W, C).
-
-        The windows and their heads go to the batch axes in one transpose and q, k, v are split from it, already in
-        the (windows, heads, N, d) layout of the products; the output comes back in one transpose too. The eager
-        path's graph (partition, split, a transpose each for q, k and v, one for the heads' output, one to merge
-        the windows) cost 5-14 ms more per LiteMedSAM encoder call on onnxruntime's CPU provider (one thread, AMD
-        EPYC, five runs; e.g. 576 -> 562 ms). Padding is by concatenation (``common.pad_to_windows``).
-        """
-        B, H, W, P = qkv.shape
-        w, heads = self.window_size, self.num_heads
-        padded = pad_to_windows(qkv, w, fill)
-        nh, nw = padded.shape[1] // w, padded.shape[2] // w
-        windows = padded.view(B, nh, w, nw, w, heads, P // heads).permute(0, 1, 3, 5, 2, 4, 6)
-        q, k, v = windows.reshape(B * nh * nw, heads, w * w, P // heads).split([self.key_dim, self.key_dim, self.d], -1)
-        out = biased_attention(q, k, v, self.attention_bias()[None], self.scale, "explicit")  # (G, heads, N, d)
-        out = out.view(B, nh, nw, heads, w, w, self.d).permute(0, 1, 4, 2, 5, 3, 6)  # (B, nh, w, nw, w, heads, d)
-        return cpu_kernels.linear(out.reshape(B, nh * w, nw * w, self.dh)[:, :H, :W], self.proj)
-
-
-def _window_spans(size: int, w: int) -> list[tuple[slice, slice, int]]:
-    """How a grid axis of ``size`` tiles into windows of ``w``: (grid slice, window slice, tokens per window) for
-    the whole windows and, when ``w`` does not divide ``size``, for the last, partial one."""
-    whole = size // w
-    spans = [(slice(0, whole * w), slice(0, whole), w)] if whole else []
-    if size % w:
-        spans.append((slice(whole * w, size), slice(whole, whole + 1), size % w))
-    return spans
-
-
-def _grid_and_window_blocks(grid: torch.Tensor, windows: torch.Tensor, w: int):
-    """Pairs of same-shaped views of a (B, H, W, ...) ``grid`` and a (B, nh, w, nw, w, ...) ``windows`` view that
-    hold the same tokens: up to four blocks (whole / partial windows along each axis), padding left out."""
-    for rows, window_rows, height in _window_spans(grid.shape[1], w):
-        for cols, window_cols, width in _window_spans(grid.shape[2], w):
-            block = grid[:, rows, cols].unflatten(2, (-1, width)).unflatten(1, (-1, height))
-            yield block, windows[:, window_rows, :height, window_cols, :width]
-
-
-def partition_windows(x: torch.Tensor, w: int, fill: torch.Tensor | None) -> torch.Tensor:
-    """(B, H, W, C) -> (B, nh, nw, w, w, C) windows, padded at the bottom / right with the (C,) ``fill`` row.
-
-    One copy into a fresh buffer, where padding then reshaping copies the activations twice; no autograd graph.
-    """
-    B, H, W, C = x.shape
-    out = x.new_empty(B, -(-H // w), -(-W // w), w, w, C)
-    windows = out.transpose(2, 3)  # (B, nh, w, nw, w, C): the window buffer seen in grid order
-    for block, window_block in _grid_and_window_blocks(x, windows, w):
-        window_block.copy_(block)
-    if H % w:
-        windows[:, -1, H % w :] = fill
-    if W % w:
-        windows[:, :, :, -1, W % w :] = fill
-    return out
-
-
-def merge_windows(windows: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, nh, w, nw, w, ...) windows, seen in grid order -> a fresh (B, height, width, ...) grid, padding dropped."""
-    out = windows.new_empty(windows.shape[0], height, width, *windows.shape[5:])
-    for block, window_block in _grid_and_window_blocks(out, windows, windows.shape[2]):
-        block.copy_(window_block)
-    return out
-
-
-def _pad_and_partition(qkv: torch.Tensor, w: int, fill: torch.Tensor | None) -> torch.Tensor:
-    """``partition_windows`` by padding and reshaping: the ops autograd, tracing and compiling see (an ONNX export
-    takes ``Attention._exported``)."""
-    B, H, W, P = qkv.shape
-    pad_b, pad_r = -H % w, -W % w
-    if fill is not None and qkv.requires_grad:
-        qkv = pad_to_windows(qkv, w, fill)
-    elif fill is not None:
-        padded = qkv.new_empty(B, H + pad_b, W + pad_r, P)
-        padded[:, :H, :W] = qkv
-        padded[:, H:] = fill
-        padded[:, :H, W:] = fill
-        qkv = padded
-    nh, nw = (H + pad_b) // w, (W + pad_r) // w
-    return qkv.view(B, nh, w, nw, w, P).transpose(2, 3).contiguous()
 
 
 class TinyViTBlock(nn.Module):
@@ -628,13 +377,15 @@ class TinyViT(nn.Module):
             layer.grad_checkpointing = enabled
 
     def set_attention_path(self, path: str = "auto") -> None:
-        """``auto`` (default), ``fused``, ``explicit`` or ``graph`` for every window attention
-        (``common.biased_attention``)."""
-        if path not in ATTENTION_PATHS:
-            raise ValueError(f"unknown attention path {path!r}; choose one of {', '.join(ATTENTION_PATHS)}")
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.attention_path = path
+        """``auto`` (default), ``fused`` or ``explicit`` for every window attention (``common.biased_attention``;
+        an accelerated encoder, ``samadapt.accel``, also takes ``graph``)."""
+        attentions = [module for module in self.modules() if isinstance(module, Attention)]
+        for module in attentions:
+            if path not in module.attention_paths:
+                paths = ", ".join(module.attention_paths)
+                raise ValueError(f"unknown attention path {path!r}; choose one of {paths}")
+        for module in attentions:
+            module.attention_path = path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels-last convolutions are 2-3x faster on CPU (oneDNN), and token grids are channels-last already

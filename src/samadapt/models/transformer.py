@@ -1,8 +1,8 @@
 """SAM's two-way transformer: prompt tokens and image tokens attend to each other; adapter slots in every block.
 
 State-dict keys and shapes are those of ``segment_anything.modeling.TwoWayTransformer``; the empty slots add none.
-Attention runs through ``torch.nn.functional.scaled_dot_product_attention``, the projections through
-``cpu_kernels.linear`` (oneDNN for CPU inference).
+Attention runs through ``torch.nn.functional.scaled_dot_product_attention``, the projections through the product
+hook ``Attention.linear`` (``common.linear``; ``samadapt.accel`` puts oneDNN's kernels there for CPU inference).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samadapt.models import cpu_kernels
+from samadapt.models import common
 from samadapt.models.common import IdentitySlot, MLPBlock, ZeroSlot
 
 
@@ -21,6 +21,8 @@ class Attention(nn.Module):
     q (B, N_q, C), k (B, N_k, C), v (B, N_k, C) -> (B, N_q, C). The projections keep SAM's names ``q_proj``,
     ``k_proj``, ``v_proj`` (C -> C / downsample_rate) and ``out_proj`` (back to C), so LoRA can wrap them.
     """
+
+    linear = staticmethod(common.linear)  # the product hook (``common.linear``)
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
         super().__init__()
@@ -40,12 +42,12 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (cpu_kernels.linear(x, proj) for x, proj in ((q, self.q_proj), (k, self.k_proj), (v, self.v_proj)))
+        q, k, v = (self.linear(x, proj) for x, proj in ((q, self.q_proj), (k, self.k_proj), (v, self.v_proj)))
         heads = F.scaled_dot_product_attention(
             self._split_heads(q), self._split_heads(k), self._split_heads(v)
         )  # softmax(q k^T / sqrt(D / heads)) v
         b, _, n, _ = heads.shape
-        return cpu_kernels.linear(heads.transpose(1, 2).reshape(b, n, self.internal_dim), self.out_proj)
+        return self.linear(heads.transpose(1, 2).reshape(b, n, self.internal_dim), self.out_proj)
 
 
 class TwoWayAttentionBlock(nn.Module):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from samadapt.models import cpu_kernels
+from samadapt.models import common
 from samadapt.models.common import IdentitySlot, LayerNorm2d, MLPBlock, ZeroSlot, pad_to_windows
 
 
@@ -123,7 +123,12 @@ class Attention(nn.Module):
     Windowed attention pads the grid to whole windows like SAM, whose padded tokens are zeros and so carry
     q, k, v = qkv.bias; we run ``qkv`` and ``proj`` on the real tokens only and fill the padding with that bias,
     which gives the same numbers for less work.
+
+    The products go through the hook ``linear`` (``common.linear``), the attention itself through ``attend``
+    (``attention_with_rel_pos``); ``samadapt.accel`` swaps in subclasses with other forms of the same function.
     """
+
+    linear = staticmethod(common.linear)
 
     def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], window_size: int = 0) -> None:
         super().__init__()
@@ -142,17 +147,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
-        qkv = cpu_kernels.linear(x, self.qkv)
+        qkv = self.linear(x, self.qkv)
         if self.window_size > 0:
             qkv = pad_to_windows(qkv, self.window_size, self.qkv.bias)
             qkv, padded = window_partition(qkv, self.window_size)
         grid = qkv.shape[1:3]
         qkv = qkv.reshape(qkv.shape[0], grid[0] * grid[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = attention_with_rel_pos(*qkv.unbind(0), self.rel_pos_h, self.rel_pos_w, grid)
+        out = self.attend(*qkv.unbind(0), grid)
         out = out.transpose(1, 2).reshape(out.shape[0], grid[0], grid[1], -1)
         if self.window_size > 0:
             out = window_unpartition(out, self.window_size, padded, (H, W))
-        return cpu_kernels.linear(out, self.proj)
+        return self.linear(out, self.proj)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, heads, N, d) q, k, v of the tokens of ``grid`` -> (B, heads, N, d) (``attention_with_rel_pos``)."""
+        return attention_with_rel_pos(q, k, v, self.rel_pos_h, self.rel_pos_w, grid)
 
 
 # grids up to this many tokens (SAM's 14 x 14 windows) train faster with explicit attention than with fused kernels
@@ -179,9 +188,6 @@ def attention_with_rel_pos(
       backward pass (fused kernels apply), which is where SAM's explicit attention spends its memory.
     """
     if not (torch.is_grad_enabled() and (q.requires_grad or rel_pos_h.requires_grad)):
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # a graph (ONNX export): no out= buffers
-            bias = relative_position_bias(q, rel_pos_h, rel_pos_w, size)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return _attention_with_bias_in_chunks(q, k, v, rel_pos_h, rel_pos_w, size)
     if q.shape[2] <= EXPLICIT_ATTENTION_MAX_TOKENS:
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + relative_position_bias(q, rel_pos_h, rel_pos_w, size)

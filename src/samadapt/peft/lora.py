@@ -104,7 +104,7 @@ class LoRALinear(nn.Linear):
             )
         return a, b
 
-    accepts_base_product = True  # cpu_kernels.linear hands in the kernel the plain layer would take at its call site
+    accepts_base_product = True  # accel.kernels.linear hands in the kernel the plain layer would take at its call site
 
     def forward(self, x: torch.Tensor, base_product: Callable | None = None) -> torch.Tensor:
         # the base layer's own kernel at this call site (F.linear, or oneDNN's for TinyViT's CPU inference), so LoRA
