@@ -23,8 +23,9 @@ import numpy as np
 
 from samadapt.data.datasets import SliceDataset, load_dataset
 from samadapt.data.demo import fetch_demo
-from samadapt.eval.evaluate import Evaluation, evaluate_slices, evaluate_slices_under, slice_dice
+from samadapt.eval.evaluate import Evaluation, evaluate_slices, evaluate_slices_under
 from samadapt.eval.figures import save_overlay
+from samadapt.eval.metrics import slice_dice
 from samadapt.eval.render import ImageSection, TableSection, TextSection, write_report
 from samadapt.eval.results import write_json
 from samadapt.runs import load_run
