@@ -170,3 +170,12 @@ def test_a_semantic_run_loads_with_or_without_the_position_prior_it_was_saved_wi
         loaded, _ = run.model(image, slice_position=position)
     assert expected.shape == (1, 3, 256, 256)
     torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
+
+
+def test_a_finished_run_is_used_from_best_when_it_has_one_else_last(tmp_path):
+    layout = RunLayout(tmp_path)
+    layout.checkpoint("last").mkdir(parents=True)
+    assert layout.final_checkpoint() == "last"  # e.g. stopped before its first validation
+    layout.checkpoint("best").mkdir()
+    assert layout.final_checkpoint() == "best"
+    assert layout.lock == tmp_path / ".lock" and layout.checkpoint("best") == tmp_path / "checkpoints" / "best"

@@ -28,7 +28,7 @@ from samadapt.eval.figures import save_overlay
 from samadapt.eval.metrics import slice_dice
 from samadapt.eval.render import ImageSection, TableSection, TextSection, write_report
 from samadapt.eval.results import write_json
-from samadapt.runs import load_run
+from samadapt.runs import RunLayout, load_run
 from samadapt.train.api import fit_slices
 from samadapt.train.config import TrainConfig, apply_overrides, from_dict
 from samadapt.train.recipes import recipe_defaults
@@ -167,7 +167,7 @@ def run_demo(
     sections += _section(
         "Lesions: Cheap Lunch (LoRA in encoder and decoder, point prompts)",
         f"Exemplars (case, slice): {[lesions.slices[i][:2] for i in exemplars]}. Trained {result.steps} steps.",
-        [(out / "lesions_run" / "loss_curve.png", "training loss"), *lesion_images],
+        [(RunLayout(out / "lesions_run").loss_curve, "training loss"), *lesion_images],
     )
 
     # -- MNI152 grey / white matter: semantic, SAMed ----------------------------------------------------------
@@ -199,7 +199,7 @@ def run_demo(
     sections += _section(
         "MNI152 grey / white matter: SAMed (LoRA on q/v, prompt-free, K + 1 outputs)",
         f"Exemplar slices z = {[mni.slices[i][1] for i in exemplars_mni]}. Trained {mni_result.steps} steps.",
-        [(out / "mni152_run" / "loss_curve.png", "training loss"), *mni_images],
+        [(RunLayout(out / "mni152_run").loss_curve, "training loss"), *mni_images],
     )
 
     columns = ["task", "prompt", "model", "mean Dice", "mean HD95 (mm)", "per class Dice"]

@@ -8,6 +8,7 @@ Layout (``RunLayout``), written by ``samadapt train``::
     RUN_DIR/metrics.csv, loss_curve.png      training log
     RUN_DIR/warnings.json                    collapse warnings (all-background plateau), when any
     RUN_DIR/exemplars.json                   the labelled slices the run learnt from (case, slice index)
+    RUN_DIR/.lock, tensorboard/              the writing job's lock; TensorBoard logs (optional)
 
 ``load_run`` also accepts a bare model name (e.g. ``lite_medsam``): the un-adapted model. ``baseline`` gives the model
 a run was adapted from: the same model with its adapters off where that is exact, else the base checkpoint the
@@ -81,6 +82,19 @@ class RunLayout:
     @property
     def exemplars(self) -> Path:
         return self.root / "exemplars.json"
+
+    @property
+    def lock(self) -> Path:
+        """The lock file of the one job writing the run (``train.lock.RunLock``)."""
+        return self.root / ".lock"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    def final_checkpoint(self) -> str:
+        """The checkpoint a finished run is used from: ``best`` when there is one, else ``last``."""
+        return "best" if self.checkpoint("best").is_dir() else "last"
 
 
 IOU_HEAD = "mask_decoder.iou_prediction_head"

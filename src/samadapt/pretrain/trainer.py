@@ -162,7 +162,7 @@ class Pretrainer:
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"loss became {loss.item()} at step {self.step + 1}; stopped. The last good checkpoint is kept in "
-                f"{self.checkpoints / 'last'} (lower optim.lr or use train.precision=fp32)"
+                f"{self.layout.checkpoint('last')} (lower optim.lr or use train.precision=fp32)"
             )
         self.scaler.scale(loss).backward()
         lr = optimizer_step(self, self.params, self.config.train.max_grad_norm)
@@ -233,11 +233,11 @@ class Pretrainer:
             print(f"pretrain step {self.step}/{cfg.steps}: loss {row['loss']:.4f} ({parts})", flush=True)
             if stop.signal:
                 raise TrainingInterruptedError(
-                    f"stopped by {stop.name} at step {self.step}; checkpoint saved in {self.checkpoints / 'last'} "
+                    f"stopped by {stop.name} at step {self.step}; checkpoint saved in {self.layout.checkpoint('last')} "
                     "(continue with --resume)"
                 )
-        if self.step == cfg.steps and (self.checkpoints / "last").exists():
-            last = self.checkpoints / "last"
+        if self.step == cfg.steps and (self.layout.checkpoint("last")).exists():
+            last = self.layout.checkpoint("last")
 
             def copy(folder: Path) -> None:  # no validation in pre-training: best is the final checkpoint
                 for path in last.iterdir():

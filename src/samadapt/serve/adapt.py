@@ -71,7 +71,7 @@ def _write_image(volume: Volume, path: Path) -> None:
 def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
     """Build the training set, train ``recipe`` for ``steps`` steps from the page's base model, load the run and
     make it the page's model."""
-    from samadapt.runs import load_run
+    from samadapt.runs import RunLayout, load_run
     from samadapt.train.api import train
     from samadapt.train.config import TrainConfig, from_dict
     from samadapt.train.recipes import recipe_defaults
@@ -97,7 +97,7 @@ def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
     done = threading.Event()
 
     def watch() -> None:
-        log = run_dir / "metrics.csv"
+        log = RunLayout(run_dir).metrics_csv
         while not done.wait(0.5):
             if log.exists():
                 try:
@@ -115,8 +115,6 @@ def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
     finally:
         done.set()
     job.done, job.message = job.total, "loading the adapted model"
-    run = load_run(
-        run_dir, checkpoint="best" if (run_dir / "checkpoints" / "best").is_dir() else "last", device=workspace.device
-    )
+    run = load_run(run_dir, checkpoint=RunLayout(run_dir).final_checkpoint(), device=workspace.device)
     workspace.use_run(run)
     return {"run": str(run_dir), "slices": cases, "steps": result.steps, "val_dice": result.best_val_dice}

@@ -347,7 +347,7 @@ class Trainer:
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"loss became {loss.item()} at step {self.step + 1}; stopped. The last good checkpoint "
-                        f"is kept in {self.checkpoints / 'last'} (lower optim.lr or use train.precision=fp32)"
+                        f"is kept in {self.layout.checkpoint('last')} (lower optim.lr or use train.precision=fp32)"
                     )
                 self.scaler.scale(loss / accum).backward()
             total += loss.item() / accum
@@ -472,12 +472,12 @@ class Trainer:
             if stop.signal:
                 bar.close()
                 raise TrainingInterruptedError(
-                    f"stopped by {stop.name} at step {self.step}; checkpoint saved in {self.checkpoints / 'last'} "
+                    f"stopped by {stop.name} at step {self.step}; checkpoint saved in {self.layout.checkpoint('last')} "
                     "(continue with --resume)"
                 )
         bar.close()
-        if self.is_writer and not (self.checkpoints / "best").exists() and (self.checkpoints / "last").exists():
-            shutil.copytree(self.checkpoints / "last", self.checkpoints / "best")  # no validation set: best = last
+        if self.is_writer and not (self.layout.checkpoint("best")).exists() and (self.layout.checkpoint("last")).exists():
+            shutil.copytree(self.layout.checkpoint("last"), self.layout.checkpoint("best"))  # no validation set: best = last
         if self.is_writer and self.step == cfg.steps:
             self._plot()
         self.warnings = collapse_warnings(self)  # loud on the all-background plateau (warnings.json)
@@ -490,7 +490,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # optional: the CSV log is always written
             return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        return SummaryWriter(str(self.layout.tensorboard))
 
     _LOG_FIELDS = ("step", "loss", "lr", "val_dice", "seconds_per_step", "loader_seconds")
 
