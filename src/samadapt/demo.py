@@ -30,7 +30,7 @@ from samadapt.eval.render import ImageSection, TableSection, TextSection, write_
 from samadapt.eval.results import write_json
 from samadapt.runs import RunLayout, load_run
 from samadapt.train.api import fit_slices
-from samadapt.train.config import TrainConfig, apply_overrides, from_dict
+from samadapt.train.config import TrainConfig, layered_config
 from samadapt.train.recipes import recipe_defaults
 
 
@@ -73,13 +73,18 @@ def spread(indices: list[int], count: int) -> list[int]:
 def recipe_config(
     recipe: str, steps: int, batch_size: int, seed: int, lr: float | None = None, device: str | None = None
 ) -> TrainConfig:
-    data = recipe_defaults(recipe)
-    overrides = [f"train.steps={steps}", f"train.batch_size={batch_size}", "train.val_every=0", f"train.seed={seed}"]
-    overrides += [f"train.device={device or 'auto'}"]
-    overrides += [f"optim.warmup_steps={max(1, steps // 10)}", "train.log_every=5"]
-    if lr is not None:
-        overrides.append(f"optim.lr={lr}")
-    return from_dict(TrainConfig, apply_overrides(data, overrides))
+    """A recipe with a laptop schedule (no validation, warm-up a tenth of the steps), through ``layered_config``."""
+    flags = {
+        "train.steps": steps,
+        "train.batch_size": batch_size,
+        "train.val_every": 0,
+        "train.seed": seed,
+        "train.device": device or "auto",
+        "optim.warmup_steps": max(1, steps // 10),
+        "train.log_every": 5,
+        "optim.lr": lr,
+    }
+    return layered_config(TrainConfig, recipe_defaults(recipe), flags=flags)
 
 
 def _row(task: str, prompt: str, model: str, evaluation: Evaluation) -> list[str]:

@@ -73,7 +73,7 @@ def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
     make it the page's model."""
     from samadapt.runs import RunLayout, load_run
     from samadapt.train.api import train
-    from samadapt.train.config import TrainConfig, from_dict
+    from samadapt.train.config import TrainConfig, layered_config
     from samadapt.train.recipes import recipe_defaults
 
     if recipe not in RECIPES:
@@ -84,14 +84,19 @@ def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
         job.message = "building the training set"
         data = training_set(session, base / "data")
     cases = len(json.loads((data / "dataset.json").read_text())["training"])
-    config = recipe_defaults(recipe)
-    config["model"]["name"] = workspace.run.base_model
-    config["data"].update({"path": str(data), "val_cases": 1 if cases > 2 else 0, "workers": 0})
-    config["train"].update(
-        {"steps": int(steps), "log_every": 1, "val_every": 0, "checkpoint_every": 0, "device": "auto", "seed": 0}
-    )
-    if workspace.device:
-        config["train"]["device"] = str(workspace.device)
+    flags = {
+        "model.name": workspace.run.base_model,
+        "data.path": str(data),
+        "data.val_cases": 1 if cases > 2 else 0,
+        "data.workers": 0,
+        "train.steps": int(steps),
+        "train.log_every": 1,
+        "train.val_every": 0,
+        "train.checkpoint_every": 0,
+        "train.device": str(workspace.device) if workspace.device else "auto",
+        "train.seed": 0,
+    }
+    config = layered_config(TrainConfig, recipe_defaults(recipe), flags=flags)
     run_dir = base / "run"
     job.total = int(steps)
     done = threading.Event()
@@ -111,7 +116,7 @@ def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
     threading.Thread(target=watch, daemon=True).start()
     try:
         job.message = f"training {recipe} on {cases} slices"
-        result = train(from_dict(TrainConfig, config), run_dir)
+        result = train(config, run_dir)
     finally:
         done.set()
     job.done, job.message = job.total, "loading the adapted model"
