@@ -2,8 +2,9 @@
 no module importing a layer above its own.
 
 Every ``import`` / ``from ... import`` statement counts, wherever it stands (module top, inside a function: a lazy
-import is still a dependency), with relative imports resolved. ``importlib.import_module`` strings (the package
-roots' lazy public API) are not statements and are not followed.
+import is still a dependency), with relative imports resolved; except those under ``if TYPE_CHECKING:``, which never
+run (annotations only). ``importlib.import_module`` strings (the package roots' lazy public API) are not statements
+and are not followed.
 """
 
 from __future__ import annotations
@@ -57,7 +58,17 @@ def import_graph(source: Path, top: str) -> dict[str, set[str]]:
     for name, (path, package) in modules.items():
         here = name.split(".") if package else name.split(".")[:-1]  # the package relative imports start from
         targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        type_only = {
+            id(inner)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for statement in block.body
+            for inner in ast.walk(statement)
+        }
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             if isinstance(node, ast.Import):
                 wanted = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -246,6 +257,8 @@ def test_the_graph_resolves_relative_lazy_and_submodule_imports(tmp_path):
             "pkg/sub/__init__.py": "",
             "pkg/sub/deep.py": "from .. import low\nfrom ..low import helper\nimport pkg.sub\n",
             "pkg/other.py": "import pkg.sub.deep as d\nfrom pkg import nothing_here\n",
+            "pkg/typed.py": "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from pkg.high import run\n"
+            "else:\n    import pkg.low\n",
         },
     )
     graph = import_graph(source, "pkg")
@@ -256,6 +269,7 @@ def test_the_graph_resolves_relative_lazy_and_submodule_imports(tmp_path):
         "pkg.sub": set(),
         "pkg.sub.deep": {"pkg.low", "pkg.sub"},
         "pkg.other": {"pkg.sub.deep", "pkg"},
+        "pkg.typed": {"pkg.low"},  # the annotation-only import of pkg.high never runs
     }
     assert cycles(graph) == [["pkg.high", "pkg.low", "pkg.high"]]
     table = [(0, "low", ["samadapt.low"]), (1, "high", ["samadapt.high"])]

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,8 +42,12 @@ from samadapt.peft import (
     set_blend,
 )
 from samadapt.peft.config import DEFAULT_TRAIN_MODULES
+from samadapt.peft.inject import ADAPTER_WEIGHTS
 from samadapt.precision import INFERENCE_PRECISION
 from samadapt.selection import one_click_best, trained_masks
+
+if TYPE_CHECKING:
+    from samadapt.data.dicom_terms import Algorithm
 
 # bump when a field changes meaning; older manifests are upgraded by Manifest.from_dict
 # 2: ``outputs`` (which mask outputs and whether the IoU head trained) and ``prompt.multimask``
@@ -400,3 +405,26 @@ def baseline(run: Run, device: str | torch.device | None = None) -> Iterator[Run
             yield Run(run.model, run.manifest.base_model, "prompt", run.classes)
     else:
         yield load_base(run, device)
+
+
+def algorithm_of(run) -> Algorithm:
+    """The ``Algorithm`` (DICOM outputs' identification) of a loaded run (``load_for_backend``): a run directory's
+    adapter checksum, a bare model's weights checksum, an ONNX export's encoder checksum ("" where none is known)."""
+    from samadapt.data.dicom_terms import Algorithm  # pydicom: only when DICOM is written
+
+    name = str(getattr(run, "name", "") or "")
+    export = getattr(run, "export", None)
+    if isinstance(export, dict):
+        encoder = export.get("files", {}).get("image_encoder", {})
+        return Algorithm(run=Path(run.path).name, checksum=str(encoder.get("sha256", "")), checksum_of="onnx encoder")
+    path = getattr(run, "path", None)
+    if path is not None:
+        for candidate in (RunLayout(Path(path)).checkpoint("best") / ADAPTER_WEIGHTS, Path(path) / ADAPTER_WEIGHTS):
+            if candidate.is_file():
+                return Algorithm(run=name, checksum=weights_sha256(candidate))
+    if getattr(run, "manifest", None) is None and name in MODELS:
+        try:
+            return Algorithm(run=name, checksum=weights_sha256(default_weights_path(name)), checksum_of="model")
+        except FileNotFoundError:
+            pass
+    return Algorithm(run=name)
