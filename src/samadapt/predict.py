@@ -283,7 +283,7 @@ def predict_volume(
     Options (off by default): ``keep_components="prompt"`` keeps, of each prompted slice mask, only the components
     its prompt touches (``components.keep_prompted``); ``largest_component`` lists the classes (or ``"all"``)
     reduced to their largest 3D connected component (``components.keep_largest``; which classes gain is decided from labelled slices
-    by ``components.decide_largest_component``).
+    by ``eval.postprocess.decide_largest_component``).
     """
     labels = _predict_volume(
         run, volume, points, boxes, preprocessing, device, precision, axis, batch_size, backend, text, keep_components
