@@ -319,9 +319,9 @@ def run_cell(task: Task, k: int, seed: int, grid: Grid, runs: Path, log: Callabl
         items = data.training_items(prompted=not semantic)
         config = recipe_config(recipe, grid.steps, grid.batch_size, seed, lr=grid.lr.get(recipe))
         if grid.overrides:
-            from samadapt.train.config import apply_overrides, from_dict
+            from samadapt.train.config import layered_config
 
-            config = from_dict(TrainConfig, apply_overrides(config.to_dict(), list(grid.overrides)))
+            config = layered_config(TrainConfig, config.to_dict(), sets=grid.overrides)
         config.data.path = str(spec.root)
         run_dir = runs / f"{task.name}_k{k}_s{seed}_{recipe}"
         tick = time.perf_counter()

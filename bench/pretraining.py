@@ -27,7 +27,7 @@ import torch
 from bench.accuracy import PROMPTS, TASKS, Grid, _stat, run_cell, write_accuracy_section
 from samadapt.pretrain import PretrainConfig, pretrain
 from samadapt.pretrain.config import pretrain_defaults
-from samadapt.train.config import apply_overrides, from_dict
+from samadapt.train.config import layered_config
 
 
 def pretrain_task(task: str, args: argparse.Namespace, runs: Path, log) -> tuple[Path, dict]:
@@ -42,7 +42,7 @@ def pretrain_task(task: str, args: argparse.Namespace, runs: Path, log) -> tuple
         f"optim.warmup_steps={max(1, args.pretrain_steps // 10)}",
         "data.workers=1",
     ]
-    config = from_dict(PretrainConfig, apply_overrides(data, overrides))
+    config = layered_config(PretrainConfig, data, sets=overrides)
     run_dir = runs / f"{task}_pretrain_{args.method}"
     tick = time.perf_counter()
     result = pretrain(config, run_dir, resume=True, verbose=False)

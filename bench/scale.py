@@ -84,7 +84,7 @@ def peaks(own_only: bool = False) -> dict:
 
 def run_train(data: Path, work: Path) -> dict:
     from samadapt.train.api import train
-    from samadapt.train.config import TrainConfig, apply_overrides, from_dict
+    from samadapt.train.config import TrainConfig, layered_config
     from samadapt.train.recipes import recipe_defaults
 
     overrides = [
@@ -96,7 +96,7 @@ def run_train(data: Path, work: Path) -> dict:
         "data.workers=2",
         "data.val_cases=1",
     ]
-    config = from_dict(TrainConfig, apply_overrides(recipe_defaults("cheap-lunch"), overrides))
+    config = layered_config(TrainConfig, recipe_defaults("cheap-lunch"), sets=overrides)
     started = time.perf_counter()
     result = train(config, work / "run")
     seconds = time.perf_counter() - started
@@ -138,14 +138,14 @@ def run_predict(data: Path, work: Path) -> dict:
 def semantic_run(data: Path, out: Path) -> None:
     """A one-step SAMed run: folder prediction needs a semantic model, its quality does not matter here."""
     from samadapt.train.api import train
-    from samadapt.train.config import TrainConfig, apply_overrides, from_dict
+    from samadapt.train.config import TrainConfig, layered_config
     from samadapt.train.recipes import recipe_defaults
 
     if (out / "checkpoints" / "best").exists():
         return
     overrides = [f"data.path={data}", "train.steps=1", "train.batch_size=1", "train.val_every=0", "data.workers=0"]
     overrides += ["train.val_slices=1"]
-    train(from_dict(TrainConfig, apply_overrides(recipe_defaults("samed"), overrides)), out)
+    train(layered_config(TrainConfig, recipe_defaults("samed"), sets=overrides), out)
 
 
 TASKS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict}

@@ -34,7 +34,7 @@ from samadapt.demo import recipe_config
 from samadapt.eval.evaluate import evaluate_slices_under
 from samadapt.runs import load_run
 from samadapt.train.api import fit_slices
-from samadapt.train.config import TrainConfig, apply_overrides, from_dict
+from samadapt.train.config import TrainConfig, layered_config
 
 # prompt kind trained -> protocols it is scored with
 KINDS = {
@@ -58,7 +58,7 @@ def run_cell(task_name: str, k: int, seed: int, args, runs: Path, log) -> dict:
     items = cell_data.training_items(prompted=True)
     for kind in args.kinds:
         config = recipe_config(args.recipe, args.steps, args.batch_size, seed)
-        config = from_dict(TrainConfig, apply_overrides(config.to_dict(), [f"prompt.kind={kind}", *args.set]))
+        config = layered_config(TrainConfig, config.to_dict(), sets=[f"prompt.kind={kind}", *args.set])
         config.data.path = str(spec.root)
         run_dir = runs / f"{task_name}_k{k}_s{seed}_{kind}"
         tick = time.perf_counter()

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 from samadapt.components import (
-    decide_largest_component,
     keep_largest,
     keep_prompted,
     keep_prompted_batch,
     largest_component,
 )
 from samadapt.errors import ConfigError
+from samadapt.eval.postprocess import decide_largest_component
 from samadapt.predict import Predictor
 from tests.conftest import make_tiny_sam
 

@@ -5,6 +5,7 @@ import pytest
 
 from samadapt.prompts import (
     Click,
+    SliceMask,
     box_from_mask,
     centre_click,
     clicks_to_arrays,
@@ -13,6 +14,7 @@ from samadapt.prompts import (
     iterative_clicks,
     n_clicks,
     objects,
+    propagate_box,
     random_click,
 )
 
@@ -158,3 +160,95 @@ def test_objects_by_class_and_by_instance():
     assert [c for c, _ in objects(label, classes=[2, 3])] == [2]  # absent classes yield nothing
     with pytest.raises(ValueError):
         list(objects(label, mode="voxel"))
+
+
+def stack(depth=10, side=40):
+    """(Z, H, W) bool: a square object on slices 2..7, one pixel wider each slice, so each slice's box differs."""
+    volume = np.zeros((depth, side, side), bool)
+    for z in range(2, 8):
+        volume[z, 10 : 20 + z, 12 : 22 + z] = True
+    return volume
+
+
+class BoxFollower:
+    """A model that answers a box with the object's pixels inside it (grown by 2 pixels): a deterministic stand-in
+    for SAM's box prompt, recording every call."""
+
+    def __init__(self, volume, scores=None):
+        self.volume, self.scores, self.calls, self.writes = volume, scores, [], []
+
+    def segment(self, index, box):
+        self.calls.append((index, box.copy()))
+        x0, y0, x1, y1 = (int(v) for v in box)
+        inside = np.zeros_like(self.volume[index])
+        inside[max(y0 - 2, 0) : y1 + 3, max(x0 - 2, 0) : x1 + 3] = True
+        return SliceMask(self.volume[index] & inside, None if self.scores is None else self.scores[index])
+
+    def write(self, index, mask):
+        self.writes.append((index, int(mask.sum())))
+
+
+def test_propagation_from_a_volume_box_segments_its_middle_slice_then_stops_where_the_object_ends():
+    volume = stack()
+    model = BoxFollower(volume)
+    start_box = box_from_mask(volume[4])
+    written = propagate_box(model.segment, model.write, 4, start_box, 0, 9)
+    assert written == [4, 5, 6, 7, 3, 2]
+    # the empty slices past each end are visited (and written empty) once, nothing beyond them
+    assert [i for i, _ in model.writes] == [4, 5, 6, 7, 8, 3, 2, 1]
+    assert dict(model.writes)[8] == 0 and dict(model.writes)[1] == 0
+    assert all(size == volume[i].sum() for i, size in model.writes)
+    boxes = dict((i, b) for i, b in model.calls)
+    # each direction starts from the given box; every next slice gets its neighbour's mask's box
+    np.testing.assert_array_equal(boxes[4], start_box)
+    np.testing.assert_array_equal(boxes[3], start_box)
+    np.testing.assert_array_equal(boxes[6], box_from_mask(volume[5]))
+    np.testing.assert_array_equal(boxes[2], box_from_mask(volume[3]))
+
+
+def test_propagation_stays_within_its_slices():
+    model = BoxFollower(stack())
+    written = propagate_box(model.segment, model.write, 4, box_from_mask(stack()[4]), 3, 5)
+    assert written == [4, 5, 3] and [i for i, _ in model.calls] == [4, 5, 3]
+
+
+def test_propagation_from_a_drawn_slice_starts_next_to_it():
+    volume = stack()
+    model = BoxFollower(volume)
+    written = propagate_box(model.segment, model.write, 4, box_from_mask(volume[4]), 0, 9, include_start=False)
+    assert written == [5, 6, 7, 3, 2] and 4 not in [i for i, _ in model.calls]
+
+
+def test_a_low_score_ends_the_direction_and_clears_that_slice():
+    volume = stack()
+    scores = {i: 1.0 - 0.2 * max(i - 4, 0) for i in range(10)}  # forward: 0.8 next to the start, 0.4 at slice 7
+    model = BoxFollower(volume, scores)
+    written = propagate_box(
+        model.segment, model.write, 4, box_from_mask(volume[4]), 0, 9, include_start=False, min_score=0.5
+    )
+    assert written == [5, 6, 3, 2]
+    assert model.writes[2] == (7, 0)  # slice 7 holds the object, but its score 0.4 ends the forward pass
+    assert model.writes[-1] == (1, 0)  # backward: the object itself ends before the score does
+    # without a score (a mask the user drew) the rule never applies
+    unscored = BoxFollower(volume)
+    assert propagate_box(
+        unscored.segment, unscored.write, 4, box_from_mask(volume[4]), 0, 9, include_start=False, min_score=0.5
+    ) == [5, 6, 7, 3, 2]
+
+
+def test_the_guard_is_held_around_each_slices_segment_and_write():
+    import threading
+
+    lock = threading.Lock()
+    volume = stack()
+    held = []
+
+    def segment(index, box):
+        held.append(lock.locked())
+        return SliceMask(volume[index])
+
+    def write(index, mask):
+        held.append(lock.locked())
+
+    propagate_box(segment, write, 4, box_from_mask(volume[4]), 0, 9, guard=lock)
+    assert held and all(held) and not lock.locked()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from samadapt.accel import accelerate
 from samadapt.errors import ConfigError, RunError
 from samadapt.models.registry import build_model
 from samadapt.peft import LoRAConfig, PeftConfig, apply_peft, save_adapter
@@ -89,7 +90,7 @@ def test_a_run_loads_alone_and_its_baseline_is_the_base_checkpoint(lite_run):
     assert run.name == lite_run.name and run.base_model == "lite_medsam" and run.axis == 2
     assert run.label == f"{lite_run.name} (lite_medsam)"
     image = np.random.default_rng(0).random((256, 256), dtype=np.float32)
-    base = build_model("lite_medsam").eval()
+    base = accelerate(build_model("lite_medsam").eval(), "cpu")  # the form load_run builds
     expected = outputs(base, image)
     adapted = outputs(run.model, image)
     assert not torch.allclose(adapted[0], expected[0], atol=1e-3)
@@ -113,7 +114,7 @@ def test_a_run_loads_at_its_own_blend_or_at_the_one_asked_for(lite_run, tmp_path
     trained = outputs(load_run(lite_run, device="cpu").model, image)
     as_base = load_run(lite_run, device="cpu", blend=0.0)
     assert as_base.blend == 0.0
-    base_outputs = outputs(build_model("lite_medsam").eval(), image)
+    base_outputs = outputs(accelerate(build_model("lite_medsam").eval(), "cpu"), image)
     for ours, theirs in zip(outputs(as_base.model, image), base_outputs, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     halfway_dir = tmp_path / "halfway"
@@ -170,3 +171,12 @@ def test_a_semantic_run_loads_with_or_without_the_position_prior_it_was_saved_wi
         loaded, _ = run.model(image, slice_position=position)
     assert expected.shape == (1, 3, 256, 256)
     torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
+
+
+def test_a_finished_run_is_used_from_best_when_it_has_one_else_last(tmp_path):
+    layout = RunLayout(tmp_path)
+    layout.checkpoint("last").mkdir(parents=True)
+    assert layout.final_checkpoint() == "last"  # e.g. stopped before its first validation
+    layout.checkpoint("best").mkdir()
+    assert layout.final_checkpoint() == "best"
+    assert layout.lock == tmp_path / ".lock" and layout.checkpoint("best") == tmp_path / "checkpoints" / "best"

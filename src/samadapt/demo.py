@@ -23,13 +23,14 @@ import numpy as np
 
 from samadapt.data.datasets import SliceDataset, load_dataset
 from samadapt.data.demo import fetch_demo
-from samadapt.eval.evaluate import Evaluation, evaluate_slices, evaluate_slices_under, slice_dice
+from samadapt.eval.evaluate import Evaluation, evaluate_slices, evaluate_slices_under
 from samadapt.eval.figures import save_overlay
+from samadapt.eval.metrics import slice_dice
 from samadapt.eval.render import ImageSection, TableSection, TextSection, write_report
 from samadapt.eval.results import write_json
-from samadapt.runs import load_run
+from samadapt.runs import RunLayout, load_run
 from samadapt.train.api import fit_slices
-from samadapt.train.config import TrainConfig, apply_overrides, from_dict
+from samadapt.train.config import TrainConfig, layered_config
 from samadapt.train.recipes import recipe_defaults
 
 
@@ -72,13 +73,18 @@ def spread(indices: list[int], count: int) -> list[int]:
 def recipe_config(
     recipe: str, steps: int, batch_size: int, seed: int, lr: float | None = None, device: str | None = None
 ) -> TrainConfig:
-    data = recipe_defaults(recipe)
-    overrides = [f"train.steps={steps}", f"train.batch_size={batch_size}", "train.val_every=0", f"train.seed={seed}"]
-    overrides += [f"train.device={device or 'auto'}"]
-    overrides += [f"optim.warmup_steps={max(1, steps // 10)}", "train.log_every=5"]
-    if lr is not None:
-        overrides.append(f"optim.lr={lr}")
-    return from_dict(TrainConfig, apply_overrides(data, overrides))
+    """A recipe with a laptop schedule (no validation, warm-up a tenth of the steps), through ``layered_config``."""
+    flags = {
+        "train.steps": steps,
+        "train.batch_size": batch_size,
+        "train.val_every": 0,
+        "train.seed": seed,
+        "train.device": device or "auto",
+        "optim.warmup_steps": max(1, steps // 10),
+        "train.log_every": 5,
+        "optim.lr": lr,
+    }
+    return layered_config(TrainConfig, recipe_defaults(recipe), flags=flags)
 
 
 def _row(task: str, prompt: str, model: str, evaluation: Evaluation) -> list[str]:
@@ -166,7 +172,7 @@ def run_demo(
     sections += _section(
         "Lesions: Cheap Lunch (LoRA in encoder and decoder, point prompts)",
         f"Exemplars (case, slice): {[lesions.slices[i][:2] for i in exemplars]}. Trained {result.steps} steps.",
-        [(out / "lesions_run" / "loss_curve.png", "training loss"), *lesion_images],
+        [(RunLayout(out / "lesions_run").loss_curve, "training loss"), *lesion_images],
     )
 
     # -- MNI152 grey / white matter: semantic, SAMed ----------------------------------------------------------
@@ -198,7 +204,7 @@ def run_demo(
     sections += _section(
         "MNI152 grey / white matter: SAMed (LoRA on q/v, prompt-free, K + 1 outputs)",
         f"Exemplar slices z = {[mni.slices[i][1] for i in exemplars_mni]}. Trained {mni_result.steps} steps.",
-        [(out / "mni152_run" / "loss_curve.png", "training loss"), *mni_images],
+        [(RunLayout(out / "mni152_run").loss_curve, "training loss"), *mni_images],
     )
 
     columns = ["task", "prompt", "model", "mean Dice", "mean HD95 (mm)", "per class Dice"]

@@ -26,6 +26,7 @@ from samadapt.intensity import to_unit_range
 from samadapt.models.sam import Sam, takes_slice_position
 from samadapt.precision import INFERENCE_PRECISION
 from samadapt.prediction import Prediction, SegmentationPredictor
+from samadapt.prompts import SliceMask, propagate_box
 from samadapt.selection import best_candidate, is_single_click
 from samadapt.transforms import InputGeometry, model_input
 
@@ -292,7 +293,7 @@ def predict_volume(
     its prompt touches (``components.keep_prompted``; a given ``predictor`` applies its own ``keep_components``);
     ``largest_component`` lists the classes (or ``"all"``) reduced to their largest 3D connected component
     (``components.keep_largest``; which classes gain is decided from labelled slices by
-    ``components.decide_largest_component``).
+    ``eval.postprocess.decide_largest_component``).
     """
     if predictor is None:
         predictor = Predictor.for_run(
@@ -381,21 +382,20 @@ def _box_to_plane(box: np.ndarray, axis: int) -> tuple[int, int, np.ndarray]:
 
 
 def _propagate_box(predictor: SegmentationPredictor, encode, planes: np.ndarray, box, value: int) -> None:
+    """One volume box: its middle slice segmented first, then ``prompts.propagate_box`` within the box's slices,
+    stopping where the mask vanishes."""
     first, last, plane_box = box
+
+    def segment(index: int, current: np.ndarray) -> SliceMask:
+        encode(index)
+        answer = predictor.predict(boxes=current)
+        return SliceMask(answer.masks[0, 0], float(answer.scores[0, 0]))
+
+    def write(index: int, mask: np.ndarray) -> None:
+        planes[index][mask] = value
+
     first, last = max(first, 0), min(last, planes.shape[0] - 1)
-    middle = (first + last) // 2
-    for direction in (1, -1):
-        current = plane_box
-        index = middle if direction == 1 else middle - 1
-        while first <= index <= last:
-            encode(index)
-            mask = predictor.predict(boxes=current).masks[0, 0]
-            if not mask.any():
-                break
-            planes[index][mask] = value
-            ys, xs = np.nonzero(mask)
-            current = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
-            index += direction
+    propagate_box(segment, write, (first + last) // 2, plane_box, first, last)
 
 
 def predict_folder(

@@ -9,6 +9,9 @@ Empty masks: a slice without the target has no object to click on. The click fun
 and ``iterative_clicks`` return no clicks, ``box_from_mask`` returns None and ``objects`` yields nothing; callers
 decide what an empty slice means (the reference code crashed here with "ValueError: high <= 0").
 
+Propagation (``propagate_box``) carries one object through a volume slice by slice, each slice prompted with the box
+of its neighbour's mask; the model is a callable, so the same loop serves ``predict_volume`` and the app.
+
 Connected components (instances, error regions) use 8-connectivity: pixels touching by a corner are one object,
 as they look on screen.
 """
@@ -16,6 +19,7 @@ as they look on screen.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
 import numpy as np
@@ -205,3 +209,63 @@ def objects(
         components, count = ndimage.label(mask, structure=_EIGHT)
         for i in range(1, count + 1):
             yield c, components == i
+
+
+class SliceMask(NamedTuple):
+    """One slice's answer during propagation: the (H, W) bool ``mask`` and the model's IoU estimate ``score``
+    (None: not the model's, e.g. a mask the user drew, never below a ``min_score``)."""
+
+    mask: np.ndarray
+    score: float | None = None
+
+
+def propagate_box(
+    segment: Callable[[int, np.ndarray], SliceMask],
+    write: Callable[[int, np.ndarray], None],
+    start: int,
+    box: np.ndarray,
+    first: int,
+    last: int,
+    *,
+    include_start: bool = True,
+    min_score: float | None = None,
+    guard: AbstractContextManager | None = None,
+) -> list[int]:
+    """Carry one object through slices ``first``..``last`` (inclusive), forward from ``start`` then backward, each
+    slice prompted with the XYXY box of its neighbour's mask (LiteMedSAM's way).
+
+    Both directions begin from ``box``. With ``include_start`` the forward pass segments ``start`` itself and the
+    backward pass begins at ``start - 1`` (``predict_volume``: a volume box, its middle slice first); without it both
+    begin next to ``start`` (the app: ``start`` already holds the user's mask and ``box`` is that mask's box).
+
+    A direction stops at the first slice whose mask is empty, or, with ``min_score``, whose ``score`` is below it (the
+    model doubts its mask: the object has ended; the app uses 0.5); that slice is still written, with an empty mask,
+    so a caller that replaces the object's pixels clears them there. It also stops past ``first`` / ``last``.
+
+    Args:
+        segment: (slice index, box (4,) float32) -> ``SliceMask``.
+        write: (slice index, (H, W) bool mask) -> None; called for every slice visited, in order.
+        guard: held around each slice's ``segment`` and ``write`` (the app's session lock, so that no edit of the
+            user lands between the two).
+
+    Returns:
+        The slices written with a non-empty mask, in the order visited.
+    """
+    guard = guard if guard is not None else nullcontext()
+    written = []
+    for step in (1, -1):
+        current = np.asarray(box, np.float32)
+        index = start if include_start and step == 1 else start + step
+        while first <= index <= last:
+            with guard:
+                answer = segment(index, current)
+                mask = answer.mask
+                if min_score is not None and answer.score is not None and answer.score < min_score:
+                    mask = np.zeros_like(mask)
+                write(index, mask)
+            current = box_from_mask(mask)
+            if current is None:
+                break
+            written.append(index)
+            index += step
+    return written

@@ -8,6 +8,7 @@ Layout (``RunLayout``), written by ``samadapt train``::
     RUN_DIR/metrics.csv, loss_curve.png      training log
     RUN_DIR/warnings.json                    collapse warnings (all-background plateau), when any
     RUN_DIR/exemplars.json                   the labelled slices the run learnt from (case, slice index)
+    RUN_DIR/.lock, tensorboard/              the writing job's lock; TensorBoard logs (optional)
 
 ``load_run`` also accepts a bare model name (e.g. ``lite_medsam``): the un-adapted model. ``baseline`` gives the model
 a run was adapted from: the same model with its adapters off where that is exact, else the base checkpoint the
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,9 +43,13 @@ from samadapt.peft import (
     set_blend,
 )
 from samadapt.peft.config import DEFAULT_TRAIN_MODULES
+from samadapt.peft.inject import ADAPTER_WEIGHTS
 from samadapt.peft.pretrained import PretrainedInitError, load_encoder_peft
 from samadapt.precision import INFERENCE_PRECISION
 from samadapt.selection import one_click_best, trained_masks
+
+if TYPE_CHECKING:
+    from samadapt.data.dicom_terms import Algorithm
 
 # bump when a field changes meaning; older manifests are upgraded by Manifest.from_dict
 # 2: ``outputs`` (which mask outputs and whether the IoU head trained) and ``prompt.multimask``
@@ -83,6 +89,19 @@ class RunLayout:
     @property
     def exemplars(self) -> Path:
         return self.root / "exemplars.json"
+
+    @property
+    def lock(self) -> Path:
+        """The lock file of the one job writing the run (``train.lock.RunLock``)."""
+        return self.root / ".lock"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    def final_checkpoint(self) -> str:
+        """The checkpoint a finished run is used from: ``best`` when there is one, else ``last``."""
+        return "best" if self.checkpoint("best").is_dir() else "last"
 
 
 IOU_HEAD = "mask_decoder.iou_prediction_head"
@@ -408,3 +427,26 @@ def load_pretrained_encoder(model: torch.nn.Module, run: str | Path, base_sha256
         if (folder / "adapter_config.json").is_file():
             return load_encoder_peft(model, folder, base_sha256)
     raise PretrainedInitError(f"{run}: not a pre-training run (no checkpoints/last/adapter_config.json)")
+
+
+def algorithm_of(run) -> Algorithm:
+    """The ``Algorithm`` (DICOM outputs' identification) of a loaded run (a predictor's ``run``: ``inference.load_predictor``): a run directory's
+    adapter checksum, a bare model's weights checksum, an ONNX export's encoder checksum ("" where none is known)."""
+    from samadapt.data.dicom_terms import Algorithm  # pydicom: only when DICOM is written
+
+    name = str(getattr(run, "name", "") or "")
+    export = getattr(run, "export", None)
+    if isinstance(export, dict):
+        encoder = export.get("files", {}).get("image_encoder", {})
+        return Algorithm(run=Path(run.path).name, checksum=str(encoder.get("sha256", "")), checksum_of="onnx encoder")
+    path = getattr(run, "path", None)
+    if path is not None:
+        for candidate in (RunLayout(Path(path)).checkpoint("best") / ADAPTER_WEIGHTS, Path(path) / ADAPTER_WEIGHTS):
+            if candidate.is_file():
+                return Algorithm(run=name, checksum=weights_sha256(candidate))
+    if getattr(run, "manifest", None) is None and name in MODELS:
+        try:
+            return Algorithm(run=name, checksum=weights_sha256(default_weights_path(name)), checksum_of="model")
+        except FileNotFoundError:
+            pass
+    return Algorithm(run=name)

@@ -19,6 +19,7 @@ from samadapt.eval.metrics import (
     image_diagonal_mm,
     iou,
     nsd,
+    slice_dice,
     surface_distances,
 )
 
@@ -248,3 +249,17 @@ def test_hd95_is_fast_on_a_large_volume_with_scattered_false_positives():
     elapsed = time.perf_counter() - start
     assert value == pytest.approx(1.6, abs=0.2)
     assert elapsed < 3.0, f"hd95 took {elapsed:.2f} s"
+
+
+def test_slice_dice_scores_one_class_of_a_slice_result():
+    from samadapt.eval.evaluate import SliceResult
+
+    gt = np.zeros((4, 4), np.int16)
+    gt[0, :2] = 1  # class 1: 2 pixels
+    gt[3, 3] = 2  # class 2: 1 pixel, not predicted
+    pred = {1: np.zeros((4, 4), bool), 2: np.zeros((4, 4), bool), 3: np.zeros((4, 4), bool)}
+    pred[1][0, 1:4] = True  # 3 pixels, 1 of them right: 2 * 1 / (3 + 2)
+    result = SliceResult("case", 0, np.zeros((4, 4)), gt, pred)
+    assert slice_dice(result, 1) == pytest.approx(0.4)
+    assert slice_dice(result, 2) == 0.0
+    assert math.isnan(slice_dice(result, 3))  # absent and not predicted

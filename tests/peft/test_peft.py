@@ -342,3 +342,22 @@ def test_lora_linear_is_the_written_out_formula_with_its_gradients():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     for a, b in zip(torch.autograd.grad((got * upstream).sum(), factors), expected_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_register_method_refuses_a_taken_name():
+    from samadapt.errors import ConfigError
+    from samadapt.peft.registry import METHODS, register_method
+
+    with pytest.raises(ConfigError, match="'lora' is already registered"):
+        register_method("lora", ("adapters",))
+    assert METHODS["lora"] == ("lora",)  # the original is untouched
+    register_method("lora-then-adapters", ("lora", "adapters"))
+    try:
+        assert METHODS["lora-then-adapters"] == ("lora", "adapters")
+        with pytest.raises(ConfigError, match="already registered"):
+            register_method("lora-then-adapters", ("lora", "adapters"))  # even with the same parts
+    finally:
+        del METHODS["lora-then-adapters"]
+    with pytest.raises(ConfigError, match="unknown parts"):
+        register_method("new", ("prefix",))
+    assert "new" not in METHODS

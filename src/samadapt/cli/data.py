@@ -60,7 +60,8 @@ def from_dicom_command(args: argparse.Namespace) -> int:
 def to_dicom_command(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
-    from samadapt.data.dicom_out import Algorithm, algorithm_of, predictions_to_dicom
+    from samadapt.data.dicom_out import Algorithm, predictions_to_dicom
+    from samadapt.runs import algorithm_of
 
     # the run is named, not loaded: its name and adapter checksum identify the algorithm
     algorithm = algorithm_of(SimpleNamespace(name=Path(args.run).name, path=args.run)) if args.run else Algorithm()

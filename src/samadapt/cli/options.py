@@ -26,7 +26,7 @@ KEEP_COMPONENTS_HELP = (
 
 LARGEST_COMPONENT_HELP = (
     "class ids (e.g. 1,3) reduced to their largest 3D connected component, or 'all' (default: none); which classes "
-    "gain is decided from labelled slices: samadapt.components.decide_largest_component"
+    "gain is decided from labelled slices: samadapt.eval.postprocess.decide_largest_component"
 )
 
 

@@ -23,10 +23,11 @@ from samadapt.precision import PRECISIONS
 
 def predict_command(args: argparse.Namespace) -> int:
     from samadapt.data.dicom import write_source_record
-    from samadapt.data.dicom_out import algorithm_of, label_format, write_dicom_labels
+    from samadapt.data.dicom_out import label_format, write_dicom_labels
     from samadapt.data.io import read_volume, write_label
     from samadapt.inference import load_predictor
     from samadapt.predict import VOLUME_CACHE, predict_folder, predict_volume
+    from samadapt.runs import algorithm_of
 
     if (args.image is None) == (args.input is None):
         raise ConfigError("give one input: an IMAGE file, or a folder with -i/--input")

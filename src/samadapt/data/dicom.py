@@ -21,7 +21,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
-from samadapt.data.io import Volume, _from_itk, suffix_of
+from samadapt.data.volume import Volume, from_itk, suffix_of
 from samadapt.errors import DataError, InputNotFoundError
 from samadapt.files import atomic_write_text
 
@@ -275,7 +275,7 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> Volume:
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise DataError(f"{series.folder}: series {series.series_uid}: cannot read its pixels ({first})") from error
-    volume = _from_itk(image, Path(folder))
+    volume = from_itk(image, Path(folder))
     volume.dicom = series
     return volume
 

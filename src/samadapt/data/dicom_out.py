@@ -11,132 +11,18 @@ Formats: ``dicom-seg`` (``.dcm`` outputs by default) and ``rtstruct`` (``rtstruc
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 
-from samadapt import __version__
+from samadapt.data.dicom_terms import Algorithm, coded_terms
 from samadapt.data.io import Volume
 from samadapt.errors import ConfigError, DataError
 from samadapt.files import atomic_write
 
 DICOM_FORMATS = ("dicom-seg", "rtstruct")
-ANATOMY = codes.SCT.AnatomicalStructure
-ALTERED = codes.SCT.MorphologicallyAbnormalStructure
-TISSUE = codes.SCT.Tissue
-# class name (lower case, words only) -> (category, type); laterality words are read apart (``coded_terms``)
-TERMS: dict[str, tuple[Code, Code]] = {
-    "liver": (ANATOMY, codes.SCT.Liver),
-    "spleen": (ANATOMY, codes.SCT.Spleen),
-    "kidney": (ANATOMY, codes.SCT.Kidney),
-    "aorta": (ANATOMY, codes.SCT.Aorta),
-    "gallbladder": (ANATOMY, codes.SCT.Gallbladder),
-    "gall bladder": (ANATOMY, codes.SCT.Gallbladder),
-    "pancreas": (ANATOMY, codes.SCT.Pancreas),
-    "stomach": (ANATOMY, codes.SCT.Stomach),
-    "duodenum": (ANATOMY, codes.SCT.Duodenum),
-    "adrenal gland": (ANATOMY, codes.SCT.AdrenalGland),
-    "inferior vena cava": (ANATOMY, codes.SCT.InferiorVenaCava),
-    "portal vein": (ANATOMY, codes.SCT.PortalVein),
-    "bladder": (ANATOMY, codes.SCT.Bladder),
-    "prostate": (ANATOMY, codes.SCT.Prostate),
-    "rectum": (ANATOMY, codes.SCT.Rectum),
-    "colon": (ANATOMY, codes.SCT.Colon),
-    "heart": (ANATOMY, codes.SCT.Heart),
-    "lung": (ANATOMY, codes.SCT.Lung),
-    "brain": (ANATOMY, codes.SCT.Brain),
-    "brainstem": (ANATOMY, codes.SCT.BrainStem),
-    "brain stem": (ANATOMY, codes.SCT.BrainStem),
-    "spinal cord": (ANATOMY, codes.SCT.SpinalCord),
-    "parotid": (ANATOMY, codes.SCT.ParotidGland),
-    "parotid gland": (ANATOMY, codes.SCT.ParotidGland),
-    "submandibular gland": (ANATOMY, codes.SCT.SubmandibularGland),
-    "esophagus": (ANATOMY, codes.SCT.Esophagus),
-    "oesophagus": (ANATOMY, codes.SCT.Esophagus),
-    "larynx": (ANATOMY, codes.SCT.Larynx),
-    "trachea": (ANATOMY, codes.SCT.Trachea),
-    "mandible": (ANATOMY, codes.SCT.Mandible),
-    "oral cavity": (ANATOMY, codes.SCT.OralCavity),
-    "optic nerve": (ANATOMY, codes.SCT.OpticNerve),
-    "optic chiasm": (ANATOMY, codes.SCT.OpticChiasm),
-    "eye": (ANATOMY, codes.SCT.Eye),
-    "lens": (ANATOMY, codes.SCT.Lens),
-    "femur": (ANATOMY, codes.SCT.Femur),
-    "tumour": (ALTERED, codes.SCT.Neoplasm),
-    "tumor": (ALTERED, codes.SCT.Neoplasm),
-    "whole tumour": (ALTERED, codes.SCT.Neoplasm),
-    "whole tumor": (ALTERED, codes.SCT.Neoplasm),
-    "enhancing tumour": (ALTERED, codes.SCT.Neoplasm),
-    "non enhancing tumour": (ALTERED, codes.SCT.Neoplasm),
-    "neoplasm": (ALTERED, codes.SCT.Neoplasm),
-    "lesion": (ALTERED, codes.SCT.Lesion),
-    "edema": (ALTERED, codes.SCT.Edema),
-    "oedema": (ALTERED, codes.SCT.Edema),
-    "necrosis": (ALTERED, codes.SCT.Necrosis),
-}
-LATERALITY = {"left": codes.SCT.Left, "l": codes.SCT.Left, "right": codes.SCT.Right, "r": codes.SCT.Right}
-
-
-def coded_terms(name: str) -> tuple[Code, Code, Code | None]:
-    """(category, type, laterality or None) for a class name: ``"left kidney"``, ``"Kidney_L"`` and
-    ``"kidney left"`` all give (Anatomical Structure, Kidney, Left); an unknown name gives (Tissue, Tissue, None)."""
-    words = re.sub(r"[^a-z0-9]+", " ", name.lower()).split()
-    side = next((LATERALITY[w] for w in words if w in LATERALITY), None)
-    rest = " ".join(w for w in words if w not in LATERALITY)
-    if rest in TERMS:
-        return (*TERMS[rest], side)
-    return TISSUE, TISSUE, None
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    """What made the labels: samadapt's version, the run (or model) name and a SHA-256 of its weights: the
-    adapter's for a run directory (``checksum_of`` "adapter"), else the model's or the ONNX encoder's."""
-
-    run: str = ""
-    checksum: str = ""
-    checksum_of: str = "adapter"
-    generation: str = "AUTOMATIC"  # SEMIAUTOMATIC for labels a person prompted and edited (the app)
-    name: str = "samadapt"
-    version: str = __version__
-
-    def describe(self) -> str:
-        checksum = f" {self.checksum_of} sha256 {self.checksum}" if self.checksum else ""
-        return f"{self.name} {self.version} run {self.run or '-'}{checksum}"
-
-    def parameters(self) -> dict[str, str]:
-        return {"run": self.run or "-", f"{self.checksum_of.replace(' ', '_')}_sha256": self.checksum or "-"}
-
-
-def algorithm_of(run) -> Algorithm:
-    """The ``Algorithm`` of a loaded run (a predictor's ``run``, ``inference.load_predictor``): a run directory's
-    adapter checksum, a bare model's weights checksum, an ONNX export's encoder checksum ("" where none is known)."""
-    from samadapt.models.registry import MODELS, default_weights_path
-    from samadapt.peft.inject import ADAPTER_WEIGHTS
-    from samadapt.runs import RunLayout, weights_sha256
-
-    name = str(getattr(run, "name", "") or "")
-    export = getattr(run, "export", None)
-    if isinstance(export, dict):
-        encoder = export.get("files", {}).get("image_encoder", {})
-        return Algorithm(run=Path(run.path).name, checksum=str(encoder.get("sha256", "")), checksum_of="onnx encoder")
-    path = getattr(run, "path", None)
-    if path is not None:
-        for candidate in (RunLayout(Path(path)).checkpoint("best") / ADAPTER_WEIGHTS, Path(path) / ADAPTER_WEIGHTS):
-            if candidate.is_file():
-                return Algorithm(run=name, checksum=weights_sha256(candidate))
-    if getattr(run, "manifest", None) is None and name in MODELS:
-        try:
-            return Algorithm(run=name, checksum=weights_sha256(default_weights_path(name)), checksum_of="model")
-        except FileNotFoundError:
-            pass
-    return Algorithm(run=name)
-
-
 def label_format(path: str | Path, format: str | None = None) -> str | None:
     """The DICOM format to write ``path`` in: ``format`` when given, ``rtstruct`` for names ending in
     ``rtstruct.dcm``, ``dicom-seg`` for other ``.dcm`` names, None (not DICOM: ``io.write_label``) otherwise.

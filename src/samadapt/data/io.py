@@ -11,20 +11,16 @@ every format: ITK's origin / direction (LPS) are converted on read and back on w
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
+from samadapt.data.volume import _LPS_TO_RAS, Volume, from_itk, suffix_of
 from samadapt.errors import DataError, InputNotFoundError
 from samadapt.files import atomic_write
-
-if TYPE_CHECKING:
-    from samadapt.data.dicom import DicomSeries
 
 NIFTI = (".nii", ".nii.gz")
 ITK = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -32,48 +28,6 @@ PICTURES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NPZ = (".npz",)
 NPZ_IMAGE_KEYS = ("image", "imgs")
 NPZ_LABEL_KEYS = ("label", "gts", "seg")
-# LPS (ITK) <-> RAS (NIfTI) world axes
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-
-
-@dataclass
-class Volume:
-    """An image or label volume.
-
-    Attributes:
-        array: (Z, Y, X) or (Z, Y, X, C) voxels.
-        spacing: voxel size in mm, (z, y, x).
-        affine: 4x4 matrix from voxel indices (x, y, z) = (i, j, k) to RAS world millimetres (NIfTI convention).
-        path: where it was read from.
-        header: the NIfTI header when read from NIfTI (kept to write labels back with the same header).
-        dicom: the DICOM series it was read from (UIDs, orientation, files in Z order), for outputs that refer to it.
-    """
-
-    array: np.ndarray
-    spacing: tuple[float, float, float]
-    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
-    path: Path | None = None
-    header: nib.Nifti1Header | None = None
-    dicom: DicomSeries | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.array.shape
-
-    @property
-    def is_2d(self) -> bool:
-        return self.array.shape[0] == 1
-
-    @property
-    def origin(self) -> tuple[float, float, float]:
-        """World position of voxel (0, 0, 0) in ITK's LPS millimetres, (x, y, z) order."""
-        return tuple(float(v) for v in _LPS_TO_RAS @ self.affine[:3, 3])
-
-    @property
-    def direction(self) -> np.ndarray:
-        """ITK direction cosines (3, 3), LPS, columns for the x, y, z voxel axes."""
-        linear = _LPS_TO_RAS @ self.affine[:3, :3]
-        return linear / np.linalg.norm(linear, axis=0)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -81,11 +35,6 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
     return Path(os.environ.get("SAMADAPT_CACHE") or Path.home() / ".cache" / "samadapt")
-
-
-def suffix_of(path: str | Path) -> str:
-    name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
 def read_volume(path: str | Path, key: str | None = None, series: str | None = None) -> Volume:
@@ -115,11 +64,11 @@ def read_volume(path: str | Path, key: str | None = None, series: str | None = N
         if suffix == ".dcm":
             from samadapt.data.dicom import series_of_file
 
-            volume = _from_itk(sitk.ReadImage(str(path)), path)
+            volume = from_itk(sitk.ReadImage(str(path)), path)
             volume.dicom = series_of_file(path)  # one slice alone is a 2D image; still referable
             return volume
         if suffix in ITK:
-            return _from_itk(sitk.ReadImage(str(path)), path)
+            return from_itk(sitk.ReadImage(str(path)), path)
         if suffix in PICTURES:
             return _read_picture(path)
         if suffix in NPZ:
@@ -170,26 +119,6 @@ def _read_nifti(path: Path) -> Volume:
         path=path,
         header=image.header.copy(),
     )
-
-
-def _from_itk(image: sitk.Image, path: Path) -> Volume:
-    array = sitk.GetArrayFromImage(image)  # (Z, Y, X[, C]) or (Y, X[, C])
-    if image.GetDimension() == 2:
-        array = array[None]
-        direction = np.eye(3)
-        direction[:2, :2] = np.array(image.GetDirection()).reshape(2, 2)
-        spacing_xyz = (*image.GetSpacing(), 1.0)
-        origin = (*image.GetOrigin(), 0.0)
-    elif image.GetDimension() == 3:
-        direction = np.array(image.GetDirection()).reshape(3, 3)
-        spacing_xyz = image.GetSpacing()
-        origin = image.GetOrigin()
-    else:
-        raise DataError(f"{path}: expected a 2D or 3D image, got {image.GetDimension()} dimensions")
-    affine = np.eye(4)
-    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing_xyz)
-    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(origin)
-    return Volume(array=array, spacing=tuple(float(s) for s in spacing_xyz[::-1]), affine=affine, path=path)
 
 
 def _read_picture(path: Path) -> Volume:

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from samadapt.data.contours import mask_to_polygons, polygons_to_mask
-from samadapt.data.dicom_out import ANATOMY, Algorithm, coded_terms
+from samadapt.data.dicom_terms import ANATOMY, Algorithm, coded_terms
 from samadapt.data.io import _LPS_TO_RAS, Volume
 from samadapt.errors import DataError
 

@@ -13,6 +13,7 @@ from samadapt.eval.metrics import (
     hd95,
     iou,
     nsd,
+    slice_dice,
     surface_distances,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "hd95",
     "iou",
     "nsd",
+    "slice_dice",
     "surface_distances",
     *_LAZY,
 ]

@@ -26,7 +26,7 @@ import torch
 from samadapt.components import largest_component as largest_component_of
 from samadapt.device import distributed_context
 from samadapt.errors import ConfigError, DataError
-from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, aggregate, binary_metrics, dice
+from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, aggregate, binary_metrics, slice_dice
 from samadapt.files import atomic_write_text
 from samadapt.predict import Predictor, default_batch_size
 from samadapt.prediction import SegmentationPredictor
@@ -335,11 +335,6 @@ def _finished_dir(out: str | Path, run: Run, protocol: Protocol, chosen: dict, o
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(out) / ".finished" / digest
-
-
-def slice_dice(result: SliceResult, class_id: int) -> float:
-    """Dice of one class on one slice result (NaN when both masks are empty: ``metrics.dice``'s convention)."""
-    return dice(result.pred[class_id], result.gt == class_id)
 
 
 class PicturePool:

@@ -90,6 +90,12 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     return math.nan if total == 0 else 2.0 * int(np.count_nonzero(pred & gt)) / total
 
 
+def slice_dice(result, class_id: int) -> float:
+    """Dice of one class on one slice result (``eval.evaluate.SliceResult``: ``pred`` class id -> (H, W) bool,
+    ``gt`` (H, W) labels); NaN when both masks are empty (``dice``'s convention)."""
+    return dice(result.pred[class_id], np.asarray(result.gt) == class_id)
+
+
 def iou(pred: np.ndarray, gt: np.ndarray) -> float:
     """Intersection over union |P & G| / |P | G| of two binary masks; NaN when both are empty.
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from samadapt.eval.evaluate import slice_dice
 from samadapt.eval.figures import save_overlay
+from samadapt.eval.metrics import slice_dice
 from samadapt.eval.render import ImageSection, TextSection, comparison_section, write_report
 from samadapt.eval.results import write_metrics_files
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from samadapt.errors import ConfigError
 from samadapt.peft.adapter import inject_adapters
 from samadapt.peft.lora import inject_lora
 
@@ -22,9 +23,19 @@ METHODS: dict[str, tuple[str, ...]] = {}
 
 
 def register_method(name: str, parts: tuple[str, ...]) -> None:
+    """Make method ``name`` (its ``parts``, injected in order) available to ``PeftConfig.method``.
+
+    Raises:
+        ConfigError: ``name`` is taken (a second method of the same name would silently change what saved runs of
+            the first load into), or a part is unknown.
+    """
+    if name in METHODS:
+        raise ConfigError(
+            f"PEFT method {name!r} is already registered (parts {', '.join(METHODS[name])}); choose another name"
+        )
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
-        raise ValueError(f"method {name!r}: unknown parts {unknown}; known: {', '.join(PARTS)}")
+        raise ConfigError(f"method {name!r}: unknown parts {unknown}; known: {', '.join(PARTS)}")
     METHODS[name] = tuple(parts)
 
 

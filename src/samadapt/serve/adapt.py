@@ -72,9 +72,9 @@ def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
     """Build the training set, train ``recipe`` for ``steps`` steps from the page's base model, load the run and
     make it the page's model."""
     from samadapt.inference import load_predictor
-    from samadapt.runs import load_run
+    from samadapt.runs import RunLayout, load_run
     from samadapt.train.api import train
-    from samadapt.train.config import TrainConfig, from_dict
+    from samadapt.train.config import TrainConfig, layered_config
     from samadapt.train.recipes import recipe_defaults
 
     if recipe not in RECIPES:
@@ -85,20 +85,25 @@ def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
         job.message = "building the training set"
         data = training_set(session, base / "data")
     cases = len(json.loads((data / "dataset.json").read_text())["training"])
-    config = recipe_defaults(recipe)
-    config["model"]["name"] = workspace.run.base_model
-    config["data"].update({"path": str(data), "val_cases": 1 if cases > 2 else 0, "workers": 0})
-    config["train"].update(
-        {"steps": int(steps), "log_every": 1, "val_every": 0, "checkpoint_every": 0, "device": "auto", "seed": 0}
-    )
-    if workspace.device:
-        config["train"]["device"] = str(workspace.device)
+    flags = {
+        "model.name": workspace.run.base_model,
+        "data.path": str(data),
+        "data.val_cases": 1 if cases > 2 else 0,
+        "data.workers": 0,
+        "train.steps": int(steps),
+        "train.log_every": 1,
+        "train.val_every": 0,
+        "train.checkpoint_every": 0,
+        "train.device": str(workspace.device) if workspace.device else "auto",
+        "train.seed": 0,
+    }
+    config = layered_config(TrainConfig, recipe_defaults(recipe), flags=flags)
     run_dir = base / "run"
     job.total = int(steps)
     done = threading.Event()
 
     def watch() -> None:
-        log = run_dir / "metrics.csv"
+        log = RunLayout(run_dir).metrics_csv
         while not done.wait(0.5):
             if log.exists():
                 try:
@@ -112,12 +117,10 @@ def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
     threading.Thread(target=watch, daemon=True).start()
     try:
         job.message = f"training {recipe} on {cases} slices"
-        result = train(from_dict(TrainConfig, config), run_dir)
+        result = train(config, run_dir)
     finally:
         done.set()
     job.done, job.message = job.total, "loading the adapted model"
-    run = load_run(
-        run_dir, checkpoint="best" if (run_dir / "checkpoints" / "best").is_dir() else "last", device=workspace.device
-    )
+    run = load_run(run_dir, checkpoint=RunLayout(run_dir).final_checkpoint(), device=workspace.device)
     workspace.use_predictor(load_predictor(run, device=workspace.device))
     return {"run": str(run_dir), "slices": cases, "steps": result.steps, "val_dice": result.best_val_dice}

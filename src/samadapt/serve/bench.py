@@ -49,6 +49,7 @@ def run_bench(clicks: int = 20, device: str = "cpu") -> dict:
     from samadapt.data.demo import fetch_demo
     from samadapt.data.io import read_label
     from samadapt.inference import load_predictor
+    from samadapt.prompts import box_from_mask
     from samadapt.serve import Workspace, create_app
 
     demo = fetch_demo()
@@ -77,9 +78,7 @@ def run_bench(clicks: int = 20, device: str = "cpu") -> dict:
             ys, xs = np.nonzero(truth[16])
             body = {"session": session, "axis": 0, "index": index, "object": 1}
             start = time.perf_counter()
-            answer = _post(
-                f"{url}/api/prompt", {**body, "box": [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]}
-            )
+            answer = _post(f"{url}/api/prompt", {**body, "box": [int(v) for v in box_from_mask(truth[16])]})
             first.append((time.perf_counter() - start) * 1000)
             server_first.append(answer["server_ms"])
             for k in range(clicks // 5):
@@ -97,9 +96,8 @@ def run_bench(clicks: int = 20, device: str = "cpu") -> dict:
         tissue = read_label(demo["mni152"] / "labelsTr" / "mni152.nii.gz").array > 0
         session = _post(f"{url}/api/open", {"path": str(mni)})["session"]
         middle = tissue.shape[0] // 2
-        ys, xs = np.nonzero(tissue[middle])
         body = {"session": session, "axis": 0, "index": middle, "object": 1}
-        _post(f"{url}/api/prompt", {**body, "box": [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]})
+        _post(f"{url}/api/prompt", {**body, "box": [int(v) for v in box_from_mask(tissue[middle])]})
         start = time.perf_counter()
         job = _post(f"{url}/api/propagate", body)
         while job["state"] == "running":

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from samadapt.prompts import SliceMask, box_from_mask, propagate_box
+
 
 @dataclass
 class Job:
@@ -73,17 +75,13 @@ class Jobs:
 MIN_SCORE = 0.5
 
 
-def _box_of(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
-
-
 def propagate(workspace, session, axis: int, index: int, value: int, job: Job, min_score: float = MIN_SCORE) -> dict:
     """Carry object ``value`` from slice ``index`` through the volume, forward then backward: each next slice is
-    prompted with the box of its neighbour's mask (LiteMedSAM's way, as ``predict.predict_volume``) until the mask
-    vanishes, the model's own IoU estimate falls below ``min_score`` (the object has ended: on the demo lesions
-    LiteMedSAM scores 0.8-0.9 inside a lesion and < 0.5 beyond it), or the volume ends. Slices where the user prompted this object are kept as drawn (and carry on from
-    their mask). Other objects' pixels are never overwritten. One undo step."""
+    prompted with the box of its neighbour's mask (``prompts.propagate_box``, as ``predict.predict_volume``) until the
+    mask vanishes, the model's own IoU estimate falls below ``min_score`` (the object has ended: on the demo lesions
+    LiteMedSAM scores 0.8-0.9 inside a lesion and < 0.5 beyond it), or the volume ends. Slices where the user
+    prompted this object are kept as drawn (and carry on from their mask). Other objects' pixels are never
+    overwritten. One undo step."""
     with session.lock:
         start_mask = session.plane(axis, index) == value
         if not start_mask.any():
@@ -91,32 +89,38 @@ def propagate(workspace, session, axis: int, index: int, value: int, job: Job, m
         session.remember("propagate", axis, None)
         count = session.labels.shape[axis]
     job.total = count - 1
-    written = []
-    for direction in (1, -1):
-        current = start_mask
-        i = index + direction
-        while 0 <= i < count:
-            job.message = f"slice {i}"
-            with session.lock:
-                plane = session.plane(axis, i)
-                if (value, axis, i) in session.prompts:
-                    mask = plane == value
-                else:
-                    with workspace.model_lock:
-                        workspace.encode(session, axis, i)
-                        answer = workspace.predictor.predict(boxes=_box_of(current))
-                    mask = answer.masks[0, 0]
-                    if float(answer.scores[0, 0]) < min_score:
-                        mask = np.zeros_like(mask)  # the model doubts its mask: the object has ended
-                    plane[plane == value] = 0
-                    plane[mask & (plane == 0)] = value
-                    session.dirty = True
-            job.done += 1
-            if not mask.any():
-                break
-            written.append(i)
-            current = mask
-            i += direction
+
+    def drawn(i: int) -> bool:
+        return (value, axis, i) in session.prompts
+
+    def segment(i: int, box: np.ndarray) -> SliceMask:
+        job.message = f"slice {i}"
+        if drawn(i):
+            return SliceMask(session.plane(axis, i) == value)
+        with workspace.model_lock:
+            workspace.encode(session, axis, i)
+            answer = workspace.predictor.predict(boxes=box)
+        return SliceMask(answer.masks[0, 0], float(answer.scores[0, 0]))
+
+    def write(i: int, mask: np.ndarray) -> None:
+        if not drawn(i):
+            plane = session.plane(axis, i)
+            plane[plane == value] = 0
+            plane[mask & (plane == 0)] = value
+            session.dirty = True
+        job.done += 1
+
+    written = propagate_box(
+        segment,
+        write,
+        index,
+        box_from_mask(start_mask),
+        0,
+        count - 1,
+        include_start=False,
+        min_score=min_score,
+        guard=session.lock,
+    )
     job.done = job.total
     job.message = f"{len(written)} slices"
     return {"slices": sorted(written), "axis": axis, "object": value}

@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from samadapt.data.datasets import load_dataset
-from samadapt.data.dicom_out import algorithm_of, label_format, write_dicom_labels
+from samadapt.data.dicom_out import label_format, write_dicom_labels
 from samadapt.data.io import ITK, NIFTI, NPZ, PICTURES, Volume, read_volume, suffix_of, write_label
 from samadapt.data.position import slice_position
 from samadapt.data.preprocess import PRESETS, preprocess_volume, volume_slice
 from samadapt.errors import DataError, InputNotFoundError
 from samadapt.files import atomic_write
 from samadapt.prediction import SegmentationPredictor
+from samadapt.runs import algorithm_of
 from samadapt.serve.dicom_cases import case_name, dicom_cases, split_case_path
 
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4")

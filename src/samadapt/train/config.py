@@ -261,16 +261,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set needs key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"unknown config key {key!r}: {part!r} is not a section")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(f"unknown config key {key!r}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        set_key(data, key, yaml.safe_load(raw) if raw != "" else "")
     return data
+
+
+def set_key(data: dict, key: str, value: typing.Any) -> None:
+    """Set ``section.key`` of a nested config dict to ``value`` (checked later by type); unknown keys are errors."""
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"unknown config key {key!r}: {part!r} is not a section")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"unknown config key {key!r}")
+    node[parts[-1]] = value
 
 
 def merge(base: dict, update: dict, where: str = "") -> dict:
@@ -300,14 +305,25 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
 
 
-def layered_config(cls: type, defaults: dict, config_file: str | None, flags: dict, sets: list[str] | None):
-    """The one order of configuration: ``defaults`` (a recipe's), then the YAML ``config_file``, then the command's
-    ``flags`` (``section.key`` -> value, None skipped), then ``--set`` strings; last wins, checked by type."""
+def layered_config(
+    cls: type,
+    defaults: dict,
+    config_file: str | Path | None = None,
+    flags: typing.Mapping[str, typing.Any] | None = None,
+    sets: typing.Sequence[str] | None = None,
+) -> typing.Any:
+    """THE way a run's configuration is assembled (``samadapt train`` / ``pretrain``, the demo, the app's adapt):
+    ``defaults`` (a recipe's: ``train.recipes.recipe_defaults`` / ``pretrain.config.pretrain_defaults``), then the
+    YAML ``config_file``, then the caller's ``flags`` (``section.key`` -> value, as given; None skipped), then
+    ``--set`` strings (``section.key=value``, parsed as YAML); last wins, and ``cls`` checks every value by type.
+    ``defaults`` is updated in place."""
     data = defaults
     if config_file:
         merge(data, read_yaml(config_file))
-    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    apply_overrides(data, overrides + list(sets or []))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_key(data, key, value)
+    apply_overrides(data, list(sets or []))
     return from_dict(cls, data)
 
 
@@ -329,6 +345,8 @@ __all__ = [
     "TrainLoopConfig",
     "apply_overrides",
     "from_dict",
+    "layered_config",
     "load_config",
     "merge",
+    "set_key",
 ]

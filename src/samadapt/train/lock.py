@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from samadapt.errors import RunDirectoryBusyError
+from samadapt.runs import RunLayout
 
 # the open lock files of this process (by id): closed in every forked child
 _HELD: dict[int, IO[str]] = {}
@@ -39,7 +40,7 @@ class RunLock:
     """``with RunLock(run_dir): ...`` holds the directory for this process, or raises ``RunDirectoryBusyError``."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / ".lock"
+        self.path = RunLayout(Path(run_dir)).lock
         self._handle: IO[str] | None = None
 
     def acquire(self) -> None:
