@@ -70,6 +70,7 @@ from samadapt.demo import held_out, recipe_config, spread
 from samadapt.eval.evaluate import Evaluation, evaluate_slices_under, evaluate_volumes
 from samadapt.eval.metrics import aggregate, binary_metrics
 from samadapt.runs import load_run
+from samadapt.selection import DEFAULT_ONE_CLICK, ONE_CLICK_RULES
 from samadapt.train.api import fit_slices
 from samadapt.train.config import TrainConfig
 
@@ -85,8 +86,10 @@ def shared_dataset(name: str) -> Path:
     """A dataset of ``SHARED_DATA`` by folder name, refused with the path when it is not there."""
     root = SHARED_DATA / name
     if not (root / "dataset.json").is_file():
-        raise SystemExit(f"{root}/dataset.json not found: the shared real data lies beside the clone as ../shared/data "
-                         "(or set SAMADAPT_SHARED_DATA to its folder)")
+        raise SystemExit(
+            f"{root}/dataset.json not found: the shared real data lies beside the clone as ../shared/data "
+            "(or set SAMADAPT_SHARED_DATA to its folder)"
+        )
     return root
 
 
@@ -191,8 +194,12 @@ def shape_interpolation(
 
 def _rows(item: dict, prediction: np.ndarray, classes: dict[int, str]) -> list[dict]:
     return [
-        {"case": item["case"], "slice": item["slice"], "class": name,
-         **binary_metrics(prediction == class_id, item["label"] == class_id, item["spacing"])}
+        {
+            "case": item["case"],
+            "slice": item["slice"],
+            "class": name,
+            **binary_metrics(prediction == class_id, item["label"] == class_id, item["spacing"]),
+        }
         for class_id, name in classes.items()
     ]
 
@@ -212,7 +219,7 @@ class Grid:
     overrides: list[str]
     reuse: Path | None = None
     max_volumes: int = 4
-    one_click: str = "trained"  # how adapted runs answer one click: as they trained, or forced "best" / "single"
+    one_click: str = DEFAULT_ONE_CLICK  # how adapted runs answer one click (``selection.ONE_CLICK_RULES``)
 
 
 def _summary(summary: dict) -> dict:
@@ -335,8 +342,7 @@ def run_cell(task: Task, k: int, seed: int, grid: Grid, runs: Path, log: Callabl
             )
         trained = time.perf_counter() - tick
         adapted = load_run(run_dir, checkpoint="last")
-        if grid.one_click != "trained":  # e.g. re-score the same checkpoints under the former rule (--reuse)
-            adapted.one_click_best = grid.one_click == "best"
+        adapted.one_click = grid.one_click  # e.g. re-score the same checkpoints under another rule (--reuse)
         protocols = ["none"] if semantic else list(PROMPTS)
         evaluations = score(adapted, data, protocols, **same)
         entry = {p: _summary(e.summary) for p, e in zip(protocols, evaluations, strict=True)}
@@ -463,9 +469,7 @@ def write_accuracy_section(path: Path, section: str, text: str) -> None:
 # ------------------------------------------------------------------------------------------------------------- main
 ALL_TASKS = "lesions,mni152,regions,abdomen_ct,hn_oar,brats"
 # --quick touches every task once: one k, one seed, fewer steps, held-out slices and test patients
-QUICK = dict(
-    tasks=ALL_TASKS, recipes="cheap-lunch,samed", k="3", seeds="0", steps=40, max_test=12, max_volumes=2
-)
+QUICK = dict(tasks=ALL_TASKS, recipes="cheap-lunch,samed", k="3", seeds="0", steps=40, max_test=12, max_volumes=2)
 FULL = dict(tasks=ALL_TASKS, recipes="cheap-lunch,samed,msa", k="1,3,6,12", seeds="0,1,2", steps=200, max_volumes=4)
 
 
@@ -486,7 +490,7 @@ def merged_results(paths: list[Path]) -> tuple[Grid, list[dict], list[str], floa
     same = ("steps", "batch_size", "max_test", "gap", "lr", "overrides", "max_volumes", "one_click")
     for g in grids:  # results written before cross-patient tasks and the one-click option existed
         g.setdefault("max_volumes", FULL["max_volumes"])
-        g.setdefault("one_click", "trained")
+        g.setdefault("one_click", "best")  # the only rule there was
     for path, other in zip(paths[1:], grids[1:], strict=True):
         differ = [key for key in same if other[key] != grids[0][key]]
         if differ:
@@ -529,9 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--one-click",
-        choices=("trained", "best", "single"),
-        default="trained",
-        help="adapted runs answer one click alone as they trained (default), or forced: best of three / single mask",
+        choices=ONE_CLICK_RULES,
+        default=DEFAULT_ONE_CLICK,
+        help="how adapted runs answer one click alone: best of three (default), as they trained, or the single mask",
     )
     parser.add_argument("--section", default="latest", help="name of this table in --out (others are kept)")
     parser.add_argument("--title", default="", help="heading of the section")
@@ -618,7 +622,7 @@ def section_header(grid: Grid, title: str, source: str, wall: float, threads: st
         f"held-out slices at least {grid.gap} slices from every exemplar, at most {grid.max_test} per cell; "
         f"cross-patient tasks: k slices in each of 2 patients, at most {grid.max_volumes} other patients scored in 3D."
         + (f" Models not trained: the runs in {grid.reuse} re-evaluated." if grid.reuse else "")
-        + (f" One click alone answered by: {grid.one_click}." if grid.one_click != "trained" else ""),
+        + (f" One click alone answered by: {grid.one_click}." if grid.one_click != DEFAULT_ONE_CLICK else ""),
         "Cells: mean ± standard deviation over seeds (a single number: one seed). 'held-out' lists the held-out "
         "slice count per seed. 'min class Dice' is the lowest per-class Dice of the adapted model.",
         "",

@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--strips", choices=["on", "off"], default="on", help="accelerate(..., conv_strips=)")
     parser.add_argument("--attention", choices=["auto", "fused", "explicit", "graph"], default="auto")
-    parser.add_argument("--windows", choices=["copy", "reshape"], default="copy", help="accelerate(..., window_copies=)")
+    parser.add_argument(
+        "--windows", choices=["copy", "reshape"], default="copy", help="accelerate(..., window_copies=)"
+    )
     args = parser.parse_args(argv)
 
     from samadapt.accel import accelerate

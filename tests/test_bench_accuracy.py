@@ -205,10 +205,15 @@ def test_a_cross_patient_cell_runs_end_to_end_and_is_scored_in_3d(tmp_path):
     assert "copy nearest exemplar" not in cell["results"]  # within-volume baselines only
     assert set(cell["results"]["un-adapted"]) == {"point:1", "point:3", "box"}
     box = cell["results"]["un-adapted"]["box"]
-    assert 0.0 < box["dice"] <= 1.0 and 0.0 <= box["nsd"] <= 1.0 and set(box["per_class_dice"]) == {
-        "brainstem",
-        "spinal cord",
-    }
+    assert (
+        0.0 < box["dice"] <= 1.0
+        and 0.0 <= box["nsd"] <= 1.0
+        and set(box["per_class_dice"])
+        == {
+            "brainstem",
+            "spinal cord",
+        }
+    )
     samed = cell["results"]["samed"]
     assert samed["train"]["steps"] == 2 and math.isfinite(samed["none"]["dice"])
     rows = table([cell], Grid(["hn"], ["samed"], [1], [0], 2, 2, 4, 3, {}, []))

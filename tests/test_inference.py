@@ -66,8 +66,8 @@ def test_both_backends_implement_the_protocol_and_return_the_one_prediction(tmp_
     answers = []
     for predictor in (torch_predictor, onnx_predictor):
         assert isinstance(predictor, SegmentationPredictor)
-        # each predictor's attribute, set from what the run trained (issue 30: a single-mask run answers with token 0)
-        assert predictor.select_single_click is run.select_single_click is False
+        # each predictor's attribute, from the run's one-click rule (the default: SAM's best of three)
+        assert predictor.select_single_click is run.select_single_click is True
         assert not predictor.is_cached("slice 1")
         predictor.set_image(image(), preprocessed=True, cache_key="slice 1")
         assert predictor.is_cached("slice 1")

@@ -1,8 +1,10 @@
-"""One click alone is answered the way the run trained (issue 30): the best of SAM's three candidates for the
-un-adapted model and for a run trained with multimask outputs, the single-mask output (token 0) for a run that
-trained only that one; in the Predictor, evaluate, the predict CLI and the ONNX runtime, from one rule
-(``selection.one_click_best``) read off the manifest (schema 2; older manifests upgraded)."""
+"""How one click alone is answered (issue 30), one rule (``selection.one_click_best``) in the Predictor, evaluate, the
+predict CLI and the ONNX runtime: by default SAM's best of three candidates; under the ``trained`` rule (an option,
+``--one-click trained``) the best of three for the un-adapted model and for a run trained with multimask outputs,
+the single-mask output (token 0) for a run that trained only that one, read off the manifest (schema 2; older
+manifests upgraded)."""
 
+import dataclasses
 import json
 import shutil
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from samadapt.errors import ConfigError
 from samadapt.eval.evaluate import evaluate_slices
 from samadapt.eval.metrics import dice
 from samadapt.models.registry import build_model
@@ -19,16 +22,23 @@ from samadapt.predict import Predictor
 from samadapt.runs import MANIFEST_SCHEMA, Manifest, RunLayout, base_model_facts, baseline, load_run, trained_outputs
 from samadapt.selection import best_candidate, one_click_best
 
-CHEAP_LUNCH = PeftConfig(method="lora", lora=LoRAConfig(decoder=True), train_modules=["mask_decoder.iou_prediction_head"])
+CHEAP_LUNCH = PeftConfig(
+    method="lora", lora=LoRAConfig(decoder=True), train_modules=["mask_decoder.iou_prediction_head"]
+)
 
 
-def test_the_rule_and_what_a_manifest_says_it_trained():
-    assert one_click_best(None) and one_click_best({})  # an un-adapted model
-    assert one_click_best({"outputs": {"masks": "multimask"}})
-    assert not one_click_best({"outputs": {"masks": "single", "iou_head": True}})
+def test_the_rules_and_what_a_manifest_says_it_trained():
+    single, multimask = {"outputs": {"masks": "single", "iou_head": True}}, {"outputs": {"masks": "multimask"}}
+    for manifest in (None, {}, single, multimask):  # the default: the best of three for every model
+        assert one_click_best(manifest) and one_click_best(manifest, "best")
+        assert not one_click_best(manifest, "single")
+    assert one_click_best(None, "trained") and one_click_best({}, "trained")  # an un-adapted model
+    assert one_click_best(multimask, "trained") and not one_click_best(single, "trained")
     # a manifest without ``outputs`` (before schema 2): what its training did, by default the single mask
-    assert not one_click_best({"task": "prompt", "prompt": {"kind": "point"}})
-    assert one_click_best({"task": "prompt", "prompt": {"kind": "point", "multimask": True}})
+    assert not one_click_best({"task": "prompt", "prompt": {"kind": "point"}}, "trained")
+    assert one_click_best({"task": "prompt", "prompt": {"kind": "point", "multimask": True}}, "trained")
+    with pytest.raises(ConfigError, match="one-click rule 'largest'"):
+        one_click_best(single, "largest")
     peft = CHEAP_LUNCH.to_dict()
     assert trained_outputs("prompt", {"multimask": True}, peft) == {"masks": "multimask", "iou_head": True}
     assert trained_outputs("prompt", {}, peft, iou_loss=0.0) == {"masks": "single", "iou_head": False}
@@ -105,20 +115,27 @@ def runs(tmp_path_factory):
     return paths
 
 
-def test_load_run_sets_the_selection_from_the_manifest(runs):
+def test_load_run_sets_the_selection_from_the_manifest_under_the_trained_rule(runs):
+    from samadapt.inference import load_predictor
+
     expected = {"single": False, "multimask": True, "old-multimask": True, "old-default": False}
     for name, selects in expected.items():
-        run = load_run(runs[name], device="cpu")
+        default = load_run(runs[name], device="cpu")
+        assert default.select_single_click is True and Predictor.for_run(default, "cpu").select_single_click is True
+        run = dataclasses.replace(default, one_click="trained")
         assert run.select_single_click is selects, name
         assert Predictor.for_run(run, "cpu").select_single_click is selects, name
+        assert load_predictor(runs[name], device="cpu", one_click="trained").select_single_click is selects, name
         with baseline(run) as base:  # the un-adapted model: SAM's best of three
             assert base.select_single_click is True
     assert load_run("lite_medsam", device="cpu").select_single_click is True
 
 
 @pytest.mark.slow
-def test_the_predictor_answers_one_click_as_the_run_trained(runs):
-    single, multimask = load_run(runs["single"], device="cpu"), load_run(runs["multimask"], device="cpu")
+def test_the_predictor_answers_one_click_as_the_run_trained_under_the_trained_rule(runs):
+    single, multimask = (
+        dataclasses.replace(load_run(runs[n], device="cpu"), one_click="trained") for n in ("single", "multimask")
+    )
     image = ring_image()
     differed = 0
     for run, want_best in ((single, False), (multimask, True)):
@@ -144,14 +161,14 @@ def test_the_predictor_answers_one_click_as_the_run_trained(runs):
 
 
 @pytest.mark.slow
-def test_evaluate_and_the_predict_cli_answer_one_click_with_token_0_after_single_mask_training(runs, tmp_path):
+def test_evaluate_and_the_predict_cli_answer_one_click_with_token_0_under_the_trained_rule(runs, tmp_path):
     from samadapt.cli import main
     from samadapt.data.io import read_volume
     from samadapt.data.preprocess import preprocess_volume, volume_slice
     from samadapt.prompts import centre_click
     from tests.data.conftest import write_nifti
 
-    run = load_run(runs["single"], device="cpu")
+    run = dataclasses.replace(load_run(runs["single"], device="cpu"), one_click="trained")
     image = ring_image()
     label = (np.hypot(*np.mgrid[-120:136, -130:126]) < 55).astype(np.int64)
     item = {"image": image, "label": label, "case": "ring", "slice": 0, "spacing": (1.0, 1.0)}
@@ -169,7 +186,7 @@ def test_evaluate_and_the_predict_cli_answer_one_click_with_token_0_after_single
     x, y = CLICKS[1]
     out = tmp_path / "mask.nii.gz"
     argv = ["predict", str(path), "--run", str(runs["single"]), "--points", f"[[{x}, {y}, 1, 1]]", "--out", str(out)]
-    assert main([*argv, "--device", "cpu"]) == 0
+    assert main([*argv, "--device", "cpu", "--one-click", "trained"]) == 0
     written = read_volume(out).array
     preset = "mr"  # the run's preprocessing is unset: predict_volume's default
     plane = volume_slice(preprocess_volume(volume.array, preset), 1, 0, preset)
@@ -181,7 +198,7 @@ def test_evaluate_and_the_predict_cli_answer_one_click_with_token_0_after_single
 
 
 @pytest.mark.slow
-def test_the_onnx_runtime_follows_the_exported_run(tmp_path):
+def test_the_onnx_runtime_follows_the_exported_run_under_the_trained_rule(tmp_path):
     from samadapt.export.onnx import export_onnx
     from samadapt.export.runtime import OnnxPredictor, load_export
     from samadapt.inference import load_predictor
@@ -194,11 +211,13 @@ def test_the_onnx_runtime_follows_the_exported_run(tmp_path):
     apply_peft(model, config)
     randomise_peft_weights(model)
     manifest = Manifest("tiny", "0" * 64, config.to_dict(), classes={1: "a"}, prompt={"kind": "point"})
-    run = Run(model=model.eval(), name="tiny", classes={1: "a"}, manifest=manifest)
+    run = Run(model=model.eval(), name="tiny", classes={1: "a"}, manifest=manifest, one_click="trained")
     assert run.select_single_click is False
     export_onnx(run, tmp_path / "single")
-    onnx = OnnxPredictor(tmp_path / "single")
-    assert onnx.select_single_click is False and load_export(tmp_path / "single").select_single_click is False
+    assert OnnxPredictor(tmp_path / "single").select_single_click is True  # the default rule
+    assert load_export(tmp_path / "single").select_single_click is True
+    onnx = load_predictor(tmp_path / "single", "onnxruntime", one_click="trained")
+    assert onnx.select_single_click is False and onnx.run.select_single_click is False
     image = np.random.default_rng(0).random((128, 128)).astype(np.float32)
     onnx.set_image(image, preprocessed=True)
     differed = 0
@@ -219,12 +238,12 @@ def test_the_onnx_runtime_follows_the_exported_run(tmp_path):
         path = tmp_path / name / "manifest.json"
         data = json.loads(path.read_text())
         path.write_text(json.dumps({**data, "run_manifest": run_manifest}))
-        predictor = OnnxPredictor(tmp_path / name)
+        predictor = load_predictor(tmp_path / name, "onnxruntime", one_click="trained")
         assert predictor.select_single_click is selects, name
-        assert load_export(tmp_path / name).select_single_click is selects, name
+        exported = dataclasses.replace(load_export(tmp_path / name), one_click="trained")
+        assert exported.select_single_click is selects, name
         assert OnnxPredictor(tmp_path / name, select_single_click=not selects).select_single_click is not selects
-    # load_predictor gives the onnxruntime predictor the run's own rule (and an override on the Run)
+    # load_predictor gives the onnxruntime predictor the run's own rule, or the one it is given
     assert load_predictor(run, "onnxruntime").select_single_click is False
-    forced = Run(model=run.model, name="tiny", classes={1: "a"}, manifest=manifest, one_click_best=True)
-    assert load_predictor(forced, "onnxruntime").select_single_click is True
-    assert Predictor.for_run(forced, "cpu").select_single_click is True
+    assert load_predictor(run, "onnxruntime", one_click="best").select_single_click is True
+    assert Predictor.for_run(dataclasses.replace(run, one_click="best"), "cpu").select_single_click is True

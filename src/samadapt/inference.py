@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from samadapt.export.runtime import ExportedRun, OnnxPredictor, is_export_dir, l
 from samadapt.predict import Predictor
 from samadapt.prediction import Prediction, SegmentationPredictor
 from samadapt.runs import baseline, load_run
+from samadapt.selection import check_one_click
 
 __all__ = [
     "BACKENDS",
@@ -54,6 +56,7 @@ def load_predictor(
     cache_size: int = 0,
     blend: float | None = None,
     keep_components: str = "all",
+    one_click: str | None = None,
 ) -> SegmentationPredictor:
     """The predictor of a run on ``backend``, with the run it predicts for as its ``run`` attribute.
 
@@ -65,9 +68,8 @@ def load_predictor(
         device, precision: the torch backend's (precision None: the run's own).
         cache_size: how many embeddings ``set_image(..., cache_key=...)`` keeps.
         keep_components: ``"prompt"`` keeps only the mask components a prompt touches (``components``; default all).
-
-    One click alone is answered as the run was trained (``selection.one_click_best``; an export keeps the run's
-    manifest).
+        one_click: how one click alone is answered (``selection.ONE_CLICK_RULES``; None: the run's ``one_click``,
+            ``best`` unless set); the predictor's run carries it.
 
     Raises:
         ConfigError: an unknown backend, or ``blend`` with a run already loaded or an export (fixed there).
@@ -76,6 +78,8 @@ def load_predictor(
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     run = _load(run_or_export, backend, device, blend)
+    if one_click is not None:
+        run = dataclasses.replace(run, one_click=check_one_click(one_click))
     if backend == "onnxruntime":
         predictor = OnnxPredictor(
             export_dir_for(run),

@@ -46,7 +46,7 @@ from samadapt.peft.config import DEFAULT_TRAIN_MODULES
 from samadapt.peft.inject import ADAPTER_WEIGHTS
 from samadapt.peft.pretrained import PretrainedInitError, load_encoder_peft
 from samadapt.precision import INFERENCE_PRECISION
-from samadapt.selection import one_click_best, trained_masks
+from samadapt.selection import DEFAULT_ONE_CLICK, one_click_best, trained_masks
 
 if TYPE_CHECKING:
     from samadapt.data.dicom_terms import Algorithm
@@ -206,9 +206,8 @@ class Run:
         classes: dataset class id -> name, for the classes the model segments.
         name: the run directory's name, or the bare model's.
         manifest: the adapter's manifest (None for a bare model).
-        one_click_best: how one click alone is answered; None (default): as the run trained
-            (``select_single_click``); True / False force the best of three candidates / the single mask (to
-            measure one against the other).
+        one_click: how one click alone is answered (``selection.ONE_CLICK_RULES``): ``best`` (default) of SAM's
+            three candidates, ``trained`` as the run trained, or ``single``.
     """
 
     model: Sam
@@ -217,15 +216,13 @@ class Run:
     classes: dict[int, str] = field(default_factory=dict)
     manifest: Manifest | None = None
     path: Path | None = None
-    one_click_best: bool | None = None
+    one_click: str = DEFAULT_ONE_CLICK
 
     @property
     def select_single_click(self) -> bool:
-        """Whether one click alone is answered by the best of SAM's three candidates (``selection.one_click_best``:
-        the un-adapted model, or a run trained with multimask outputs), unless ``one_click_best`` says otherwise."""
-        if self.one_click_best is not None:
-            return self.one_click_best
-        return one_click_best(self.manifest.to_dict() if self.manifest else None)
+        """Whether one click alone is answered by the best of SAM's three candidates (``selection.one_click_best``
+        under ``one_click``)."""
+        return one_click_best(self.manifest.to_dict() if self.manifest else None, self.one_click)
 
     @property
     def base_model(self) -> str:

@@ -1,10 +1,12 @@
-"""Which mask answers a prompt: for one click alone, the best of SAM's three candidates, where they were trained.
+"""Which mask answers a prompt: for one click alone, the best of SAM's three candidates, or the single mask.
 
-The rule (``one_click_best``): SAM answers a single click with the candidate its IoU head rates best, which is
-meaningful for the un-adapted model and for a run trained with multimask outputs (``prompt.multimask``: the best of
-three loss, the IoU head on all three). A run trained on the single-mask output only (token 0) left the three
-candidates untrained, and its IoU head picks fragments among them (issue 30: Cheap Lunch one click on brain
-structures 0.68 -> 0.29): it answers one click with its trained token 0.
+The rule (``one_click_best``) has three settings (``ONE_CLICK_RULES``):
+- ``best`` (the default): SAM's practice, the candidate its IoU head rates best, for every model;
+- ``trained``: the best of three only where the candidates were trained (the un-adapted model, a run trained with
+  multimask outputs: ``prompt.multimask``), the single-mask output (token 0) for a run that trained only it. On
+  brain structures that are not blobs this lifted Cheap Lunch's one click 0.29 -> 0.69 (issue 30); whether it holds
+  on every task is the accuracy protocol's to show (``bench/accuracy.py --one-click``) before it may be the default;
+- ``single``: always token 0.
 
 numpy only (no torch import), so ``samadapt.predict.Predictor``, ``samadapt.runs.Run`` and the torch-free ONNX
 runtime (``samadapt.export.runtime.OnnxPredictor``) share the one rule.
@@ -17,6 +19,8 @@ from collections.abc import Mapping
 import numpy as np
 
 SINGLE, MULTIMASK, SEMANTIC = "single", "multimask", "semantic"  # the mask outputs a run's training taught
+ONE_CLICK_RULES = ("best", "trained", "single")
+DEFAULT_ONE_CLICK = "best"
 
 
 def trained_masks(task: str, prompt: Mapping | None) -> str:
@@ -28,17 +32,31 @@ def trained_masks(task: str, prompt: Mapping | None) -> str:
     return MULTIMASK if (prompt or {}).get("multimask", False) else SINGLE
 
 
-def one_click_best(run_manifest: Mapping | None) -> bool:
-    """Whether one click alone is answered by the best of the three candidates (``best_candidate``): for the
-    un-adapted model (no run manifest) and for a run whose manifest says it trained the multimask outputs; a run that
-    trained the single-mask output answers with it. The one rule for predict, evaluate, the API, the trainer's
-    validation, the ONNX runtime and the app.
+def check_one_click(rule: str) -> str:
+    """``rule`` if it is one of ``ONE_CLICK_RULES``, else a ``ConfigError``."""
+    if rule not in ONE_CLICK_RULES:
+        from samadapt.errors import ConfigError
+
+        raise ConfigError(f"unknown one-click rule {rule!r}: choose one of {', '.join(ONE_CLICK_RULES)}")
+    return rule
+
+
+def one_click_best(run_manifest: Mapping | None, rule: str = DEFAULT_ONE_CLICK) -> bool:
+    """Whether one click alone is answered by the best of the three candidates (``best_candidate``) under ``rule``
+    (module docstring). The one rule for predict, evaluate, the API, the trainer's validation, the ONNX runtime and
+    the app.
 
     Args:
         run_manifest: a run's manifest as a dict (``runs.Manifest.to_dict``, or the ``run_manifest`` an ONNX export
-            keeps); None or empty: a bare model. Its ``outputs.masks`` decides; a manifest without it (written before
-            schema 2) is read by ``trained_masks``.
+            keeps); None or empty: a bare model. Under ``trained``, its ``outputs.masks`` decides; a manifest
+            without it (written before schema 2) is read by ``trained_masks``.
+        rule: ``best``, ``trained`` or ``single``.
+
+    Raises:
+        ConfigError: an unknown rule.
     """
+    if check_one_click(rule) != "trained":
+        return rule == "best"
     if not run_manifest:
         return True
     masks = (run_manifest.get("outputs") or {}).get("masks")

@@ -196,9 +196,7 @@ def test_lite_medsam_export_equals_torch(tmp_path):
     assert manifest["base_model"] == "lite_medsam" and len(manifest["base_sha256"]) == 64
     assert manifest["img_size"] == 256
     raw = (image((180, 220)) * 200).astype(np.uint8)  # a raw uint8 image: the /255 rule on both sides
-    assert_same_predictions(
-        Predictor.for_run(run, "cpu", "fp32"), OnnxPredictor(tmp_path), raw, preprocessed=False
-    )
+    assert_same_predictions(Predictor.for_run(run, "cpu", "fp32"), OnnxPredictor(tmp_path), raw, preprocessed=False)
     # TinyViT pads its 128- and 64-token grids to whole windows: by concatenation, not by ScatterND over the grid
     ops = {node.op_type for node in onnx.load(str(tmp_path / manifest["files"]["image_encoder"]["path"])).graph.node}
     assert "Concat" in ops and "ScatterND" not in ops

@@ -230,9 +230,7 @@ def test_tiled_mbconv_is_the_whole_block_in_float32(rows, monkeypatch, strips):
 
 @needs_kernels
 @pytest.mark.parametrize("kind", ["mbconv", "merging"])
-def test_switches_training_autograd_small_and_other_inputs_keep_the_whole_blocks(
-    kind, monkeypatch, strips
-):
+def test_switches_training_autograd_small_and_other_inputs_keep_the_whole_blocks(kind, monkeypatch, strips):
     block = mbconv_with_statistics() if kind == "mbconv" else with_statistics(PatchMerging((9, 7), 8, 12, 2))
     calls = strips if kind == "mbconv" else strips.merging
     x = channels_last(2, 8, 9, 7)

@@ -25,7 +25,9 @@ def dicom_server(root, tmp_path, tiny_run):
 
     write_series(ct_case()[0], root / "export", "CT", series_number=2)
     write_series(mr_case()[0], root / "export", "MR", series_number=4)
-    workspace = Workspace(load_predictor(tiny_run, device="cpu"), roots=[root], state_dir=tmp_path / "state", device="cpu")
+    workspace = Workspace(
+        load_predictor(tiny_run, device="cpu"), roots=[root], state_dir=tmp_path / "state", device="cpu"
+    )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -67,7 +67,9 @@ def test_a_rebinding_request_is_refused_whatever_it_asks(served):
     assert status in (400, 403) and b"disc.nii.gz" not in content  # an empty Host: refused by uvicorn or the app
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "LOCALHOST", "samadapt.lan:80"])
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "LOCALHOST", "samadapt.lan:80"]
+)
 def test_the_loopback_names_and_the_given_host_are_served(served, host):
     status, _, content = http(served, "GET", "/api/info", {"Host": host.format(port=served), "X-Token": TOKEN})
     assert status == 200 and b"disc.nii.gz" in content

@@ -9,6 +9,7 @@ from samadapt.data.datasets import SliceDataset, load_dataset
 from samadapt.data.selection import split_cases
 from samadapt.data.synthesis import select_exemplars
 from samadapt.runs import RunLayout, load_run
+from samadapt.selection import one_click_best
 from samadapt.train.api import train
 from samadapt.train.config import TrainConfig, apply_overrides, from_dict
 from samadapt.train.exemplars import exemplar_record, read_exemplars
@@ -36,7 +37,7 @@ def test_train_records_its_outputs_and_its_exemplars(tiny_msd, tmp_path, multima
     masks = "multimask" if multimask else "single"
     assert manifest["schema_version"] == 2 and manifest["prompt"]["multimask"] is multimask
     assert manifest["outputs"] == {"masks": masks, "iou_head": True}  # cheap-lunch trains its IoU head
-    assert load_run(tmp_path, device="cpu").select_single_click is multimask
+    assert one_click_best(load_run(tmp_path, device="cpu").manifest.to_dict(), "trained") is multimask
 
     slices = SliceDataset(load_dataset(tiny_msd))
     train_cases, _ = split_cases(load_dataset(tiny_msd), 1, 0)

@@ -6,36 +6,18 @@ import argparse
 import json
 from pathlib import Path
 
-from samadapt.cli.options import (
-    BACKEND_HELP,
-    BLEND_HELP,
-    DEVICE_HELP,
-    KEEP_COMPONENTS_HELP,
-    LARGEST_COMPONENT_HELP,
-    PRECISION_HELP,
-    largest_component_classes,
-)
-from samadapt.components import KEEP_COMPONENTS
-from samadapt.precision import PRECISIONS
+from samadapt.cli.options import add_predictor_options, largest_component_classes, predictor_from
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
     from samadapt.eval.evaluate import evaluate
-    from samadapt.inference import load_predictor
 
     if args.prompt == "text":  # a held-out phrase per class, then the plain class name (a report each)
         for prompt, out in (("text:heldout", Path(args.out)), ("text:name", Path(args.out) / "text-name")):
             evaluate_command(argparse.Namespace(**{**vars(args), "prompt": prompt, "out": str(out)}))
         return 0
     # the one place --backend is read; evaluate scores this predictor and its baseline on the same backend
-    predictor = load_predictor(
-        args.run,
-        args.backend,
-        device=args.device,
-        precision=args.precision,
-        blend=args.blend,
-        keep_components=args.keep_components,
-    )
+    predictor = predictor_from(args)
     metrics = evaluate(
         predictor.run,
         args.data,
@@ -74,10 +56,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance")
     evaluate.add_argument("--out", required=True, help="report directory")
-    evaluate.add_argument("--device", help=DEVICE_HELP)
-    evaluate.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
-    evaluate.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help=BACKEND_HELP)
-    evaluate.add_argument("--blend", type=float, help=BLEND_HELP)
-    evaluate.add_argument("--keep-components", choices=KEEP_COMPONENTS, default="all", help=KEEP_COMPONENTS_HELP)
-    evaluate.add_argument("--largest-component", help=LARGEST_COMPONENT_HELP)
+    add_predictor_options(evaluate)
     evaluate.set_defaults(func=evaluate_command)

@@ -7,25 +7,14 @@ import json
 
 import numpy as np
 
-from samadapt.cli.options import (
-    BACKEND_HELP,
-    BLEND_HELP,
-    DEVICE_HELP,
-    KEEP_COMPONENTS_HELP,
-    LARGEST_COMPONENT_HELP,
-    PRECISION_HELP,
-    largest_component_classes,
-)
-from samadapt.components import KEEP_COMPONENTS
+from samadapt.cli.options import add_predictor_options, largest_component_classes, predictor_from
 from samadapt.errors import ConfigError, DataError
-from samadapt.precision import PRECISIONS
 
 
 def predict_command(args: argparse.Namespace) -> int:
     from samadapt.data.dicom import write_source_record
     from samadapt.data.dicom_out import label_format, write_dicom_labels
     from samadapt.data.io import read_volume, write_label
-    from samadapt.inference import load_predictor
     from samadapt.predict import VOLUME_CACHE, predict_folder, predict_volume
     from samadapt.runs import algorithm_of
 
@@ -39,15 +28,7 @@ def predict_command(args: argparse.Namespace) -> int:
     if dicom_format and volume.dicom is None:
         raise DataError(f"{args.out}: a {dicom_format} output references a DICOM series; {args.image} is not DICOM")
     # the run (or an ONNX export's) on its backend: the one place --backend is read
-    predictor = load_predictor(
-        args.run,
-        args.backend,
-        device=args.device,
-        precision=args.precision,
-        cache_size=VOLUME_CACHE,
-        blend=args.blend,
-        keep_components=args.keep_components,
-    )
+    predictor = predictor_from(args, cache_size=VOLUME_CACHE)
     run = predictor.run
     if args.input is not None:
         written = predict_folder(
@@ -111,10 +92,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["dicom-seg", "rtstruct"],
         help="write a DICOM Segmentation or an RT Structure Set referencing the input series (default: from --out)",
     )
-    predict.add_argument("--device", help=DEVICE_HELP)
-    predict.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
-    predict.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help=BACKEND_HELP)
-    predict.add_argument("--blend", type=float, help=BLEND_HELP)
-    predict.add_argument("--keep-components", choices=KEEP_COMPONENTS, default="all", help=KEEP_COMPONENTS_HELP)
-    predict.add_argument("--largest-component", help=LARGEST_COMPONENT_HELP)
+    add_predictor_options(predict)
     predict.set_defaults(func=predict_command)

@@ -253,7 +253,9 @@ def convert_dicom(src: str | Path, out: str | Path, series: Sequence[str] = ()) 
             found = sources.get(item.series_uid, [])
             part = "imagesTr" if found else "imagesTs"
             (tmp / part).mkdir(exist_ok=True)
-            nib.save(nib.Nifti1Image(volume.array.transpose(2, 1, 0), volume.affine), str(tmp / part / f"{case}.nii.gz"))
+            nib.save(
+                nib.Nifti1Image(volume.array.transpose(2, 1, 0), volume.affine), str(tmp / part / f"{case}.nii.gz")
+            )
             if found:
                 labels = np.zeros(volume.array.shape[:3], np.uint16)
                 for path in found:
@@ -291,4 +293,3 @@ def _case_name(series, used: set[str]) -> str:
         name = f"{base}-{k}"
     used.add(name)
     return name
-

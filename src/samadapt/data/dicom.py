@@ -191,9 +191,7 @@ def choose_series(folder: str | Path, series_uid: str | None = None) -> DicomSer
         if not images:
             raise DataError(f"{folder}: no DICOM image series" + (f" (found: {listing})" if every else ""))
         if len(images) > 1:
-            raise DataError(
-                f"{folder}: holds {len(images)} DICOM image series; pick one with --series UID: {listing}"
-            )
+            raise DataError(f"{folder}: holds {len(images)} DICOM image series; pick one with --series UID: {listing}")
         series_uid = images[0].series_uid
     if series_uid not in groups:
         raise DataError(f"{folder}: no series {series_uid}; the folder holds: {listing}")

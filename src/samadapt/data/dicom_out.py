@@ -23,6 +23,8 @@ from samadapt.errors import ConfigError, DataError
 from samadapt.files import atomic_write
 
 DICOM_FORMATS = ("dicom-seg", "rtstruct")
+
+
 def label_format(path: str | Path, format: str | None = None) -> str | None:
     """The DICOM format to write ``path`` in: ``format`` when given, ``rtstruct`` for names ending in
     ``rtstruct.dcm``, ``dicom-seg`` for other ``.dcm`` names, None (not DICOM: ``io.write_label``) otherwise.

@@ -63,7 +63,6 @@ def split_cases(spec: DatasetSpec, val_cases: int, seed: int = 0) -> tuple[list[
     return split.train, split.val
 
 
-
 @dataclass
 class TrainingSelection:
     """Slice indices into ``slices``: ``labelled`` (the exemplars, or every labelled training slice), ``empty``

@@ -429,7 +429,7 @@ def evaluate(
     ``run`` is a path (``peft.blend``; None: the run's own).
     ``keep_components`` / ``largest_component``: the options of ``evaluate_volumes`` (both models; off by default;
     ``largest_component="all"``: every class scored; a given ``predictor`` applies its own ``keep_components``).
-    One click alone is answered as each model was trained (``selection.one_click_best``).
+    One click alone is answered by each run's one-click rule (``Run.one_click``; ``selection.one_click_best``).
     """
     from samadapt.data.datasets import SliceDataset, load_dataset
     from samadapt.eval.report import save_evaluation
@@ -481,4 +481,3 @@ def evaluate(
     if reference is not None:
         metrics["baseline"] = reference.metrics_json()
     return metrics
-

@@ -29,7 +29,7 @@ from samadapt.errors import ConfigError, InputNotFoundError, RunError
 from samadapt.files import file_sha256
 from samadapt.intensity import check_unit_range, to_unit_range
 from samadapt.prediction import Prediction
-from samadapt.selection import best_candidate, is_single_click, one_click_best
+from samadapt.selection import DEFAULT_ONE_CLICK, best_candidate, is_single_click, one_click_best
 
 __all__ = [
     "ExportedRun",
@@ -243,6 +243,7 @@ class ExportedRun:
     manifest: dict = field(default_factory=dict)
     model: None = None
     precision: str = "fp32"
+    one_click: str = DEFAULT_ONE_CLICK  # as ``runs.Run.one_click``
 
     @property
     def label(self) -> str:
@@ -266,8 +267,8 @@ class ExportedRun:
         return self.manifest.get("preprocessing") or ""
 
     @property
-    def select_single_click(self) -> bool:  # as the exported run was trained (a bare model's export: True)
-        return one_click_best(self.export.get("run_manifest"))
+    def select_single_click(self) -> bool:  # as ``runs.Run.select_single_click``, from the exported run's manifest
+        return one_click_best(self.export.get("run_manifest"), self.one_click)
 
 
 def load_export(path: str | Path) -> ExportedRun:
@@ -319,7 +320,7 @@ class OnnxPredictor:
         threads: onnxruntime intra-op threads (default: onnxruntime's, one per physical core).
         providers: onnxruntime execution providers (default: CPU).
         check_files: verify the graphs' SHA-256 against the manifest before loading.
-        select_single_click / keep_components: as ``Predictor``'s (None: as the exported run was trained).
+        select_single_click / keep_components: as ``Predictor``'s (None: the default one-click rule).
     """
 
     run = None  # the run it predicts for (``inference.load_predictor`` sets it): an ExportedRun, or the exported Run
@@ -338,8 +339,8 @@ class OnnxPredictor:
 
         self.export_dir = Path(export_dir)
         self.manifest = read_export_manifest(self.export_dir)
-        trained = one_click_best(self.manifest.get("run_manifest"))
-        self.select_single_click = trained if select_single_click is None else select_single_click
+        default = one_click_best(self.manifest.get("run_manifest"))
+        self.select_single_click = default if select_single_click is None else select_single_click
         self.keep_components = check_keep_components(keep_components)
         self.task = self.manifest["task"]
         self.img_size = int(self.manifest["img_size"])

@@ -90,7 +90,7 @@ def collapse_warnings(trainer, probe_slices: int = 4) -> list[str]:
 
 def _foreground(trainer, items: Sequence[PreparedSlice]) -> int:
     """Foreground pixels the model predicts on prepared slices: semantic, the argmax; prompted, per learned class
-    present, its class name (text runs) or one centre click answered as the run trained (``one_click_best``)."""
+    present, its class name (text runs) or one centre click answered by the default one-click rule (``one_click_best``)."""
     from samadapt.prompts import centre_click
     from samadapt.selection import best_candidate, one_click_best
 
