@@ -22,7 +22,7 @@ demo-quick: $(STAMP)
 	$(VENV)/bin/samadapt demo --quick --out runs/demo-quick
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

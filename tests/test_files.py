@@ -4,7 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from samadapt.data.datasets import load_dataset, write_msd_dataset
+from samadapt.data.dataset_writer import write_msd_dataset
+from samadapt.data.datasets import load_dataset
 from samadapt.errors import DataError
 from samadapt.files import atomic_folder, atomic_write, atomic_write_text
 

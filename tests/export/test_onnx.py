@@ -14,16 +14,16 @@ import torch
 from onnxruntime import InferenceSession
 
 from samadapt.errors import ConfigError, UnsupportedExportError
+from samadapt.export.geometry import InputGeometry as NumpyGeometry
+from samadapt.export.geometry import model_input
 from samadapt.export.onnx import export_model, export_onnx
 from samadapt.export.runtime import (
     ExportedRun,
     OnnxPredictor,
     is_export_dir,
     load_export,
-    model_input,
     read_export_manifest,
 )
-from samadapt.export.runtime import InputGeometry as NumpyGeometry
 from samadapt.intensity import to_unit_range
 from samadapt.models.mask_decoder import SlicePrior, make_semantic_decoder
 from samadapt.peft import AdapterConfig, LoRAConfig, PeftConfig, apply_peft

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from samadapt.accel import accelerate, kernels
-from samadapt.export.runtime import _linear_weights, resize
-from samadapt.export.runtime import model_input as numpy_model_input
+from samadapt.export.geometry import _linear_weights, resize
+from samadapt.export.geometry import model_input as numpy_model_input
 from samadapt.models.common import LayerNorm2d
 from samadapt.models.mask_decoder import _conv_transpose_as_matmul, _is_block_conv_transpose
 from samadapt.models.prompt_encoder import PromptEncoder

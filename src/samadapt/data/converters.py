@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from samadapt.data.datasets import write_msd_dataset
+from samadapt.data.dataset_writer import write_msd_dataset
 from samadapt.errors import DataError, InputNotFoundError, OutputExistsError
 from samadapt.files import atomic_folder, atomic_write_text
 

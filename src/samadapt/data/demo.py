@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from samadapt.data.datasets import write_msd_dataset
+from samadapt.data.dataset_writer import write_msd_dataset
 from samadapt.data.io import cache_root
 from samadapt.errors import DownloadError
 from samadapt.files import atomic_folder

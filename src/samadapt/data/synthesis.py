@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from samadapt.data.datasets import write_msd_dataset
+from samadapt.data.dataset_writer import write_msd_dataset
 from samadapt.errors import ConfigError, DataError
 from samadapt.files import atomic_write
 

@@ -6,6 +6,7 @@ The server holds no model logic of its own: it slices with ``data.preprocess``, 
 """
 
 from samadapt.serve.app import create_app
-from samadapt.serve.session import Session, Workspace
+from samadapt.serve.case import Session
+from samadapt.serve.session import Workspace
 
 __all__ = ["Session", "Workspace", "create_app"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samadapt.data.datasets import write_msd_dataset
+from samadapt.data.dataset_writer import write_msd_dataset
 from samadapt.data.io import Volume, write_label
 from samadapt.data.preprocess import CT_WINDOWS, SLICE_WISE
 

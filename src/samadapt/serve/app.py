@@ -35,9 +35,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from samadapt.errors import DataError
+from samadapt.serve.case import Session
 from samadapt.serve.guard import Guard, token_cookie, token_given
 from samadapt.serve.jobs import Jobs, propagate
-from samadapt.serve.session import Session, Workspace
+from samadapt.serve.session import Workspace
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1 << 20  # JSON requests only: prompts and paths, never image data
