@@ -10,7 +10,9 @@ from samadapt.prompts import (
     centre_click,
     clicks_to_arrays,
     corrective_click,
+    corrective_click_3d,
     error_region,
+    grow_box,
     iterative_clicks,
     n_clicks,
     objects,
@@ -175,10 +177,11 @@ class BoxFollower:
     for SAM's box prompt, recording every call."""
 
     def __init__(self, volume, scores=None):
-        self.volume, self.scores, self.calls, self.writes = volume, scores, [], []
+        self.volume, self.scores, self.calls, self.writes, self.previous = volume, scores, [], [], []
 
-    def segment(self, index, box):
+    def segment(self, index, box, previous):
         self.calls.append((index, box.copy()))
+        self.previous.append((index, None if previous is None else int(previous.mask.sum())))
         x0, y0, x1, y1 = (int(v) for v in box)
         inside = np.zeros_like(self.volume[index])
         inside[max(y0 - 2, 0) : y1 + 3, max(x0 - 2, 0) : x1 + 3] = True
@@ -243,7 +246,7 @@ def test_the_guard_is_held_around_each_slices_segment_and_write():
     volume = stack()
     held = []
 
-    def segment(index, box):
+    def segment(index, box, previous):
         held.append(lock.locked())
         return SliceMask(volume[index])
 
@@ -252,3 +255,77 @@ def test_the_guard_is_held_around_each_slices_segment_and_write():
 
     propagate_box(segment, write, 4, box_from_mask(volume[4]), 0, 9, guard=lock)
     assert held and all(held) and not lock.locked()
+
+
+def test_each_slice_is_given_its_neighbours_answer_the_start_slices_for_the_backward_pass():
+    volume = stack()
+    model = BoxFollower(volume)
+    propagate_box(model.segment, model.write, 4, box_from_mask(volume[4]), 0, 9)
+    sizes = {i: int(volume[i].sum()) for i in range(10)}
+    # forward 4 (none), 5 (from 4), 6 (from 5), 7, 8; backward 3 (from the start slice 4), 2 (from 3), 1
+    assert model.previous == [
+        (4, None),
+        (5, sizes[4]),
+        (6, sizes[5]),
+        (7, sizes[6]),
+        (8, sizes[7]),
+        (3, sizes[4]),
+        (2, sizes[3]),
+        (1, sizes[2]),
+    ]
+    drawn = BoxFollower(volume)  # from a drawn slice: both directions start from the answer given
+    given = SliceMask(volume[4], 1.0)
+    propagate_box(
+        drawn.segment, drawn.write, 4, box_from_mask(volume[4]), 0, 9, include_start=False, start_answer=given
+    )
+    assert dict(drawn.previous)[5] == dict(drawn.previous)[3] == sizes[4]
+
+
+def test_a_settled_slice_ends_its_direction_after_it_is_written():
+    volume = stack()
+    model = BoxFollower(volume)
+    asked = []
+
+    def settled(index, mask):
+        asked.append(index)
+        return index in (6, 3)  # the change dies out at 6 going forward and at 3 going backward
+
+    written = propagate_box(
+        model.segment, model.write, 4, box_from_mask(volume[4]), 0, 9, include_start=False, settled=settled
+    )
+    assert written == [5, 6, 3] and asked == [5, 6, 3]
+    assert [i for i, _ in model.writes] == [5, 6, 3]  # the settled slice itself is still written
+
+
+def test_a_3d_corrective_click_goes_to_the_largest_error_component_on_its_largest_slice():
+    gt = np.zeros((8, 30, 30), bool)
+    gt[1:7, 5:25, 5:25] = True
+    pred = gt.copy()
+    pred[2:4, 5:25, 5:15] = False  # a miss on slices 2-3 (2 x 200 voxels)
+    pred[5, 10:20, 10:13] = False  # a smaller miss on slice 5
+    index, click = corrective_click_3d(gt, pred)
+    assert index == 2 and click.positive  # equal areas on 2 and 3: the first
+    assert not pred[index, int(click.y), int(click.x)] and gt[index, int(click.y), int(click.x)]
+    assert 5 <= click.x <= 14 and 5 <= click.y <= 24
+    leak = gt.copy()
+    leak[0:4, 26:30, 0:30] = True  # a false positive outside the object, 4 slices x 120 voxels: the largest
+    leak[3, 26:30, 0:30] = True
+    index, click = corrective_click_3d(gt, leak)
+    assert not click.positive and int(click.y) >= 26 and not gt[index, int(click.y), int(click.x)]
+    # along another axis: the same component, counted in planes of axis 2
+    index, click = corrective_click_3d(gt, pred, axis=2)
+    assert 5 <= index <= 14 and click.positive
+    assert corrective_click_3d(gt, gt) is None
+    with pytest.raises(ValueError, match="one \\(Z, H, W\\) shape"):
+        corrective_click_3d(gt, gt[0])
+
+
+def test_a_margin_grows_each_propagated_box_within_the_slice():
+    volume = stack()
+    model = BoxFollower(volume)
+    propagate_box(model.segment, model.write, 4, box_from_mask(volume[4]), 0, 9, margin=3)
+    boxes = dict(model.calls)
+    expected = box_from_mask(volume[4]) + np.array([-3, -3, 3, 3])
+    np.testing.assert_array_equal(boxes[5], expected)
+    np.testing.assert_array_equal(grow_box(np.array([1, 2, 38, 30], np.float32), 3, (40, 40)), [0, 0, 39, 33])
+    np.testing.assert_array_equal(grow_box(np.array([1, 2, 3, 4], np.float32), 0, (40, 40)), [1, 2, 3, 4])

@@ -23,6 +23,7 @@ from samadapt.data.preprocess import preprocess_volume, volume_slice
 from samadapt.device import autocast, resolve_device
 from samadapt.errors import ConfigError, DataError, InputNotFoundError
 from samadapt.intensity import to_unit_range
+from samadapt.interactive import ask
 from samadapt.models.sam import Sam, takes_slice_position
 from samadapt.precision import INFERENCE_PRECISION
 from samadapt.prediction import Prediction, SegmentationPredictor
@@ -268,6 +269,7 @@ def predict_volume(
     text: str | None = None,
     keep_components: str = "all",
     largest_component: Collection[int] | str | None = None,
+    memory: bool = False,
 ) -> np.ndarray:
     """Segment a whole ``Volume`` slice by slice along the run's slicing axis; returns labels on the volume's grid.
 
@@ -279,7 +281,9 @@ def predict_volume(
     - ``points`` rows (x, y, z, label[, class]): the clicks of one class on one slice form one prompt set;
     - ``boxes`` rows (x0, y0, z0, x1, y1, z1[, class]): a volume box whose middle slice is segmented first, each
       next slice then prompted with the box of its neighbour's mask, forward and backward, until the box's range
-      ends or the mask vanishes (LiteMedSAM's way); or rows (x0, y0, x1, y1, z) of single-slice boxes (axis 0).
+      ends or the mask vanishes (LiteMedSAM's way; with ``memory`` each next slice also gets its neighbour's
+      low-resolution logits as mask prompt: ``interactive.ask``); or rows (x0, y0, x1, y1, z) of single-slice boxes
+      (axis 0).
 
     - ``text``: a phrase naming the target (a run trained with text prompts): every slice is segmented from the
       text alone, and labelled with the class the run's phrase book gives the phrase (else the run's first class).
@@ -299,13 +303,13 @@ def predict_volume(
         predictor = Predictor.for_run(
             run, device=device, precision=precision, cache_size=VOLUME_CACHE, keep_components=keep_components
         )
-    labels = _predict_volume(run, volume, points, boxes, preprocessing, axis, batch_size, predictor, text)
+    labels = _predict_volume(run, volume, points, boxes, preprocessing, axis, batch_size, predictor, text, memory)
     if largest_component == "all":
         largest_component = list(run.classes) or [1]
     return keep_largest(labels, largest_component) if largest_component else labels
 
 
-def _predict_volume(run, volume, points, boxes, preprocessing, axis, batch_size, predictor, text) -> np.ndarray:
+def _predict_volume(run, volume, points, boxes, preprocessing, axis, batch_size, predictor, text, memory) -> np.ndarray:
     preset = preprocessing or run.preprocessing or "mr"
     axis = int((run.axis or 0) if axis is None else axis)
     array = preprocess_volume(volume.array, preset)
@@ -355,7 +359,7 @@ def _predict_volume(run, volume, points, boxes, preprocessing, axis, batch_size,
         if boxes.shape[1] in (6, 7):
             for row in boxes:
                 value = int(row[6]) if len(row) == 7 else class_ids[0]
-                _propagate_box(predictor, encode, planes, _box_to_plane(row[:6], axis), value)
+                _propagate_box(predictor, encode, planes, _box_to_plane(row[:6], axis), value, memory)
         elif boxes.shape[1] == 5:
             if axis != 0:
                 raise ConfigError("single-slice boxes (x0, y0, x1, y1, z) need slicing axis 0; give volume boxes")
@@ -381,15 +385,14 @@ def _box_to_plane(box: np.ndarray, axis: int) -> tuple[int, int, np.ndarray]:
     return int(min(first, last)), int(max(first, last)), np.array([x0, y0, x1, y1], np.float32)
 
 
-def _propagate_box(predictor: SegmentationPredictor, encode, planes: np.ndarray, box, value: int) -> None:
+def _propagate_box(predictor: SegmentationPredictor, encode, planes: np.ndarray, box, value: int, memory: bool) -> None:
     """One volume box: its middle slice segmented first, then ``prompts.propagate_box`` within the box's slices,
     stopping where the mask vanishes."""
     first, last, plane_box = box
 
-    def segment(index: int, current: np.ndarray) -> SliceMask:
+    def segment(index: int, current: np.ndarray, previous: SliceMask | None) -> SliceMask:
         encode(index)
-        answer = predictor.predict(boxes=current)
-        return SliceMask(answer.masks[0, 0], float(answer.scores[0, 0]))
+        return ask(predictor, current, previous=previous, memory=memory)
 
     def write(index: int, mask: np.ndarray) -> None:
         planes[index][mask] = value

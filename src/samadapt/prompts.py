@@ -10,7 +10,9 @@ and ``iterative_clicks`` return no clicks, ``box_from_mask`` returns None and ``
 decide what an empty slice means (the reference code crashed here with "ValueError: high <= 0").
 
 Propagation (``propagate_box``) carries one object through a volume slice by slice, each slice prompted with the box
-of its neighbour's mask; the model is a callable, so the same loop serves ``predict_volume`` and the app.
+of its neighbour's mask (and, with memory, its low-resolution logits: the caller's ``segment`` decides); the model is
+a callable, so the same loop serves ``predict_volume``, the interactive evaluation and the app. Corrective clicks on
+a volume (``corrective_click_3d``) follow the CVPR 2025 interactive challenge: the largest 3D error component.
 
 Connected components (instances, error regions) use 8-connectivity: pixels touching by a corner are one object,
 as they look on screen.
@@ -20,12 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
 _EIGHT = np.ones((3, 3), dtype=bool)
+_TWENTY_SIX = np.ones((3, 3, 3), dtype=bool)
 
 
 class Click(NamedTuple):
@@ -188,6 +191,15 @@ def box_from_mask(mask: np.ndarray, jitter: int = 0, rng: np.random.Generator | 
     return box
 
 
+def grow_box(box: np.ndarray, margin: float, shape: tuple[int, int]) -> np.ndarray:
+    """An XYXY ``box`` grown by ``margin`` pixels on every side, clipped to an (H, W) image of ``shape``."""
+    if not margin:
+        return box
+    height, width = shape
+    grown = np.asarray(box, np.float32) + np.array([-margin, -margin, margin, margin], np.float32)
+    return np.clip(grown, 0, np.array([width - 1, height - 1] * 2, np.float32))
+
+
 def objects(
     label: np.ndarray, classes: Sequence[int] | None = None, mode: str = "class"
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -212,15 +224,18 @@ def objects(
 
 
 class SliceMask(NamedTuple):
-    """One slice's answer during propagation: the (H, W) bool ``mask`` and the model's IoU estimate ``score``
-    (None: not the model's, e.g. a mask the user drew, never below a ``min_score``)."""
+    """One slice's answer during propagation: the (H, W) bool ``mask``, the model's IoU estimate ``score`` (None: not
+    the model's, e.g. a mask the user drew, never below a ``min_score``) and its low-resolution ``logits``
+    ((1, s/4, s/4) in the predictor's array type; None when not the model's): the memory the next slice may take
+    as its mask prompt."""
 
     mask: np.ndarray
     score: float | None = None
+    logits: Any = None
 
 
 def propagate_box(
-    segment: Callable[[int, np.ndarray], SliceMask],
+    segment: Callable[[int, np.ndarray, SliceMask | None], SliceMask],
     write: Callable[[int, np.ndarray], None],
     start: int,
     box: np.ndarray,
@@ -230,20 +245,31 @@ def propagate_box(
     include_start: bool = True,
     min_score: float | None = None,
     guard: AbstractContextManager | None = None,
+    start_answer: SliceMask | None = None,
+    settled: Callable[[int, np.ndarray], bool] | None = None,
+    margin: float = 0.0,
 ) -> list[int]:
     """Carry one object through slices ``first``..``last`` (inclusive), forward from ``start`` then backward, each
-    slice prompted with the XYXY box of its neighbour's mask (LiteMedSAM's way).
+    slice prompted with the XYXY box of its neighbour's mask (LiteMedSAM's way) and given the neighbour's answer
+    (``segment``'s third argument: its logits are the memory a caller may pass as SAM's mask prompt).
 
     Both directions begin from ``box``. With ``include_start`` the forward pass segments ``start`` itself and the
-    backward pass begins at ``start - 1`` (``predict_volume``: a volume box, its middle slice first); without it both
-    begin next to ``start`` (the app: ``start`` already holds the user's mask and ``box`` is that mask's box).
+    backward pass begins at ``start - 1`` with the start slice's answer as its neighbour (``predict_volume``: a volume
+    box, its middle slice first); without it both begin next to ``start``, with ``start_answer`` as the neighbour
+    (the app and the interactive evaluation: ``start`` already holds a mask and ``box`` is that mask's box).
 
     A direction stops at the first slice whose mask is empty, or, with ``min_score``, whose ``score`` is below it (the
     model doubts its mask: the object has ended; the app uses 0.5); that slice is still written, with an empty mask,
-    so a caller that replaces the object's pixels clears them there. It also stops past ``first`` / ``last``.
+    so a caller that replaces the object's pixels clears them there. With ``settled``, it also stops after a slice
+    for which ``settled(index, new_mask)`` (asked before ``write``) says the change has died out. It also stops
+    past ``first`` / ``last``.
+
+    ``margin`` grows each propagated box by that many pixels on every side (clipped to the slice): a box drawn
+    tight on an under-segmented neighbour can only shrink from slice to slice, one with room lets an organ that
+    widens be followed.
 
     Args:
-        segment: (slice index, box (4,) float32) -> ``SliceMask``.
+        segment: (slice index, box (4,) float32, the neighbour's answer or None) -> ``SliceMask``.
         write: (slice index, (H, W) bool mask) -> None; called for every slice visited, in order.
         guard: held around each slice's ``segment`` and ``write`` (the app's session lock, so that no edit of the
             user lands between the two).
@@ -255,17 +281,47 @@ def propagate_box(
     written = []
     for step in (1, -1):
         current = np.asarray(box, np.float32)
+        previous = start_answer
         index = start if include_start and step == 1 else start + step
         while first <= index <= last:
             with guard:
-                answer = segment(index, current)
-                mask = answer.mask
+                answer = segment(index, current, previous)
                 if min_score is not None and answer.score is not None and answer.score < min_score:
-                    mask = np.zeros_like(mask)
-                write(index, mask)
-            current = box_from_mask(mask)
+                    answer = SliceMask(np.zeros_like(answer.mask), answer.score)
+                done = settled is not None and settled(index, answer.mask)
+                write(index, answer.mask)
+            if include_start and step == 1 and index == start:
+                start_answer = answer  # the backward pass's neighbour
+            current = box_from_mask(answer.mask)
             if current is None:
                 break
+            current = grow_box(current, margin, answer.mask.shape)
             written.append(index)
+            if done:
+                break
+            previous = answer
             index += step
     return written
+
+
+def corrective_click_3d(gt: np.ndarray, pred: np.ndarray, axis: int = 0) -> tuple[int, Click] | None:
+    """Where a user corrects a volume: the largest 3D error component (26-connected, as the CVPR 2025 interactive
+    challenge), on the slice along ``axis`` where that component is largest, at its point farthest from the
+    component's edge on that slice (``centre_click``); positive in a miss, negative in a false positive.
+
+    The challenge clicks the 3D centre (farthest from the component's 3D edge); a 2D model answers a click on one
+    slice, so the click goes to the slice that holds most of the error. Returns (slice index, click), or None when
+    ``pred`` equals ``gt``.
+    """
+    gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
+    if gt.shape != pred.shape or gt.ndim != 3:
+        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} must be one (Z, H, W) shape")
+    components, count = ndimage.label(gt != pred, structure=_TWENTY_SIX)
+    if count == 0:
+        return None
+    sizes = np.bincount(components.ravel())[1:]
+    component = np.moveaxis(components == int(np.argmax(sizes)) + 1, axis, 0)
+    index = int(np.argmax(component.sum(axis=(1, 2))))
+    click = centre_click(component[index])
+    positive = bool(np.moveaxis(gt, axis, 0)[index][int(click.y), int(click.x)])
+    return index, Click(click.x, click.y, positive)

@@ -32,6 +32,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         tolerance_mm=args.tolerance_mm,
         predictor=predictor,
         largest_component=largest_component_classes(args.largest_component),
+        memory=args.propagation == "memory",
     )
     print(json.dumps({"mean_dice": metrics["mean_dice"], "prompt": metrics["prompt"], "cases": metrics["cases"]}))
     print(f"report: {Path(args.out) / 'report.html'}")
@@ -46,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--prompt",
         default="point:1",
         help="none | point:N | box | box:J | text (a held-out phrase per class, then the plain class name) | "
-        "text:heldout | text:name (default point:1)",
+        "text:heldout | text:name | interactive:N (a 3D box, then N corrective clicks, default 5: the CVPR 2025 "
+        "interactive protocol) (default point:1)",
     )
     evaluate.add_argument("--objects", choices=["class", "instance"], default="class")
     evaluate.add_argument("--baseline", action="store_true", help="also evaluate the un-adapted base model")

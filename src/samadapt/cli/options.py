@@ -32,6 +32,11 @@ ONE_CLICK_HELP = (
     "single-mask output"
 )
 
+PROPAGATION_HELP = (
+    "how a volume box (and the interactive protocol's clicks) carry to the next slice: box (default): the box of the "
+    "neighbour's mask; memory: also the neighbour's low-resolution logits as SAM's mask prompt"
+)
+
 LARGEST_COMPONENT_HELP = (
     "class ids (e.g. 1,3) reduced to their largest 3D connected component, or 'all' (default: none); which classes "
     "gain is decided from labelled slices: samadapt.eval.postprocess.decide_largest_component"
@@ -63,6 +68,7 @@ def add_predictor_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-components", choices=KEEP_COMPONENTS, default="all", help=KEEP_COMPONENTS_HELP)
     parser.add_argument("--largest-component", help=LARGEST_COMPONENT_HELP)
     parser.add_argument("--one-click", choices=ONE_CLICK_RULES, default=DEFAULT_ONE_CLICK, help=ONE_CLICK_HELP)
+    parser.add_argument("--propagation", choices=("box", "memory"), default="box", help=PROPAGATION_HELP)
 
 
 def predictor_from(args: argparse.Namespace, cache_size: int = 0):

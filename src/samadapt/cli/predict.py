@@ -52,6 +52,7 @@ def predict_command(args: argparse.Namespace) -> int:
         preprocessing=args.preprocessing,
         predictor=predictor,
         largest_component=largest_component_classes(args.largest_component),
+        memory=args.propagation == "memory",
     )
     if dicom_format:
         classes = {int(v): f"object {int(v)}" for v in np.unique(labels) if v > 0} | dict(run.classes or {})

@@ -27,47 +27,12 @@ from samadapt.components import largest_component as largest_component_of
 from samadapt.device import distributed_context
 from samadapt.errors import ConfigError, DataError
 from samadapt.eval.metrics import EMPTY_MASK_CONVENTIONS, aggregate, binary_metrics, slice_dice
+from samadapt.eval.protocols import Protocol, parse_protocol
 from samadapt.files import atomic_write_text
 from samadapt.predict import Predictor, default_batch_size
 from samadapt.prediction import SegmentationPredictor
 from samadapt.prompts import box_from_mask, iterative_clicks, objects
 from samadapt.runs import Run
-
-
-@dataclass(frozen=True)
-class Protocol:
-    kind: str  # none | point | box | text
-    points: int = 1
-    jitter: int = 0
-    phrase: str = ""  # text: heldout | name
-
-    def __str__(self) -> str:
-        if self.kind == "text":
-            return f"text:{self.phrase}"
-        if self.kind == "point":
-            return f"point:{self.points}"
-        if self.kind == "box" and self.jitter:
-            return f"box:{self.jitter}"
-        return self.kind
-
-
-def parse_protocol(text: str) -> Protocol:
-    """``none``, ``point:N``, ``box``, ``box:J``, ``text`` (= ``text:heldout``) or ``text:name``."""
-    name, _, arg = text.partition(":")
-    try:
-        if name == "none" and not arg:
-            return Protocol("none")
-        if name == "text" and arg in ("", "heldout", "name"):
-            return Protocol("text", phrase=arg or "heldout")
-        if name == "point":
-            count = int(arg or 1)
-            if count >= 1:
-                return Protocol("point", points=count)
-        if name == "box":
-            return Protocol("box", jitter=int(arg or 0))
-    except ValueError:
-        pass
-    raise ConfigError(f"unknown prompt protocol {text!r}: use none, point:N, box, box:J, text or text:name")
 
 
 @dataclass
@@ -410,6 +375,7 @@ def evaluate(
     blend: float | None = None,
     keep_components: str = "all",
     largest_component: Collection[int] | str | None = None,
+    memory: bool = False,
 ) -> dict:
     """Score a run (or a bare model name) on whole volumes of a dataset, optionally beside its un-adapted base model.
 
@@ -430,6 +396,8 @@ def evaluate(
     ``keep_components`` / ``largest_component``: the options of ``evaluate_volumes`` (both models; off by default;
     ``largest_component="all"``: every class scored; a given ``predictor`` applies its own ``keep_components``).
     One click alone is answered by each run's one-click rule (``Run.one_click``; ``selection.one_click_best``).
+    ``interactive[:N]``: the interactive protocol (``eval.interactive``: a 3D box, then N corrective clicks, one
+    process), its propagation with ``memory`` when asked.
     """
     from samadapt.data.datasets import SliceDataset, load_dataset
     from samadapt.eval.report import save_evaluation
@@ -460,21 +428,31 @@ def evaluate(
     kwargs.update(keep_components=keep_components, largest_component=largest)
     options = dict(objects_mode=objects_mode, seed=seed, tolerance_mm=tolerance_mm, axis=slices.axis)
     options.update(keep_components=keep_components, largest_component=largest)
-    finished = _finished_dir(out, run, protocol, chosen, options) if out is not None else None
-    evaluation = evaluate_volumes(
-        run, slices, shard, chosen, protocol, predictor=predictor, finished_dir=finished, **kwargs
-    )
-    evaluation = _gathered(evaluation, case_ids, chosen, world)
+    if protocol.kind == "interactive":
+        if world > 1:
+            raise ConfigError("the interactive protocol runs in one process: start it without torchrun")
+        if run.task == "semantic":
+            raise ConfigError(f"{run.label} is a semantic run: it takes no box or click (use --prompt none)")
+        options["memory"] = memory
+
+    def score(what, protocol: Protocol, on: SegmentationPredictor):
+        finished = _finished_dir(out, what, protocol, chosen, options) if out is not None else None
+        if protocol.kind == "interactive":
+            from samadapt.eval.interactive import evaluate_interactive
+
+            args = dict(clicks=protocol.points, tolerance_mm=tolerance_mm, memory=memory, progress=progress)
+            rows, summary = evaluate_interactive(what, slices, shard, chosen, on, finished_dir=finished, **args)
+            return Evaluation(str(protocol), what.label, rows, summary, [])
+        scored = evaluate_volumes(what, slices, shard, chosen, protocol, predictor=on, finished_dir=finished, **kwargs)
+        return _gathered(scored, case_ids, chosen, world)
+
+    evaluation = score(run, protocol, predictor)
     reference = None
     if baseline:
         # the base model reads no text and has no semantic head: it gets one centre click per object
         base_protocol = protocol if protocol.kind not in ("none", "text") else parse_protocol("point:1")
         with baseline_predictor(predictor) as base:
-            base_finished = _finished_dir(out, base.run, base_protocol, chosen, options) if out is not None else None
-            reference = evaluate_volumes(
-                base.run, slices, shard, chosen, base_protocol, predictor=base, finished_dir=base_finished, **kwargs
-            )
-        reference = _gathered(reference, case_ids, chosen, world)
+            reference = score(base.run, base_protocol, base)
     if out is not None and rank == 0:
         return save_evaluation(out, evaluation, reference)
     metrics = evaluation.metrics_json()

@@ -250,3 +250,27 @@ def save_loss_curve(csv_or_rows: str | Path | Sequence[Mapping], path: str | Pat
     axes[0].set_title("training loss" + (" and validation Dice" if len(val) else ""))
     figure.tight_layout()
     return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=figure.dpi))
+
+
+def save_interactive_curve(curves: Mapping[str, Sequence[float]], path: str | Path, metric: str = "Dice") -> Path:
+    """Plot each model's mean ``metric`` against the interaction step (0: the box, then one click per step).
+
+    Args:
+        curves: model name -> the metric at steps 0..N (``eval.interactive.summarise``'s ``dice_steps``).
+        path: the PNG to write (640 x 400 pixels).
+    """
+    figure = _new_figure(640, 400)
+    axis = figure.subplots()
+    colours = ("#0a84ff", "#8e8e93", "#30d158", "#ff9f0a")
+    for (name, values), colour in zip(curves.items(), colours * len(curves), strict=False):
+        axis.plot(range(len(values)), values, color=colour, marker="o", ms=4, lw=1.5, label=name)
+    steps = max((len(v) for v in curves.values()), default=1)
+    axis.set_xticks(range(steps), ["box", *[str(k) for k in range(1, steps)]])
+    axis.set_xlabel("corrective clicks after the box")
+    axis.set_ylabel(f"mean {metric}")
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    axis.set_title(f"{metric} after each interaction")
+    figure.tight_layout()
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=figure.dpi))

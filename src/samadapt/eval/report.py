@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from samadapt.eval.figures import save_overlay
+from samadapt.eval.figures import save_interactive_curve, save_overlay
 from samadapt.eval.metrics import slice_dice
-from samadapt.eval.render import ImageSection, TextSection, comparison_section, write_report
+from samadapt.eval.render import ImageSection, TableSection, TextSection, comparison_section, write_report
 from samadapt.eval.results import write_metrics_files
 
 
@@ -50,7 +50,51 @@ def save_evaluation(out_dir: str | Path, evaluation, baseline=None, title: str |
     if baseline is not None:
         base_summary, base_name = baseline.summary, f"baseline {baseline.model}"
     sections.append(comparison_section(evaluation.summary, base_summary, "Results", evaluation.model, base_name))
+    if "interactive" in evaluation.summary:
+        sections += interactive_sections(out_dir, evaluation, baseline)
     if paths:
         sections.append(ImageSection("Examples (worst, median, best slice by Dice)", paths, captions))
     write_report(out_dir, title or f"samadapt evaluation: {evaluation.model}", sections)
     return metrics
+
+
+def interactive_sections(out_dir: Path, evaluation, baseline=None) -> list:
+    """The interactive protocol's table (per class: final Dice, DSC-AUC, NSD-AUC, clicks to the target Dice, seconds
+    per object) and its curve (mean Dice after each step), for the model and its baseline."""
+    models = [(evaluation.model, evaluation.summary["interactive"])]
+    if baseline is not None and "interactive" in baseline.summary:
+        models.append((f"baseline {baseline.model}", baseline.summary["interactive"]))
+    first = models[0][1]
+    columns = ["model", "class", "final Dice", "final NSD", "DSC-AUC", "NSD-AUC", "reached", "clicks to target", "s"]
+    rows = []
+    for name, figures in models:
+        for class_name, entry in [*figures["per_class"].items(), ("mean", figures)]:
+            if not entry or (class_name != "mean" and not entry.get("objects")):
+                continue
+            reached = f"{entry['reached_target']}/{entry['objects']}" if "objects" in entry else ""
+            rows.append(
+                {
+                    "model": name,
+                    "class": class_name,
+                    "final Dice": entry["final_dice"],
+                    "final NSD": entry["final_nsd"],
+                    "DSC-AUC": entry["dsc_auc"],
+                    "NSD-AUC": entry["nsd_auc"],
+                    "reached": reached,
+                    "clicks to target": entry.get("clicks_to_target"),
+                    "s": entry["seconds"],
+                }
+            )
+    note = (
+        f"A 3D box, then {first['clicks']} corrective clicks in the largest 3D error component "
+        f"(given as {first.get('clicks_as', 'points')}; propagation {'with memory' if first.get('memory') else 'by box'})."
+        " DSC-AUC / NSD-AUC: trapezoid area "
+        f"over the click steps (0 to {max(first['clicks'] - 1, 0)}). Reached: objects at Dice >= "
+        f"{first['target_dice']} within the clicks; clicks to target: their mean (0: the box alone). s: the model's "
+        "seconds per object."
+    )
+    table = TableSection(
+        "Interactive segmentation", columns, rows, note, formats={"s": ".1f", "clicks to target": ".1f"}
+    )
+    curve = save_interactive_curve({n: f["dice_steps"] for n, f in models}, out_dir / "interactive_dice.png")
+    return [table, ImageSection("Dice after each interaction", [curve])]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from samadapt.interactive import ask
 from samadapt.prompts import SliceMask, box_from_mask, propagate_box
 
 
@@ -93,14 +94,13 @@ def propagate(workspace, session, axis: int, index: int, value: int, job: Job, m
     def drawn(i: int) -> bool:
         return (value, axis, i) in session.prompts
 
-    def segment(i: int, box: np.ndarray) -> SliceMask:
+    def segment(i: int, box: np.ndarray, previous: SliceMask | None) -> SliceMask:
         job.message = f"slice {i}"
         if drawn(i):
             return SliceMask(session.plane(axis, i) == value)
         with workspace.model_lock:
             workspace.encode(session, axis, i)
-            answer = workspace.predictor.predict(boxes=box)
-        return SliceMask(answer.masks[0, 0], float(answer.scores[0, 0]))
+            return ask(workspace.predictor, box, previous=previous)
 
     def write(i: int, mask: np.ndarray) -> None:
         if not drawn(i):
