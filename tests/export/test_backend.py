@@ -57,3 +57,18 @@ def test_predict_command_on_onnxruntime(tmp_path, capsys):
     assert labels.shape == volume.array.shape
     assert main([*args, "--out", str(tmp_path / "other.nii.gz")]) == 2  # an export on the torch backend
     assert "--backend onnxruntime" in capsys.readouterr().err
+
+
+def test_evaluate_an_export_directory_writes_its_report(tmp_path):
+    """An export's run manifest is a dict: the report's resume key reads it as such (class 1 of the run: disc)."""
+    from samadapt.eval.evaluate import evaluate
+    from tests.test_cli import tiny_dataset
+
+    run = tiny_run("lora")
+    export_onnx(run, tmp_path / "export")
+    data = tiny_dataset(tmp_path / "tiny")
+    predictor = load_predictor(tmp_path / "export", "onnxruntime")
+    metrics = evaluate(None, data, "box", out=tmp_path / "report", predictor=predictor, progress=False)
+    assert set(metrics["per_class"]) == {"disc"} and (tmp_path / "report" / "report.html").exists()
+    again = evaluate(None, data, "box", out=tmp_path / "report", predictor=predictor, progress=False)
+    assert again["per_class"] == metrics["per_class"]  # the finished volumes read back

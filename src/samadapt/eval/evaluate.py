@@ -288,10 +288,12 @@ def evaluate_volumes(
 def _finished_dir(out: str | Path, run: Run, protocol: Protocol, chosen: dict, options: dict) -> Path:
     """Where ``evaluate`` keeps finished volumes: keyed by everything that decides their rows, so a rerun with
     another model, checkpoint, protocol, seed or class set never reuses them."""
+    manifest = run.manifest or {}  # a Manifest, or an ONNX export's manifest (a dict)
+    facts = manifest if isinstance(manifest, dict) else vars(manifest)
     key = {
         "run": str(run.path or run.name),
-        "step": run.manifest.step if run.manifest else None,
-        "base": run.manifest.base_sha256 if run.manifest else None,
+        "step": facts.get("step"),
+        "base": facts.get("base_sha256"),
         "blend": run.blend,
         "one_click_best": run.select_single_click,
         "protocol": str(protocol),
