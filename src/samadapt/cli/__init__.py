@@ -20,7 +20,7 @@ from samadapt.errors import SamadaptError
 # THP_MEM_ALLOC_ENABLE=0 in the environment keeps it off. The command owns its process; the library sets nothing.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-COMMANDS = ["info", "data", "synth", "train", "pretrain", "evaluate", "predict", "demo", "export", "serve"]
+COMMANDS = ["info", "data", "synth", "train", "pretrain", "evaluate", "predict", "complete", "demo", "export", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
