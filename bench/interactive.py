@@ -6,8 +6,8 @@
 For each task, the un-adapted LiteMedSAM on its first ``--max-volumes`` volumes (sorted case ids), every labelled
 structure an object (``eval.interactive``). Variants, each on the same volumes and clicks rule:
 
-- ``box``: clicks edit the slice's box (``interactive.VolumeObject(clicks_as="box")``, the default for LiteMedSAM);
-- ``points``: clicks given to SAM as point prompts beside the box;
+- ``box``: clicks edit the slice's box (``interactive.VolumeObject(clicks_as="box")``);
+- ``points``: clicks given to SAM as point prompts beside the box (the default);
 - ``memory``: as ``box``, and every propagated slice also gets its neighbour's low-resolution logits as mask prompt.
 
 Written between ``<!-- interactive:SECTION -->`` markers of ``--out``: per task and variant the mean Dice after the

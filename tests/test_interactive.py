@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from samadapt.eval.interactive import area_under, score_object, summarise
-from samadapt.interactive import SETTLED_DICE, VolumeObject, clicks_for, edit_box
+from samadapt.interactive import SETTLED_DICE, VolumeObject, edit_box
 from samadapt.prediction import Prediction
 from samadapt.prompts import Click, box_from_mask
 
@@ -132,7 +132,7 @@ def test_evaluate_interactive_on_a_real_ct_crop_writes_curves_and_the_report(tmp
     metrics = json.loads((out / "metrics.json").read_text())
     curve = metrics["interactive"]
     assert metrics["prompt"] == "interactive:3" and curve["clicks"] == 3 and curve["memory"] is False
-    assert curve["clicks_as"] == "box"  # a bare LiteMedSAM takes its clicks as box edits
+    assert curve["clicks_as"] == "points"
     steps = curve["per_class"]["spleen"]["dice_steps"]
     assert len(steps) == 4 and steps[0] > 0.7  # LiteMedSAM from a box on a real organ
     assert steps[-1] >= steps[0]  # the clicks do not make it worse
@@ -169,15 +169,3 @@ def test_box_mode_sends_no_point_and_the_box_follows_the_clicks():
     np.testing.assert_array_equal(volume_object.boxes[5], [7, before[1], before[2], before[3]])
     with pytest.raises(ValueError, match="clicks_as"):
         VolumeObject(model, lambda i: None, gt.shape, clicks_as="voice")
-
-
-def test_runs_take_clicks_as_they_were_trained():
-    from types import SimpleNamespace
-
-    from samadapt.runs import Manifest
-
-    assert clicks_for(SimpleNamespace(manifest=None)) == "box"  # a bare LiteMedSAM: boxes only
-    for kind, expected in (("point", "points"), ("mixed", "points"), ("box", "box")):
-        manifest = Manifest("lite_medsam", "0" * 64, {}, prompt={"kind": kind})
-        assert clicks_for(SimpleNamespace(manifest=manifest)) == expected
-        assert clicks_for(SimpleNamespace(manifest=manifest.to_dict())) == expected  # an export's

@@ -33,7 +33,7 @@ import numpy as np
 
 from samadapt.eval.metrics import aggregate, binary_metrics
 from samadapt.files import atomic_write_text
-from samadapt.interactive import VolumeObject, clicks_for
+from samadapt.interactive import VolumeObject
 from samadapt.prediction import SegmentationPredictor
 from samadapt.prompts import box_from_mask, corrective_click_3d
 
@@ -142,19 +142,17 @@ def evaluate_interactive(
     memory: bool = False,
     progress: bool = True,
     finished_dir: Path | None = None,
-    clicks_as: str | None = None,
+    clicks_as: str = "points",
 ) -> tuple[list[dict], dict]:
     """The interactive protocol on whole volumes of a ``SliceDataset``; returns the rows of the final masks per
     (case, class) and their ``aggregate``, which holds ``"interactive"`` (``summarise``) besides.
 
     Volumes are read one at a time and each object is worked on with the embeddings of its slices cached. With
     ``finished_dir``, each volume's results are written there as soon as it is done and not computed again.
-    ``clicks_as``: how the clicks are given (``interactive.VolumeObject``; None: as the run was trained,
-    ``interactive.clicks_for``).
+    ``clicks_as``: how the clicks are given (``interactive.VolumeObject``: SAM point prompts, or box edits).
     """
     from tqdm.auto import tqdm
 
-    clicks_as = clicks_as or clicks_for(run)
     by_case: dict[str, dict[int, int]] = {}
     for i, (case, z, _) in enumerate(slices.slices):
         by_case.setdefault(case, {})[z] = i
