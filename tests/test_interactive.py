@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from samadapt.eval.interactive import area_under, score_object, summarise
-from samadapt.interactive import SETTLED_DICE, VolumeObject, edit_box
+from samadapt.interactive import VolumeObject, edit_box
 from samadapt.prediction import Prediction
 from samadapt.prompts import Click, box_from_mask
 
@@ -105,7 +105,6 @@ def test_the_protocol_scores_every_step_and_the_challenges_areas():
     assert summary["per_class"]["b"] == {} and summary["per_class"]["a"]["objects"] == 2
     assert summary["per_class"]["a"]["reached_target"] == 1
     assert summary["dsc_auc"] == pytest.approx(result["dsc_auc"] / 2)
-    assert SETTLED_DICE < 1.0
 
 
 @pytest.mark.slow
