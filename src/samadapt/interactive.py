@@ -71,9 +71,18 @@ def ask(
     return SliceMask(answer.masks[0, 0], float(answer.scores[0, 0]), answer.low_res_logits[0])
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
+def slice_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks, 1.0 when both are empty: how much a re-propagated slice changed."""
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def widen_to(box: np.ndarray, own: np.ndarray | None) -> np.ndarray:
+    """``box`` widened to cover ``own`` (a slice's current box; None leaves ``box`` as it is): a neighbour
+    re-propagated after a click keeps at least the box it had, so a trimming click does not shrink it."""
+    if own is None:
+        return np.asarray(box, np.float32)
+    return np.concatenate([np.minimum(box[:2], own[:2]), np.maximum(box[2:], own[2:])]).astype(np.float32)
 
 
 class VolumeObject:
@@ -128,10 +137,7 @@ class VolumeObject:
         segmented with, so a click that grows the object carries into the next slices while one that trims it
         leaves them as they were (a box drawn from one slice's mask cannot take away what the next slice rightly
         holds), and a slice whose box does not change comes back as it was: the change has died out."""
-        own = self.boxes.get(index)
-        if own is not None:
-            box = np.concatenate([np.minimum(box[:2], own[:2]), np.maximum(box[2:], own[2:])])
-        return self._segment(index, box, previous)
+        return self._segment(index, widen_to(box, self.boxes.get(index)), previous)
 
     def start(self, first: int, last: int, box: np.ndarray, middle: int | None = None) -> list[int]:
         """Segment the object from its 3D box: slices ``first``..``last``, ``box`` XYXY on slice ``middle`` (default
@@ -187,7 +193,7 @@ class VolumeObject:
             return changed
 
         def settled(i: int, mask: np.ndarray) -> bool:
-            return _dice(mask, self.mask[i]) >= SETTLED_DICE
+            return slice_agreement(mask, self.mask[i]) >= SETTLED_DICE
 
         first, last = (self.first, self.last) if self.first <= index <= self.last else (index, index)
         changed += propagate_box(

@@ -322,3 +322,26 @@ def test_dataset_under_root_lists_its_cases_with_their_class_names(client, root)
     summary = client.post("/api/open", json={"path": str(task / "imagesTr" / "disc.nii.gz")}).json()
     assert {k: v["name"] for k, v in summary["objects"].items()} == {"1": "disc", "4": "rim"}
     assert summary["preset"] == "ct_abdomen" and summary["window"]["default"] == [-160.0, 240.0]
+
+
+def test_component_filter_switched_from_the_page(client, root, workspace, tiny_run):
+    """``/api/components`` switches the page's predictor (and any model switched to later) between every component
+    and those the prompt touches; the masks then equal ``Predictor``'s with the same option."""
+    summary = open_disc(client, root)
+    body = {"session": summary["session"], "axis": 0, "index": 2, "object": 1}
+    assert client.get("/api/info").json()["keep_components"] == "all"
+    refused = client.post("/api/components", json={"mode": "largest"})
+    assert refused.status_code == 400 and "keep-components" in refused.json()["detail"]
+    assert client.post("/api/components", json={"mode": "prompt"}).json()["keep_components"] == "prompt"
+    answer = client.post("/api/prompt", json={**body, "box": [10, 10, 50, 40]}).json()
+    volume = read_volume(root / "scans" / "disc.nii.gz")
+    image = volume_slice(preprocess_volume(volume.array, summary["preset"]), 2, 0, summary["preset"])
+    masks = {}
+    for mode in ("prompt", "all"):
+        predictor = Predictor.for_run(tiny_run, "cpu", keep_components=mode)
+        predictor.set_image(image, preprocessed=True)
+        masks[mode] = predictor.predict(boxes=np.array([10, 10, 50, 40])).masks[0, 0]
+    assert (masks["prompt"] != masks["all"]).any()  # the random model's mask has pieces outside the box
+    np.testing.assert_array_equal(labels_of(answer) == 1, masks["prompt"])
+    workspace.use_predictor(load_predictor(tiny_run, device="cpu"))
+    assert workspace.predictor.keep_components == "prompt"

@@ -315,3 +315,70 @@ def test_another_page_and_a_rebound_name_are_refused(chromium, workspace, root):
             browser.close()
             evil.shutdown()
     assert workspace.sessions == {}  # nothing was opened by another page
+
+
+def test_corrective_click_is_carried_and_the_volume_completed(server, page):
+    """A box, propagate, then the CVPR 2025 simulated user's corrective click (largest 3D error component) on its
+    slice: the page shows the model's answer to that slice's prompts and re-propagates to the neighbours; then
+    "complete volume" from the finished slices leaves them bit for bit and fills only unlabelled voxels elsewhere."""
+    from samadapt.prompts import corrective_click_3d
+
+    demo = server["demo"]
+    image_path = demo["lesions"] / "imagesTr" / "brain2.nrrd"
+    lesion = read_label(demo["lesions"] / "labelsTr" / "brain2.nrrd").array > 0
+    index = int(np.argmax(lesion.sum((1, 2))))
+    ys, xs = np.nonzero(lesion[index])
+    page.goto(server["url"])
+    wait_status(page, "ready")
+    page.get_by_test_id("case").select_option(str(image_path))
+    page.get_by_test_id("open").click()
+    wait_status(page, "opened")
+    page.get_by_test_id("slice").fill(str(index))
+    page.wait_for_function(f"window.samadapt.index === {index} && window.samadapt.raw !== null")
+    idle(page)
+    page.get_by_test_id("mode-box").click()
+    drag(page, (int(xs.min()) - 4, int(ys.min()) - 4), (int(xs.max()) + 4, int(ys.max()) + 4))
+    wait_status(page, "mask:")
+    page.get_by_test_id("propagate").click()
+    wait_status(page, "propagated")
+    workspace = server["workspace"]
+    session = workspace.session(page.evaluate("window.samadapt.sess.session"))
+    assert sum((session.labels[i] == 1).any() for i in range(len(lesion))) > 1
+
+    where, click = corrective_click_3d(lesion, session.labels == 1)
+    page.get_by_test_id("mode-point").click()
+    page.get_by_test_id("slice").fill(str(where))
+    page.wait_for_function(f"window.samadapt.index === {where} && window.samadapt.raw !== null")
+    idle(page)
+    page.get_by_test_id("viewer").click(
+        position=at(page, int(click.x), int(click.y)), button="left" if click.positive else "right"
+    )
+    page.wait_for_function("document.querySelector('[data-testid=status]').textContent.includes('carried to')")
+    idle(page)
+    prompts = session.prompts[(1, 0, where)]
+    assert prompts["points"][-1] == [int(click.x), int(click.y), int(click.positive)]
+    volume = read_volume(image_path)
+    plane = volume_slice(preprocess_volume(volume.array, session.preset), where, 0, session.preset)
+    predictor = Predictor.for_run(workspace.run, "cpu")
+    predictor.set_image(plane, preprocessed=True)
+    points = np.array([p[:2] for p in prompts["points"]], np.float32)
+    answer = predictor.predict(
+        points=points, labels=np.array([p[2] for p in prompts["points"]]), boxes=np.array(prompts["box"], np.float32)
+    )
+    np.testing.assert_array_equal(drawn(page, 1), answer.masks[0, 0])
+    assert page.evaluate("window.samadapt.lastTiming.carried") >= 1
+    page.screenshot(path=str(DOCS / "app-corrective-click.png"))
+
+    finished = sorted(i for a, i in session.finished if a == 0)
+    assert index in finished and where in finished
+    before = session.labels.copy()
+    page.get_by_test_id("complete-steps").fill("6")
+    page.get_by_test_id("complete").click()
+    text = wait_status(page, "completed:")
+    assert f"from {len(finished)} finished slices" in text
+    np.testing.assert_array_equal(session.labels[finished], before[finished])
+    np.testing.assert_array_equal(session.labels[before != 0], before[before != 0])
+    page.get_by_test_id("slice").fill(str(index + 1))
+    page.wait_for_function(f"window.samadapt.index === {index + 1}")
+    idle(page)
+    page.screenshot(path=str(DOCS / "app-completed.png"))

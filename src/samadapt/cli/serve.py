@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from samadapt.cli.options import DEVICE_HELP
+from samadapt.cli.options import DEVICE_HELP, KEEP_COMPONENTS_HELP
 from samadapt.errors import ConfigError
 
 
@@ -53,7 +53,7 @@ def serve_command(args: argparse.Namespace) -> int:
         from samadapt.data.demo import fetch_demo
 
         demo = fetch_demo()
-    predictor = load_predictor(args.run, device=args.device)
+    predictor = load_predictor(args.run, device=args.device, keep_components=args.keep_components)
     run = predictor.run
     workspace = Workspace(
         predictor, roots=[Path(r) for r in args.root or []], demo=demo, labels_dir=args.labels, device=args.device
@@ -70,6 +70,8 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from samadapt.components import KEEP_COMPONENTS
+
     parser = subparsers.add_parser("serve", help="interactive segmentation in the browser (docs/app.md)")
     parser.add_argument("--run", default="lite_medsam", help="run directory or model name (default lite_medsam)")
     parser.add_argument(
@@ -92,5 +94,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "requests for other names are refused",
     )
     parser.add_argument("--device", help=DEVICE_HELP)
+    parser.add_argument(
+        "--keep-components",
+        choices=KEEP_COMPONENTS,
+        default="all",
+        help=KEEP_COMPONENTS_HELP + " (the page can switch it)",
+    )
     parser.add_argument("--log-level", default="warning")
     parser.set_defaults(func=serve_command)

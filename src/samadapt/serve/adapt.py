@@ -13,6 +13,8 @@ import csv
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,32 @@ def _write_image(volume: Volume, path: Path) -> None:
     nib.save(nib.Nifti1Image(volume.array.transpose(2, 1, 0), volume.affine), str(path))
 
 
+@contextmanager
+def follow_training(run_dir: Path, job) -> Iterator[None]:
+    """While the body trains into ``run_dir``, report its last logged step and loss as the job's progress."""
+    from samadapt.runs import RunLayout
+
+    done = threading.Event()
+
+    def watch() -> None:
+        log = RunLayout(run_dir).metrics_csv
+        while not done.wait(0.5):
+            if log.exists():
+                try:
+                    rows = list(csv.DictReader(log.open()))
+                except (OSError, csv.Error):
+                    continue
+                if rows:
+                    job.done = int(rows[-1]["step"])
+                    job.message = f"step {job.done}, loss {float(rows[-1]['loss']):.3f}"
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
     """Build the training set, train ``recipe`` for ``steps`` steps from the page's base model, load the run and
     make it the page's model."""
@@ -100,26 +128,9 @@ def adapt_job(workspace, session, recipe: str, steps: int, job) -> dict:
     config = layered_config(TrainConfig, recipe_defaults(recipe), flags=flags)
     run_dir = base / "run"
     job.total = int(steps)
-    done = threading.Event()
-
-    def watch() -> None:
-        log = RunLayout(run_dir).metrics_csv
-        while not done.wait(0.5):
-            if log.exists():
-                try:
-                    rows = list(csv.DictReader(log.open()))
-                except (OSError, csv.Error):
-                    continue
-                if rows:
-                    job.done = int(rows[-1]["step"])
-                    job.message = f"step {job.done}, loss {float(rows[-1]['loss']):.3f}"
-
-    threading.Thread(target=watch, daemon=True).start()
-    try:
+    with follow_training(run_dir, job):
         job.message = f"training {recipe} on {cases} slices"
         result = train(config, run_dir)
-    finally:
-        done.set()
     job.done, job.message = job.total, "loading the adapted model"
     run = load_run(run_dir, checkpoint=RunLayout(run_dir).final_checkpoint(), device=workspace.device)
     workspace.use_predictor(load_predictor(run, device=workspace.device))

@@ -12,9 +12,11 @@ Routes (all ``/api`` routes take the token as ``X-Token`` header, ``token`` quer
 | ``GET /api/labels/{sid}?axis&index`` | the slice's labels (JSON: ``h``, ``w``, base64 uint16 little-endian) |
 | ``POST /api/prompt`` ``{session, axis, index, object, point: [x, y, 1 / 0] or box: [x0, y0, x1, y1]}`` | segment |
 | ``POST /api/undo`` / ``redo`` / ``erase`` / ``semantic`` / ``objects`` | edits |
-| ``POST /api/propagate`` ``{session, axis, index, object}`` -> job; ``GET /api/jobs/{id}`` | background jobs |
+| ``POST /api/propagate`` ``{session, axis, index, object, settle?, overwrite?}`` -> job | propagate / re-propagate |
+| ``POST /api/complete`` ``{session, axis, steps, overwrite?}`` -> job; ``GET /api/jobs/{id}`` | complete the volume |
 | ``POST /api/save`` ``{session, path?, overwrite}`` | write the label file (409 when it exists) |
 | ``POST /api/adapt`` ``{session, recipe, steps}`` -> job; ``POST /api/model`` ``{run}`` | adapt, switch model |
+| ``POST /api/components`` ``{mode}`` | keep every component of a mask (``all``) or those the prompt touches |
 
 Errors come back as ``{"detail": message}``: 403 outside the allowed folders, a wrong token, a foreign ``Host`` or
 ``Origin``, 404 missing file or session, 409 a file that exists, 413 a request too large, 422 unreadable data, 400
@@ -66,6 +68,17 @@ class ObjectRequest(SliceRequest):
     name: str | None = None
 
 
+class PropagateRequest(SliceRequest):
+    object: int
+    settle: bool = False  # a re-propagation after a corrective click (jobs.propagate)
+    overwrite: bool = False
+
+
+class CompleteRequest(SliceRequest):
+    steps: int = 120
+    overwrite: bool = False
+
+
 class SaveRequest(BaseModel):
     session: str
     path: str | None = None
@@ -82,6 +95,10 @@ class ModelRequest(BaseModel):
     run: str
 
 
+class ComponentsRequest(BaseModel):
+    mode: str
+
+
 def plane_payload(session: Session, axis: int, index: int) -> dict:
     """The labels of one slice for the page: (h, w) uint16, little-endian, base64."""
     plane = session.plane(axis, index)
@@ -90,7 +107,7 @@ def plane_payload(session: Session, axis: int, index: int) -> dict:
     prompts = [
         {"object": value, "points": p["points"], "box": p["box"]}
         for (value, a, i), p in session.prompts.items()
-        if (a, i) == (axis, index)
+        if (a, i) == (axis, index) and (p["points"] or p["box"])  # an erased or auto-labelled slice has no marks
     ]
     return {"axis": axis, "index": index, "h": h, "w": w, "labels": data, "prompts": prompts}
 
@@ -220,12 +237,25 @@ def create_app(workspace: Workspace, token: str | None = None, hosts: Iterable[s
         return {"object": value, **session.summary()}
 
     @app.post("/api/propagate")
-    def start_propagation(request: ObjectRequest) -> dict:
+    def start_propagation(request: PropagateRequest) -> dict:
         session = ws.session(request.session)
         if not (session.plane(request.axis, request.index) == request.object).any():
             raise ValueError(f"object {request.object} is empty on this slice: segment it here first")
+        r = request
         job = jobs.start(
-            "propagate", lambda job: propagate(ws, session, request.axis, request.index, request.object, job)
+            "propagate",
+            lambda job: propagate(ws, session, r.axis, r.index, r.object, job, settle=r.settle, overwrite=r.overwrite),
+        )
+        return job.as_dict()
+
+    @app.post("/api/complete")
+    def complete(request: CompleteRequest) -> dict:
+        from samadapt.serve.complete import complete_job, given_slices
+
+        session = ws.session(request.session)
+        given_slices(session, request.axis)  # refuses at once when nothing is finished along the axis
+        job = jobs.start(
+            "complete", lambda job: complete_job(ws, session, request.axis, request.steps, request.overwrite, job)
         )
         return job.as_dict()
 
@@ -246,6 +276,11 @@ def create_app(workspace: Workspace, token: str | None = None, hosts: Iterable[s
         session = ws.session(request.session)
         job = jobs.start("adapt", lambda job: adapt_job(ws, session, request.recipe, request.steps, job))
         return job.as_dict()
+
+    @app.post("/api/components")
+    def keep_components(request: ComponentsRequest) -> dict:
+        ws.set_keep_components(request.mode)
+        return ws.model_info()
 
     @app.post("/api/model")
     def switch_model(request: ModelRequest) -> dict:

@@ -6,7 +6,9 @@ ask for them:
 - click after the slice is cached: decoder only; server time (inside the handler) and round trip (HTTP client);
 - first mask on a new slice: encoder + decoder;
 - propagation through the MNI152 template (189 slices along Z) from a box on its middle slice: slices reached,
-  seconds, seconds per slice.
+  seconds, seconds per slice;
+- a corrective click on five of the propagated slices, each carried to the neighbours until the change dies out
+  (``settle``, as the page does after a click on a propagated slice): milliseconds until the volume is updated.
 
 Numbers are medians (and 90th percentiles) of ``--clicks`` clicks. The CPU load of the machine at the time is
 printed with them: other processes slow both the encoder and the decoder.
@@ -109,11 +111,46 @@ def run_bench(clicks: int = 20, device: str = "cpu") -> dict:
             f"{reached} of {tissue.shape[0] - 1} slices in {seconds:.1f} s, {seconds / max(reached, 1):.2f} s per slice"
         )
         results["propagation_100_slices_s"] = round(100 * seconds / max(reached, 1), 1)
+        results.update(_corrections(url, body, tissue, sorted(job["result"]["slices"])))
     finally:
         server.should_exit = True
         workspace.close()
     results["load_after"] = os.getloadavg()
     return results
+
+
+def _corrections(url: str, body: dict, truth: np.ndarray, carried: list[int]) -> dict:
+    """A corrective click (the simulated user's, ``prompts.corrective_click``) on five propagated slices around the
+    middle of the object, each carried to the neighbours (``settle``) as the page does: ms from the click to the
+    end of the re-propagation, and the slices each re-propagation visited."""
+    import base64
+
+    from samadapt.prompts import corrective_click
+
+    total, visited = [], []
+    middle = len(carried) // 2
+    for index in carried[max(0, middle - 2) : middle + 3]:
+        plane = json.loads(_get(f"{url}/api/labels/{body['session']}?axis=0&index={index}"))
+        labels = np.frombuffer(base64.b64decode(plane["labels"]), "<u2").reshape(plane["h"], plane["w"])
+        click = corrective_click(truth[index], labels == body["object"])
+        if click is None:
+            continue
+        start = time.perf_counter()
+        answer = _post(f"{url}/api/prompt", {**body, "index": index, "point": [click.x, click.y, int(click.positive)]})
+        reached = []
+        if answer["neighbours"]:
+            job = _post(f"{url}/api/propagate", {**body, "index": index, "settle": True})
+            while job["state"] == "running":
+                time.sleep(0.01)
+                job = json.loads(_get(f"{url}/api/jobs/{job['id']}"))
+            reached = job["result"]["slices"]
+        total.append((time.perf_counter() - start) * 1000)
+        visited.append(len(reached))
+    return {
+        "correction_ms": _stats(total) if total else "n/a",
+        "correction_slices": visited,
+        "carried_object_slices": len(carried) + 1,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Propagation through MNI152 from its middle slice: {results['propagation']} "
         f"(100 slices: {results['propagation_100_slices_s']} s).",
+        "",
+        f"A corrective click on a slice of that {results['carried_object_slices']}-slice object, carried to its "
+        f"neighbours until the change dies out (click to the end of the re-propagation, as the page waits): "
+        f"{results['correction_ms']} ms; slices re-propagated per click: {results['correction_slices']}.",
     ]
     text = "\n".join(lines)
     print(text)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from samadapt.interactive import ask
-from samadapt.prompts import SliceMask, box_from_mask, propagate_box
+from samadapt.interactive import MARGIN, SETTLED_DICE, ask, slice_agreement, widen_to
+from samadapt.prompts import SliceMask, box_from_mask, grow_box, propagate_box
 
 
 @dataclass
@@ -76,50 +76,84 @@ class Jobs:
 MIN_SCORE = 0.5
 
 
-def propagate(workspace, session, axis: int, index: int, value: int, job: Job, min_score: float = MIN_SCORE) -> dict:
+def propagate(
+    workspace,
+    session,
+    axis: int,
+    index: int,
+    value: int,
+    job: Job,
+    min_score: float = MIN_SCORE,
+    settle: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Carry object ``value`` from slice ``index`` through the volume, forward then backward: each next slice is
     prompted with the box of its neighbour's mask (``prompts.propagate_box``, as ``predict.predict_volume``) until the
     mask vanishes, the model's own IoU estimate falls below ``min_score`` (the object has ended: on the demo lesions
-    LiteMedSAM scores 0.8-0.9 inside a lesion and < 0.5 beyond it), or the volume ends. Slices where the user
-    prompted this object are kept as drawn (and carry on from their mask). Other objects' pixels are never
-    overwritten. One undo step."""
+    LiteMedSAM scores 0.8-0.9 inside a lesion and < 0.5 beyond it), or the volume ends. One undo step.
+
+    What the user decided is never changed: a slice where the user prompted or erased this object is kept as it is
+    (a propagation carries on from its mask, and stops at an erased one); other objects' voxels stay theirs unless
+    ``overwrite`` (then this object takes the voxels its mask covers on slices the user did not decide).
+
+    ``settle``: a re-propagation after a corrective click on ``index`` (``interactive.VolumeObject.click``'s rule):
+    only towards neighbours that already hold the object, each prompted with its new neighbour's box widened to the
+    box of its own current mask (a trimming click leaves the next slices as they were), stopping at the first slice
+    that comes back within Dice ``interactive.SETTLED_DICE`` of its current mask: the change has died out."""
     with session.lock:
         start_mask = session.plane(axis, index) == value
         if not start_mask.any():
             raise ValueError(f"object {value} is empty on slice {index}: segment it there first")
-        session.remember("propagate", axis, None)
         count = session.labels.shape[axis]
-    job.total = count - 1
+        first, last = 0, count - 1
+        if settle:  # only where the object was carried before
+            first = 0 if index > 0 and (session.plane(axis, index - 1) == value).any() else index
+            last = count - 1 if index < count - 1 and (session.plane(axis, index + 1) == value).any() else index
+            if first == last:
+                return {"slices": [], "axis": axis, "object": value}  # nothing was carried from here before
+        session.remember("propagate", axis, None)
+    job.total = max(last - first, 0)
 
     def drawn(i: int) -> bool:
         return (value, axis, i) in session.prompts
 
     def segment(i: int, box: np.ndarray, previous: SliceMask | None) -> SliceMask:
         job.message = f"slice {i}"
+        current = session.plane(axis, i) == value
         if drawn(i):
-            return SliceMask(session.plane(axis, i) == value)
+            return SliceMask(current)
+        if settle:
+            box = widen_to(box, box_from_mask(current))
         with workspace.model_lock:
             workspace.encode(session, axis, i)
             return ask(workspace.predictor, box, previous=previous)
+
+    def settled(i: int, mask: np.ndarray) -> bool:
+        return slice_agreement(mask, session.plane(axis, i) == value) >= SETTLED_DICE
 
     def write(i: int, mask: np.ndarray) -> None:
         if not drawn(i):
             plane = session.plane(axis, i)
             plane[plane == value] = 0
-            plane[mask & (plane == 0)] = value
+            plane[mask & ((plane == 0) | overwrite)] = value
             session.dirty = True
         job.done += 1
 
+    start_box = box_from_mask(start_mask)
+    if settle:  # as VolumeObject.click: room for a click that grew the object to carry on
+        start_box = grow_box(start_box, MARGIN, start_mask.shape)
     written = propagate_box(
         segment,
         write,
         index,
-        box_from_mask(start_mask),
-        0,
-        count - 1,
+        start_box,
+        first,
+        last,
         include_start=False,
         min_score=min_score,
         guard=session.lock,
+        settled=settled if settle else None,
+        margin=MARGIN if settle else 0.0,
     )
     job.done = job.total
     job.message = f"{len(written)} slices"

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from samadapt.components import check_keep_components
 from samadapt.data.datasets import load_dataset
 from samadapt.data.dicom_out import label_format, write_dicom_labels
 from samadapt.data.io import ITK, NIFTI, NPZ, PICTURES, read_volume, suffix_of, write_label
@@ -35,7 +36,9 @@ from samadapt.data.position import slice_position
 from samadapt.data.preprocess import PRESETS, preprocess_volume
 from samadapt.errors import DataError, InputNotFoundError
 from samadapt.files import atomic_write
+from samadapt.interactive import MARGIN, edit_box
 from samadapt.prediction import SegmentationPredictor
+from samadapt.prompts import Click, box_from_mask
 from samadapt.runs import algorithm_of
 from samadapt.serve.case import Session
 from samadapt.serve.dicom_cases import dicom_cases, split_case_path
@@ -50,6 +53,16 @@ EMBEDDINGS_KEPT = 64  # slice embeddings the page's predictor keeps (the slices 
 def inside(path: Path, folders: list[Path]) -> bool:
     """Whether the resolved ``path`` lies in (or is) one of the resolved ``folders``."""
     return any(path == folder or folder in path.parents for folder in folders)
+
+
+def carried_prompts(mask: np.ndarray) -> dict:
+    """The prompts a first click on a slice starts from: none, or on a slice that already holds the object (it was
+    propagated there) that mask's box, so the click corrects the mask instead of starting over (a lone click gives
+    LiteMedSAM little to go on; the interactive protocol prompts the same way, ``interactive.VolumeObject``)."""
+    box = box_from_mask(mask)
+    if box is None:
+        return {"points": [], "box": None}
+    return {"points": [], "box": [float(v) for v in box], "from_mask": True}
 
 
 class Workspace:
@@ -92,6 +105,8 @@ class Workspace:
         self._pending: set = set()
         self._waiting = 0  # foreground requests waiting for the model: background encodes step aside
         self.runs: dict[str, object] = {}
+        # the page's component filter (components.KEEP_COMPONENTS), carried over to every model the page switches to
+        self.keep_components = getattr(predictor, "keep_components", "all")
         self.use_predictor(predictor)
         self._stop = threading.Event()
         self._autosaver = threading.Thread(target=self._autosave_loop, name="samadapt-autosave", daemon=True)
@@ -102,15 +117,22 @@ class Workspace:
         """Switch the page to ``predictor`` and its run (embeddings of the previous model are dropped)."""
         run = predictor.run
         predictor.cache_size = max(predictor.cache_size, EMBEDDINGS_KEPT)
+        predictor.keep_components = self.keep_components
         with self.model_lock:
             self.run = run
             self.runs.setdefault(str(run.path or run.name), run)
             self.model_key = f"{run.label}@{id(run.model)}"
             self.predictor = predictor
 
+    def set_keep_components(self, mode: str) -> None:
+        """Keep every component of a prompt's mask (``all``) or only those the prompt touches (``prompt``)."""
+        with self.model_lock:
+            self.keep_components = self.predictor.keep_components = check_keep_components(mode)
+
     def model_info(self) -> dict:
         run = self.run
         return {
+            "keep_components": self.keep_components,
             "model": run.label,
             "task": run.task,
             "classes": {str(k): v for k, v in run.classes.items()},
@@ -306,12 +328,21 @@ class Workspace:
             raise ValueError(f"no object {value}; add it first")
         with session.lock:
             key = (value, axis, index)
-            prompts = copy.deepcopy(session.prompts.get(key, {"points": [], "box": None}))
+            prompts = copy.deepcopy(session.prompts.get(key) or carried_prompts(session.plane(axis, index) == value))
             if point is not None:
                 prompts["points"].append([float(point[0]), float(point[1]), int(point[2])])
+                if prompts.get("from_mask") and point[2] == 1:  # a click beyond the carried mask widens its box
+                    grown = edit_box(
+                        np.array(prompts["box"], np.float32),
+                        Click(point[0], point[1], True),
+                        MARGIN,
+                        session.plane(axis, index).shape,
+                    )
+                    prompts["box"] = [float(v) for v in grown]
             if box is not None:
                 x0, y0, x1, y1 = (float(v) for v in box)
                 prompts["box"] = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
+                prompts.pop("from_mask", None)
             start = time.perf_counter()
             with self.foreground():
                 wait_ms = (time.perf_counter() - start) * 1000
@@ -328,12 +359,16 @@ class Workspace:
             plane[plane == value] = 0
             plane[mask] = value
             session.finished.add((axis, index))
+            count = session.labels.shape[axis]
+            carried = any(0 <= i < count and (session.plane(axis, i) == value).any() for i in (index - 1, index + 1))
         return {
             "encoded": encoded,
             "wait_ms": wait_ms,
             "encode_ms": encode_ms,
             "server_ms": server_ms,
             "pixels": int(mask.sum()),
+            # a neighbour holds the object (it was propagated): the page re-propagates the correction from here
+            "neighbours": carried,
         }
 
     def semantic(self, session: Session, axis: int, index: int) -> dict:
@@ -352,15 +387,19 @@ class Workspace:
             session.remember("auto", axis, index)
             session.plane(axis, index)[...] = lookup[classes]
             session.finished.add((axis, index))
+            for value in self.run.classes:  # the slice is the user's now: propagations keep it
+                session.prompts.setdefault((value, axis, index), {"points": [], "box": None})
         return {"pixels": int((classes > 0).sum())}
 
     def erase(self, session: Session, axis: int, index: int, value: int) -> None:
-        """Remove object ``value`` (and its prompts) from one slice."""
+        """Remove object ``value`` (and its prompts) from one slice. The slice stays the user's for that object: a
+        propagation keeps it empty and stops there."""
         with session.lock:
             session.remember("erase", axis, index)
             plane = session.plane(axis, index)
             plane[plane == value] = 0
-            session.prompts.pop((value, axis, index), None)
+            session.prompts[(value, axis, index)] = {"points": [], "box": None}
+            session.finished.add((axis, index))
 
     def save(self, session: Session, path: str | Path | None, overwrite: bool = False) -> Path:
         """Write the labels on the case's grid and header (format from the suffix; default NIfTI, PNG for PNG; for

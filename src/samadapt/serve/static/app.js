@@ -53,6 +53,7 @@ function fillModels() {
     select.appendChild(option);
   }
   $("semantic").disabled = S.info.task !== "semantic";
+  $("components").value = S.info.keep_components;
 }
 
 async function openCase(path) {
@@ -232,8 +233,20 @@ async function sendPrompt(body) {
     showLabels(result);
     let encoded = result.encoded ? `, slice encoded in ${result.encode_ms.toFixed(0)} ms` : ", cached embedding";
     if (result.wait_ms > 50) encoded += `, ${result.wait_ms.toFixed(0)} ms behind a background encode`;
-    setStatus(`mask: ${result.pixels} px in ${roundTrip.toFixed(0)} ms (server ${result.server_ms.toFixed(0)} ms${encoded})`);
+    const said = `mask: ${result.pixels} px in ${roundTrip.toFixed(0)} ms (server ${result.server_ms.toFixed(0)} ms${encoded})`;
+    setStatus(said);
+    if (result.neighbours && result.pixels > 0 && $("repropagate").checked) await carryCorrection(said);
   } catch (error) { fail(error); }
+}
+
+// a click on a slice whose neighbours hold the object: re-propagate from it until the change dies out
+async function carryCorrection(said) {
+  const started = performance.now();
+  let job = await getJSON("/api/propagate", { session: S.sess.session, axis: S.axis, index: S.index, object: S.object, settle: true });
+  job = await poll(job, "carrying the correction");
+  if (job.state !== "done") { setStatus("re-propagation failed: " + job.message); return; }
+  S.lastTiming = { ...S.lastTiming, carried_ms: performance.now() - started, carried: job.result.slices.length };
+  setStatus(`${said}; carried to ${job.result.slices.length} slices in ${job.seconds.toFixed(1)} s`);
 }
 
 function setMode(mode) {
@@ -274,6 +287,21 @@ async function propagate() {
     await setSlice(S.index);
     const slices = job.result.slices;
     setStatus(`propagated to ${slices.length} slices` + (slices.length ? ` (${slices[0]}-${slices[slices.length - 1]})` : "") + ` in ${job.seconds.toFixed(1)} s`);
+  } catch (error) { fail(error); }
+}
+
+async function complete() {
+  try {
+    setStatus("completing");
+    let job = await getJSON("/api/complete", {
+      session: S.sess.session, axis: S.axis, index: S.index,
+      steps: Number($("complete-steps").value), overwrite: $("complete-overwrite").checked,
+    });
+    job = await poll(job, "completing");
+    if (job.state !== "done") { setStatus("completion failed: " + job.message); return; }
+    await setSlice(S.index);
+    const r = job.result;
+    setStatus(`completed: ${r.voxels} voxels on ${r.slices.length} slices from ${r.given.length} finished slices in ${job.seconds.toFixed(0)} s`);
   } catch (error) { fail(error); }
 }
 
@@ -329,6 +357,13 @@ function wire() {
     } catch (error) { fail(error); }
   };
   $("propagate").onclick = propagate;
+  $("complete").onclick = complete;
+  $("components").onchange = async () => {
+    try {
+      const info = await getJSON("/api/components", { mode: $("components").value });
+      setStatus("pieces: " + info.keep_components);
+    } catch (error) { fail(error); }
+  };
   $("save").onclick = () => save(false);
   $("save-format").onchange = () => {
     const path = $("save-path").value.replace(/(\.seg\.dcm|_rtstruct\.dcm|\.dcm|\.nii\.gz)$/i, "");
