@@ -438,8 +438,11 @@ def table(cells: list[dict], grid: Grid) -> list[str]:
                 for prompt in protocols:
                     adapted = [c["results"][recipe][prompt] for c in mine if recipe in c["results"]]
                     reference = "box" if prompt == "none" and across else prompt
-                    base = [c["results"]["un-adapted"][reference] for c in mine if "un-adapted" in c["results"]]
-                    base = [] if reference == "none" else base
+                    base = [  # no un-adapted model answers without a prompt
+                        c["results"]["un-adapted"][reference]
+                        for c in mine
+                        if "un-adapted" in c["results"] and reference != "none"
+                    ]
                     notes = sorted(
                         {
                             w

@@ -104,6 +104,8 @@ def _results(path, seed, dice, copy, steps=40):
         "results": {
             "copy nearest exemplar": {"none": {"dice": copy, "hd95": 20.0, "per_class_dice": {"a": copy}}},
             "samed": {"none": summary, "train": {"warnings": []}},
+            # the prompted baseline of a grid with prompted recipes too: a semantic row has no un-adapted cell
+            "un-adapted": {"box": {"dice": 0.9, "hd95": 1.0, "per_class_dice": {"a": 0.9}}},
         },
     }
     grid = dict(
@@ -123,6 +125,7 @@ def test_results_of_calls_per_seed_merge_into_one_table_and_other_grids_are_refu
     assert grid.seeds == [0, 1] and [c["seed"] for c in cells] == [0, 1] and wall == 120.0 and threads == "1"
     row = table(cells, grid)[-1]
     assert "| regions | 3 | samed | none | 0.400 ± 0.141 |" in row and "| 0.300 ± 0.141 |" in row
+    assert "0.900" not in row  # the un-adapted box is not a baseline of a prompt-free row
     with pytest.raises(SystemExit, match="differs .* in steps"):
         merged_results([first, _results(tmp_path / "c.json", 2, 0.3, 0.2, steps=80)])
 
