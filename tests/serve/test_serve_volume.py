@@ -156,6 +156,21 @@ def test_a_click_on_a_carried_slice_corrects_its_mask(stand_in, root):
     assert session.prompts[(1, 0, 1)] == {"points": [[50.0, 24.0, 1]], "box": [25.0, 20.0, 35.0, 28.0]}
 
 
+def test_a_carried_correction_never_moves_the_objects_ends(stand_in, root):
+    ws, predictor, client = stand_in
+    sid, at = open_case(client, root)
+    session = ws.session(sid)
+    client.post("/api/prompt", json={**at, "index": 2, "object": 1, "box": [18, 12, 42, 36]})
+    start(client, "/api/propagate", **at, index=2, object=1)
+    session.plane(0, 4)[...] = 0  # the object now ends at slice 3 (slice 4 holds the disc in the image)
+    session.plane(0, 3)[:, 30:] = 0  # and slice 3 is poor: a correction will change it
+    client.post("/api/prompt", json={**at, "index": 2, "object": 1, "point": [30, 15, 0]})
+    predictor.asked.clear()
+    start(client, "/api/propagate", **at, index=2, object=1, settle=True)
+    assert predictor.asked == [3, 1]  # slice 3 changed, but slice 4 lies past the object's end
+    assert not session.plane(0, 4).any()
+
+
 def test_re_propagation_without_a_carried_neighbour_changes_nothing(stand_in, root):
     ws, predictor, client = stand_in
     sid, at = open_case(client, root)

@@ -97,7 +97,8 @@ def propagate(
     ``overwrite`` (then this object takes the voxels its mask covers on slices the user did not decide).
 
     ``settle``: a re-propagation after a corrective click on ``index`` (``interactive.VolumeObject.click``'s rule):
-    only towards neighbours that already hold the object, each prompted with its new neighbour's box widened to the
+    only over the unbroken run of slices around ``index`` that hold the object (a correction never moves the
+    object's ends: **propagate** does), each prompted with its new neighbour's box widened to the
     box of its own current mask (a trimming click leaves the next slices as they were), stopping at the first slice
     that comes back within Dice ``interactive.SETTLED_DICE`` of its current mask: the change has died out."""
     with session.lock:
@@ -106,9 +107,12 @@ def propagate(
             raise ValueError(f"object {value} is empty on slice {index}: segment it there first")
         count = session.labels.shape[axis]
         first, last = 0, count - 1
-        if settle:  # only where the object was carried before
-            first = 0 if index > 0 and (session.plane(axis, index - 1) == value).any() else index
-            last = count - 1 if index < count - 1 and (session.plane(axis, index + 1) == value).any() else index
+        if settle:  # only over the run of slices that hold the object: a correction never moves its ends
+            first, last = index, index
+            while first > 0 and (session.plane(axis, first - 1) == value).any():
+                first -= 1
+            while last < count - 1 and (session.plane(axis, last + 1) == value).any():
+                last += 1
             if first == last:
                 return {"slices": [], "axis": axis, "object": value}  # nothing was carried from here before
         session.remember("propagate", axis, None)

@@ -267,10 +267,12 @@ async function edit(path, extra) {
 
 async function poll(job, label) {
   $("progress").max = Math.max(job.total, 1);
+  let wait = 25; // short jobs (a carried correction) end within a few decoder calls: ask soon, then every 250 ms
   while (job.state === "running") {
     $("progress").value = job.done;
     setStatus(`${label} ${job.done}/${job.total} ${job.message || ""}`);
-    await new Promise((resolve) => setTimeout(resolve, 250));
+    await new Promise((resolve) => setTimeout(resolve, wait));
+    wait = Math.min(wait * 2, 250);
     job = await getJSON(`/api/jobs/${job.id}`);
     $("progress").max = Math.max(job.total, 1);
   }
