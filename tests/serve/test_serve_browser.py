@@ -140,6 +140,18 @@ def wait_status(page, prefix: str) -> str:
     return status(page)
 
 
+def open_at(page, url: str, image_path: Path, index: int) -> None:
+    """Load the page, open the case ``image_path`` and show its slice ``index`` along axis 0."""
+    page.goto(url)
+    wait_status(page, "ready")
+    page.get_by_test_id("case").select_option(str(image_path))
+    page.get_by_test_id("open").click()
+    wait_status(page, "opened")
+    page.get_by_test_id("slice").fill(str(index))
+    page.wait_for_function(f"window.samadapt.index === {index} && window.samadapt.raw !== null")
+    idle(page)
+
+
 def test_click_box_undo_propagate_save(server, page):
     demo = server["demo"]
     image_path = demo["lesions"] / "imagesTr" / "brain1.nrrd"
@@ -149,14 +161,7 @@ def test_click_box_undo_propagate_save(server, page):
     y, x = (int(v) for v in np.unravel_index(inside.argmax(), inside.shape))
     ys, xs = np.nonzero(lesion[index])
 
-    page.goto(server["url"])
-    wait_status(page, "ready")
-    page.get_by_test_id("case").select_option(str(image_path))
-    page.get_by_test_id("open").click()
-    wait_status(page, "opened")
-    page.get_by_test_id("slice").fill(str(index))
-    page.wait_for_function(f"window.samadapt.index === {index} && window.samadapt.raw !== null")
-    idle(page)
+    open_at(page, server["url"], image_path, index)
 
     # the library's answer to the same click, on the same slice as training takes it
     volume = read_volume(image_path)
@@ -328,14 +333,7 @@ def test_corrective_click_is_carried_and_the_volume_completed(server, page):
     lesion = read_label(demo["lesions"] / "labelsTr" / "brain2.nrrd").array > 0
     index = int(np.argmax(lesion.sum((1, 2))))
     ys, xs = np.nonzero(lesion[index])
-    page.goto(server["url"])
-    wait_status(page, "ready")
-    page.get_by_test_id("case").select_option(str(image_path))
-    page.get_by_test_id("open").click()
-    wait_status(page, "opened")
-    page.get_by_test_id("slice").fill(str(index))
-    page.wait_for_function(f"window.samadapt.index === {index} && window.samadapt.raw !== null")
-    idle(page)
+    open_at(page, server["url"], image_path, index)
     page.get_by_test_id("mode-box").click()
     drag(page, (int(xs.min()) - 4, int(ys.min()) - 4), (int(xs.max()) + 4, int(ys.max()) + 4))
     wait_status(page, "mask:")
